@@ -1,0 +1,5 @@
+"""``python -m edgert`` is the ``edgert`` command."""
+
+from edgert.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``edgert`` command line; the app lives in :mod:`edgert.cli.app`."""

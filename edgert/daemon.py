@@ -1,0 +1,209 @@
+"""Composition root of ``edgert serve``: settings -> objects, lifecycle, signals, sd_notify.
+
+Order of events:
+
+1. bind the Unix socket (0660; refuse if a live daemon owns the path) — before
+   anything slow, so a second daemon fails at once;
+2. start answering HTTP (``/health`` works, ``/ready`` and ``/v1/*`` say 503 loading);
+3. load the model on a worker thread, run one probe generation, then mark ready
+   and send ``READY=1`` to systemd;
+4. while serving, ping the systemd watchdog only if the engine thread is making
+   progress, so a wedged engine gets the service restarted;
+5. on SIGTERM/SIGINT: ``STOPPING=1``, refuse new requests (503), let in-flight
+   ones finish up to ``serve.drain_timeout_s``, stop the engine, remove the
+   socket, exit 0. A second signal cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import sdnotify
+import uvicorn
+
+from edgert import __version__
+from edgert.errors import EdgertError
+from edgert.log import redact
+from edgert.runtime import Runtime, open_runtime
+from edgert.serving.metrics import Metrics
+from edgert.serving.scheduler import SchedulerStats
+from edgert.serving.service import InferenceService, Limits
+from edgert.settings import Settings
+from edgert.transport.http import ApiState, BodyLimit, create_app
+from edgert.transport.uds import bind_unix_socket
+
+log = logging.getLogger("edgert.daemon")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its habit of re-raising the caught signal after shutdown:
+    edgert decides process behaviour (drain, then exit 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._handle, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _handle(self, sig: int) -> None:
+        if self.should_exit:
+            log.warning("second %s: cutting the drain short", signal.Signals(sig).name)
+            self.force_exit = True
+            return
+        log.info("%s: draining in-flight requests, then exiting", signal.Signals(sig).name)
+        self.should_exit = True
+        self._on_signal()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, model: str | None) -> None:
+        self.settings = settings
+        self.model = model
+        self.notifier = sdnotify.SystemdNotifier()
+        self.runtime: Runtime | None = None
+        self.state = ApiState(metrics=Metrics(self._stats), max_body_bytes=settings.serve.max_body_bytes)
+        self.exit_code = 0
+
+    def _stats(self) -> tuple[SchedulerStats, int]:
+        service = self.state.service
+        return service.stats() if service is not None else (SchedulerStats(), 1)
+
+    def _notify(self, message: str) -> None:
+        if self.settings.notify_socket:
+            self.notifier.notify(message)
+
+    def _on_signal(self) -> None:
+        self.state.stopping = True
+        self._notify("STOPPING=1")
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        serve = self.settings.serve
+        bound = bind_unix_socket(serve.socket, mode=serve.socket_mode, group=serve.socket_group)
+        sockets = [bound.sock]
+        if serve.tcp_host:
+            sockets.append(_tcp_socket(serve.tcp_host, serve.tcp_port))
+        log.info(
+            "edgert %s listening on %s%s",
+            __version__,
+            serve.socket,
+            f" and tcp {serve.tcp_host}:{serve.tcp_port}" if serve.tcp_host else " (no TCP listener)",
+            extra={"fields": {"settings": redact(self.settings.model_dump(mode="json"))}},
+        )
+        try:
+            asyncio.run(self._main(sockets))
+        finally:
+            bound.remove()
+        return self.exit_code
+
+    async def _main(self, sockets: list[socket.socket]) -> None:
+        app = BodyLimit(create_app(self.state), self.settings.serve.max_body_bytes)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(self.settings.serve.drain_timeout_s),
+            timeout_keep_alive=5,
+        )
+        server = _Server(config, self._on_signal)
+        serving = asyncio.create_task(server.serve(sockets=sockets))
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await self._load_and_probe(server)
+            await serving
+        finally:
+            watchdog.cancel()
+            self.state.stopping = True
+            if self.runtime is not None:
+                await asyncio.to_thread(self.runtime.close)
+            log.info("stopped")
+
+    async def _load_and_probe(self, server: _Server) -> None:
+        try:
+            runtime = await asyncio.to_thread(open_runtime, self.settings, self.model)
+        except EdgertError as exc:
+            log.error("cannot load the model: %s", exc.message)  # noqa: TRY400 - one clear line, no traceback
+            self.exit_code = 1
+            server.should_exit = True
+            return
+        self.runtime = runtime
+        service = InferenceService(
+            runtime,
+            Limits(
+                default_timeout_s=self.settings.serve.request_timeout_s,
+                max_tokens_cap=self.settings.serve.max_tokens_cap,
+            ),
+        )
+        self.state.metrics.model.info(
+            {"id": runtime.model_id, "path": str(runtime.path), "architecture": runtime.gguf.architecture}
+        )
+        self.state.service = service
+        started = time.perf_counter()
+        probe = runtime.request(
+            runtime.chat_prompt([{"role": "user", "content": self.settings.serve.probe_prompt}]), max_tokens=2
+        )
+        try:
+            await runtime.scheduler.submit(probe).collect()
+        except EdgertError as exc:
+            log.error("the probe generation failed: %s", exc.message)  # noqa: TRY400
+            self.exit_code = 1
+            server.should_exit = True
+            return
+        service.ready = True
+        self._notify("READY=1")
+        log.info(
+            "ready: %s",
+            runtime.model_id,
+            extra={
+                "fields": {
+                    "load_s": round(runtime.load_seconds, 3),
+                    "probe_s": round(time.perf_counter() - started, 3),
+                    "slots": runtime.scheduler.config.n_slots,
+                    "n_ctx": runtime.scheduler.config.n_ctx,
+                }
+            },
+        )
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog only while the engine thread shows progress."""
+        usec = self.settings.watchdog_usec
+        if not usec or not self.settings.notify_socket:
+            return
+        interval = usec / 1_000_000
+        while True:
+            await asyncio.sleep(interval / 3)
+            service = self.state.service
+            if service is None:
+                self._notify("WATCHDOG=1")  # still loading: the load itself has its own timeout
+                continue
+            stalled_for = time.monotonic() - service.stats()[0].last_progress
+            if stalled_for < interval:
+                self._notify("WATCHDOG=1")
+            else:
+                log.error("engine made no progress for %.1f s; withholding the watchdog ping", stalled_for)
+
+
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    sock = socket.create_server((host, port), reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(settings: Settings, model: str | None) -> int:
+    return Daemon(settings, model).run()

@@ -1,0 +1,108 @@
+"""The backend protocol the scheduler drives. No third-party imports here.
+
+A backend owns one loaded model and one inference context with ``n_seq_max``
+sequence slots. It is driven from exactly one thread (the scheduler's engine
+thread): nothing here is thread-safe, by design.
+
+One scheduler step is: build a list of :class:`BatchToken` (new prompt tokens for
+prefilling sequences, the last sampled token for generating ones), call
+:meth:`Backend.decode` once, then :meth:`Backend.sample` for each token that asked
+for logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCapabilities:
+    """What the inference library in this process was built with."""
+
+    name: str
+    version: str
+    gpu_offload: bool
+    system_info: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    n_ctx: int
+    n_seq_max: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    n_threads_batch: int
+    n_gpu_layers: int = 0
+    flash_attn: bool = True
+    swa_full: bool = False
+    kv_cache_type: str = "f16"
+    use_mmap: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    path: Path
+    architecture: str
+    n_ctx: int
+    n_ctx_train: int
+    n_seq_max: int
+    n_vocab: int
+    n_params: int
+    size_bytes: int
+    description: str
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    chat_template: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 64
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    #: a GBNF grammar constraining the output (JSON mode), or None
+    grammar: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchToken:
+    seq: int
+    token: int
+    pos: int
+    logits: bool
+
+
+class Sampler(Protocol):
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+    def token_bytes(self, token: int) -> bytes: ...
+    def is_end_of_generation(self, token: int) -> bool: ...
+    def new_sampler(self, params: SamplingParams) -> Sampler: ...
+
+    def decode(self, batch: list[BatchToken]) -> None:
+        """Run one forward pass. Raises EngineError; on failure the batch had no effect."""
+
+    def sample(self, sampler: Sampler, batch_index: int) -> int:
+        """Sample (and accept) a token from the logits of ``batch[batch_index]``."""
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None: ...
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None: ...
+    def seq_pos_max(self, seq: int) -> int: ...
+    def save_seq_state(self, seq: int, path: Path, tokens: list[int]) -> None: ...
+    def load_seq_state(self, seq: int, path: Path, max_tokens: int) -> list[int]: ...
+    def close(self) -> None: ...

@@ -1,0 +1,417 @@
+"""llama.cpp backend on llama-cpp-python's low-level (ctypes) API.
+
+The only module that imports ``llama_cpp``. It owns one model, one context with
+``n_seq_max`` sequence slots in a unified KV cache (so a shared prompt prefix can
+be copied between sequences without moving data), and one reusable
+``llama_batch``. It converts every llama.cpp failure into an edgert error.
+
+llama.cpp reports the real reason for a failed load only through its log, so a
+log callback keeps the recent lines and load errors quote them.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from edgert.engine.base import (
+    BackendCapabilities,
+    BatchToken,
+    LoadOptions,
+    ModelInfo,
+    Sampler,
+    SamplingParams,
+)
+from edgert.errors import BadRequestError, EngineError, ModelLoadError
+
+_GGML_LOG_WARN = 3
+_GGML_LOG_ERROR = 4
+_GGML_LOG_CONT = 5
+_KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids
+
+
+class _LlamaLog:
+    """Keeps llama.cpp's recent log lines; prints nothing unless asked."""
+
+    def __init__(self) -> None:
+        self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=200)
+        self.echo = False
+        self._level = 0
+        self._lock = threading.Lock()
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, _user_data: Any) -> None:
+        if level != _GGML_LOG_CONT:
+            self._level = level
+        message = text.decode("utf-8", errors="replace")
+        with self._lock:
+            self.lines.append((self._level, message))
+        if self.echo:
+            print(message, end="", flush=True)
+
+    def mark(self) -> int:
+        with self._lock:
+            self.lines.clear()
+            return 0
+
+    def errors_since_mark(self) -> str:
+        with self._lock:
+            interesting = [msg.strip() for level, msg in self.lines if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR)]
+        return "; ".join(line for line in interesting if line)[-600:]
+
+
+_log: _LlamaLog | None = None
+_init_lock = threading.Lock()
+
+
+def _ensure_initialised() -> _LlamaLog:
+    global _log  # noqa: PLW0603 - llama.cpp's backend and log hook are process-wide by nature
+    with _init_lock:
+        if _log is None:
+            _log = _LlamaLog()
+            llama_cpp.llama_log_set(_log.callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+        return _log
+
+
+def set_verbose(verbose: bool) -> None:
+    """Mirror llama.cpp's log to stdout (``--verbose``)."""
+    _ensure_initialised().echo = verbose
+
+
+def capabilities() -> BackendCapabilities:
+    _ensure_initialised()
+    return BackendCapabilities(
+        name="llama.cpp",
+        version=llama_cpp.__version__,
+        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        system_info=llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip(),
+    )
+
+
+class LlamaSampler:
+    """A llama.cpp sampler chain for one request."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def reset(self) -> None:
+        llama_cpp.llama_sampler_reset(self.handle)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            llama_cpp.llama_sampler_free(self.handle)
+            self.handle = None
+
+
+def _add_stage(chain: Any, stage: Any) -> None:
+    if not stage:  # llama.cpp returns NULL for a grammar it cannot parse
+        raise EngineError("llama.cpp rejected a sampler stage (invalid grammar?)")
+    llama_cpp.llama_sampler_chain_add(chain, stage)
+
+
+class LlamaBackend:
+    """One model + one multi-sequence context, driven from a single thread."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        log = _ensure_initialised()
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
+        self._piece_cache: dict[int, bytes] = {}
+        log.mark()
+        try:
+            self._model = self._load_model(path, options)
+            self._ctx = self._new_context(path, options)
+        except BaseException:
+            self.close()  # nothing half-loaded stays in memory
+            raise
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch_capacity = options.n_batch
+        self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
+        self.info = self._read_info(path, options)
+
+    # ----------------------------------------------------------------- loading
+    def _load_model(self, path: Path, options: LoadOptions) -> Any:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
+        params.use_mmap = options.use_mmap
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ModelLoadError(f"{path}: llama.cpp could not load the model: {self._log_reason()}")
+        return model
+
+    def _new_context(self, path: Path, options: LoadOptions) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = options.n_ctx
+        params.n_batch = options.n_batch
+        params.n_ubatch = min(options.n_ubatch, options.n_batch)
+        params.n_seq_max = options.n_seq_max
+        params.n_threads = options.n_threads
+        params.n_threads_batch = options.n_threads_batch
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.swa_full = options.swa_full
+        # One KV pool for all slots: any sequence may use the whole context, and copying a cached
+        # prefix to another sequence only tags cells instead of moving data.
+        params.kv_unified = True
+        params.type_k = _KV_TYPES[options.kv_cache_type]
+        params.type_v = _KV_TYPES[options.kv_cache_type]
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelLoadError(f"{path}: llama.cpp could not create a context: {self._log_reason()}")
+        return ctx
+
+    @staticmethod
+    def _log_reason() -> str:
+        assert _log is not None
+        return _log.errors_since_mark() or "no reason given in llama.cpp's log"
+
+    def _meta(self, key: str) -> str | None:
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def _read_info(self, path: Path, options: LoadOptions) -> ModelInfo:
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, desc, 256)
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return ModelInfo(
+            path=path,
+            architecture=self._meta("general.architecture") or "unknown",
+            n_ctx=llama_cpp.llama_n_ctx(self._ctx),
+            n_ctx_train=llama_cpp.llama_model_n_ctx_train(self._model),
+            n_seq_max=options.n_seq_max,
+            n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab),
+            n_params=llama_cpp.llama_model_n_params(self._model),
+            size_bytes=llama_cpp.llama_model_size(self._model),
+            description=desc.value.decode("utf-8", errors="replace"),
+            bos_token=self._special_text(bos),
+            eos_token=self._special_text(eos),
+            add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)),
+            chat_template=template.decode("utf-8", errors="replace") if template else None,
+        )
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    # ------------------------------------------------------------ tokenizing
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_special, parse_special)
+        if n < 0:
+            raise EngineError(f"tokenization failed ({n})")
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        cached = self._piece_cache.get(token)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+        piece = buf.raw[:n]
+        self._piece_cache[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -------------------------------------------------------------- sampling
+    def new_sampler(self, params: SamplingParams) -> LlamaSampler:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        sampler = LlamaSampler(chain)
+        try:
+            for stage in self._sampler_stages(params):
+                _add_stage(chain, stage)
+        except BaseException:
+            sampler.close()
+            raise
+        return sampler
+
+    def _sampler_stages(self, params: SamplingParams) -> list[Any]:
+        stages: list[Any] = []
+        if params.repeat_penalty != 1.0:
+            stages.append(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.grammar is not None:
+            stages.append(llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root"))
+        if params.temperature <= 0.0:
+            stages.append(llama_cpp.llama_sampler_init_greedy())
+            return stages
+        if params.top_k > 0:
+            stages.append(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            stages.append(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            stages.append(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        stages.append(llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return stages
+
+    def sample(self, sampler: Sampler, batch_index: int) -> int:
+        assert isinstance(sampler, LlamaSampler)
+        return int(llama_cpp.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
+
+    # -------------------------------------------------------------- decoding
+    def decode(self, batch: list[BatchToken]) -> None:
+        if not batch:
+            return
+        if len(batch) > self._batch_capacity:
+            raise EngineError(f"batch of {len(batch)} tokens exceeds n_batch {self._batch_capacity}")
+        b = self._batch
+        for i, item in enumerate(batch):
+            b.token[i] = item.token
+            b.pos[i] = item.pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = item.seq
+            b.logits[i] = item.logits
+        b.n_tokens = len(batch)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise EngineError("KV cache full: no room for this batch (lower n_parallel or raise n_ctx)")
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with status {rc}")
+
+    # ------------------------------------------------------- sequence memory
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1)
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+
+    def save_seq_state(self, seq: int, path: Path, tokens: list[int]) -> None:
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        written = llama_cpp.llama_state_seq_save_file(self._ctx, str(path).encode(), seq, array, len(tokens))
+        if written == 0:
+            raise EngineError(f"could not save sequence state to {path}")
+
+    def load_seq_state(self, seq: int, path: Path, max_tokens: int) -> list[int]:
+        array = (llama_cpp.llama_token * max_tokens)()
+        count = ctypes.c_size_t(0)
+        read = llama_cpp.llama_state_seq_load_file(
+            self._ctx, str(path).encode(), seq, array, max_tokens, ctypes.byref(count)
+        )
+        if read == 0:
+            raise EngineError(f"could not load sequence state from {path}")
+        return list(array[: count.value])
+
+    # -------------------------------------------------------------- teardown
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+# ------------------------------------------------------------ reference runs
+class ReferenceRun:
+    """Greedy tokens and timings from llama-cpp-python's own high-level ``Llama`` class.
+
+    The baseline that parity tests and ``edgert bench`` compare the engine against.
+    """
+
+    def __init__(self, tokens: list[int], ttft_s: float, decode_s: float, load_s: float) -> None:
+        self.tokens = tokens
+        self.ttft_s = ttft_s
+        #: seconds from the first to the last generated token
+        self.decode_s = decode_s
+        self.load_s = load_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else 0.0
+
+
+def reference_generate(
+    path: Path, options: LoadOptions, prompt: list[int], max_tokens: int, *, ignore_eos: bool = False
+) -> ReferenceRun:
+    """Greedy generation with a plain ``llama_cpp.Llama`` (one sequence, same threads and context)."""
+    import time  # noqa: PLC0415 - only the reference path needs wall-clock timing
+
+    _ensure_initialised()
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=options.n_ctx,
+        n_batch=options.n_batch,
+        n_ubatch=options.n_ubatch,
+        n_threads=options.n_threads,
+        n_threads_batch=options.n_threads_batch,
+        n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers >= 0 else -1,
+        flash_attn=options.flash_attn,
+        swa_full=options.swa_full,
+        use_mmap=options.use_mmap,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - started
+    try:
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        first = last = t0
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            now = time.perf_counter()
+            if not tokens:
+                first = now
+            last = now
+            if not ignore_eos and llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                break
+            tokens.append(int(token))
+            if len(tokens) >= max_tokens:
+                break
+        return ReferenceRun(tokens, first - t0, last - first, load_s)
+    finally:
+        llm.close()
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for any JSON object (``schema`` None) or for values matching a JSON Schema."""
+    from llama_cpp import llama_grammar  # noqa: PLC0415 - grammar tooling is only needed for JSON mode
+
+    if schema is None:
+        return str(llama_grammar.JSON_GBNF)
+    import json  # noqa: PLC0415
+
+    try:
+        return str(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BadRequestError(
+            f"response_format.json_schema: unsupported schema: {exc}", param="response_format"
+        ) from None

@@ -1,0 +1,194 @@
+"""The whole edgert exception tree, split by whose fault it is.
+
+Each class carries the one HTTP status and the one MQTT error code it maps to,
+so every transport converts errors the same way, in one place::
+
+    EdgertError
+    ├── ClientError                 the request is wrong              (4xx)
+    │   ├── BadRequestError             400  bad_request
+    │   │   └── PromptTooLongError      400  context_length_exceeded
+    │   ├── ModelNotFoundError          404  model_not_found
+    │   └── PayloadTooLargeError        413  payload_too_large
+    ├── OverloadedError             no room right now, retry later    (503, Retry-After)
+    ├── DeadlineExceededError       the request ran out of time       (504)
+    ├── ModelError                  the model file or its load failed (500)
+    │   ├── ModelFileError              corrupt / truncated / unsupported GGUF
+    │   ├── ModelLoadError              llama.cpp refused to load it
+    │   └── ModelMissingError           catalog entry not present on disk
+    ├── EngineError                 a decode step failed              (500)
+    ├── DownloadError               fetching a model failed           (502)
+    │   └── IntegrityError              bytes do not match the expected hash / size
+    ├── InsufficientStorageError    not enough disk for a download    (507)
+    ├── ConfigError                 settings or catalog are invalid   (500)
+    ├── UpdateError                 the device update path failed     (500)
+    │   ├── UpdateBusyError             another update holds the lock (409)
+    │   ├── RegistryUnavailableError    the registry host cannot be reached (502)
+    │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
+    │   ├── TargetNotFoundError         the signed metadata does not list it (404)
+    │   ├── HookVetoError               a firmware hook refused or timed out (409)
+    │   └── HealthCheckError            the new model failed its health check (500)
+    └── RegistryError               the operator's TUF repository is unusable (500)
+
+Only adapter modules see third-party exceptions; they raise these instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class EdgertError(Exception):
+    """Base of every error edgert raises on purpose."""
+
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    #: OpenAI error "type" field.
+    kind: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: the request field at fault, when there is one (OpenAI's "param").
+        self.param = param
+
+    def to_dict(self) -> dict[str, object]:
+        """OpenAI's error object; also the MQTT error reply body."""
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
+
+class ClientError(EdgertError):
+    http_status = 400
+    code = "bad_request"
+    kind = "invalid_request_error"
+
+
+class BadRequestError(ClientError):
+    pass
+
+
+class PromptTooLongError(BadRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(ClientError):
+    http_status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(ClientError):
+    http_status = 413
+    code = "payload_too_large"
+
+
+class OverloadedError(EdgertError):
+    http_status = 503
+    code = "overloaded"
+    kind = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, object]:
+        body = super().to_dict()
+        body["retry_after"] = self.retry_after_s
+        return body
+
+
+class DeadlineExceededError(EdgertError):
+    http_status = 504
+    code = "deadline_exceeded"
+    kind = "timeout_error"
+
+
+class ModelError(EdgertError):
+    code = "model_error"
+
+
+class ModelFileError(ModelError):
+    """A model file is corrupt, truncated or of an unsupported kind."""
+
+    code = "model_file_invalid"
+
+
+class ModelLoadError(ModelError):
+    code = "model_load_failed"
+
+
+class ModelMissingError(ModelError):
+    code = "model_not_installed"
+
+
+class EngineError(EdgertError):
+    code = "engine_error"
+
+
+class DownloadError(EdgertError):
+    http_status = 502
+    code = "download_failed"
+
+
+class IntegrityError(DownloadError):
+    code = "integrity_check_failed"
+
+
+class InsufficientStorageError(EdgertError):
+    http_status = 507
+    code = "insufficient_storage"
+
+
+class ConfigError(EdgertError):
+    code = "config_invalid"
+
+
+class UpdateError(EdgertError):
+    """The device update path (check, download, stage, activate, commit) could not finish."""
+
+    code = "update_failed"
+
+
+class UpdateBusyError(UpdateError):
+    """Another process holds the update lock; only one update runs at a time."""
+
+    http_status = 409
+    code = "update_in_progress"
+
+
+class RegistryUnavailableError(UpdateError):
+    """The registry host could not be reached or answered with an HTTP error."""
+
+    http_status = 502
+    code = "registry_unavailable"
+
+
+class UntrustedMetadataError(UpdateError):
+    """Signed metadata failed verification: bad signature, expired, rolled back or inconsistent."""
+
+    http_status = 502
+    code = "metadata_untrusted"
+
+
+class TargetNotFoundError(UpdateError):
+    """A model version or target path that the signed metadata does not list."""
+
+    http_status = 404
+    code = "target_not_found"
+
+
+class HookVetoError(UpdateError):
+    """A firmware hook exited non-zero or timed out where that stops the update."""
+
+    http_status = 409
+    code = "hook_veto"
+
+
+class HealthCheckError(UpdateError):
+    """The new model did not load, or did not answer its probe generation in time."""
+
+    code = "health_check_failed"
+
+
+class RegistryError(EdgertError):
+    """The operator's TUF repository (keys, metadata, targets) is missing or inconsistent."""
+
+    code = "repository_invalid"

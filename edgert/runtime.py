@@ -1,0 +1,165 @@
+"""Settings + a model name -> a loaded, running engine (scheduler, template, metadata).
+
+Shared by ``edgert run``, ``edgert bench`` and the daemon, so all three load a
+model the same way: resolve it (catalog id or path), validate the GGUF before
+llama.cpp sees it, load with the configured engine options, start the scheduler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgert.catalog import Catalog, ModelSpec, load_catalog
+from edgert.engine.base import LoadOptions, SamplingParams
+from edgert.engine.llama import LlamaBackend
+from edgert.gguf_file import GGUFInfo, validate_gguf
+from edgert.serving.prompt import ChatFormatter, formatter_for
+from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
+from edgert.settings import EngineSettings, Settings
+from edgert.store import resolve_model
+
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp decode does not gain from SMT siblings."""
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def load_options(engine: EngineSettings) -> LoadOptions:
+    threads = engine.n_threads or default_threads()
+    return LoadOptions(
+        n_ctx=engine.n_ctx,
+        n_seq_max=engine.n_parallel,
+        n_batch=engine.n_batch,
+        n_ubatch=engine.n_ubatch,
+        n_threads=threads,
+        n_threads_batch=engine.n_threads_batch or threads,
+        n_gpu_layers=engine.n_gpu_layers,
+        flash_attn=engine.flash_attn,
+        swa_full=engine.swa_full,
+        kv_cache_type=engine.kv_cache_type,
+        use_mmap=engine.use_mmap,
+    )
+
+
+def model_digest(path: Path, info: GGUFInfo) -> str:
+    """A cheap identity for a model file: size, mtime-independent header facts and path.
+
+    Used to key caches; integrity is the job of sha256 verification, not this.
+    """
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{info.architecture}|{info.n_tensors}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Runtime:
+    """One loaded model and the engine that serves it."""
+
+    model_id: str
+    spec: ModelSpec | None
+    path: Path
+    gguf: GGUFInfo
+    backend: LlamaBackend
+    scheduler: Scheduler
+    formatter: ChatFormatter
+    defaults: SamplingParams
+    default_max_tokens: int
+    load_seconds: float
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+        text = self.formatter.render(messages)
+        # The template writes BOS itself when the model wants one; never add a second.
+        add_bos = self.backend.info.add_bos and not text.startswith(self.backend.info.bos_token)
+        return tuple(self.backend.tokenize(text, add_special=add_bos, parse_special=True))
+
+    def completion_prompt(self, prompt: str) -> tuple[int, ...]:
+        return tuple(self.backend.tokenize(prompt, add_special=True, parse_special=True))
+
+    def request(
+        self,
+        prompt: tuple[int, ...],
+        *,
+        sampling: SamplingParams | None = None,
+        max_tokens: int | None = None,
+        stop: tuple[str, ...] = (),
+        priority: Priority = Priority.INTERACTIVE,
+        deadline: float | None = None,
+        request_id: str = "",
+        ignore_eos: bool = False,
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=prompt,
+            sampling=sampling or self.defaults,
+            max_tokens=max_tokens or self.default_max_tokens,
+            stop=stop,
+            priority=priority,
+            deadline=deadline,
+            request_id=request_id,
+            ignore_eos=ignore_eos,
+        )
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.backend.close()
+
+
+def sampling_defaults(settings: Settings) -> SamplingParams:
+    s = settings.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repeat_penalty=s.repeat_penalty,
+    )
+
+
+def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catalog | None = None) -> Runtime:
+    catalog = catalog or load_catalog(settings.catalog)
+    spec, path = resolve_model(settings, catalog, model or settings.model)
+    gguf = validate_gguf(path)
+    started = time.perf_counter()
+    options = load_options(settings.engine)
+    backend = LlamaBackend(path, options)
+    try:
+        info = backend.info
+        formatter = formatter_for(
+            spec.chat_template if spec else "gguf",
+            info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+        )
+        scheduler = Scheduler(
+            backend,
+            SchedulerConfig(
+                n_slots=options.n_seq_max,
+                n_ctx=info.n_ctx,
+                n_batch=options.n_batch,
+                prefill_chunk=settings.engine.prefill_chunk,
+                max_queue=settings.engine.max_queue,
+                retry_after_s=settings.engine.retry_after_s,
+            ),
+        )
+    except BaseException:
+        backend.close()
+        raise
+    scheduler.start()
+    return Runtime(
+        model_id=spec.id if spec else path.name,
+        spec=spec,
+        path=path,
+        gguf=gguf,
+        backend=backend,
+        scheduler=scheduler,
+        formatter=formatter,
+        defaults=sampling_defaults(settings),
+        default_max_tokens=settings.sampling.max_tokens,
+        load_seconds=time.perf_counter() - started,
+    )

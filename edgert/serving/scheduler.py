@@ -1,0 +1,412 @@
+"""Admission and continuous batching: the single owner of the engine.
+
+One engine thread owns the backend. Requests arrive from the event loop through
+:meth:`Scheduler.submit`, wait in a bounded priority queue, and join the running
+batch between decode steps when a sequence slot and enough KV cache are free.
+Each step puts, into one ``llama_batch``, the last sampled token of every
+generating sequence plus a bounded chunk of prompt from sequences still
+prefilling — so a long prompt never stalls the streams already running. Finished,
+cancelled and expired sequences leave at once and free their slot and KV cells.
+
+Tokens travel back to the event loop through :class:`TokenStream` (an async
+iterator) via ``loop.call_soon_threadsafe``; nothing on the engine thread waits
+for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal
+
+from edgert.engine.base import Backend, BatchToken, Sampler, SamplingParams
+from edgert.errors import (
+    DeadlineExceededError,
+    EdgertError,
+    EngineError,
+    OverloadedError,
+    PromptTooLongError,
+)
+from edgert.serving.tokens import TextAssembler
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+
+
+class Priority(IntEnum):
+    """Lower runs first: a kiosk user waiting beats a batch job."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    priority: Priority = Priority.INTERACTIVE
+    #: absolute ``time.monotonic()`` instant, or None for no deadline
+    deadline: float | None = None
+    request_id: str = ""
+    #: keep generating past end-of-generation tokens (benchmarks need fixed lengths)
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    #: seconds from submit to the first generated token; None when none was generated
+    ttft_s: float | None
+    #: seconds from submit to finish
+    total_s: float
+    error: EdgertError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    n_slots: int
+    n_ctx: int
+    n_batch: int
+    prefill_chunk: int
+    max_queue: int = 64
+    #: Retry-After hint given when the queue is full
+    retry_after_s: float = 1.0
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters read by /metrics and telemetry; written only by the engine thread."""
+
+    queue_depth: int = 0
+    active: int = 0
+    kv_reserved: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_tokens_reused: int = 0
+    prefix_entries: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class TokenStream:
+    """What a transport iterates: text chunks, then :attr:`result`.
+
+    Iteration raises the request's error instead when it failed before any text
+    was produced (deadline in the queue, engine failure), so a transport can still
+    answer with a proper status.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, scheduler: Scheduler) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[TextChunk | Finished] = asyncio.Queue()
+        self._scheduler = scheduler
+        self._seq: _Sequence | None = None
+        self.result: Finished | None = None
+        self.produced_text = False
+
+    def _push(self, item: TextChunk | Finished) -> None:
+        """Called from the engine thread."""
+        # RuntimeError: the event loop is gone (process shutting down), so nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def cancel(self) -> None:
+        """Stop generating; takes effect before the next decode step."""
+        if self.result is None and self._seq is not None:
+            self._scheduler.cancel(self._seq)
+
+    def __aiter__(self) -> AsyncIterator[TextChunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TextChunk]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, Finished):
+                self.result = item
+                if item.error is not None and not self.produced_text:
+                    raise item.error
+                return
+            self.produced_text = True
+            yield item
+
+    async def collect(self) -> tuple[str, Finished]:
+        parts = [chunk.text async for chunk in self]
+        assert self.result is not None
+        return "".join(parts), self.result
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    request: GenerationRequest
+    stream: TokenStream
+    submitted: float
+    order: int
+    slot: int = -1
+    sampler: Sampler | None = None
+    assembler: TextAssembler | None = None
+    prompt_fed: int = 0
+    n_past: int = 0
+    last_token: int = -1
+    generated: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    reserve: int = 0
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
+        if config.n_slots > backend.info.n_seq_max:
+            raise ValueError("more slots than the backend's context has sequences")
+        self._backend = backend
+        self._config = config
+        self._cv = threading.Condition()
+        self._pending: list[tuple[int, int, _Sequence]] = []
+        self._active: list[_Sequence] = []
+        self._free_slots = list(range(config.n_slots - 1, -1, -1))
+        self._order = itertools.count()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.stats = SchedulerStats()
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="edgert-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel everything, wait for the engine thread, free the backend's slots."""
+        with self._cv:
+            self._running = False
+            for seq in self._active:
+                seq.cancelled = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._active and not self._pending
+
+    # ------------------------------------------------------------ admission
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue a request; call from the event loop. Raises at once when it cannot run."""
+        loop = asyncio.get_running_loop()
+        if not request.prompt:
+            raise PromptTooLongError("the prompt is empty", param="messages")
+        if len(request.prompt) >= self._config.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt has {len(request.prompt)} tokens but the context holds {self._config.n_ctx}; shorten it",
+                param="messages",
+            )
+        stream = TokenStream(loop, self)
+        seq = _Sequence(request, stream, time.monotonic(), next(self._order))
+        seq.reserve = min(len(request.prompt) + request.max_tokens, self._config.n_ctx)
+        stream._seq = seq
+        with self._cv:
+            if not self._running:
+                raise OverloadedError("the engine is shutting down", retry_after_s=self._config.retry_after_s)
+            # Free slots will take queued requests on the engine's next turn, so they count as room.
+            if len(self._pending) >= self._config.max_queue + len(self._free_slots):
+                self.stats.rejected += 1
+                raise OverloadedError(
+                    f"queue full ({self._config.max_queue} waiting)", retry_after_s=self._config.retry_after_s
+                )
+            heapq.heappush(self._pending, (int(request.priority), seq.order, seq))
+            self.stats.queue_depth = len(self._pending)
+            self._cv.notify()
+        return stream
+
+    def cancel(self, seq: _Sequence) -> None:
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify()
+
+    def _admit(self, now: float) -> None:
+        """Move queued requests into free slots while the KV budget allows. Holds the lock."""
+        while self._pending:
+            _, _, seq = self._pending[0]
+            if seq.cancelled or (seq.request.deadline is not None and now >= seq.request.deadline):
+                heapq.heappop(self._pending)
+                reason: FinishReason = "cancelled" if seq.cancelled else "deadline"
+                error = None if seq.cancelled else DeadlineExceededError("deadline passed while queued")
+                self._emit_finish(seq, reason, now, error)
+                continue
+            if not self._free_slots or self.stats.kv_reserved + seq.reserve > self._config.n_ctx:
+                break
+            heapq.heappop(self._pending)
+            seq.slot = self._free_slots.pop()
+            self.stats.kv_reserved += seq.reserve
+            self._active.append(seq)
+        self.stats.queue_depth = len(self._pending)
+        self.stats.active = len(self._active)
+
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._running and not self._active and not self._pending:
+                    self.stats.last_progress = time.monotonic()
+                    self._cv.wait(timeout=1.0)
+                if not self._running and not self._active:
+                    self._fail_pending()
+                    return
+                now = time.monotonic()
+                self._admit(now)
+                self._reap(now)
+            if self._active:
+                self._step()
+            self.stats.last_progress = time.monotonic()
+
+    def _fail_pending(self) -> None:
+        now = time.monotonic()
+        while self._pending:
+            _, _, seq = heapq.heappop(self._pending)
+            self._emit_finish(seq, "cancelled", now, OverloadedError("the engine stopped before this ran"))
+        self.stats.queue_depth = 0
+
+    def _reap(self, now: float) -> None:
+        """Finish cancelled and expired sequences before spending a step on them."""
+        for seq in list(self._active):
+            if seq.cancelled:
+                self._finish(seq, "cancelled", now)
+            elif seq.request.deadline is not None and now >= seq.request.deadline:
+                error = DeadlineExceededError("the request's deadline passed during generation")
+                self._finish(seq, "deadline", now, error)
+
+    def _build_batch(self) -> tuple[list[BatchToken], list[tuple[int, _Sequence]]]:
+        batch: list[BatchToken] = []
+        samples: list[tuple[int, _Sequence]] = []
+        for seq in self._active:
+            if seq.prompt_fed == len(seq.request.prompt):
+                samples.append((len(batch), seq))
+                batch.append(BatchToken(seq.slot, seq.last_token, seq.n_past, True))
+        budget = self._config.n_batch - len(batch)
+        for seq in self._active:
+            prompt = seq.request.prompt
+            remaining = len(prompt) - seq.prompt_fed
+            if remaining == 0 or budget == 0:
+                continue
+            take = min(remaining, budget, self._config.prefill_chunk)
+            for offset in range(take):
+                index = seq.prompt_fed + offset
+                last = index == len(prompt) - 1
+                if last:
+                    samples.append((len(batch), seq))
+                batch.append(BatchToken(seq.slot, prompt[index], index, last))
+            budget -= take
+        return batch, samples
+
+    def _step(self) -> None:
+        batch, samples = self._build_batch()
+        try:
+            self._backend.decode(batch)
+        except EdgertError as exc:
+            now = time.monotonic()
+            for seq in {id(s): s for s in self._active if any(t.seq == s.slot for t in batch)}.values():
+                self._finish(seq, "error", now, exc)
+            return
+        self.stats.steps += 1
+        fed: dict[int, int] = {}
+        for token in batch:
+            fed[token.seq] = fed.get(token.seq, 0) + 1
+        for seq in self._active:
+            count = fed.get(seq.slot, 0)
+            if seq.prompt_fed < len(seq.request.prompt):
+                seq.prompt_fed += count
+                self.stats.prompt_tokens += count
+            seq.n_past += count
+        now = time.monotonic()
+        for batch_index, seq in samples:
+            self._on_logits(seq, batch_index, now)
+
+    def _on_logits(self, seq: _Sequence, batch_index: int, now: float) -> None:
+        backend = self._backend
+        if seq.sampler is None:
+            seq.sampler = backend.new_sampler(seq.request.sampling)
+            seq.assembler = TextAssembler(seq.request.stop)
+        assert seq.assembler is not None
+        token = backend.sample(seq.sampler, batch_index)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if backend.is_end_of_generation(token) and not seq.request.ignore_eos:
+            self._finish(seq, "stop", now)
+            return
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        step = seq.assembler.feed(backend.token_bytes(token))
+        if step.delta:
+            seq.stream._push(TextChunk(step.delta))
+        if step.stopped:
+            self._finish(seq, "stop", now)
+        elif seq.generated >= seq.request.max_tokens or seq.n_past + 1 >= self._config.n_ctx:
+            self._finish(seq, "length", now)
+        else:
+            seq.last_token = token
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, now: float, error: EdgertError | None = None) -> None:
+        if seq.assembler is not None and reason != "stop":
+            tail = seq.assembler.flush()
+            if tail:
+                seq.stream._push(TextChunk(tail))
+        self._backend.seq_remove(seq.slot)
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+        with self._cv:
+            self._active.remove(seq)
+            self._free_slots.append(seq.slot)
+            self.stats.kv_reserved -= seq.reserve
+            self.stats.active = len(self._active)
+        self._emit_finish(seq, reason, now, error)
+
+    def _emit_finish(self, seq: _Sequence, reason: FinishReason, now: float, error: EdgertError | None) -> None:
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        ttft = seq.first_token_at - seq.submitted if seq.first_token_at is not None else None
+        seq.stream._push(
+            Finished(
+                reason=reason,
+                prompt_tokens=len(seq.request.prompt),
+                completion_tokens=seq.generated,
+                ttft_s=ttft,
+                total_s=now - seq.submitted,
+                error=error,
+            )
+        )
+
+
+__all__ = [
+    "EngineError",
+    "Finished",
+    "GenerationRequest",
+    "Priority",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerStats",
+    "TextChunk",
+    "TokenStream",
+]

