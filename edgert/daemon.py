@@ -159,6 +159,9 @@ class Daemon:
             runtime.chat_prompt([{"role": "user", "content": self.settings.serve.probe_prompt}]), max_tokens=2
         )
         try:
+            if self.settings.engine.warm_prefixes:
+                cached = await runtime.warm_prefixes(self.settings.engine.warm_prefixes)
+                log.info("prefix cache warm: %d entries", cached)
             await runtime.scheduler.submit(probe).collect()
         except EdgertError as exc:
             log.error("the probe generation failed: %s", exc.message)  # noqa: TRY400

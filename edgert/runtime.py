@@ -20,6 +20,7 @@ from edgert.catalog import Catalog, ModelSpec, load_catalog
 from edgert.engine.base import LoadOptions, SamplingParams
 from edgert.engine.llama import LlamaBackend
 from edgert.gguf_file import GGUFInfo, validate_gguf
+from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
@@ -35,7 +36,7 @@ def load_options(engine: EngineSettings) -> LoadOptions:
     threads = engine.n_threads or default_threads()
     return LoadOptions(
         n_ctx=engine.n_ctx,
-        n_seq_max=engine.n_parallel,
+        n_seq_max=engine.n_parallel + engine.prefix_cache_entries,
         n_batch=engine.n_batch,
         n_ubatch=engine.n_ubatch,
         n_threads=threads,
@@ -48,13 +49,27 @@ def load_options(engine: EngineSettings) -> LoadOptions:
     )
 
 
-def model_digest(path: Path, info: GGUFInfo) -> str:
-    """A cheap identity for a model file: size, mtime-independent header facts and path.
+def cache_key(path: Path, info: GGUFInfo, options: LoadOptions) -> str:
+    """Identity of a model file *and* the KV layout it is run with, for keying saved KV state.
 
-    Used to key caches; integrity is the job of sha256 verification, not this.
+    Cheap on multi-GB files (path, size, mtime, header facts: a replaced file gets a new
+    key); integrity is sha256 verification's job, not this. The KV element type and SWA
+    layout are part of it because saved state is only valid for the same layout.
     """
     stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{info.architecture}|{info.n_tensors}|{stat.st_mtime_ns}"
+    ident = "|".join(
+        str(part)
+        for part in (
+            path.resolve(),
+            stat.st_size,
+            stat.st_mtime_ns,
+            info.architecture,
+            info.n_tensors,
+            options.kv_cache_type,
+            options.swa_full,
+            options.flash_attn,
+        )
+    )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -78,6 +93,24 @@ class Runtime:
         # The template writes BOS itself when the model wants one; never add a second.
         add_bos = self.backend.info.add_bos and not text.startswith(self.backend.info.bos_token)
         return tuple(self.backend.tokenize(text, add_special=add_bos, parse_special=True))
+
+    def system_prefix(self, system_prompt: str) -> tuple[int, ...]:
+        """Tokens of a conversation up to where the first user message's text begins."""
+        sentinel = "\u2063edgert-user\u2063"
+        text = self.formatter.render(
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": sentinel}]
+        )
+        head = text[: text.index(sentinel)]
+        add_bos = self.backend.info.add_bos and not head.startswith(self.backend.info.bos_token)
+        return tuple(self.backend.tokenize(head, add_special=add_bos, parse_special=True))
+
+    async def warm_prefixes(self, system_prompts: Sequence[str]) -> int:
+        """Prefill each system prompt into the prefix cache; returns how many are cached."""
+        for system_prompt in system_prompts:
+            prefix = self.system_prefix(system_prompt)
+            request = GenerationRequest(prompt=prefix, sampling=self.defaults, max_tokens=1, prefill_only=True)
+            await self.scheduler.submit(request).collect()
+        return self.scheduler.stats.prefix_entries
 
     def completion_prompt(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.backend.tokenize(prompt, add_special=True, parse_special=True))
@@ -139,12 +172,20 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
         scheduler = Scheduler(
             backend,
             SchedulerConfig(
-                n_slots=options.n_seq_max,
+                n_slots=settings.engine.n_parallel,
                 n_ctx=info.n_ctx,
                 n_batch=options.n_batch,
                 prefill_chunk=settings.engine.prefill_chunk,
                 max_queue=settings.engine.max_queue,
                 retry_after_s=settings.engine.retry_after_s,
+                prefix_seqs=tuple(range(settings.engine.n_parallel, options.n_seq_max)),
+                prefix_min_tokens=settings.engine.prefix_cache_min_tokens,
+                prefix_max_tokens=settings.engine.prefix_cache_max_tokens or info.n_ctx // 2,
+                prefix_store=(
+                    PrefixStore(settings.state_dir / "prefix-cache", cache_key(path, gguf, options))
+                    if settings.engine.prefix_cache_persist
+                    else None
+                ),
             ),
         )
     except BaseException:

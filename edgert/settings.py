@@ -77,6 +77,22 @@ class EngineSettings(BaseModel):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16", description="KV-cache element type; quantized types need flash attention."
     )
+    prefix_cache_entries: int = Field(
+        4, ge=0, le=32, description="Prompt prefixes kept in the KV cache for reuse (0 = no prefix cache)."
+    )
+    prefix_cache_min_tokens: int = Field(
+        32, ge=1, description="Shortest shared prefix worth caching / reusing (tokens)."
+    )
+    prefix_cache_max_tokens: int | None = Field(
+        None, ge=1, description="KV cells the prefix cache may hold in all; unset = half of n_ctx."
+    )
+    prefix_cache_persist: bool = Field(
+        True, description="Save shared prefixes under state_dir/prefix-cache so restarts reuse them."
+    )
+    warm_prefixes: list[str] = Field(
+        default_factory=list,
+        description="System prompts to prefill into the prefix cache at start-up, before reporting ready.",
+    )
     max_queue: int = Field(
         32,
         ge=0,

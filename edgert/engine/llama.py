@@ -198,6 +198,7 @@ class LlamaBackend:
             n_ctx=llama_cpp.llama_n_ctx(self._ctx),
             n_ctx_train=llama_cpp.llama_model_n_ctx_train(self._model),
             n_seq_max=options.n_seq_max,
+            n_swa=llama_cpp.llama_model_n_swa(self._model),
             n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab),
             n_params=llama_cpp.llama_model_n_params(self._model),
             size_bytes=llama_cpp.llama_model_size(self._model),
@@ -311,6 +312,9 @@ class LlamaBackend:
 
     def seq_pos_max(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+
+    def seq_pos_min(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq))
 
     def save_seq_state(self, seq: int, path: Path, tokens: list[int]) -> None:
         array = (llama_cpp.llama_token * len(tokens))(*tokens)

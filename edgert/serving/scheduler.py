@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +35,10 @@ from edgert.errors import (
     OverloadedError,
     PromptTooLongError,
 )
+from edgert.serving.prefix_cache import PrefixCache, PrefixEntry, PrefixStore
 from edgert.serving.tokens import TextAssembler
+
+log = logging.getLogger("edgert.scheduler")
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
@@ -58,6 +62,8 @@ class GenerationRequest:
     request_id: str = ""
     #: keep generating past end-of-generation tokens (benchmarks need fixed lengths)
     ignore_eos: bool = False
+    #: only compute the prompt's KV and keep it as a cached prefix (start-up warming)
+    prefill_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,8 @@ class Finished:
     #: seconds from submit to finish
     total_s: float
     error: EdgertError | None = None
+    #: prompt tokens taken from the prefix cache instead of being computed
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,12 @@ class SchedulerConfig:
     max_queue: int = 64
     #: Retry-After hint given when the queue is full
     retry_after_s: float = 1.0
+    #: sequence ids (beyond the slots) that hold cached prefixes; empty = no prefix cache
+    prefix_seqs: tuple[int, ...] = ()
+    prefix_min_tokens: int = 32
+    prefix_max_tokens: int = 0
+    #: where exact prefixes are persisted, or None
+    prefix_store: PrefixStore | None = None
 
 
 @dataclass(slots=True)
@@ -170,11 +184,15 @@ class _Sequence:
     first_token_at: float | None = None
     cancelled: bool = False
     reserve: int = 0
+    cached: int = 0
+    #: take a prefix snapshot when the prefill reaches this many tokens
+    snapshot_at: int | None = None
+    snapshot_exact: bool = False
 
 
 class Scheduler:
     def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
-        if config.n_slots > backend.info.n_seq_max:
+        if config.n_slots + len(config.prefix_seqs) > backend.info.n_seq_max:
             raise ValueError("more slots than the backend's context has sequences")
         self._backend = backend
         self._config = config
@@ -186,6 +204,16 @@ class Scheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self.stats = SchedulerStats()
+        self._prefix = (
+            PrefixCache(
+                list(config.prefix_seqs),
+                min_tokens=config.prefix_min_tokens,
+                max_tokens=config.prefix_max_tokens,
+                n_swa=backend.info.n_swa,
+            )
+            if config.prefix_seqs
+            else None
+        )
 
     @property
     def config(self) -> SchedulerConfig:
@@ -193,6 +221,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self._load_saved_prefixes()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="edgert-engine", daemon=True)
         self._thread.start()
@@ -256,12 +285,13 @@ class Scheduler:
                 error = None if seq.cancelled else DeadlineExceededError("deadline passed while queued")
                 self._emit_finish(seq, reason, now, error)
                 continue
-            if not self._free_slots or self.stats.kv_reserved + seq.reserve > self._config.n_ctx:
+            if not self._free_slots or not self._make_room(seq.reserve):
                 break
             heapq.heappop(self._pending)
             seq.slot = self._free_slots.pop()
             self.stats.kv_reserved += seq.reserve
             self._active.append(seq)
+            self._attach_prefix(seq, now)
         self.stats.queue_depth = len(self._pending)
         self.stats.active = len(self._active)
 
@@ -312,6 +342,8 @@ class Scheduler:
             if remaining == 0 or budget == 0:
                 continue
             take = min(remaining, budget, self._config.prefill_chunk)
+            if seq.snapshot_at is not None and seq.prompt_fed < seq.snapshot_at:
+                take = min(take, seq.snapshot_at - seq.prompt_fed)  # stop exactly at the snapshot point
             for offset in range(take):
                 index = seq.prompt_fed + offset
                 last = index == len(prompt) - 1
@@ -340,12 +372,18 @@ class Scheduler:
                 seq.prompt_fed += count
                 self.stats.prompt_tokens += count
             seq.n_past += count
+            if seq.snapshot_at is not None and seq.prompt_fed == seq.snapshot_at:
+                self._snapshot(seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact)
+                seq.snapshot_at = None
         now = time.monotonic()
         for batch_index, seq in samples:
             self._on_logits(seq, batch_index, now)
 
     def _on_logits(self, seq: _Sequence, batch_index: int, now: float) -> None:
         backend = self._backend
+        if seq.request.prefill_only:
+            self._finish(seq, "stop", now)
+            return
         if seq.sampler is None:
             seq.sampler = backend.new_sampler(seq.request.sampling)
             seq.assembler = TextAssembler(seq.request.stop)
@@ -395,8 +433,125 @@ class Scheduler:
                 ttft_s=ttft,
                 total_s=now - seq.submitted,
                 error=error,
+                cached_tokens=seq.cached,
             )
         )
+
+    # --------------------------------------------------------- prefix cache
+    def _make_room(self, need: int) -> bool:
+        """True when ``need`` more KV cells fit, evicting cached prefixes if that is what it takes."""
+        while self.stats.kv_reserved + need > self._config.n_ctx:
+            victim = self._prefix.lru() if self._prefix is not None else None
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _attach_prefix(self, seq: _Sequence, now: float) -> None:
+        """Give a newly admitted sequence the longest usable cached prefix, and plan a snapshot."""
+        cache = self._prefix
+        if cache is None:
+            return
+        prompt = seq.request.prompt
+        if seq.request.prefill_only:
+            if cache.has_exact(prompt):
+                seq.prompt_fed = seq.n_past = len(prompt)
+                self._finish(seq, "stop", now)
+            else:
+                seq.snapshot_at, seq.snapshot_exact = len(prompt), True
+            return
+        match = cache.best_match(prompt)
+        limit = len(prompt) - 1  # the last prompt token is always computed: it yields the first logits
+        if match is not None and match.common >= cache.min_tokens:
+            reuse = min(match.common, limit)
+            if cache.usable(match, reuse, self._backend.seq_pos_min(match.entry.seq)):
+                self._backend.seq_copy(match.entry.seq, seq.slot, 0, reuse)
+                seq.prompt_fed = seq.n_past = seq.cached = reuse
+                cache.touch(match.entry)
+                self.stats.prefix_hits += 1
+                self.stats.prefix_tokens_reused += reuse
+                if reuse < len(match.entry) and not cache.has_exact(prompt[:reuse]):
+                    # the shared part ends inside this entry: keep exactly the shared part
+                    self._snapshot(match.entry.seq, prompt[:reuse], exact=True)
+                return
+            if not cache.has_exact(prompt[:reuse]):
+                seq.snapshot_at, seq.snapshot_exact = reuse, True
+        elif limit >= cache.min_tokens:
+            seq.snapshot_at, seq.snapshot_exact = limit, False
+        self.stats.prefix_misses += 1
+
+    def _snapshot(self, source_seq: int, tokens: tuple[int, ...], *, exact: bool) -> None:
+        """Copy positions [0, len(tokens)) of ``source_seq`` into a cache entry (cells are shared, not copied)."""
+        cache = self._prefix
+        if cache is None or len(tokens) > cache.max_tokens:
+            return
+        need = len(tokens)
+        while not cache.free_seqs or cache.tokens_held + need > cache.max_tokens:
+            victim = cache.lru()
+            if victim is None or (victim.exact and not exact):
+                return  # a mere candidate never pushes out a proven shared prefix
+            self._evict(victim)
+        if self.stats.kv_reserved + need > self._config.n_ctx:
+            return
+        seq_id = cache.take_seq()
+        assert seq_id is not None
+        self._backend.seq_copy(source_seq, seq_id, 0, need)
+        entry = cache.add(tokens, seq_id, exact=exact)
+        self.stats.kv_reserved += need
+        self.stats.prefix_entries = len(cache.entries)
+        store = self._config.prefix_store
+        if exact and store is not None:
+            self._persist(store, entry)
+
+    def _persist(self, store: PrefixStore, entry: PrefixEntry) -> None:
+        path = store.path_for(entry.tokens)
+        tmp = path.with_suffix(".tmp")
+        try:
+            store.directory.mkdir(parents=True, exist_ok=True)
+            self._backend.save_seq_state(entry.seq, tmp, list(entry.tokens))
+            tmp.replace(path)
+        except (OSError, EdgertError) as exc:
+            log.warning("could not persist a cached prefix to %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _evict(self, entry: PrefixEntry) -> None:
+        assert self._prefix is not None
+        self._backend.seq_remove(entry.seq)
+        self._prefix.drop(entry)
+        self.stats.kv_reserved -= len(entry)
+        self.stats.prefix_entries = len(self._prefix.entries)
+        store = self._config.prefix_store
+        if entry.exact and store is not None:
+            with contextlib.suppress(OSError):
+                store.path_for(entry.tokens).unlink()
+
+    def _load_saved_prefixes(self) -> None:
+        """Restore persisted prefixes (newest first) before the engine thread starts."""
+        cache, store = self._prefix, self._config.prefix_store
+        if cache is None or store is None:
+            return
+        for path in store.saved():
+            seq_id = cache.take_seq()
+            if seq_id is None:
+                break
+            try:
+                tokens = tuple(self._backend.load_seq_state(seq_id, path, cache.max_tokens))
+            except EdgertError as exc:
+                tokens = ()
+                log.warning("ignoring cached prefix %s: %s", path.name, exc)
+            room = cache.tokens_held + len(tokens) <= cache.max_tokens
+            if not tokens or not store.verify(path, tokens) or not room:
+                self._backend.seq_remove(seq_id)
+                cache.free_seqs.append(seq_id)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            cache.add(tokens, seq_id, exact=True)
+            self.stats.kv_reserved += len(tokens)
+        self.stats.prefix_entries = len(cache.entries)
+        if cache.entries:
+            log.info("restored %d cached prefixes from %s", len(cache.entries), store.directory)
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from edgert.api.schemas import (
     Completion,
     CompletionRequest,
     ModelList,
+    PromptTokensDetails,
     TextChoice,
     Usage,
     new_id,
@@ -165,6 +166,7 @@ def _usage(result: Finished) -> Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
     )
 
 
