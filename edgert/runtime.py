@@ -8,6 +8,7 @@ llama.cpp sees it, load with the configured engine options, start the scheduler.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,13 +19,17 @@ import psutil
 
 from edgert.catalog import Catalog, ModelSpec, load_catalog
 from edgert.engine.base import LoadOptions, SamplingParams
-from edgert.engine.llama import LlamaBackend
+from edgert.engine.llama import LlamaBackend, capabilities
+from edgert.errors import ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
+from edgert.hardware import choose_model, detect
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
-from edgert.store import resolve_model
+from edgert.store import available_ids, resolve_model
+
+log = logging.getLogger("edgert.runtime")
 
 
 def default_threads() -> int:
@@ -154,9 +159,23 @@ def sampling_defaults(settings: Settings) -> SamplingParams:
     )
 
 
+def resolve(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec | None, Path]:
+    """A catalog id, a .gguf path, or "auto": the largest available catalog model that fits here."""
+    if name == "auto":
+        hardware = detect(capabilities())
+        choice = choose_model(
+            catalog, hardware, settings.engine, installed=set(available_ids(settings.models_dir, catalog))
+        )
+        if choice.chosen is None:
+            raise ModelMissingError(f"model = auto: no installed catalog model fits this machine. {choice.explanation}")
+        log.info("model = auto: %s", choice.explanation)
+        name = choice.chosen.id
+    return resolve_model(settings, catalog, name)
+
+
 def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catalog | None = None) -> Runtime:
     catalog = catalog or load_catalog(settings.catalog)
-    spec, path = resolve_model(settings, catalog, model or settings.model)
+    spec, path = resolve(settings, catalog, model or settings.model)
     gguf = validate_gguf(path)
     started = time.perf_counter()
     options = load_options(settings.engine)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -56,6 +57,17 @@ def part_path(target: Path) -> Path:
 
 def is_installed(models_dir: Path, spec: ModelSpec) -> bool:
     return model_path(models_dir, spec).is_file()
+
+
+def is_available(models_dir: Path, spec: ModelSpec) -> bool:
+    """Installed, or shipped in an installed Python package that assembles it on first use."""
+    if is_installed(models_dir, spec):
+        return True
+    return isinstance(spec.source, PyPISource) and importlib.util.find_spec(spec.source.module) is not None
+
+
+def available_ids(models_dir: Path, catalog: Catalog) -> frozenset[str]:
+    return frozenset(spec.id for spec in catalog if is_available(models_dir, spec))
 
 
 def list_installed(models_dir: Path, catalog: Catalog) -> list[InstalledModel]:

@@ -31,9 +31,8 @@ from edgert.cli.exitcodes import for_error
 from edgert.engine.base import SamplingParams
 from edgert.engine.llama import reference_generate
 from edgert.errors import EdgertError
-from edgert.runtime import Runtime, load_options, open_runtime
+from edgert.runtime import Runtime, load_options, open_runtime, resolve
 from edgert.settings import load_settings
-from edgert.store import resolve_model
 
 BENCH_PROMPT = (
     "You are the assistant of a retail kiosk. Answer the customer's question in a friendly way. "
@@ -104,7 +103,7 @@ def bench(
             settings = settings.model_copy(
                 update={"engine": settings.engine.model_copy(update={"n_parallel": max(levels)})}
             )
-        _, path = resolve_model(settings, load_catalog(settings.catalog), model or settings.model)
+        _, path = resolve(settings, load_catalog(settings.catalog), model or settings.model)
         runtime = open_runtime(settings, model)
     except EdgertError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -9,8 +9,6 @@ should be able to start; 1 = at least one such problem; 6 = the settings or the 
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -41,6 +39,7 @@ from edgert.hardware import (
     parse_system_info,
 )
 from edgert.settings import Settings, config_file_path, load_settings
+from edgert.store import available_ids
 
 ModelSource = Literal["auto", "catalog", "path"]
 
@@ -89,9 +88,7 @@ def doctor(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exitcodes.for_error(exc)) from None
     caps, load_problem = _capabilities()
-    report = build_report(
-        settings, catalog, caps, detect(caps), config_file_path(), load_problem=load_problem
-    )
+    report = build_report(settings, catalog, caps, detect(caps), config_file_path(), load_problem=load_problem)
     if json_output:
         typer.echo(json.dumps(report_json(report), indent=2))
     else:
@@ -127,7 +124,7 @@ def build_report(
     *,
     load_problem: Problem | None = None,
 ) -> Report:
-    installed = frozenset(spec.id for spec in catalog if (settings.models_dir / spec.filename).is_file())
+    installed = available_ids(settings.models_dir, catalog)
     auto = choose_model(catalog, hw, settings.engine, installed=set(installed))
     recommended = choose_model(catalog, hw, settings.engine)
     served = _served_model(settings, catalog, auto, installed)
@@ -156,9 +153,7 @@ def build_report(
     )
 
 
-def _served_model(
-    settings: Settings, catalog: Catalog, auto: FitChoice, installed: frozenset[str]
-) -> ServedModel:
+def _served_model(settings: Settings, catalog: Catalog, auto: FitChoice, installed: frozenset[str]) -> ServedModel:
     name = settings.model
     if name == "auto":
         spec = auto.chosen
@@ -217,17 +212,13 @@ def _model_problems(
     problems = []
     if not served.installed:
         problems.append(
-            Problem(
-                "error", f"model {served.spec.id} is not installed", f"edgert models pull {served.spec.id}"
-            )
+            Problem("error", f"model {served.spec.id} is not installed", f"edgert models pull {served.spec.id}")
         )
     problems.extend(_fit_problems(served, auto, recommended, hw))
     return problems
 
 
-def _fit_problems(
-    served: ServedModel, auto: FitChoice, recommended: FitChoice, hw: Hardware
-) -> list[Problem]:
+def _fit_problems(served: ServedModel, auto: FitChoice, recommended: FitChoice, hw: Hardware) -> list[Problem]:
     assert served.spec is not None and served.need is not None  # callers checked
     need, budget = served.need.total_mib, recommended.budget
     problems = []
@@ -278,8 +269,7 @@ def _engine_problems(settings: Settings, hw: Hardware, served: ServedModel) -> l
         problems.append(
             Problem(
                 "warning",
-                f"n_ctx {engine.n_ctx} exceeds the trained context of {served.spec.id} "
-                f"({served.spec.context_length})",
+                f"n_ctx {engine.n_ctx} exceeds the trained context of {served.spec.id} ({served.spec.context_length})",
                 f"set engine.n_ctx <= {served.spec.context_length}",
             )
         )
@@ -297,9 +287,7 @@ def _engine_problems(settings: Settings, hw: Hardware, served: ServedModel) -> l
     return problems
 
 
-def _disk_problems(
-    recommended: FitChoice, installed: frozenset[str], disk_free_mib: int | None
-) -> list[Problem]:
+def _disk_problems(recommended: FitChoice, installed: frozenset[str], disk_free_mib: int | None) -> list[Problem]:
     best = recommended.chosen
     if best is None or best.id in installed or disk_free_mib is None:
         return []
@@ -317,14 +305,12 @@ def _disk_problems(
 
 
 def _onnx_note() -> Problem:
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        state = "onnxruntime-genai is not installed (pip install 'edgert[onnx]')"
-    else:
-        state = f"onnxruntime-genai {importlib.metadata.version('onnxruntime-genai')} is installed"
+    # Say what is true today: this edgert serves GGUF through llama.cpp only.
     return Problem(
         "info",
-        f"ONNX backend: {state}; its 0.18 model builder does not support the per-layer embeddings of "
-        "Gemma 4 E2B/E4B, so those run on llama.cpp (GGUF)",
+        "models are served as GGUF by llama.cpp; an ONNX Runtime GenAI backend is not part of this "
+        "edgert build, and onnxruntime-genai 0.18's model builder does not support the per-layer "
+        "embeddings of Gemma 4 E2B/E4B [GGUF only]",
     )
 
 
@@ -466,10 +452,7 @@ def _devices_table(report: Report) -> Table:
         ("platform", f"{hw.system} {hw.machine}"),
         ("CPU", f"{hw.cpu.model} ({hw.cpu.physical_cores} physical / {hw.cpu.logical_cores} logical cores)"),
     ]
-    rows += [
-        (f"GPU {g.index}", f"{g.name}, {g.vram_total_mib} MiB VRAM ({g.vram_free_mib} MiB free)")
-        for g in hw.gpus
-    ]
+    rows += [(f"GPU {g.index}", f"{g.name}, {g.vram_total_mib} MiB VRAM ({g.vram_free_mib} MiB free)") for g in hw.gpus]
     if hw.driver_version:
         rows.append(("NVIDIA driver", hw.driver_version))
     rows += [("note", note) for note in hw.notes]

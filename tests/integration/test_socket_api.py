@@ -120,9 +120,7 @@ def test_curl_streams_sse_with_done(daemon: DaemonProcess) -> None:
 def test_concurrent_clients_all_complete(daemon: DaemonProcess) -> None:
     async def run() -> list[httpx.Response]:
         async with async_unix_client(daemon.socket) as client:
-            return await asyncio.gather(
-                *(client.post(CHAT, json=hello(16, temperature=0, seed=i)) for i in range(10))
-            )
+            return await asyncio.gather(*(client.post(CHAT, json=hello(16, temperature=0, seed=i)) for i in range(10)))
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 10
@@ -232,10 +230,9 @@ def test_stale_socket_file_is_replaced(tmp_path: Path, tiny_gguf: Path) -> None:
 
 
 def test_overload_returns_503_with_retry_after_and_daemon_stays_healthy(tmp_path: Path, tiny_gguf: Path) -> None:
-    daemon = start_daemon(
-        tmp_path, tiny_gguf, engine__n_parallel="1", engine__max_queue="1", engine__retry_after_s="4"
-    )
+    daemon = start_daemon(tmp_path, tiny_gguf, engine__n_parallel="1", engine__max_queue="1", engine__retry_after_s="4")
     try:
+
         async def run() -> list[httpx.Response]:
             async with async_unix_client(daemon.socket) as client:
                 long = hello(1500, temperature=0)
@@ -281,3 +278,86 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path: Path, tiny_gguf
     finish = json.loads(chunks[-2][len("data: ") :])["choices"][0]["finish_reason"]
     assert finish in ("length", "stop")
     assert not daemon.socket.exists()
+
+
+def test_deadline_header_and_bad_extension_headers(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        slow = client.post(CHAT, json=hello(100000 // 100, temperature=0), headers={"X-Edgert-Timeout": "0.000001"})
+        assert slow.status_code == 504, slow.text
+        assert slow.json()["error"]["code"] == "deadline_exceeded"
+        bad = client.post(CHAT, json=hello(2), headers={"X-Edgert-Priority": "urgent"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "priority"
+        echoed = client.post(CHAT, json=hello(2), headers={"X-Request-Id": "kiosk-42"})
+        assert echoed.headers["x-request-id"] == "kiosk-42"
+
+
+def test_shared_system_prompt_is_served_from_the_prefix_cache(daemon: DaemonProcess) -> None:
+    system = "You answer questions at a museum kiosk. " * 6
+    cached = []
+    with daemon.client() as client:
+        for question in ("Where is the cafe?", "When do you close?", "Is there a cloakroom?"):
+            body = {
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                "max_tokens": 4,
+            }
+            response = client.post(CHAT, json=body)
+            assert response.status_code == 200
+            cached.append(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[0] == 0
+    assert cached[-1] >= 32
+    assert metrics(daemon)["edgert_prefix_cache_hits_total"] >= 1
+
+
+def test_json_logs_carry_request_ids_and_sd_notify_is_sent(tmp_path: Path, tiny_gguf: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    daemon = start_daemon(
+        tmp_path,
+        tiny_gguf,
+        extra_args=("--log-json",),
+        env_extra={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "600000"},
+    )
+    try:
+        messages = [notify.recv(4096).decode()]
+        while "WATCHDOG=1" not in messages:
+            messages.append(notify.recv(4096).decode())
+        assert messages[0] == "READY=1"
+        with daemon.client() as client:
+            assert client.post(CHAT, json=hello(2), headers={"X-Request-Id": "trace-me"}).status_code == 200
+        assert daemon.stop() == 0
+        while "STOPPING=1" not in messages:
+            messages.append(notify.recv(4096).decode())
+    finally:
+        daemon.stop()
+        notify.close()
+    lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    request_lines = [line for line in lines if line.get("request_id") == "trace-me"]
+    assert request_lines
+    assert request_lines[0]["msg"] == "POST /v1/chat/completions 200"
+    assert any(line["msg"].startswith("ready:") for line in lines)
+    assert all(line["level"] in ("debug", "info", "warning", "error") for line in lines)
+
+
+def test_disconnect_while_waiting_for_a_non_streaming_reply_cancels_it(daemon: DaemonProcess) -> None:
+    before = metrics(daemon)
+    raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    raw.connect(str(daemon.socket))
+    body = json.dumps(hello(1500, temperature=0)).encode()
+    with raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edgert\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    key = "edgert_sequences_finished_total{reason=cancelled}"
+    while time.monotonic() < deadline and metrics(daemon).get(key, 0.0) <= before.get(key, 0.0):
+        time.sleep(0.05)
+    after = metrics(daemon)
+    assert after[key] == before.get(key, 0.0) + 1
+    assert after["edgert_active_sequences"] == 0
+    assert after.get("edgert_requests_total{route=/v1/chat/completions,status=499}", 0) >= 1

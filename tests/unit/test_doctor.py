@@ -85,9 +85,7 @@ def errors(report: dict[str, object]) -> list[str]:
 
 def test_json_report_has_every_section(env: Path) -> None:
     code, report = run_json()
-    assert {"backend", "devices", "memory", "chosen_model", "recommended_model", "config", "problems"} <= set(
-        report
-    )
+    assert {"backend", "devices", "memory", "chosen_model", "recommended_model", "config", "problems"} <= set(report)
     backend = report["backend"]
     assert isinstance(backend, dict)
     assert backend["library"] == "llama.cpp"
@@ -105,12 +103,22 @@ def test_json_report_has_every_section(env: Path) -> None:
     assert settings["log_level"] == "debug"  # from the config file
     assert settings["engine"]["n_ctx"] == 4096
     assert settings["engine"]["flash_attn"] is True
-    # Nothing is installed yet: that is an error with a pull hint, so the exit status is 1.
+    # The embedded model ships in an installed Python package: available without a download.
+    assert code == 0
+    assert errors(report) == []
+    assert report["installed_models"] == ["gemma-3-270m:q4_k_m"]
+
+
+def test_configured_model_not_installed_is_an_error_with_a_pull_hint(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "gemma-4-e2b:q4_k_m")
+    code, report = run_json()
     assert code == 1
-    assert errors(report) == ["model gemma-3-270m:q4_k_m is not installed"]
+    assert errors(report) == ["model gemma-4-e2b:q4_k_m is not installed"]
     problems = report["problems"]
     assert isinstance(problems, list)
-    assert any(p["hint"] == "edgert models pull gemma-3-270m:q4_k_m" for p in problems)
+    assert any(p["hint"] == "edgert models pull gemma-4-e2b:q4_k_m" for p in problems)
 
 
 def test_installed_model_means_exit_0(env: Path) -> None:
@@ -182,7 +190,7 @@ def test_tables(env: Path) -> None:
     ):
         assert title in result.stdout
     assert "engine.n_ctx" in result.stdout
-    assert "edgert[onnx]" in result.stdout  # rich markup must not swallow the brackets
+    assert "[GGUF only]" in result.stdout  # rich markup must not swallow the brackets
 
 
 def test_state_dir_under_a_file_is_an_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
