@@ -291,9 +291,7 @@ def choose_model(
     return FitChoice(chosen=chosen, budget=budget, candidates=candidates, explanation=explanation)
 
 
-def _candidate(
-    spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, installed: set[str] | None
-) -> Candidate:
+def _candidate(spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, installed: set[str] | None) -> Candidate:
     need = memory_need(spec, engine)
     fits = need.total_mib <= budget.budget_mib
     is_installed = None if installed is None else spec.id in installed
@@ -437,9 +435,7 @@ def _backend(system: str, machine: str, nvidia_present: bool, gpu_offload: bool)
     return "cpu"
 
 
-def _backend_problems(
-    system: str, machine: str, nvidia_present: bool, caps: BackendCapabilities
-) -> list[Problem]:
+def _backend_problems(system: str, machine: str, nvidia_present: bool, caps: BackendCapabilities) -> list[Problem]:
     reinstall = "pip install --force-reinstall --no-cache-dir llama-cpp-python"
     if nvidia_present and not caps.gpu_offload:
         return [

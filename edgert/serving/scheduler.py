@@ -29,6 +29,7 @@ from typing import Literal
 
 from edgert.engine.base import Backend, BatchToken, Sampler, SamplingParams
 from edgert.errors import (
+    BadRequestError,
     DeadlineExceededError,
     EdgertError,
     EngineError,
@@ -275,16 +276,26 @@ class Scheduler:
             seq.cancelled = True
             self._cv.notify()
 
+    def _expire_queued(self, now: float) -> None:
+        """Drop queued requests whose client left or whose deadline passed, wherever they wait. Holds the lock."""
+        keep = []
+        for item in self._pending:
+            seq = item[2]
+            if seq.cancelled:
+                self._emit_finish(seq, "cancelled", now, None)
+            elif seq.request.deadline is not None and now >= seq.request.deadline:
+                self._emit_finish(seq, "deadline", now, DeadlineExceededError("deadline passed while queued"))
+            else:
+                keep.append(item)
+        if len(keep) != len(self._pending):
+            heapq.heapify(keep)
+            self._pending = keep
+
     def _admit(self, now: float) -> None:
         """Move queued requests into free slots while the KV budget allows. Holds the lock."""
+        self._expire_queued(now)
         while self._pending:
             _, _, seq = self._pending[0]
-            if seq.cancelled or (seq.request.deadline is not None and now >= seq.request.deadline):
-                heapq.heappop(self._pending)
-                reason: FinishReason = "cancelled" if seq.cancelled else "deadline"
-                error = None if seq.cancelled else DeadlineExceededError("deadline passed while queued")
-                self._emit_finish(seq, reason, now, error)
-                continue
             if not self._free_slots or not self._make_room(seq.reserve):
                 break
             heapq.heappop(self._pending)
@@ -309,8 +320,20 @@ class Scheduler:
                 self._admit(now)
                 self._reap(now)
             if self._active:
-                self._step()
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the engine thread and leave every client hanging
+                    log.exception("engine step failed; failing the running sequences")
+                    self._fail_active(EngineError("internal engine error; see the daemon log"))
             self.stats.last_progress = time.monotonic()
+
+    def _fail_active(self, error: EdgertError) -> None:
+        now = time.monotonic()
+        for seq in list(self._active):
+            try:
+                self._finish(seq, "error", now, error)
+            except Exception:  # keep freeing the other sequences
+                log.exception("could not free sequence %d", seq.slot)
 
     def _fail_pending(self) -> None:
         now = time.monotonic()
@@ -385,7 +408,12 @@ class Scheduler:
             self._finish(seq, "stop", now)
             return
         if seq.sampler is None:
-            seq.sampler = backend.new_sampler(seq.request.sampling)
+            try:
+                seq.sampler = backend.new_sampler(seq.request.sampling)
+            except EdgertError as exc:
+                error = BadRequestError(f"response_format: {exc.message}", param="response_format")
+                self._finish(seq, "error", now, error)
+                return
             seq.assembler = TextAssembler(seq.request.stop)
         assert seq.assembler is not None
         token = backend.sample(seq.sampler, batch_index)

@@ -13,6 +13,7 @@ import pytest
 from edgert.engine.base import SamplingParams
 from edgert.engine.llama import json_grammar, reference_generate
 from edgert.errors import (
+    BadRequestError,
     DeadlineExceededError,
     ModelFileError,
     ModelLoadError,
@@ -267,3 +268,27 @@ def test_llama_cpp_load_failure_quotes_llama_cpp_reason(tmp_path: Path, tiny_ggu
     writer.close()
     with pytest.raises(ModelLoadError, match="output_norm"):
         open_runtime(make_settings(tmp_path, bad))
+
+
+def test_a_grammar_llama_cpp_rejects_fails_only_that_request(runtime: Runtime) -> None:
+    prompt = chat(runtime, "Hi")
+
+    async def scenario() -> tuple[BaseException | None, str]:
+        good = runtime.scheduler.submit(runtime.request(prompt, sampling=GREEDY, max_tokens=20, ignore_eos=True))
+        bad = runtime.scheduler.submit(
+            runtime.request(prompt, sampling=SamplingParams(temperature=0.0, grammar="root ::= ("), max_tokens=5)
+        )
+        try:
+            await bad.collect()
+        except BadRequestError as exc:
+            error: BaseException | None = exc
+        else:
+            error = None
+        text, _ = await good.collect()
+        return error, text
+
+    error, text = asyncio.run(scenario())
+    assert isinstance(error, BadRequestError)
+    assert "response_format" in str(error)
+    assert text
+    assert runtime.scheduler.idle()
