@@ -361,3 +361,17 @@ def test_disconnect_while_waiting_for_a_non_streaming_reply_cancels_it(daemon: D
     assert after[key] == before.get(key, 0.0) + 1
     assert after["edgert_active_sequences"] == 0
     assert after.get("edgert_requests_total{route=/v1/chat/completions,status=499}", 0) >= 1
+
+
+def test_tcp_listener_only_when_configured(tmp_path: Path, tiny_gguf: Path) -> None:
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon(tmp_path, tiny_gguf, extra_args=("--tcp", f"127.0.0.1:{port}"))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/ready").json()["status"] == "ready"
+            assert client.post(CHAT, json=hello(2)).status_code == 200
+        assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660  # the socket is still there too
+    finally:
+        assert daemon.stop() == 0
