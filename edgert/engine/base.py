@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +71,10 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
-    #: a GBNF grammar constraining the output (JSON mode), or None
-    grammar: str | None = None
+    #: constrain the output to JSON: "object" (any JSON object) or "schema" (``json_schema``)
+    json_mode: Literal["object", "schema"] | None = None
+    #: the JSON Schema as JSON text (hashable, so backends can cache what they compile from it)
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,35 @@ class BatchToken:
     token: int
     pos: int
     logits: bool
+
+
+class SequenceHandle(Protocol):
+    """One running generation of a :class:`SequenceBackend`."""
+
+
+@runtime_checkable
+class SequenceBackend(Protocol):
+    """A backend that generates per sequence instead of in a shared batch (onnxruntime-genai).
+
+    The scheduler keeps admission, deadlines, cancellation, stop strings and streaming
+    the same for both kinds; with this kind it steps the running sequences round-robin,
+    one token each per step, from its single engine thread.
+    """
+
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def start(self, prompt: list[int], params: SamplingParams, max_length: int) -> SequenceHandle:
+        """Create a generator and feed it the whole prompt. Raises BadRequestError for
+        parameters the backend cannot honour (e.g. a JSON schema it cannot compile)."""
+
+    def next_token(self, handle: SequenceHandle) -> tuple[int, bytes]:
+        """Generate one token; return it with its UTF-8 bytes (may be a partial character)."""
+
+    def release(self, handle: SequenceHandle) -> None: ...
+    def close(self) -> None: ...
 
 
 class Sampler(Protocol):

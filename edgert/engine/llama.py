@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import threading
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_grammar
 
 from edgert.engine.base import (
     BackendCapabilities,
@@ -263,8 +265,9 @@ class LlamaBackend:
         stages: list[Any] = []
         if params.repeat_penalty != 1.0:
             stages.append(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
-        if params.grammar is not None:
-            stages.append(llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root"))
+        if params.json_mode is not None:
+            gbnf = json_grammar(params.json_schema if params.json_mode == "schema" else None)
+            stages.append(llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root"))
         if params.temperature <= 0.0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
             return stages
@@ -405,17 +408,18 @@ def reference_generate(
         llm.close()
 
 
-def json_grammar(schema: dict[str, Any] | None) -> str:
-    """GBNF for any JSON object (``schema`` None) or for values matching a JSON Schema."""
-    from llama_cpp import llama_grammar  # noqa: PLC0415 - grammar tooling is only needed for JSON mode
+@functools.lru_cache(maxsize=32)
+def json_grammar(json_schema: str | None) -> str:
+    """GBNF for any JSON object (``json_schema`` None) or for values matching a JSON Schema (JSON text).
 
-    if schema is None:
+    Cached: kiosk apps send the same schema with every request, and the conversion is pure Python.
+    """
+    if json_schema is None:
         return str(llama_grammar.JSON_GBNF)
-    import json  # noqa: PLC0415
-
     try:
-        return str(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        return str(llama_grammar.json_schema_to_gbnf(json_schema))
+    # llama-cpp-python's converter reports unsupported schemas with assert statements
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BadRequestError(
             f"response_format.json_schema: unsupported schema: {exc}", param="response_format"
         ) from None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
-from edgert.engine.base import Backend, BatchToken, Sampler, SamplingParams
+from edgert.engine.base import Backend, BatchToken, Sampler, SamplingParams, SequenceBackend, SequenceHandle
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -177,6 +177,8 @@ class _Sequence:
     order: int
     slot: int = -1
     sampler: Sampler | None = None
+    #: the generator of a SequenceBackend (onnxruntime-genai)
+    handle: SequenceHandle | None = None
     assembler: TextAssembler | None = None
     prompt_fed: int = 0
     n_past: int = 0
@@ -192,10 +194,21 @@ class _Sequence:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, config: SchedulerConfig) -> None:
+    """Drives a batch backend (llama.cpp: one decode for all sequences per step) or a
+    sequence backend (onnxruntime-genai: one token per sequence per step, round-robin)."""
+
+    def __init__(self, backend: Backend | SequenceBackend, config: SchedulerConfig) -> None:
         if config.n_slots + len(config.prefix_seqs) > backend.info.n_seq_max:
             raise ValueError("more slots than the backend's context has sequences")
-        self._backend = backend
+        self._sequence_backend: SequenceBackend | None = None
+        self._batch_backend: Backend | None = None
+        if isinstance(backend, SequenceBackend):
+            self._sequence_backend = backend
+            if config.prefix_seqs:
+                raise ValueError("the prefix cache needs a batch backend")
+        else:
+            self._batch_backend = backend
+        self._info = backend.info
         self._config = config
         self._cv = threading.Condition()
         self._pending: list[tuple[int, int, _Sequence]] = []
@@ -210,7 +223,7 @@ class Scheduler:
                 list(config.prefix_seqs),
                 min_tokens=config.prefix_min_tokens,
                 max_tokens=config.prefix_max_tokens,
-                n_swa=backend.info.n_swa,
+                n_swa=self._info.n_swa,
             )
             if config.prefix_seqs
             else None
@@ -219,6 +232,12 @@ class Scheduler:
     @property
     def config(self) -> SchedulerConfig:
         return self._config
+
+    @property
+    def _backend(self) -> Backend:
+        """The batch backend; only batch code paths (and the prefix cache) use this."""
+        assert self._batch_backend is not None
+        return self._batch_backend
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -321,7 +340,10 @@ class Scheduler:
                 self._reap(now)
             if self._active:
                 try:
-                    self._step()
+                    if self._sequence_backend is None:
+                        self._step()
+                    else:
+                        self._step_sequences(self._sequence_backend)
                 except Exception:  # a bug must not kill the engine thread and leave every client hanging
                     log.exception("engine step failed; failing the running sequences")
                     self._fail_active(EngineError("internal engine error; see the daemon log"))
@@ -402,6 +424,25 @@ class Scheduler:
         for batch_index, seq in samples:
             self._on_logits(seq, batch_index, now)
 
+    def _step_sequences(self, backend: SequenceBackend) -> None:
+        """One token for every running sequence, in admission order (no shared batch)."""
+        self.stats.steps += 1
+        for seq in list(self._active):
+            if seq.handle is None:
+                prompt = seq.request.prompt
+                max_length = min(self._config.n_ctx, len(prompt) + seq.request.max_tokens)
+                try:
+                    seq.handle = backend.start(list(prompt), seq.request.sampling, max_length)
+                except EdgertError as exc:
+                    self._finish(seq, "error", time.monotonic(), exc)
+                    continue
+                seq.prompt_fed = seq.n_past = len(prompt)
+                self.stats.prompt_tokens += len(prompt)
+                seq.assembler = TextAssembler(seq.request.stop)
+            token, piece = backend.next_token(seq.handle)
+            seq.n_past += 1
+            self._on_token(seq, token, piece, time.monotonic())
+
     def _on_logits(self, seq: _Sequence, batch_index: int, now: float) -> None:
         backend = self._backend
         if seq.request.prefill_only:
@@ -415,16 +456,22 @@ class Scheduler:
                 self._finish(seq, "error", now, error)
                 return
             seq.assembler = TextAssembler(seq.request.stop)
-        assert seq.assembler is not None
         token = backend.sample(seq.sampler, batch_index)
+        self._on_token(seq, token, backend.token_bytes(token), now)
+
+    def _on_token(self, seq: _Sequence, token: int, piece: bytes, now: float) -> None:
+        """The same for both backends: end of generation, stop strings, limits, streaming."""
+        assert seq.assembler is not None
         if seq.first_token_at is None:
             seq.first_token_at = now
+        backend = self._sequence_backend or self._batch_backend
+        assert backend is not None
         if backend.is_end_of_generation(token) and not seq.request.ignore_eos:
             self._finish(seq, "stop", now)
             return
         seq.generated += 1
         self.stats.generated_tokens += 1
-        step = seq.assembler.feed(backend.token_bytes(token))
+        step = seq.assembler.feed(piece)
         if step.delta:
             seq.stream._push(TextChunk(step.delta))
         if step.stopped:
@@ -439,7 +486,12 @@ class Scheduler:
             tail = seq.assembler.flush()
             if tail:
                 seq.stream._push(TextChunk(tail))
-        self._backend.seq_remove(seq.slot)
+        if self._sequence_backend is not None:
+            if seq.handle is not None:
+                self._sequence_backend.release(seq.handle)
+                seq.handle = None
+        else:
+            self._backend.seq_remove(seq.slot)
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None

@@ -9,12 +9,13 @@ submits. Transports only translate the resulting token stream to their wire form
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingFields
 from edgert.engine.base import SamplingParams
-from edgert.engine.llama import json_grammar
 from edgert.errors import ModelNotFoundError
 from edgert.runtime import Runtime
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
@@ -69,11 +70,13 @@ class InferenceService:
     ) -> GenerationRequest:
         defaults = self.runtime.defaults
         fmt = body.response_format
-        grammar = None
+        json_mode: Literal["object", "schema"] | None = None
+        json_schema = None
         if fmt is not None and fmt.type == "json_object":
-            grammar = json_grammar(None)
+            json_mode = "object"
         elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
-            grammar = json_grammar(fmt.json_schema.schema_ or None)
+            json_mode = "schema" if fmt.json_schema.schema_ else "object"
+            json_schema = json.dumps(fmt.json_schema.schema_, sort_keys=True) if fmt.json_schema.schema_ else None
         sampling = SamplingParams(
             temperature=defaults.temperature if body.temperature is None else body.temperature,
             top_p=defaults.top_p if body.top_p is None else body.top_p,
@@ -81,7 +84,8 @@ class InferenceService:
             min_p=defaults.min_p if body.min_p is None else body.min_p,
             repeat_penalty=defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
             seed=body.seed,
-            grammar=grammar,
+            json_mode=json_mode,
+            json_schema=json_schema,
         )
         limit = min(max_tokens or self.runtime.default_max_tokens, self.limits.max_tokens_cap)
         timeout = body.timeout or self.limits.default_timeout_s

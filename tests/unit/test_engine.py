@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgert.engine.base import SamplingParams
-from edgert.engine.llama import json_grammar, reference_generate
+from edgert.engine.llama import reference_generate
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -226,7 +226,7 @@ def test_interactive_requests_are_admitted_before_batch_ones(tmp_path: Path, tin
 
 def test_json_grammar_constrains_output_to_json(runtime: Runtime) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    sampling = SamplingParams(temperature=0.0, grammar=json_grammar(schema))
+    sampling = SamplingParams(temperature=0.0, json_mode="schema", json_schema=json.dumps(schema))
     text, result = asyncio.run(generate(runtime, chat(runtime, "Answer in JSON"), sampling=sampling, max_tokens=64))
     assert result.reason == "stop"
     assert isinstance(json.loads(text)["ok"], bool)
@@ -276,7 +276,11 @@ def test_a_grammar_llama_cpp_rejects_fails_only_that_request(runtime: Runtime) -
     async def scenario() -> tuple[BaseException | None, str]:
         good = runtime.scheduler.submit(runtime.request(prompt, sampling=GREEDY, max_tokens=20, ignore_eos=True))
         bad = runtime.scheduler.submit(
-            runtime.request(prompt, sampling=SamplingParams(temperature=0.0, grammar="root ::= ("), max_tokens=5)
+            runtime.request(
+                prompt,
+                sampling=SamplingParams(temperature=0.0, json_mode="schema", json_schema='{"type": "bogus"}'),
+                max_tokens=5,
+            )
         )
         try:
             await bad.collect()
