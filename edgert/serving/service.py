@@ -62,6 +62,11 @@ class InferenceService:
         prompt = self.runtime.completion_prompt(body.prompt)
         return self._request(body, prompt, body.token_limit(), request_id)
 
+    def prepare(self, body: ChatCompletionRequest | CompletionRequest, request_id: str) -> GenerationRequest:
+        if isinstance(body, ChatCompletionRequest):
+            return self.prepare_chat(body, request_id)
+        return self.prepare_completion(body, request_id)
+
     def submit(self, request: GenerationRequest) -> TokenStream:
         return self.runtime.scheduler.submit(request)
 

@@ -260,21 +260,20 @@ def create_app(state: ApiState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        svc = service()
-        body = await _parse(request, ChatCompletionRequest)
-        _apply_headers(request, body)
-        generation = svc.prepare_chat(body, request_id.get())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _respond(request, svc, generation, body.stream, chat=True, include_usage=include_usage)
+        return await _complete(request, ChatCompletionRequest)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        return await _complete(request, CompletionRequest)
+
+    async def _complete(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         svc = service()
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, kind)
         _apply_headers(request, body)
-        generation = svc.prepare_completion(body, request_id.get())
+        generation = svc.prepare(body, request_id.get())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _respond(request, svc, generation, body.stream, chat=False, include_usage=include_usage)
+        chat = isinstance(body, ChatCompletionRequest)
+        return await _respond(request, svc, generation, body.stream, chat=chat, include_usage=include_usage)
 
     async def _respond(
         request: Request,
