@@ -1,0 +1,211 @@
+"""``edgert registry init|add|promote|publish|status|rotate-keys``: the operator's signed model registry.
+
+A registry is a directory (``--dir``, default ``.``) holding keys, staged edits
+and the static TUF site under ``repository/`` (see :mod:`edgert.registry.repository`).
+Typical flow::
+
+    edgert registry init -d fleet
+    edgert registry add -d fleet model.gguf --model-id gemma-4-e2b-it:q4_k_m --version 2026.11.1
+    edgert registry promote -d fleet gemma-4-e2b-it:q4_k_m 2026.11.1 --channel stable --rollout 20
+    edgert registry publish -d fleet --out /srv/www/registry
+
+Errors print one ``error: …`` line to stderr and exit with a code from
+:mod:`edgert.cli.exitcodes` (1 failure, 4 invalid GGUF).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgert import __version__
+from edgert.cli import exitcodes
+from edgert.errors import EdgertError, RegistryError
+from edgert.registry.repository import Registry, RegistryStatus
+
+app = typer.Typer(
+    name="registry",
+    help="Operate a signed (TUF) model registry: keys, models, channels, publishing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DirOption = Annotated[Path, typer.Option("--dir", "-d", help="Registry directory.")]
+
+
+@app.command("init")
+def init(
+    directory: DirOption = Path(),
+    keys: Annotated[list[str] | None, typer.Option("--keys", help="ROLE=N keys for a role (default 1).")] = None,
+    threshold: Annotated[
+        list[str] | None, typer.Option("--threshold", help="ROLE=N signatures a role needs (default 1).")
+    ] = None,
+    expiry: Annotated[
+        list[str] | None,
+        typer.Option("--expiry", help="ROLE=DAYS metadata lifetime (root 365, targets 90, snapshot 7, timestamp 1)."),
+    ] = None,
+) -> None:
+    """Create ed25519 keys and root metadata (consistent snapshots)."""
+    with _errors():
+        registry = Registry.init(
+            directory,
+            key_counts=_pairs(keys, "--keys"),
+            thresholds=_pairs(threshold, "--threshold"),
+            expiry_days=_pairs(expiry, "--expiry"),
+        )
+        typer.echo(f"registry created in {directory}")
+        typer.echo(f"ship {registry.root_path()} to devices as update.trusted_root")
+        typer.echo(f"keep the root (and if possible targets) keys in {registry.keys_dir} offline; see README.txt")
+
+
+@app.command("add")
+def add(
+    gguf: Annotated[Path, typer.Argument(help="The .gguf file to publish.", exists=True, dir_okay=False)],
+    model_id: Annotated[str, typer.Option("--model-id", help="Model id, e.g. gemma-4-e2b-it:q4_k_m.")],
+    version: Annotated[str, typer.Option("--version", help="This build's version, e.g. 2026.11.1.")],
+    directory: DirOption = Path(),
+    min_edgert: Annotated[
+        str, typer.Option("--min-edgert", help="Oldest edgert release that may install it.")
+    ] = __version__,
+    ram_mib: Annotated[
+        int | None, typer.Option("--ram-mib", min=1, help="Memory it needs (MiB); default: an estimate.")
+    ] = None,
+) -> None:
+    """Validate a GGUF and stage it as a signed target (published by `publish`)."""
+    with _errors():
+        added = Registry(directory).add(
+            gguf, model_id=model_id, version=version, min_edgert_version=min_edgert, ram_mib=ram_mib
+        )
+        typer.echo(f"added {added.target_path} ({added.length} bytes, sha256 {added.sha256})")
+
+
+@app.command("promote")
+def promote(
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    version: Annotated[str, typer.Argument(help="Version to offer.")],
+    channel: Annotated[str, typer.Option("--channel", help="Channel, e.g. stable or beta.")] = "stable",
+    rollout: Annotated[int, typer.Option("--rollout", min=0, max=100, help="Percent of devices.")] = 100,
+    directory: DirOption = Path(),
+) -> None:
+    """Point a channel at a version for a share of the fleet (signed with the targets metadata)."""
+    with _errors():
+        pointer = Registry(directory).promote(model_id, version, channel=channel, rollout=rollout)
+        previous = f", others stay on {pointer.previous_version}" if pointer.previous_version else ""
+        typer.echo(f"{channel}: {model_id}@{version} for {rollout}% of devices{previous} (run publish)")
+
+
+@app.command("publish")
+def publish(
+    directory: DirOption = Path(),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also copy the site here (the HTTP host's document root).")
+    ] = None,
+    timestamp_only: Annotated[
+        bool, typer.Option("--timestamp-only", help="Only re-sign the timestamp (a timer keeps it fresh).")
+    ] = False,
+) -> None:
+    """Sign changed targets, refresh snapshot and timestamp, and write the static site."""
+    with _errors():
+        registry = Registry(directory)
+        result = registry.publish(out=out, timestamp_only=timestamp_only)
+        typer.echo(
+            f"published targets v{result.targets_version}, snapshot v{result.snapshot_version}, "
+            f"timestamp v{result.timestamp_version} in {registry.repo_dir}"
+            + (f"; {result.copied_files} files copied to {out}" if out is not None else "")
+        )
+        _warn_expiry(registry.status())
+
+
+@app.command("status")
+def status(
+    directory: DirOption = Path(),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What is published: roles and expiries, models, channels; warns about expiring metadata."""
+    with _errors():
+        report = Registry(directory).status()
+        if as_json:
+            typer.echo(json.dumps(_jsonable(report), indent=2, default=str))
+        else:
+            _print_status(report)
+        _warn_expiry(report)
+
+
+@app.command("rotate-keys")
+def rotate_keys(
+    role: Annotated[str, typer.Argument(help="root, targets, snapshot or timestamp.")],
+    directory: DirOption = Path(),
+) -> None:
+    """Replace a role's keys; writes a new root version (run publish afterwards)."""
+    with _errors():
+        keyids = Registry(directory).rotate_keys(role)
+        typer.echo(f"{role}: new key(s) {', '.join(k[:16] for k in keyids)}; old keys moved to keys/retired/")
+        typer.echo("run `edgert registry publish` so devices pick up the new root")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except EdgertError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(exitcodes.for_error(exc)) from None
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, int]:
+    pairs = {}
+    for value in values or []:
+        role, sep, number = value.partition("=")
+        if not sep or not number.isdigit():
+            raise RegistryError(f"{option} wants ROLE=N, not {value!r}")
+        pairs[role] = int(number)
+    return pairs
+
+
+def _print_status(report: RegistryStatus) -> None:
+    typer.echo("ROLE       VERSION  EXPIRES                    THRESHOLD  WARNING")
+    for role in report.roles:
+        expires = role.expires.isoformat()
+        typer.echo(f"{role.role:<10} {role.version:<8} {expires:<26} {role.threshold:<10} {role.warning or ''}")
+    typer.echo("")
+    typer.echo("MODELS")
+    for model in report.models:
+        meta = model.meta
+        typer.echo(
+            f"  {meta.model_id}@{meta.version}  {meta.architecture} {meta.quant or '?'}  {model.length} bytes  "
+            f"ram {meta.ram_mib} MiB  edgert>={meta.min_edgert_version}"
+        )
+    typer.echo("CHANNELS")
+    for name, pointer in sorted(report.channels.channels.items()):
+        previous = f" (others: {pointer.previous_version})" if pointer.previous_version else ""
+        typer.echo(f"  {name}: {pointer.model_id}@{pointer.version} rollout {pointer.rollout}%{previous}")
+    if report.unpublished_changes:
+        typer.echo("unpublished changes are staged: run `edgert registry publish`")
+
+
+def _warn_expiry(report: RegistryStatus) -> None:
+    for role in report.roles:
+        if role.warning:
+            typer.echo(f"warning: {role.role} metadata {role.warning} ({role.expires.isoformat()})", err=True)
+
+
+def _jsonable(report: RegistryStatus) -> dict[str, object]:
+    return {
+        "roles": [asdict(role) for role in report.roles],
+        "models": [
+            {"target": m.target_path, "length": m.length, "sha256": m.sha256, **m.meta.model_dump(mode="json")}
+            for m in report.models
+        ],
+        "channels": report.channels.model_dump(mode="json")["channels"],
+        "unpublished_changes": report.unpublished_changes,
+    }

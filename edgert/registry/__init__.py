@@ -1,0 +1,5 @@
+"""Operator side of signed model delivery: a TUF repository managed by ``edgert registry``.
+
+:mod:`edgert.registry.keys` holds the signing keys, :mod:`edgert.registry.repository`
+the metadata workflow (init, add, promote, publish, rotate-keys, status).
+"""

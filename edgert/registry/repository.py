@@ -1,0 +1,516 @@
+"""An edgert model registry: a TUF repository on the operator's disk (python-tuf metadata API).
+
+Layout of a registry directory::
+
+    registry.json              expiry periods (days per role)
+    keys/                      ed25519 signing keys, see :mod:`edgert.registry.keys`
+    staging/targets.json       targets being edited by ``add`` / ``promote`` (unsigned until publish)
+    repository/                the static site devices read, served by any HTTP host
+      metadata/                1.root.json, 2.root.json, …, root.json (newest),
+                               <n>.targets.json, <n>.snapshot.json, timestamp.json
+      targets/                 consistent-snapshot names: models/<id>/<ver>/<sha256>.model.gguf,
+                               <sha256>.channels.json
+
+Consistent snapshots are always on: every published file has a content- or
+version-addressed name, so a device that fetched timestamp N never mixes its
+snapshot with files of another publication, and ``publish`` can upload while
+devices read. ``timestamp.json`` is written last.
+
+Channel pointers (which version a channel offers, and the rollout percentage)
+are the signed ``custom`` object of the ``channels.json`` target; see
+:mod:`edgert.update.manifest`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from edgert import __version__, store
+from edgert.errors import RegistryError
+from edgert.gguf_file import validate_gguf
+from edgert.registry import keys
+from edgert.update.manifest import (
+    CHANNEL_PATTERN,
+    CHANNELS_KEY,
+    CHANNELS_TARGET,
+    MODEL_FILE,
+    MODEL_KEY,
+    ChannelPointer,
+    Channels,
+    ModelMeta,
+    model_target_path,
+)
+from edgert.update.state import write_atomic
+
+CONFIG_FILE: Final = "registry.json"
+DEFAULT_EXPIRY_DAYS: Final = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+#: Warn when less than this share of a role's expiry period is left.
+WARN_FRACTION: Final = 0.25
+#: Rough memory need when the operator does not give one: weights + 20% + 128 MiB of buffers.
+RAM_OVERHEAD: Final = 1.2
+RAM_BASE_MIB: Final = 128
+_PRETTY: Final = JSONSerializer(compact=False)
+
+
+class RegistryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expiry_days: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXPIRY_DAYS))
+
+
+@dataclass(frozen=True, slots=True)
+class RoleStatus:
+    role: str
+    version: int
+    expires: datetime
+    threshold: int
+    keyids: list[str]
+    #: "expired", "expires soon" or None.
+    warning: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedModel:
+    target_path: str
+    length: int
+    sha256: str
+    meta: ModelMeta
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatus:
+    roles: list[RoleStatus]
+    models: list[PublishedModel]
+    channels: Channels
+    #: Staged add/promote changes not yet published.
+    unpublished_changes: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    targets_version: int
+    snapshot_version: int
+    timestamp_version: int
+    copied_files: int
+
+
+class Registry:
+    """One registry directory. Methods sign with the key files under ``keys/``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.keys_dir = directory / "keys"
+        self.repo_dir = directory / "repository"
+        self.metadata_dir = self.repo_dir / "metadata"
+        self.targets_dir = self.repo_dir / "targets"
+        self.staging_file = directory / "staging" / "targets.json"
+
+    # ------------------------------------------------------------------ init
+
+    @classmethod
+    def init(
+        cls,
+        directory: Path,
+        *,
+        key_counts: dict[str, int] | None = None,
+        thresholds: dict[str, int] | None = None,
+        expiry_days: dict[str, int] | None = None,
+        now: datetime | None = None,
+    ) -> Registry:
+        """Create keys, root metadata (version 1, consistent snapshots) and an empty staging targets."""
+        registry = cls(directory)
+        if (directory / CONFIG_FILE).exists():
+            raise RegistryError(f"{directory} already holds a registry")
+        counts = {role: 1 for role in keys.ROLES} | (key_counts or {})
+        limits = {role: 1 for role in keys.ROLES} | (thresholds or {})
+        expiry = dict(DEFAULT_EXPIRY_DAYS) | (expiry_days or {})
+        _check_role_numbers(counts, limits, expiry)
+        now = now or _now()
+        for path in (registry.metadata_dir, registry.targets_dir, registry.staging_file.parent):
+            path.mkdir(parents=True, exist_ok=True)
+        config = RegistryConfig(expiry_days=expiry)
+        write_atomic(directory / CONFIG_FILE, config.model_dump_json(indent=2).encode() + b"\n")
+        registry.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(registry.keys_dir / "README.txt", keys.KEYS_README.encode())
+        root = Root(expires=now + timedelta(days=expiry["root"]), consistent_snapshot=True)
+        signers: list[CryptoSigner] = []
+        for role in keys.ROLES:
+            for _ in range(counts[role]):
+                signer = keys.generate_key(registry.keys_dir, role)
+                root.add_key(signer.public_key, role)
+                if role == "root":
+                    signers.append(signer)
+            root.roles[role].threshold = limits[role]
+        registry._write_root(Metadata(root), signers)
+        registry._save_staging(Metadata(Targets(version=1, expires=now + timedelta(days=expiry["targets"]))))
+        return registry
+
+    # ------------------------------------------------------------------ add / promote
+
+    def add(
+        self,
+        gguf: Path,
+        *,
+        model_id: str,
+        version: str,
+        min_edgert_version: str = __version__,
+        ram_mib: int | None = None,
+    ) -> PublishedModel:
+        """Validate ``gguf`` like the engine does, then stage it as a signed-to-be target."""
+        info = validate_gguf(gguf)
+        size = gguf.stat().st_size
+        try:
+            meta = ModelMeta(
+                model_id=model_id,
+                version=version,
+                architecture=info.architecture,
+                quant=info.file_type,
+                context_length=info.context_length,
+                ram_mib=ram_mib or math.ceil(size / 2**20 * RAM_OVERHEAD) + RAM_BASE_MIB,
+                min_edgert_version=min_edgert_version,
+                file_name=gguf.name,
+            )
+        except ValidationError as exc:
+            raise RegistryError(f"invalid model metadata: {_first_error(exc)}") from None
+        staging = self._load_staging()
+        path = model_target_path(model_id, version)
+        if path in staging.signed.targets:
+            raise RegistryError(f"{model_id}@{version} is already in the registry; versions are immutable")
+        target = TargetFile.from_file(path, str(gguf), ["sha256"])
+        target.unrecognized_fields["custom"] = {MODEL_KEY: meta.model_dump(mode="json")}
+        self._copy_target(gguf, target)
+        staging.signed.targets[path] = target
+        self._save_staging(staging)
+        return PublishedModel(path, target.length, target.hashes["sha256"], meta)
+
+    def promote(
+        self, model_id: str, version: str, *, channel: str, rollout: int, now: datetime | None = None
+    ) -> ChannelPointer:
+        """Point ``channel`` at ``model_id@version`` for ``rollout`` percent of devices."""
+        if not 0 <= rollout <= 100:
+            raise RegistryError(f"rollout must be 0..100, not {rollout}")
+        if not _matches(CHANNEL_PATTERN, channel):
+            raise RegistryError(f"invalid channel name {channel!r}")
+        staging = self._load_staging()
+        path = model_target_path(model_id, version)
+        if path not in staging.signed.targets:
+            raise RegistryError(f"{model_id}@{version} is not in the registry; run `edgert registry add` first")
+        channels = _channels_of(staging.signed)
+        old = channels.channels.get(channel)
+        previous_version, previous_target = None, None
+        if old is not None and old.model_id == model_id:
+            if old.version == version:  # only the percentage changes
+                previous_version, previous_target = old.previous_version, old.previous_target
+            elif old.rollout == 100:
+                previous_version, previous_target = old.version, old.target
+            else:  # the old rollout never finished: devices outside it are still on its previous
+                previous_version, previous_target = old.previous_version, old.previous_target
+        pointer = ChannelPointer(
+            model_id=model_id,
+            version=version,
+            target=path,
+            rollout=rollout,
+            previous_version=previous_version,
+            previous_target=previous_target,
+            promoted_at=now or _now(),
+        )
+        updated = Channels(channels={**channels.channels, channel: pointer})
+        body = json.dumps(updated.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
+        target = TargetFile.from_data(CHANNELS_TARGET, body, ["sha256"])
+        target.unrecognized_fields["custom"] = {CHANNELS_KEY: updated.model_dump(mode="json")}
+        self._write_target_bytes(body, target)
+        staging.signed.targets[CHANNELS_TARGET] = target
+        self._save_staging(staging)
+        return pointer
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(
+        self, *, out: Path | None = None, timestamp_only: bool = False, now: datetime | None = None
+    ) -> PublishResult:
+        """Sign what changed, refresh snapshot and timestamp, and mirror the site to ``out``."""
+        now = now or _now()
+        config = self._config()
+        root = self._root()
+        published = self._published_versions()
+        if timestamp_only:
+            if published is None:
+                raise RegistryError("nothing is published yet; run `edgert registry publish` first")
+            targets_version, snapshot_version = published[0], published[1]
+        else:
+            targets_version = self._publish_targets(root, config, now, published)
+            snapshot_version = (published[1] if published else 0) + 1
+            snapshot = Snapshot(version=snapshot_version, expires=_expiry(config, "snapshot", now))
+            snapshot.meta["targets.json"] = MetaFile(version=targets_version)
+            self._sign_and_write(Metadata(snapshot), root, f"{snapshot_version}.snapshot.json")
+        timestamp_version = (published[2] if published else 0) + 1
+        timestamp = Timestamp(version=timestamp_version, expires=_expiry(config, "timestamp", now))
+        timestamp.snapshot_meta = MetaFile(version=snapshot_version)
+        self._sign_and_write(Metadata(timestamp), root, "timestamp.json")
+        copied = mirror(self.repo_dir, out) if out is not None else 0
+        return PublishResult(targets_version, snapshot_version, timestamp_version, copied)
+
+    def _publish_targets(
+        self, root: Root, config: RegistryConfig, now: datetime, published: tuple[int, int, int] | None
+    ) -> int:
+        staging = self._load_staging()
+        if published is not None:
+            current = self._load(f"{published[0]}.targets.json", Targets)
+            fresh = current.signed.expires - now > _period(config, "targets") * (1 - WARN_FRACTION)
+            signed_by_trusted = set(current.signatures) <= set(root.roles["targets"].keyids)
+            if current.signed.targets == staging.signed.targets and fresh and signed_by_trusted:
+                return published[0]  # nothing changed: keep the published version
+            version = published[0] + 1
+        else:
+            version = 1
+        staging.signed.version = version
+        staging.signed.expires = _expiry(config, "targets", now)
+        self._sign_and_write(staging, root, f"{version}.targets.json")
+        return version
+
+    # ------------------------------------------------------------------ rotate keys
+
+    def rotate_keys(self, role: str, *, now: datetime | None = None) -> list[str]:
+        """Replace every key of ``role`` with new ones (same count and threshold); return the new key ids.
+
+        Writes the next root version, signed by the old root keys and (for a root
+        rotation) the new ones too, as TUF requires. Run ``publish`` afterwards.
+        """
+        now = now or _now()
+        root_md = Metadata.from_file(str(self.metadata_dir / "root.json"))
+        root = root_md.signed
+        if role not in root.roles:
+            raise RegistryError(f"unknown role {role!r} (roles: {', '.join(keys.ROLES)})")
+        old_keyids = list(root.roles[role].keyids)
+        old_root_signers = self._signers(root, "root")
+        new_signers = [keys.generate_key(self.keys_dir, role) for _ in old_keyids]
+        for keyid in old_keyids:
+            root.revoke_key(keyid, role)
+        for signer in new_signers:
+            root.add_key(signer.public_key, role)
+        root.version += 1
+        root.expires = _expiry(self._config(), "root", now)
+        signers = old_root_signers + (new_signers if role == "root" else [])
+        self._write_root(Metadata(root), signers)
+        keys.retire_keys(self.keys_dir, [k for k in old_keyids if k not in _keyids_in_use(root)])
+        return [signer.public_key.keyid for signer in new_signers]
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, *, now: datetime | None = None) -> RegistryStatus:
+        now = now or _now()
+        config = self._config()
+        root = self._root()
+        roles = [_role_status("root", root.version, root.expires, root, config, now)]
+        published = self._published_versions()
+        models: list[PublishedModel] = []
+        channels = Channels()
+        if published is not None:
+            targets = self._load(f"{published[0]}.targets.json", Targets).signed
+            snapshot = self._load(f"{published[1]}.snapshot.json", Snapshot).signed
+            timestamp = self._load("timestamp.json", Timestamp).signed
+            for role, signed in (("targets", targets), ("snapshot", snapshot), ("timestamp", timestamp)):
+                roles.append(_role_status(role, signed.version, signed.expires, root, config, now))
+            models = _models_of(targets)
+            channels = _channels_of(targets)
+            unpublished = self._load_staging().signed.targets != targets.targets
+        else:
+            unpublished = bool(self._load_staging().signed.targets)
+        return RegistryStatus(roles, models, channels, unpublished)
+
+    def root_path(self) -> Path:
+        """The newest root.json: what devices ship as ``update.trusted_root``."""
+        return self.metadata_dir / "root.json"
+
+    # ------------------------------------------------------------------ internals
+
+    def _config(self) -> RegistryConfig:
+        path = self.directory / CONFIG_FILE
+        try:
+            return RegistryConfig.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise RegistryError(f"{self.directory} is not a registry (no {CONFIG_FILE}); run init") from None
+        except ValidationError as exc:
+            raise RegistryError(f"{path}: {_first_error(exc)}") from None
+
+    def _root(self) -> Root:
+        self._config()
+        root: Root = self._load("root.json", Root).signed
+        return root
+
+    def _load(self, name: str, role: type[Any]) -> Metadata[Any]:
+        path = self.metadata_dir / name
+        try:
+            md: Metadata[Any] = Metadata.from_file(str(path))
+        except FileNotFoundError:
+            raise RegistryError(f"missing metadata file {path}") from None
+        if not isinstance(md.signed, role):
+            raise RegistryError(f"{path} is not {role.__name__} metadata")
+        return md
+
+    def _published_versions(self) -> tuple[int, int, int] | None:
+        """(targets, snapshot, timestamp) versions now published, or None before the first publish."""
+        if not (self.metadata_dir / "timestamp.json").exists():
+            return None
+        timestamp = self._load("timestamp.json", Timestamp).signed
+        snapshot = self._load(f"{timestamp.snapshot_meta.version}.snapshot.json", Snapshot).signed
+        return snapshot.meta["targets.json"].version, snapshot.version, timestamp.version
+
+    def _signers(self, root: Root, role: str) -> list[CryptoSigner]:
+        trusted = root.roles[role]
+        signers = keys.load_signers(self.keys_dir, role, trusted.keyids)
+        if len(signers) < trusted.threshold:
+            raise RegistryError(
+                f"signing {role} needs {trusted.threshold} of its keys, {len(signers)} are in {self.keys_dir} "
+                f"(offline keys must be brought back for this step)"
+            )
+        return signers
+
+    def _sign_and_write(self, md: Metadata[Any], root: Root, name: str) -> None:
+        md.signatures.clear()
+        for signer in self._signers(root, md.signed.type):
+            md.sign(signer, append=True)
+        write_atomic(self.metadata_dir / name, md.to_bytes(_PRETTY))
+
+    def _write_root(self, md: Metadata[Root], signers: list[CryptoSigner]) -> None:
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
+        data = md.to_bytes(_PRETTY)
+        write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        write_atomic(self.metadata_dir / "root.json", data)
+
+    def _load_staging(self) -> Metadata[Targets]:
+        try:
+            md: Metadata[Any] = Metadata.from_file(str(self.staging_file))
+        except FileNotFoundError:
+            raise RegistryError(f"{self.directory} is not a registry (no {self.staging_file})") from None
+        return md
+
+    def _save_staging(self, md: Metadata[Targets]) -> None:
+        md.signatures.clear()
+        write_atomic(self.staging_file, md.to_bytes(_PRETTY))
+
+    def _copy_target(self, source: Path, target: TargetFile) -> None:
+        destination = self._target_file(target)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        store.install_file(tmp, destination)
+
+    def _write_target_bytes(self, data: bytes, target: TargetFile) -> None:
+        destination = self._target_file(target)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(destination, data)
+
+    def _target_file(self, target: TargetFile) -> Path:
+        directory, _, name = target.path.rpartition("/")
+        prefixed = f"{target.hashes['sha256']}.{name}"
+        return self.targets_dir / directory / prefixed if directory else self.targets_dir / prefixed
+
+
+def mirror(source: Path, destination: Path) -> int:
+    """Copy the static site to ``destination`` in an order devices can read through.
+
+    Files that carry their version or hash in their name first (new ones only),
+    then ``root.json``, then ``timestamp.json``: a device polling meanwhile sees
+    the old publication or the new one, never a timestamp naming missing files.
+    """
+    copied = 0
+    last = [source / "metadata" / "root.json", source / "metadata" / "timestamp.json"]
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and p not in last):
+        target = destination / path.relative_to(source)
+        if target.is_file() and target.stat().st_size == path.stat().st_size:
+            continue  # content-addressed: the same name is the same bytes
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        store.install_file(tmp, target)
+        copied += 1
+    for path in last:
+        if path.is_file():
+            (destination / "metadata").mkdir(parents=True, exist_ok=True)
+            write_atomic(destination / "metadata" / path.name, path.read_bytes())
+            copied += 1
+    return copied
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _matches(pattern: str, value: str) -> bool:
+    return re.match(pattern, value) is not None
+
+
+def _period(config: RegistryConfig, role: str) -> timedelta:
+    return timedelta(days=config.expiry_days.get(role, DEFAULT_EXPIRY_DAYS[role]))
+
+
+def _expiry(config: RegistryConfig, role: str, now: datetime) -> datetime:
+    return now + _period(config, role)
+
+
+def _check_role_numbers(counts: dict[str, int], thresholds: dict[str, int], expiry: dict[str, int]) -> None:
+    for table in (counts, thresholds, expiry):
+        unknown = set(table) - set(keys.ROLES)
+        if unknown:
+            raise RegistryError(f"unknown role(s) {', '.join(sorted(unknown))} (roles: {', '.join(keys.ROLES)})")
+    for role in keys.ROLES:
+        if not 1 <= thresholds[role] <= counts[role]:
+            raise RegistryError(f"{role}: threshold {thresholds[role]} must be 1..{counts[role]} (its key count)")
+        if expiry[role] < 1:
+            raise RegistryError(f"{role}: expiry must be at least 1 day")
+
+
+def _keyids_in_use(root: Root) -> set[str]:
+    return {keyid for role in root.roles.values() for keyid in role.keyids}
+
+
+def _role_status(
+    role: str, version: int, expires: datetime, root: Root, config: RegistryConfig, now: datetime
+) -> RoleStatus:
+    left = expires - now
+    warning = None
+    if left <= timedelta(0):
+        warning = "expired"
+    elif left < _period(config, role) * WARN_FRACTION:
+        warning = "expires soon"
+    trusted = root.roles[role]
+    return RoleStatus(role, version, expires, trusted.threshold, list(trusted.keyids), warning)
+
+
+def _models_of(targets: Targets) -> list[PublishedModel]:
+    models = []
+    for path, target in sorted(targets.targets.items()):
+        custom = target.custom
+        if path.endswith("/" + MODEL_FILE) and isinstance(custom, dict) and MODEL_KEY in custom:
+            meta = ModelMeta.model_validate(custom[MODEL_KEY])
+            models.append(PublishedModel(path, target.length, target.hashes["sha256"], meta))
+    return models
+
+
+def _channels_of(targets: Targets) -> Channels:
+    target = targets.targets.get(CHANNELS_TARGET)
+    if target is None or not isinstance(target.custom, dict):
+        return Channels()
+    return Channels.model_validate(target.custom.get(CHANNELS_KEY, {}))
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"

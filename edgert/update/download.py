@@ -1,0 +1,214 @@
+"""Fetch one signed target into ``<file>.part``: resumable, capped, hash-verified.
+
+The signed length and hashes come from verified TUF metadata, so this module
+trusts nothing the server says:
+
+* never more bytes than the signed length — a larger ``Content-Length`` or
+  ``Content-Range`` is refused before the body, and a body that keeps coming
+  (no length, or a lying one) is cut at the signed length ("endless data");
+* an HTTP ``Range`` request resumes an earlier ``.part``; a server that ignores it
+  (200 instead of 206) restarts from zero, truncating the file;
+* SHA-256 (and SHA-512 when signed) while streaming, over every byte including
+  the resumed prefix, then fsync; the caller renames the verified ``.part`` into place;
+* free space is checked against the signed length before the first byte.
+
+A connection that drops keeps the ``.part`` (DownloadError: run again to resume);
+bytes that can never become the signed file (IntegrityError) are deleted.
+Only this module sees httpx exceptions.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final, Protocol
+
+import httpx
+
+from edgert.errors import DownloadError, InsufficientStorageError, IntegrityError
+
+CHUNK_BYTES: Final = 1 << 20
+#: Hash algorithms checked when the metadata lists them; sha256 is required upstream.
+SUPPORTED_HASHES: Final = ("sha256", "sha512")
+_CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+#: Called with (bytes of the file on disk so far, signed length).
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    url: str
+    part: Path
+    length: int
+    hashes: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    #: Bytes of an earlier attempt that were kept.
+    resumed_from: int
+    #: Bytes received over the network by this call.
+    received: int
+
+
+def fetch(client: httpx.Client, job: Fetch, *, reserve_bytes: int = 0, progress: Progress | None = None) -> Fetched:
+    """Complete ``job.part`` and verify it; raise without touching anything else on any failure."""
+    have = _usable(job)
+    check_free_space(job.part.parent, job.length - have, reserve_bytes)
+    digests = _digests(job)
+    _hash_prefix(job.part, have, digests)
+    received = 0
+    start = have
+    if have < job.length:
+        try:
+            start, received = _transfer(client, job, have, digests, progress)
+        except IntegrityError:
+            job.part.unlink(missing_ok=True)  # these bytes can never become the signed file
+            raise
+    _verify(job, digests)
+    return Fetched(resumed_from=start, received=received)
+
+
+def check_free_space(directory: Path, needed: int, reserve_bytes: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + reserve_bytes:
+        raise InsufficientStorageError(
+            f"the update needs {_mib(needed)} MiB (+{_mib(reserve_bytes)} MiB reserve) free in {directory}; "
+            f"only {_mib(free)} MiB is free"
+        )
+
+
+def _usable(job: Fetch) -> int:
+    try:
+        size = job.part.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size > job.length:  # cannot be a prefix of the signed file
+        job.part.unlink()
+        return 0
+    return size
+
+
+def _transfer(
+    client: httpx.Client, job: Fetch, have: int, digests: dict[str, _Hash], progress: Progress | None
+) -> tuple[int, int]:
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        with client.stream("GET", job.url, headers=headers) as response:
+            start = _start_of(response, have, job)
+            _check_announced(response, start, job)
+            if start == 0 and have:  # a 200 after a Range request: the kept bytes go
+                digests.update(_digests(job))
+            with job.part.open("r+b" if start else "wb") as fh:
+                fh.seek(start)
+                fh.truncate()
+                received = _copy(response, fh, start, job, digests, progress)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # someone else filled the volume after our free-space check
+            raise InsufficientStorageError(f"{job.part.parent} is full ({exc.strerror})") from None
+        raise
+    done = start + received
+    if done < job.length:
+        raise DownloadError(f"{job.url}: the connection ended at byte {done} of {job.length}; the next attempt resumes")
+    return start, received
+
+
+def _start_of(response: httpx.Response, have: int, job: Fetch) -> int:
+    if response.status_code == 200:
+        return 0
+    if response.status_code == 206 and have:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if match and int(match.group(1)) == have:
+            return have
+        raise DownloadError(f"{job.url}: bad Content-Range {response.headers.get('Content-Range')!r}")
+    if response.status_code == 416:
+        # Our .part is no prefix of what the server has: drop it, the next attempt starts over.
+        job.part.unlink(missing_ok=True)
+    raise DownloadError(f"{job.url}: HTTP {response.status_code}")
+
+
+def _check_announced(response: httpx.Response, start: int, job: Fetch) -> None:
+    """Refuse before reading the body when the server announces a size other than the signed one."""
+    total: int | None = None
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    if match and match.group(3) != "*":
+        total = int(match.group(3))
+    elif "Content-Length" in response.headers and "Content-Range" not in response.headers:
+        total = start + int(response.headers["Content-Length"])
+    if total is not None and total != job.length:
+        raise IntegrityError(f"{job.url}: the server offers {total} bytes, the signed length is {job.length}")
+
+
+def _copy(
+    response: httpx.Response,
+    fh: BinaryIO,
+    start: int,
+    job: Fetch,
+    digests: dict[str, _Hash],
+    progress: Progress | None,
+) -> int:
+    done = start
+    # iter_raw: the transport's own buffers as they arrive, no re-chunking copy (we asked for
+    # identity encoding; a server that compresses anyway fails the hash check).
+    for chunk in response.iter_raw():
+        if done + len(chunk) > job.length:
+            # Endless data: write nothing past the signed length, and stop reading.
+            fh.write(chunk[: job.length - done])
+            raise IntegrityError(f"{job.url}: the server sent more than the signed {job.length} bytes")
+        fh.write(chunk)
+        for digest in digests.values():
+            digest.update(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, job.length)
+    return done - start
+
+
+def _digests(job: Fetch) -> dict[str, _Hash]:
+    wanted = [name for name in job.hashes if name in SUPPORTED_HASHES]
+    if "sha256" not in wanted:
+        raise IntegrityError(f"{job.url}: no sha256 in the signed metadata")
+    return {name: hashlib.new(name) for name in wanted}
+
+
+def _hash_prefix(part: Path, length: int, digests: dict[str, _Hash]) -> None:
+    """Hash the kept bytes of an earlier attempt (after a crash they may not have been hashed)."""
+    if not length:
+        return
+    with part.open("rb") as fh:
+        while chunk := fh.read(min(CHUNK_BYTES, length - fh.tell())):
+            for digest in digests.values():
+                digest.update(chunk)
+
+
+def _verify(job: Fetch, digests: dict[str, _Hash]) -> None:
+    """Length and every supported signed hash, computed while streaming; delete the file when wrong."""
+    size = job.part.stat().st_size
+    bad = [name for name, digest in digests.items() if digest.hexdigest() != job.hashes[name]]
+    if size != job.length or bad:
+        job.part.unlink(missing_ok=True)
+        what = f"{size} bytes (signed {job.length})" if size != job.length else f"{', '.join(bad)} mismatch"
+        raise IntegrityError(f"{job.url}: downloaded file does not match the signed metadata: {what}")
+
+
+def _mib(n: int) -> int:
+    return -(-n // 2**20)

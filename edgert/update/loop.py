@@ -1,0 +1,44 @@
+"""The daemon's background update loop: apply on start, then every interval (+ jitter), or when nudged.
+
+A nudge (``edgert update check`` through the socket, an MQTT ``cmd`` message) sets
+an :class:`asyncio.Event`; MQTT only ever *triggers* a check, trust comes from TUF.
+Each round runs :meth:`Updater.apply` in a worker thread: it blocks on the network,
+the disk and model loading, and must never stall the event loop that serves
+requests. Cancelling the loop does not interrupt a round already running in its
+thread; that round is crash-safe like any other and finishes on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from edgert.errors import EdgertError, UpdateBusyError
+from edgert.update.orchestrator import ApplyResult, Updater
+
+log = logging.getLogger(__name__)
+
+
+def next_delay(interval_s: float, jitter_s: float, rng: random.Random) -> float:
+    """Seconds to the next check: the interval plus a uniform 0..jitter, so a fleet does not check in step."""
+    return interval_s + rng.uniform(0.0, jitter_s)
+
+
+async def run_update_loop(updater: Updater, *, nudge: asyncio.Event, rng: random.Random | None = None) -> None:
+    """Run until cancelled. Failures are logged and retried at the next round."""
+    rng = rng or random.Random()  # noqa: S311 - spreading check times, not a secret
+    config = updater.config
+    while True:
+        nudge.clear()  # a nudge that arrives during this round triggers the next one at once
+        try:
+            result: ApplyResult = await asyncio.to_thread(updater.apply)
+            log.info("update round: %s %s (%s)", result.outcome, result.release or "-", result.detail)
+        except UpdateBusyError:
+            log.info("update round skipped: another update is running")
+        except EdgertError as exc:
+            log.warning("update round failed: %s", exc)
+        delay = next_delay(config.check_interval_s, config.check_jitter_s, rng)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(nudge.wait(), delay)

@@ -1,0 +1,234 @@
+"""The device's update state machine: pure decisions plus one persisted JSON file.
+
+Phases, each persisted *before* the step that it names starts::
+
+    idle -> downloading -> staged -> activating -> health_check -> committing -> idle
+                 |            |           |             |
+                 +------------+-----------+-------------+--> rolling_back -> idle (+ blocklist)
+
+After ``kill -9`` the file says where the work stopped, and :func:`recovery_for`
+says what to do about it: a download resumes from its ``.part``, a staged file is
+re-checked and continues, an interrupted activation is retried until
+``max_activation_attempts`` and then rolled back, and a commit or rollback that
+began is finished. Nothing in this module does I/O except :class:`StateStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgert import store
+from edgert.errors import UpdateError
+from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_path, version_key
+
+STATE_FILE: Final = "state.json"
+SCHEMA: Final = 1
+#: Entries kept in the state's history list (the newest last).
+HISTORY_LIMIT: Final = 20
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    STAGED = "staged"
+    ACTIVATING = "activating"
+    HEALTH_CHECK = "health_check"
+    COMMITTING = "committing"
+    ROLLING_BACK = "rolling_back"
+
+
+class Release(BaseModel):
+    """One signed model version as the device knows it (what was verified, and where it lives)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    meta: ModelMeta
+    target_path: str
+    length: int = Field(gt=0)
+    hashes: dict[str, str]
+    #: File name under ``<models_dir>/versions/``.
+    file_name: str
+
+    @property
+    def key(self) -> str:
+        return blocklist_key(self.meta.model_id, self.meta.version)
+
+
+class UpdateState(BaseModel):
+    """Everything the update path remembers between runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA
+    phase: Phase = Phase.IDLE
+    current: Release | None = None
+    #: The version before ``current``, kept on disk for ``edgert update rollback``.
+    previous: Release | None = None
+    #: The version being installed while phase is not idle.
+    pending: Release | None = None
+    #: ``<model-id>@<version>`` entries never to be installed again on this device.
+    blocklist: list[str] = Field(default_factory=list)
+    #: Activations of ``pending`` started (a crash while loading counts).
+    activation_attempts: int = 0
+    #: Why a rollback is running (phase rolling_back), for the on-rollback hook after a crash.
+    rollback_reason: str | None = None
+    last_check: datetime | None = None
+    last_error: str | None = None
+    history: list[str] = Field(default_factory=list)
+
+    def remember(self, line: str) -> None:
+        self.history = [*self.history, line][-HISTORY_LIMIT:]
+
+
+def blocklist_key(model_id: str, version: str) -> str:
+    return f"{model_id}@{version}"
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def rollout_bucket(device_id: str, model_id: str, version: str) -> int:
+    """A device's stable bucket 0..99 for one release: the same device always gets the same answer.
+
+    Keyed by the release as well as the device, so the first 20% of one rollout are
+    not always the same devices (the canaries change from release to release).
+    """
+    digest = hashlib.sha256(f"{device_id}\n{model_id}\n{version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
+
+def in_rollout(device_id: str, pointer: ChannelPointer) -> bool:
+    return rollout_bucket(device_id, pointer.model_id, pointer.version) < pointer.rollout
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What the channel offers this device: a target path to install, or None with the reason."""
+
+    target: str | None
+    reason: str
+
+
+def choose_target(
+    pointer: ChannelPointer | None,
+    *,
+    device_id: str,
+    blocklist: list[str],
+    pin_version: str | None = None,
+) -> Choice:
+    """Pick the channel's new version when the device is in its rollout, else its previous one.
+
+    Never a blocklisted version. ``pin_version`` (an operator's explicit request)
+    names a version of the channel's model and skips the rollout check.
+    """
+    if pointer is None:
+        return Choice(None, "the channel has no model")
+    if pin_version is not None:
+        if blocklist_key(pointer.model_id, pin_version) in blocklist:
+            return Choice(None, f"{pointer.model_id}@{pin_version} is blocklisted on this device")
+        return Choice(model_target_path(pointer.model_id, pin_version), "pinned by the operator")
+    candidates: list[tuple[str, str, str]] = []
+    if in_rollout(device_id, pointer):
+        candidates.append((pointer.version, pointer.target, f"in the {pointer.rollout}% rollout"))
+    if pointer.previous_version is not None and pointer.previous_target is not None:
+        candidates.append((pointer.previous_version, pointer.previous_target, "the channel's previous version"))
+    for version, target, why in candidates:
+        if blocklist_key(pointer.model_id, version) not in blocklist:
+            return Choice(target, f"{pointer.model_id}@{version}: {why}")
+    if not candidates:
+        return Choice(None, f"outside the {pointer.rollout}% rollout of {pointer.model_id}@{pointer.version}")
+    return Choice(None, "every version the channel offers this device is blocklisted")
+
+
+def incompatibility(
+    meta: ModelMeta, *, edgert_version: str, ram_mib: int | None, max_bytes: int, length: int
+) -> str | None:
+    """Why this device must not install a signed release, or None when it may."""
+    if version_key(edgert_version) < version_key(meta.min_edgert_version):
+        return f"needs edgert >= {meta.min_edgert_version} (this is {edgert_version})"
+    if length > max_bytes:
+        return f"{length} bytes is more than update.max_target_bytes ({max_bytes})"
+    if ram_mib is not None and meta.ram_mib > ram_mib:
+        return f"needs {meta.ram_mib} MiB of memory, this device has {ram_mib} MiB"
+    return None
+
+
+class Recovery(StrEnum):
+    NOTHING = "nothing"
+    RESUME_DOWNLOAD = "resume_download"
+    CONTINUE_STAGED = "continue_staged"
+    RETRY_ACTIVATION = "retry_activation"
+    ROLL_BACK = "roll_back"
+    FINISH_COMMIT = "finish_commit"
+    FINISH_ROLLBACK = "finish_rollback"
+
+
+def recovery_for(state: UpdateState, *, max_activation_attempts: int) -> Recovery:
+    """What a restarted updater does with the phase a dead process left behind."""
+    if state.phase is Phase.ROLLING_BACK:
+        return Recovery.FINISH_ROLLBACK
+    if state.phase is Phase.IDLE or state.pending is None:
+        return Recovery.NOTHING
+    if state.phase in (Phase.ACTIVATING, Phase.HEALTH_CHECK):
+        # The new model may be what killed the process (llama.cpp aborts on some bad
+        # files): retry a bounded number of times, then give up on that version.
+        if state.activation_attempts >= max_activation_attempts:
+            return Recovery.ROLL_BACK
+        return Recovery.RETRY_ACTIVATION
+    return _RESUME[state.phase]
+
+
+_RESUME: Final = {
+    Phase.DOWNLOADING: Recovery.RESUME_DOWNLOAD,
+    Phase.STAGED: Recovery.CONTINUE_STAGED,
+    Phase.COMMITTING: Recovery.FINISH_COMMIT,
+}
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old content or the new, never a mix."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        store.install_file(tmp, path)  # fsync file, rename, fsync directory
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class StateStore:
+    """``<state_dir>/update/state.json``, written atomically on every change."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / STATE_FILE
+
+    def load(self) -> UpdateState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return UpdateState()
+        try:
+            return UpdateState.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            raise UpdateError(f"update state {self.path} is unreadable ({exc}); move it aside to reset") from None
+
+    def save(self, state: UpdateState) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, state.model_dump_json(indent=2).encode() + b"\n")

@@ -1,0 +1,34 @@
+"""The one link between the update path and the serving path.
+
+The update path never touches the engine: it asks a :class:`ModelSwitch` to
+load the new model beside the serving one, to prove it answers, and to swap.
+The serving side implements it (the scheduler, wired by the daemon); the CLI
+and the tests use :class:`edgert.model_switch.RuntimeModelSwitch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class ModelSwitch(Protocol):
+    """Stage-activate-swap protocol. Every method raises an ``EdgertError`` on failure.
+
+    Order of calls for one update: ``load_beside`` -> ``probe`` -> ``swap`` ->
+    ``release`` (frees the old model). When ``load_beside`` or ``probe`` fails, the
+    update path calls ``release`` without ``swap`` (frees the candidate); the old
+    model keeps serving throughout.
+    """
+
+    def load_beside(self, path: Path) -> None:
+        """Load ``path`` as the candidate while the current model keeps serving."""
+
+    def probe(self, timeout_s: float) -> None:
+        """Run one short real generation on the candidate; raise HealthCheckError if it fails or is late."""
+
+    def swap(self) -> None:
+        """Make the candidate the serving model; the old one stays loaded until ``release``."""
+
+    def release(self) -> None:
+        """Free whichever model is not serving: the old one after ``swap``, else the candidate."""
