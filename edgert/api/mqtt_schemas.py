@@ -1,0 +1,238 @@
+"""The MQTT wire contract: topics and every payload, as pydantic models (no paho here).
+
+Topic tree (``<device>`` is ``mqtt.device_id``, ``<group>`` is ``mqtt.group``)::
+
+    edgert/v1/<device>/req            requests in (QoS 1)                       MqttChatRequest
+    edgert/v1/<device>/status         retained; last will = offline             DeviceStatus
+    edgert/v1/<device>/telemetry      every mqtt.telemetry_interval_s (QoS 0)   Telemetry
+    edgert/v1/<device>/cmd            cancel a request, nudge an update check   Command
+    edgert/v1/fleet/<group>/req       shared by the group's devices (MQTT 5)    MqttChatRequest
+
+Replies go to the request's MQTT 5 Response Topic (with its Correlation Data), or
+for MQTT 3.1.1 clients to ``reply_to`` in the payload. A streamed reply is ordered
+:class:`ReplyChunk` messages then one :class:`ReplyFinal`; a non-streamed reply is
+one :class:`ReplyFinal` carrying the whole text; a refused request gets one
+:class:`ReplyError`. Every reply carries the request ``id`` and a ``seq`` counting
+from 0, so a client can spot gaps and duplicates.
+
+``python -m edgert.api.mqtt_schemas`` prints the JSON Schema of every payload as the
+markdown of the README's MQTT section (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgert.api.schemas import ChatCompletionRequest, FinishReason, Usage
+
+PREFIX = "edgert/v1"
+RequestId = Annotated[str, Field(min_length=1, max_length=200, description="Client-chosen request id; dedupe key")]
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic names of one device (and its fleet group, when it has one)."""
+
+    device_id: str
+    group: str | None = None
+
+    @property
+    def req(self) -> str:
+        return f"{PREFIX}/{self.device_id}/req"
+
+    @property
+    def status(self) -> str:
+        return f"{PREFIX}/{self.device_id}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{PREFIX}/{self.device_id}/telemetry"
+
+    @property
+    def cmd(self) -> str:
+        return f"{PREFIX}/{self.device_id}/cmd"
+
+    @property
+    def fleet_req(self) -> str | None:
+        return None if self.group is None else f"{PREFIX}/fleet/{self.group}/req"
+
+    @property
+    def fleet_share(self) -> str | None:
+        """The shared subscription that spreads fleet requests over the group's devices."""
+        return None if self.group is None else f"$share/{self.group}/{PREFIX}/fleet/{self.group}/req"
+
+
+#: every device's status topic, for ``edgert mqtt status``
+ALL_STATUS = f"{PREFIX}/+/status"
+
+
+def client_reply_topic(client_id: str) -> str:
+    """Where ``edgert mqtt ask`` (and the tests) listen for replies."""
+    return f"{PREFIX}/client/{client_id}/reply"
+
+
+# --------------------------------------------------------------------- requests
+class MqttChatRequest(ChatCompletionRequest):
+    """The socket API's chat/completions body plus the MQTT envelope fields."""
+
+    model_config = ConfigDict(extra="ignore", title="MqttChatRequest")
+
+    id: RequestId
+    reply_to: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Reply topic for MQTT 3.1.1 clients; MQTT 5 clients set the Response Topic property instead",
+    )
+
+
+class Command(BaseModel):
+    """Published to ``edgert/v1/<device>/cmd``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    action: Literal["cancel", "update_check"]
+    id: str | None = Field(None, description="The request id to cancel (action 'cancel')")
+
+
+# --------------------------------------------------------------------- replies
+class ErrorBody(BaseModel):
+    """OpenAI's error object (``EdgertError.to_dict()``), plus retry_after for 'overloaded'."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+    retry_after: float | None = Field(None, description="Seconds to wait before retrying (code 'overloaded')")
+
+
+class ReplyChunk(BaseModel):
+    """One piece of a streamed reply; chunks arrive in ``seq`` order (0, 1, 2, ...)."""
+
+    type: Literal["chunk"] = "chunk"
+    id: str
+    seq: int = Field(ge=0)
+    delta: str
+
+
+class Timings(BaseModel):
+    ttft_s: float | None = Field(None, description="Seconds from admission to the first token, on the device")
+    total_s: float = Field(description="Seconds from admission to the end of generation, on the device")
+
+
+class ReplyFinal(BaseModel):
+    """The last reply message of a request that ran: why it stopped, token usage, device timings."""
+
+    type: Literal["final"] = "final"
+    id: str
+    seq: int = Field(ge=0)
+    model: str
+    device_id: str = Field(description="The device that answered (fleet requests may go to any of the group)")
+    finish_reason: FinishReason
+    usage: Usage
+    content: str | None = Field(None, description="The whole reply text (non-streamed requests only)")
+    error: ErrorBody | None = Field(None, description="Why generation stopped early (finish_reason 'error')")
+    timings: Timings | None = None
+
+
+class ReplyError(BaseModel):
+    """The only reply to a request that was refused (bad payload, unknown model, overloaded...)."""
+
+    type: Literal["error"] = "error"
+    id: str | None = Field(description="The request id, when the payload had a readable one")
+    seq: int = Field(0, ge=0)
+    error: ErrorBody
+
+
+# --------------------------------------------------------------------- device topics
+class ModelRef(BaseModel):
+    id: str
+    file: str
+    quant: str | None = None
+    version: str | None = Field(None, description="Installed version when the model came from the registry")
+
+
+class DeviceStatus(BaseModel):
+    """Retained on ``edgert/v1/<device>/status``; the last will sets ``state`` to offline."""
+
+    state: Literal["online", "offline"]
+    device_id: str
+    reason: str | None = Field(None, description="Why offline: 'shutdown' or 'connection lost' (last will)")
+    group: str | None = None
+    model: ModelRef | None = None
+    backend: str | None = None
+    edgert_version: str | None = None
+    protocol: Literal["5", "3.1.1"] | None = None
+    uptime_s: float | None = None
+    ts: float = Field(description="Unix time the message was made")
+
+
+class MemoryReading(BaseModel):
+    rss_bytes: int
+    available_bytes: int
+    total_bytes: int
+
+
+class LinkCounters(BaseModel):
+    """The MQTT link's own health, as seen by the device."""
+
+    connected: bool
+    reconnects: int
+    buffered: int = Field(description="Replies waiting for the broker")
+    dropped: int = Field(description="Replies dropped (oldest first) because the offline buffer was full")
+    duplicates: int = Field(description="Redelivered requests answered from the dedupe cache")
+    bad_payloads: int
+    requests: int = Field(description="Requests accepted over MQTT since start")
+
+
+class Telemetry(BaseModel):
+    """Published to ``edgert/v1/<device>/telemetry`` every ``mqtt.telemetry_interval_s`` (QoS 0, not kept)."""
+
+    ts: float
+    device_id: str
+    uptime_s: float
+    tokens_per_s: float = Field(description="Generated tokens per second over the last interval")
+    queue_depth: int
+    active: int
+    requests_finished: int
+    rejected: int
+    memory: MemoryReading
+    temperature_c: float | None = Field(None, description="Hottest readable sensor; null where none is readable")
+    mqtt: LinkCounters
+
+
+PAYLOADS: tuple[type[BaseModel], ...] = (
+    MqttChatRequest,
+    ReplyChunk,
+    ReplyFinal,
+    ReplyError,
+    DeviceStatus,
+    Telemetry,
+    Command,
+)
+
+
+def json_schemas() -> dict[str, dict[str, object]]:
+    """The JSON Schema of every MQTT payload, by model name."""
+    return {model.__name__: model.model_json_schema() for model in PAYLOADS}
+
+
+def schema_markdown() -> str:
+    """The README's payload reference: one collapsed JSON Schema per payload."""
+    blocks = ["### Payload schemas (generated by `python -m edgert.api.mqtt_schemas`)\n"]
+    for name, schema in json_schemas().items():
+        description = schema.get("description")
+        summary = description.split("\n")[0] if isinstance(description, str) else ""
+        blocks.append(
+            f"#### `{name}`\n\n{summary}\n\n<details><summary>JSON Schema</summary>\n\n"
+            f"```json\n{json.dumps(schema, indent=2)}\n```\n\n</details>\n"
+        )
+    return "\n".join(blocks)
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")

@@ -1,0 +1,1 @@
+"""Transports: HTTP on the Unix socket (http, uds) and MQTT."""
