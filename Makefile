@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgert-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: serve test check system-deps venv clean
+.PHONY: serve test check system-deps venv clean deb
 
 # llama-cpp-python compiles from source (~5 min on 2 cores); pip's wheel cache makes
 # later installs take seconds. For GPU builds set CMAKE_ARGS before the first install:
@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,embedded]'
+	$(BIN)/pip install -q -e '.[dev,embedded,onnx]'
 	touch $@
 
 venv: $(STAMP)
@@ -24,7 +24,7 @@ venv: $(STAMP)
 # Debian services the integration tests run for real (an HTTP file host, an MQTT broker).
 system-deps:
 	@missing=""; \
-	for pkg in nginx; do \
+	for pkg in nginx mosquitto mosquitto-clients dpkg-dev zstd binutils util-linux python3.11-venv; do \
 	  dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -43,6 +43,12 @@ check: $(STAMP)
 
 test: $(STAMP) system-deps check
 	$(BIN)/pytest
+
+# dist/edgert_<version>_<arch>.deb: a self-contained venv in /opt/edgert, the hardened unit, the
+# default /etc/edgert/edgert.toml (see packaging/README.md). EDGERT_DEB_VERSION=0.1.0-2 make deb;
+# CMAKE_ARGS=-DGGML_CUDA=on make deb on a CUDA build host.
+deb: $(STAMP)
+	$(BIN)/python packaging/build_deb.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

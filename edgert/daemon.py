@@ -22,21 +22,28 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import sdnotify
 import uvicorn
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
 
 from edgert import __version__
 from edgert.errors import EdgertError
 from edgert.log import redact
+from edgert.model_switch import ServingModelSwitch
 from edgert.runtime import Runtime, open_runtime
 from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
 from edgert.transport.http import ApiState, BodyLimit, create_app
+from edgert.transport.mqtt import MqttTransport
 from edgert.transport.uds import bind_unix_socket
+from edgert.update.loop import run_update_loop
+from edgert.update.orchestrator import Updater
+from edgert.update.state import Phase
 
 log = logging.getLogger("edgert.daemon")
 
@@ -78,6 +85,13 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.state = ApiState(metrics=Metrics(self._stats), max_body_bytes=settings.serve.max_body_bytes)
         self.exit_code = 0
+        #: set by `POST /update/check` and the MQTT cmd topic: run an update round now
+        self.update_nudge = asyncio.Event()
+        self.updater = Updater(settings) if settings.update.registry_url else None
+        if self.updater is not None:
+            self.state.on_update_check = self.update_nudge.set
+            self.state.update_status = lambda: self.updater.status().model_dump(mode="json") if self.updater else {}
+            self.state.metrics.registry.register(_UpdateCollector(self.updater))
 
     def _stats(self) -> tuple[SchedulerStats, int]:
         service = self.state.service
@@ -124,19 +138,44 @@ class Daemon:
         server = _Server(config, self._on_signal)
         serving = asyncio.create_task(server.serve(sockets=sockets))
         watchdog = asyncio.create_task(self._watchdog())
+        mqtt: MqttTransport | None = None
+        updates: asyncio.Task[None] | None = None
         try:
             await self._load_and_probe(server)
+            mqtt = await self._start_mqtt()
+            updates = self._start_updates()
             await serving
         finally:
             watchdog.cancel()
+            if updates is not None:
+                updates.cancel()  # a round already running in its thread finishes on its own (crash-safe)
             self.state.stopping = True
-            if self.runtime is not None:
-                await asyncio.to_thread(self.runtime.close)
+            if mqtt is not None:  # drain its requests, publish offline status, disconnect
+                await mqtt.stop(self.settings.serve.drain_timeout_s)
+            serving_runtime = self.state.service.runtime if self.state.service else self.runtime
+            if serving_runtime is not None:
+                await asyncio.to_thread(serving_runtime.close)
             log.info("stopped")
+
+    def _start_updates(self) -> asyncio.Task[None] | None:
+        """Signed model updates in the background: on start, every interval (+ jitter), and when nudged."""
+        service = self.state.service
+        if self.updater is None or service is None or not service.ready:
+            return None
+        loop = asyncio.get_running_loop()
+        self.updater.switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
+        return asyncio.create_task(run_update_loop(self.updater, nudge=self.update_nudge))
+
+    def _initial_model(self) -> str | None:
+        """An explicit --model wins; else the release the update path committed; else settings.model."""
+        if self.model is not None or self.updater is None:
+            return self.model
+        current = self.updater.current_path()
+        return str(current) if current is not None and current.is_file() else None
 
     async def _load_and_probe(self, server: _Server) -> None:
         try:
-            runtime = await asyncio.to_thread(open_runtime, self.settings, self.model)
+            runtime = await asyncio.to_thread(open_runtime, self.settings, self._initial_model())
         except EdgertError as exc:
             log.error("cannot load the model: %s", exc.message)  # noqa: TRY400 - one clear line, no traceback
             self.exit_code = 1
@@ -151,7 +190,7 @@ class Daemon:
             ),
         )
         self.state.metrics.model.info(
-            {"id": runtime.model_id, "path": str(runtime.path), "architecture": runtime.gguf.architecture}
+            {"id": runtime.model_id, "path": str(runtime.path), "architecture": runtime.architecture}
         )
         self.state.service = service
         started = time.perf_counter()
@@ -183,6 +222,18 @@ class Daemon:
             },
         )
 
+    async def _start_mqtt(self) -> MqttTransport | None:
+        """MQTT serving, once the model has answered its probe: requests the broker kept
+        for this device while it was away then meet a ready engine, not a 'loading' refusal."""
+        service = self.state.service
+        if not self.settings.mqtt.broker or service is None or not service.ready:
+            return None
+        transport = MqttTransport(
+            self.settings, self.state, on_update_check=self.update_nudge.set if self.updater else None
+        )
+        await transport.start()
+        return transport
+
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog only while the engine thread shows progress."""
         usec = self.settings.watchdog_usec
@@ -200,6 +251,33 @@ class Daemon:
                 self._notify("WATCHDOG=1")
             else:
                 log.error("engine made no progress for %.1f s; withholding the watchdog ping", stalled_for)
+
+
+class _UpdateCollector(Collector):
+    """Deployment state in /metrics, read from the update path's state file at scrape time."""
+
+    def __init__(self, updater: Updater) -> None:
+        self._updater = updater
+
+    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+        state = self._updater.status()
+        phase = GaugeMetricFamily("edgert_update_phase", "Current phase of the model update path", labels=["phase"])
+        for candidate in Phase:
+            phase.add_metric([candidate.value], 1.0 if state.phase is candidate else 0.0)
+        yield phase
+        releases = InfoMetricFamily("edgert_update_release", "Committed and pending model releases")
+        releases.add_metric(
+            [],
+            {
+                "current": state.current.key if state.current else "",
+                "previous": state.previous.key if state.previous else "",
+                "pending": state.pending.key if state.pending else "",
+            },
+        )
+        yield releases
+        yield GaugeMetricFamily(
+            "edgert_update_blocklisted", "Releases blocklisted on this device", len(state.blocklist)
+        )
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:

@@ -11,14 +11,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from edgert.catalog import Catalog, ModelSpec, load_catalog
-from edgert.engine.base import LoadOptions, SamplingParams
+from edgert.engine.base import LoadOptions, SamplingParams, SequenceBackend
 from edgert.engine.llama import LlamaBackend, capabilities
 from edgert.errors import ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
@@ -85,8 +85,10 @@ class Runtime:
     model_id: str
     spec: ModelSpec | None
     path: Path
-    gguf: GGUFInfo
-    backend: LlamaBackend
+    architecture: str
+    #: quantization (GGUF general.file_type, e.g. Q4_K_M); None when the format has none
+    quant: str | None
+    backend: LlamaBackend | SequenceBackend
     scheduler: Scheduler
     formatter: ChatFormatter
     defaults: SamplingParams
@@ -173,13 +175,33 @@ def resolve(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec 
     return resolve_model(settings, catalog, name)
 
 
+def is_onnx_model(path: Path) -> bool:
+    """ONNX Runtime GenAI models are folders (genai_config.json + model.onnx + tokenizer)."""
+    return path.is_dir()
+
+
+def _load_backend(
+    path: Path, settings: Settings
+) -> tuple[LlamaBackend | SequenceBackend, LoadOptions, tuple[str, str | None], str | None]:
+    """The backend, its options, (architecture, quant) and the prefix-cache key (None: no cache)."""
+    if is_onnx_model(path):
+        from edgert.engine import onnx  # noqa: PLC0415 - the [onnx] extra is optional
+
+        found = onnx.validate_model_folder(path)
+        # onnxruntime-genai generators have no shared KV cache to copy prefixes within
+        options = replace(load_options(settings.engine), n_seq_max=settings.engine.n_parallel)
+        return onnx.OnnxBackend(path, options), options, (found.architecture, None), None
+    gguf = validate_gguf(path)
+    options = load_options(settings.engine)
+    key = cache_key(path, gguf, options) if settings.engine.prefix_cache_persist else None
+    return LlamaBackend(path, options), options, (gguf.architecture, gguf.file_type), key
+
+
 def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catalog | None = None) -> Runtime:
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
-    gguf = validate_gguf(path)
     started = time.perf_counter()
-    options = load_options(settings.engine)
-    backend = LlamaBackend(path, options)
+    backend, options, (architecture, quant), prefix_key = _load_backend(path, settings)
     try:
         info = backend.info
         formatter = formatter_for(
@@ -200,11 +222,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
                 prefix_seqs=tuple(range(settings.engine.n_parallel, options.n_seq_max)),
                 prefix_min_tokens=settings.engine.prefix_cache_min_tokens,
                 prefix_max_tokens=settings.engine.prefix_cache_max_tokens or info.n_ctx // 2,
-                prefix_store=(
-                    PrefixStore(settings.state_dir / "prefix-cache", cache_key(path, gguf, options))
-                    if settings.engine.prefix_cache_persist
-                    else None
-                ),
+                prefix_store=PrefixStore(settings.state_dir / "prefix-cache", prefix_key) if prefix_key else None,
             ),
         )
     except BaseException:
@@ -215,7 +233,8 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
         model_id=spec.id if spec else path.name,
         spec=spec,
         path=path,
-        gguf=gguf,
+        architecture=architecture,
+        quant=quant,
         backend=backend,
         scheduler=scheduler,
         formatter=formatter,

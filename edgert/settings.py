@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -198,6 +198,73 @@ class UpdateSettings(BaseModel):
         return value.expanduser() if value is not None else None
 
 
+class MqttSettings(BaseModel):
+    """Serving over MQTT (topics under edgert/v1/<device-id>/); off unless ``broker`` is set."""
+
+    broker: str | None = Field(None, description="Broker host name or address; unset = no MQTT transport.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version; 3.1.1 has no shared subscriptions, replies go to 'reply_to'."
+    )
+    device_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/+#\s]+$",
+        description="This device's topic segment and client id; unset = update.device_id, else the host name.",
+    )
+    group: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/+#\s]+$",
+        description="Fleet group: also take work from edgert/v1/fleet/<group>/req (MQTT 5 shared subscription).",
+    )
+    tls: bool = Field(False, description="Use TLS; implied by ca_file. Without ca_file the system CAs are trusted.")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS).")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password (never logged).")
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive; a dead link is noticed within 1.5x.")
+    session_expiry_s: int = Field(
+        86400,
+        ge=0,
+        le=0xFFFFFFFF,
+        description="How long the broker keeps this device's session (and queued requests) while it is offline.",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure (+ jitter).")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
+    telemetry_interval_s: float = Field(30.0, ge=0, description="Seconds between telemetry messages (0 = none).")
+    max_message_bytes: int = Field(
+        262_144,
+        ge=4096,
+        le=256 * 1_048_576,
+        description="Largest MQTT message accepted or published (request bodies, replies); the broker's "
+        "own Maximum Packet Size lowers it further.",
+    )
+    max_queued_messages: int = Field(
+        256, ge=1, le=65535, description="Replies handed to paho and not yet acknowledged by the broker."
+    )
+    reply_buffer_messages: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Replies kept while the broker is unreachable; beyond this the oldest are dropped (counted).",
+    )
+    dedupe_entries: int = Field(
+        256, ge=1, le=100_000, description="Recent request ids remembered, so a redelivered request runs once."
+    )
+    dedupe_bytes: int = Field(
+        16 * 1_048_576, ge=65536, description="Reply bytes kept for resending to redelivered requests."
+    )
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class Settings(BaseSettings):
     """Everything an edgert process can be told. Every field has a default."""
 
@@ -224,6 +291,7 @@ class Settings(BaseSettings):
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Default sampling.")
     update: UpdateSettings = Field(default_factory=UpdateSettings, description="Signed model updates.")
     serve: ServeSettings = Field(default_factory=ServeSettings, description="The daemon (edgert serve).")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Serving over MQTT.")
     notify_socket: str | None = Field(
         None, validation_alias="NOTIFY_SOCKET", description="Set by systemd for Type=notify services."
     )

@@ -135,7 +135,7 @@ def resolve_model(settings: Settings, catalog: Catalog, name: str) -> tuple[Mode
     """
     if looks_like_path(name):
         path = Path(name).expanduser()
-        if not path.is_file():
+        if not path.exists():  # a .gguf file, or an ONNX Runtime GenAI model folder
             raise ModelMissingError(f"model file {path} does not exist", param="model")
         return None, path
     spec = catalog.get(name)

@@ -9,12 +9,25 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_GGUF = FIXTURES / "tiny-gemma4.gguf"
+TINY_ONNX = FIXTURES / "tiny-gemma3-onnx"
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf() -> Path:
     assert TINY_GGUF.is_file(), "tests/fixtures/tiny-gemma4.gguf is committed; regenerate it per fixtures/README.md"
     return TINY_GGUF
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx() -> Path:
+    assert (TINY_ONNX / "genai_config.json").is_file(), "tests/fixtures/tiny-gemma3-onnx is committed"
+    return TINY_ONNX
+
+
+@pytest.fixture(scope="session", params=["gguf", "onnx"])
+def tiny_model(request: pytest.FixtureRequest) -> Path:
+    """Each tiny fixture in turn: the same API tests run on llama.cpp and on onnxruntime-genai."""
+    return TINY_GGUF if request.param == "gguf" else TINY_ONNX
 
 
 @pytest.fixture(scope="session")

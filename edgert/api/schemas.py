@@ -83,6 +83,8 @@ class SamplingFields(BaseModel):
     logprobs: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    #: keep generating past end-of-generation tokens (llama-server's option; for benchmarks and tests)
+    ignore_eos: bool = False
     priority: Literal["interactive", "batch"] = "interactive"
     timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = None
 

@@ -9,6 +9,8 @@ should be able to start; 1 = at least one such problem; 6 = the settings or the 
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -305,12 +307,14 @@ def _disk_problems(recommended: FitChoice, installed: frozenset[str], disk_free_
 
 
 def _onnx_note() -> Problem:
-    # Say what is true today: this edgert serves GGUF through llama.cpp only.
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        state = "onnxruntime-genai is not installed (pip install 'edgert[onnx]')"
+    else:
+        state = f"onnxruntime-genai {importlib.metadata.version('onnxruntime-genai')} serves ONNX model folders"
     return Problem(
         "info",
-        "models are served as GGUF by llama.cpp; an ONNX Runtime GenAI backend is not part of this "
-        "edgert build, and onnxruntime-genai 0.18's model builder does not support the per-layer "
-        "embeddings of Gemma 4 E2B/E4B [GGUF only]",
+        f"ONNX backend: {state}; its 0.18 model builder does not support the per-layer embeddings of "
+        "Gemma 4 E2B/E4B, so those run on llama.cpp [GGUF only]",
     )
 
 

@@ -442,6 +442,9 @@ class Scheduler:
             token, piece = backend.next_token(seq.handle)
             seq.n_past += 1
             self._on_token(seq, token, piece, time.monotonic())
+        # onnxruntime-genai keeps the GIL while it computes a token; without a pause here the
+        # event loop (streaming, disconnects, new requests) only gets it every switch interval.
+        time.sleep(0)
 
     def _on_logits(self, seq: _Sequence, batch_index: int, now: float) -> None:
         backend = self._backend

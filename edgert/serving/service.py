@@ -102,4 +102,5 @@ class InferenceService:
             priority=Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE,
             deadline=time.monotonic() + timeout,
             request_id=request_id,
+            ignore_eos=body.ignore_eos,
         )

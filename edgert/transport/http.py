@@ -65,6 +65,9 @@ class ApiState:
     max_body_bytes: int
     service: InferenceService | None = None
     stopping: bool = False
+    #: wired by the daemon when a registry is configured
+    on_update_check: Callable[[], None] | None = None
+    update_status: Callable[[], dict[str, Any]] | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -247,6 +250,19 @@ def create_app(state: ApiState) -> FastAPI:
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/update/check", status_code=202)
+    async def update_check() -> dict[str, str]:
+        if state.on_update_check is None:
+            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
+        state.on_update_check()
+        return {"status": "update check scheduled"}
+
+    @app.get("/update/status")
+    async def update_status() -> dict[str, Any]:
+        if state.update_status is None:
+            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
+        return await asyncio.to_thread(state.update_status)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -21,6 +21,7 @@ class DaemonProcess:
     proc: subprocess.Popen[str]
     socket: Path
     log_path: Path
+    model: Path
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return unix_client(self.socket, timeout=timeout)
@@ -63,7 +64,7 @@ def start_daemon(
     cmd = [sys.executable, "-m", "edgert", "serve", "--socket", str(socket), "--model", str(model), *extra_args]
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir, text=True)
-    daemon = DaemonProcess(proc, socket, log_path)
+    daemon = DaemonProcess(proc, socket, log_path, Path(model))
     if wait_ready:
         wait_until_ready(daemon)
     return daemon

@@ -296,3 +296,27 @@ def test_a_grammar_llama_cpp_rejects_fails_only_that_request(runtime: Runtime) -
     assert "response_format" in str(error)
     assert text
     assert runtime.scheduler.idle()
+
+
+def test_cancel_mid_generation_on_both_backends(tmp_path: Path, tiny_model: Path) -> None:
+    rt = open_runtime(make_settings(tmp_path, tiny_model, n_ctx=2048))
+    try:
+
+        async def scenario() -> TokenStream:
+            request = rt.request(chat(rt, "Hi"), sampling=GREEDY, max_tokens=2000, ignore_eos=True)
+            stream = rt.scheduler.submit(request)
+            iterator = stream.__aiter__()
+            await iterator.__anext__()
+            stream.cancel()
+            async for _ in iterator:
+                pass
+            return stream
+
+        stream = asyncio.run(scenario())
+        assert stream.result is not None
+        assert stream.result.reason == "cancelled"
+        assert stream.result.completion_tokens < 2000
+        assert rt.scheduler.idle()
+        assert rt.scheduler.stats.active == 0
+    finally:
+        rt.close()
