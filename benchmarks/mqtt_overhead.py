@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgert.api.client import async_unix_client, unix_client  # noqa: E402
 from edgert.api.mqtt_schemas import ReplyChunk, ReplyFinal  # noqa: E402
-from edgert.transport.mqtt import MqttRequester  # noqa: E402
+from edgert.transport.mqtt_client import MqttRequester  # noqa: E402
 from tests.integration.daemon import DaemonProcess, start_daemon  # noqa: E402
 from tests.integration.mosquitto import Broker  # noqa: E402
 

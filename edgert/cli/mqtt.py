@@ -19,7 +19,8 @@ from edgert.api.mqtt_schemas import ReplyChunk, ReplyError, ReplyFinal, Topics
 from edgert.cli import exitcodes
 from edgert.errors import ConfigError, EdgertError, ModelNotFoundError, OverloadedError
 from edgert.settings import MqttSettings, Settings, load_settings
-from edgert.transport.mqtt import MqttRequester, device_statuses, resolve_device_id
+from edgert.transport.mqtt_client import MqttRequester, device_statuses
+from edgert.transport.mqtt_link import resolve_device_id
 
 app = typer.Typer(no_args_is_help=True, help="Ask devices over MQTT and list the devices a broker has seen.")
 

@@ -1,4 +1,4 @@
-"""Serving over MQTT: the paho adapter (the only module that imports paho).
+"""Serving over MQTT: requests in, replies, status and telemetry out (paho lives in :mod:`.mqtt_link`).
 
 Topics and payloads are in :mod:`edgert.api.mqtt_schemas`. Requests reach the
 same :class:`~edgert.serving.service.InferenceService` as the socket API, so the
@@ -32,28 +32,17 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
-import random
-import socket
-import threading
 import time
-import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import paho.mqtt.client as paho
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edgert import __version__
 from edgert.api.mqtt_schemas import (
-    ALL_STATUS,
     Command,
     DeviceStatus,
     ErrorBody,
@@ -67,7 +56,6 @@ from edgert.api.mqtt_schemas import (
     Telemetry,
     Timings,
     Topics,
-    client_reply_topic,
 )
 from edgert.api.schemas import PromptTokensDetails, Usage
 from edgert.engine.llama import capabilities
@@ -76,343 +64,20 @@ from edgert.log import request_id
 from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import Finished, TokenStream
 from edgert.serving.service import InferenceService
-from edgert.settings import MqttSettings, Settings
+from edgert.settings import Settings
+from edgert.transport.mqtt_link import (
+    CLOSE_FLUSH_S,
+    Incoming,
+    MqttLink,
+    Outgoing,
+    Route,
+    resolve_device_id,
+    valid_topic,
+)
 
 log = logging.getLogger("edgert.mqtt")
 
-QOS = 1
-#: bytes a PUBLISH needs beyond payload and topic: fixed header, lengths, packet id, properties
-_PACKET_OVERHEAD = 64
-_CLOSE_FLUSH_S = 5.0
 
-
-# ====================================================================== paho adapter
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where replies to one request go."""
-
-    topic: str
-    #: MQTT 5 Correlation Data to echo; None for 3.1.1 clients
-    correlation: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    payload: bytes
-    qos: int = QOS
-    retain: bool = False
-    correlation: bytes | None = None
-    #: the request this answers, so an oversize reply can be replaced by an error reply
-    request_id: str | None = None
-
-    def size(self) -> int:
-        return len(self.payload) + len(self.topic.encode()) + len(self.correlation or b"") + _PACKET_OVERHEAD
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation: bytes | None
-
-
-def resolve_device_id(settings: Settings) -> str:
-    """``mqtt.device_id``, else ``update.device_id``, else the host name (made topic-safe)."""
-    chosen = settings.mqtt.device_id or settings.update.device_id or socket.gethostname()
-    return "".join("_" if ch in "/+#" or ch.isspace() else ch for ch in chosen) or "edgert"
-
-
-def valid_topic(topic: str) -> bool:
-    """A topic one may publish to: non-empty, no wildcards, no NUL, within MQTT's length limit."""
-    return bool(topic) and not any(ch in topic for ch in "+#\0") and len(topic.encode()) <= 65535
-
-
-def new_client(settings: MqttSettings, client_id: str, *, persistent: bool, reconnect: bool) -> paho.Client:
-    """A configured, unconnected paho client: protocol, TLS, credentials, queue bounds."""
-    v5 = settings.protocol == "5"
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        # MQTT 5 takes clean_start at connect time instead
-        clean_session=None if v5 else not persistent,
-        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-        reconnect_on_failure=reconnect,
-    )
-    if settings.tls or settings.ca_file is not None:
-        client.tls_set(
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-            certfile=str(settings.cert_file) if settings.cert_file else None,
-            keyfile=str(settings.key_file) if settings.key_file else None,
-        )
-    if settings.username is not None:
-        password = settings.password.get_secret_value() if settings.password is not None else None
-        client.username_pw_set(settings.username, password)
-    # A safety net under our own accounting (MqttLink never hands paho more than this).
-    client.max_queued_messages_set(settings.max_queued_messages + 16)
-    client.on_socket_open = _no_delay
-    return client
-
-
-def _no_delay(_client: paho.Client, _userdata: object, sock: Any) -> None:
-    """Turn Nagle off: a streamed chunk written while the previous one is unacknowledged
-    would otherwise wait for the peer's delayed ACK (~40 ms) on every hop."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def connect_properties(settings: MqttSettings, *, persistent: bool) -> Properties | None:
-    if settings.protocol != "5":
-        return None
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    if persistent:
-        props.SessionExpiryInterval = settings.session_expiry_s
-    # The broker drops (rather than sends) anything larger: a bound on what we buffer per message.
-    props.MaximumPacketSize = settings.max_message_bytes + 65536
-    return props
-
-
-def publish_properties(correlation: bytes | None, response_topic: str | None = None) -> Properties | None:
-    if correlation is None and response_topic is None:
-        return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if correlation is not None:
-        props.CorrelationData = correlation
-    if response_topic is not None:
-        props.ResponseTopic = response_topic
-    return props
-
-
-def _incoming(message: paho.MQTTMessage) -> Incoming:
-    props = getattr(message, "properties", None)
-    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-    correlation = getattr(props, "CorrelationData", None) if props is not None else None
-    return Incoming(
-        topic=message.topic,
-        payload=bytes(message.payload),
-        response_topic=response_topic if isinstance(response_topic, str) else None,
-        correlation=bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
-    )
-
-
-def backoff_delays(min_s: float, max_s: float) -> Iterator[float]:
-    """Exponential backoff with "equal jitter": half the step fixed, half random, so a fleet
-    that lost the same broker does not come back in lockstep."""
-    step = min_s
-    while True:
-        yield step / 2 + random.uniform(0, step / 2)  # noqa: S311 - jitter, not cryptography
-        step = min(step * 2, max_s)
-
-
-class LinkListener(Protocol):
-    """What MqttLink tells its owner, always on the event loop."""
-
-    def link_up(self, session_present: bool) -> None: ...
-
-    def link_down(self) -> None: ...
-
-    def message(self, incoming: Incoming) -> None: ...
-
-    def acked(self) -> None: ...
-
-
-class MqttLink:
-    """One persistent connection to the broker, kept up with backoff + jitter.
-
-    Call its methods from the event loop only; paho's callbacks are turned into
-    :class:`LinkListener` calls there.
-    """
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        listener: LinkListener,
-        *,
-        will: Outgoing | None = None,
-    ) -> None:
-        self.settings = settings
-        self.client_id = client_id
-        self._listener = listener
-        self._client = new_client(settings, client_id, persistent=True, reconnect=False)
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client.connect_async(
-            settings.broker or "localhost",
-            settings.port,
-            keepalive=settings.keepalive_s,
-            clean_start=False if settings.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_properties(settings, persistent=True),
-        )
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        # An exception escaping a callback would end paho's thread silently; paho logs it instead.
-        self._client.suppress_exceptions = True
-        self._client.enable_logger(logging.getLogger("edgert.mqtt.paho"))
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ended = asyncio.Event()
-        self._closing = False
-        self._unacked: set[int] = set()
-        self.connected = False
-        self._session_was_up = False
-        self._receive_max: int | None = None
-        self.reconnects = 0
-        #: the broker's Maximum Packet Size (MQTT 5 CONNACK), when it announced one
-        self.broker_max_packet: int | None = None
-
-    # ----------------------------------------------------------- event loop side
-    @property
-    def unacked(self) -> int:
-        return len(self._unacked)
-
-    def has_room(self) -> bool:
-        return self.connected and len(self._unacked) < self.settings.max_queued_messages
-
-    def max_packet(self) -> int:
-        limit = self.settings.max_message_bytes
-        return min(limit, self.broker_max_packet) if self.broker_max_packet else limit
-
-    def publish(self, out: Outgoing, *, track: bool = True) -> paho.MQTTMessageInfo:
-        """Hand one message to paho (never blocks: paho's thread writes it)."""
-        info = self._client.publish(
-            out.topic, out.payload, qos=out.qos, retain=out.retain, properties=publish_properties(out.correlation)
-        )
-        if track and out.qos > 0 and info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            # NO_CONN: the link dropped a moment ago; paho keeps QoS 1 messages and re-sends them.
-            self._unacked.add(info.mid)
-        return info
-
-    def subscribe(self, topics: list[str]) -> None:
-        if topics:
-            self._client.subscribe([(topic, QOS) for topic in topics])
-
-    async def run(self) -> None:
-        """Connect, and reconnect whenever the link drops, until :meth:`close`."""
-        self._loop = asyncio.get_running_loop()
-        delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-        while not self._closing:
-            self._ended.clear()
-            self._session_was_up = False
-            if self._receive_max is not None:
-                self._client.max_inflight_messages_set(self._receive_max)
-            try:
-                # DNS, TCP and the TLS handshake block: keep them off the event loop.
-                await asyncio.to_thread(self._client.reconnect)
-            except (OSError, ValueError) as exc:
-                delay = next(delays)
-                log.warning("mqtt: cannot reach %s:%d (%s); retrying in %.1f s", *self._where(), exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._client.loop_start()
-            await self._ended.wait()
-            # paho's thread has ended (reconnect_on_failure is off); join it before the next start.
-            await asyncio.to_thread(self._client.loop_stop)
-            if self._closing:
-                break
-            if self._session_was_up:
-                delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
-            delay = next(delays)
-            log.warning("mqtt: link to %s:%d lost; reconnecting in %.1f s", *self._where(), delay)
-            await asyncio.sleep(delay)
-
-    async def close(self, last: Outgoing | None = None) -> None:
-        """Publish ``last`` (the offline status), wait briefly for acks, disconnect cleanly."""
-        self._closing = True
-        if self.connected and last is not None:
-            info = self.publish(last, track=False)
-            with contextlib.suppress(RuntimeError, ValueError):
-                await asyncio.to_thread(info.wait_for_publish, _CLOSE_FLUSH_S)
-        # A normal DISCONNECT: the broker discards the will (we just said offline ourselves)
-        # and keeps the session for session_expiry_s.
-        self._client.disconnect()
-        self._ended.set()
-        await asyncio.to_thread(self._client.loop_stop)
-
-    def _where(self) -> tuple[str, int]:
-        return self.settings.broker or "localhost", self.settings.port
-
-    # ----------------------------------------------------------- paho thread side
-    def _hop(self, fn: Callable[..., None], *args: object) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        # RuntimeError: the loop has closed (process exiting); nobody is left to tell.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
-
-    def _on_connect(
-        self,
-        client: paho.Client,
-        _userdata: object,
-        flags: paho.ConnectFlags,
-        reason: ReasonCode,
-        props: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self._hop(self._refused, str(reason))
-            return
-        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
-        if isinstance(receive_max, int) and receive_max < client.max_inflight_messages:
-            # More unacknowledged QoS 1 messages than the broker's Receive Maximum is a protocol
-            # error; paho cannot shrink its window on a live connection, so the next one uses it.
-            self._receive_max = receive_max
-        max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        self._hop(self._up, flags.session_present, max_packet if isinstance(max_packet, int) else None)
-
-    def _on_disconnect(
-        self,
-        _client: paho.Client,
-        _userdata: object,
-        _flags: paho.DisconnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
-        self._hop(self._down, str(reason))
-
-    def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-        self._hop(self._listener.message, _incoming(message))
-
-    def _on_publish(
-        self, _client: paho.Client, _userdata: object, mid: int, _reason: ReasonCode, _props: Properties | None
-    ) -> None:
-        self._hop(self._acked, mid)
-
-    # ----------------------------------------------------------- back on the event loop
-    def _up(self, session_present: bool, max_packet: int | None) -> None:
-        self.connected = True
-        self._session_was_up = True
-        self.broker_max_packet = max_packet
-        log.info(
-            "mqtt: connected to %s:%d",
-            *self._where(),
-            extra={"fields": {"session_present": session_present, "client_id": self.client_id}},
-        )
-        self._listener.link_up(session_present)
-
-    def _refused(self, reason: str) -> None:
-        log.error("mqtt: broker %s:%d refused the connection: %s", *self._where(), reason)
-
-    def _down(self, reason: str) -> None:
-        was_up = self.connected
-        self.connected = False
-        if was_up and self._closing:
-            log.info("mqtt: disconnected (%s)", reason)
-        elif was_up:
-            self.reconnects += 1
-            log.warning("mqtt: disconnected (%s)", reason)
-            self._listener.link_down()
-        self._ended.set()
-
-    def _acked(self, mid: int) -> None:
-        if mid in self._unacked:
-            self._unacked.discard(mid)
-            self._listener.acked()
-
-
-# ====================================================================== serving
 class ServingState(Protocol):
     """What the daemon shares with every transport (``transport.http.ApiState`` fits)."""
 
@@ -553,7 +218,7 @@ class MqttTransport:
                 stream.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
-        deadline = time.monotonic() + _CLOSE_FLUSH_S
+        deadline = time.monotonic() + CLOSE_FLUSH_S
         while (self._outbox or self.link.unacked) and self.link.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for task in self._tasks:
@@ -614,8 +279,7 @@ class MqttTransport:
             out = self._outbox.popleft()
             if out.size() > self.link.max_packet():
                 out = self._oversize(out)
-            info = self.link.publish(out)
-            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            if not self.link.publish(out):
                 self._outbox.appendleft(out)  # paho is full after all: try again on the next ack
                 return
 
@@ -893,176 +557,3 @@ def _readings() -> tuple[MemoryReading, float | None]:
             readings = [entry.current for group in sensors().values() for entry in group if entry.current]
             temperature = max(readings) if readings else None
     return memory, temperature
-
-
-# ====================================================================== client side
-Reply = ReplyChunk | ReplyFinal | ReplyError
-_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
-
-
-class PendingReply:
-    """The replies to one request, as they arrive (thread-safe queue filled by paho's thread)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.sent_at = time.perf_counter()
-        self._queue: queue.Queue[tuple[float, Reply]] = queue.Queue()
-
-    def put(self, reply: Reply) -> None:
-        self._queue.put((time.perf_counter(), reply))
-
-    def replies(self, timeout_s: float) -> Iterator[tuple[float, Reply]]:
-        """(arrival time, reply) until the final or error reply; TimeoutError when the device is silent."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.001))
-            except queue.Empty:
-                raise TimeoutError(f"no reply to {self.request_id} within {timeout_s:g} s") from None
-            yield item
-            if not isinstance(item[1], ReplyChunk):
-                return
-
-
-class MqttRequester:
-    """A small blocking client of edgert devices: ``edgert mqtt ask|status``, tests, benchmarks.
-
-    Replies come to ``edgert/v1/client/<client-id>/reply``; MQTT 5 requests carry it as
-    the Response Topic (with the request id as Correlation Data), 3.1.1 requests as
-    ``reply_to``. With ``persistent`` the broker keeps the client's session (and its
-    replies) across a broker restart or a client reconnect.
-    """
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        *,
-        client_id: str | None = None,
-        persistent: bool = False,
-        timeout_s: float = 10,
-        topics: tuple[str, ...] = (),
-    ) -> None:
-        self.settings = settings
-        self.client_id = client_id or f"edgert-cli-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = client_reply_topic(self.client_id)
-        self.persistent = persistent
-        self.timeout_s = timeout_s
-        self._client = new_client(settings, self.client_id, persistent=persistent, reconnect=True)
-        # paho's delays are whole seconds (no jitter): fine for one interactive client
-        min_s, max_s = max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s))
-        self._client.reconnect_delay_set(min_s, max_s)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
-        self._ready = threading.Event()
-        self._refused: str | None = None
-        self._pending: dict[str, PendingReply] = {}
-        self._lock = threading.Lock()
-        #: subscribed besides the reply topic (``edgert mqtt status``: every device's status)
-        self.topics = topics
-        self.statuses: dict[str, DeviceStatus] = {}
-        #: replies that matched no pending request (duplicates after a resend, strays)
-        self.unmatched: list[Reply] = []
-
-    def __enter__(self) -> MqttRequester:
-        self.connect()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def connect(self) -> None:
-        """Connect and subscribe (blocking); raises OSError/ConnectionError when that fails."""
-        v5 = self.settings.protocol == "5"
-        self._client.connect(
-            self.settings.broker or "localhost",
-            self.settings.port,
-            keepalive=self.settings.keepalive_s,
-            clean_start=not self.persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_properties(self.settings, persistent=self.persistent),
-        )
-        self._client.loop_start()
-        if not self._ready.wait(self.timeout_s) or self._refused:
-            self.close()
-            raise ConnectionError(self._refused or f"no answer from the broker within {self.timeout_s:g} s")
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def send(self, topic: str, body: dict[str, Any], *, request_id: str | None = None) -> PendingReply:
-        """Publish one chat request (QoS 1); the returned PendingReply yields its replies."""
-        rid = request_id or str(body.get("id") or uuid.uuid4().hex)
-        payload = dict(body, id=rid)
-        pending = self.expect(rid)
-        # reply_to in the payload too: a 3.1.1 device never sees MQTT 5 properties.
-        payload["reply_to"] = self.reply_topic
-        props = publish_properties(rid.encode(), self.reply_topic) if self.settings.protocol == "5" else None
-        self._client.publish(topic, json.dumps(payload).encode(), qos=QOS, properties=props)
-        return pending
-
-    def publish_raw(self, topic: str, payload: bytes, *, correlation: bytes | None = None, reply: bool = True) -> None:
-        """Publish bytes as they are (tests of malformed requests)."""
-        props = publish_properties(correlation, self.reply_topic if reply else None)
-        self._client.publish(topic, payload, qos=QOS, properties=props)
-
-    def expect(self, request_id: str) -> PendingReply:
-        """The replies for ``request_id`` (or, MQTT 5, for that Correlation Data), collected
-        from now on; a second request with the same id shares them."""
-        with self._lock:
-            return self._pending.setdefault(request_id, PendingReply(request_id))
-
-    def ask(self, topic: str, body: dict[str, Any], timeout_s: float = 60) -> list[Reply]:
-        return [reply for _, reply in self.send(topic, body).replies(timeout_s)]
-
-    # ----------------------------------------------------------- paho thread
-    def _on_connect(
-        self,
-        client: paho.Client,
-        _userdata: object,
-        _flags: paho.ConnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self._refused = f"the broker refused the connection: {reason}"
-            self._ready.set()
-            return
-        client.subscribe([(topic, QOS) for topic in [self.reply_topic, *self.topics]])
-
-    def _on_subscribe(
-        self, _client: paho.Client, _userdata: object, _mid: int, _codes: list[ReasonCode], _props: Properties | None
-    ) -> None:
-        self._ready.set()
-
-    def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-        if message.topic.endswith("/status"):
-            with contextlib.suppress(ValidationError):
-                status = DeviceStatus.model_validate_json(message.payload)
-                self.statuses[status.device_id] = status
-            return
-        try:
-            reply = _REPLY.validate_json(message.payload)
-        except ValidationError:
-            log.warning("mqtt: unreadable reply on %s", message.topic)
-            return
-        # MQTT 5 replies are matched by Correlation Data (a reply to an unreadable payload has no id).
-        correlation = getattr(getattr(message, "properties", None), "CorrelationData", None)
-        key = correlation.decode(errors="replace") if isinstance(correlation, bytes) else reply.id or ""
-        with self._lock:
-            pending = self._pending.get(key)
-        if pending is None:
-            self.unmatched.append(reply)
-        else:
-            pending.put(reply)
-
-
-def device_statuses(settings: MqttSettings, wait_s: float) -> dict[str, DeviceStatus]:
-    """Every device's retained status, as the broker has it."""
-    requester = MqttRequester(settings, topics=(ALL_STATUS,))
-    requester.connect()
-    try:
-        time.sleep(wait_s)  # retained messages arrive right after the subscription; live ones may follow
-    finally:
-        requester.close()
-    return dict(requester.statuses)

@@ -25,7 +25,9 @@ from edgert.api.mqtt_schemas import (
     json_schemas,
     schema_markdown,
 )
-from edgert.transport.mqtt import MqttRequester, Outgoing, Reply, ReplyCache, backoff_delays
+from edgert.transport.mqtt import ReplyCache
+from edgert.transport.mqtt_client import MqttRequester, Reply
+from edgert.transport.mqtt_link import Outgoing, backoff_delays
 from tests.integration.daemon import DaemonProcess, start_daemon, wait_until_ready
 from tests.integration.mosquitto import Broker, make_tls
 

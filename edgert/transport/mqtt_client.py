@@ -1,0 +1,202 @@
+"""A small blocking MQTT client of edgert devices: ``edgert mqtt ask|status``, tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import TypeAdapter, ValidationError
+
+from edgert.api.mqtt_schemas import (
+    ALL_STATUS,
+    DeviceStatus,
+    ReplyChunk,
+    ReplyError,
+    ReplyFinal,
+    client_reply_topic,
+)
+from edgert.settings import MqttSettings
+from edgert.transport.mqtt_link import QOS, connect_properties, new_client, publish_properties
+
+log = logging.getLogger("edgert.mqtt")
+
+Reply = ReplyChunk | ReplyFinal | ReplyError
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+
+
+class PendingReply:
+    """The replies to one request, as they arrive (thread-safe queue filled by paho's thread)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.sent_at = time.perf_counter()
+        self._queue: queue.Queue[tuple[float, Reply]] = queue.Queue()
+
+    def put(self, reply: Reply) -> None:
+        self._queue.put((time.perf_counter(), reply))
+
+    def replies(self, timeout_s: float) -> Iterator[tuple[float, Reply]]:
+        """(arrival time, reply) until the final or error reply; TimeoutError when the device is silent."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise TimeoutError(f"no reply to {self.request_id} within {timeout_s:g} s") from None
+            yield item
+            if not isinstance(item[1], ReplyChunk):
+                return
+
+
+class MqttRequester:
+    """A small blocking client of edgert devices: ``edgert mqtt ask|status``, tests, benchmarks.
+
+    Replies come to ``edgert/v1/client/<client-id>/reply``; MQTT 5 requests carry it as
+    the Response Topic (with the request id as Correlation Data), 3.1.1 requests as
+    ``reply_to``. With ``persistent`` the broker keeps the client's session (and its
+    replies) across a broker restart or a client reconnect.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        timeout_s: float = 10,
+        topics: tuple[str, ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id or f"edgert-cli-{uuid.uuid4().hex[:12]}"
+        self.reply_topic = client_reply_topic(self.client_id)
+        self.persistent = persistent
+        self.timeout_s = timeout_s
+        self._client = new_client(settings, self.client_id, persistent=persistent, reconnect=True)
+        # paho's delays are whole seconds (no jitter): fine for one interactive client
+        min_s, max_s = max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s))
+        self._client.reconnect_delay_set(min_s, max_s)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._ready = threading.Event()
+        self._refused: str | None = None
+        self._pending: dict[str, PendingReply] = {}
+        self._lock = threading.Lock()
+        #: subscribed besides the reply topic (``edgert mqtt status``: every device's status)
+        self.topics = topics
+        self.statuses: dict[str, DeviceStatus] = {}
+        #: replies that matched no pending request (duplicates after a resend, strays)
+        self.unmatched: list[Reply] = []
+
+    def __enter__(self) -> MqttRequester:
+        self.connect()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect and subscribe (blocking); raises OSError/ConnectionError when that fails."""
+        v5 = self.settings.protocol == "5"
+        self._client.connect(
+            self.settings.broker or "localhost",
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=not self.persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_properties(self.settings, persistent=self.persistent),
+        )
+        self._client.loop_start()
+        if not self._ready.wait(self.timeout_s) or self._refused:
+            self.close()
+            raise ConnectionError(self._refused or f"no answer from the broker within {self.timeout_s:g} s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def send(self, topic: str, body: dict[str, Any], *, request_id: str | None = None) -> PendingReply:
+        """Publish one chat request (QoS 1); the returned PendingReply yields its replies."""
+        rid = request_id or str(body.get("id") or uuid.uuid4().hex)
+        payload = dict(body, id=rid)
+        pending = self.expect(rid)
+        # reply_to in the payload too: a 3.1.1 device never sees MQTT 5 properties.
+        payload["reply_to"] = self.reply_topic
+        props = publish_properties(rid.encode(), self.reply_topic) if self.settings.protocol == "5" else None
+        self._client.publish(topic, json.dumps(payload).encode(), qos=QOS, properties=props)
+        return pending
+
+    def publish_raw(self, topic: str, payload: bytes, *, correlation: bytes | None = None, reply: bool = True) -> None:
+        """Publish bytes as they are (tests of malformed requests)."""
+        props = publish_properties(correlation, self.reply_topic if reply else None)
+        self._client.publish(topic, payload, qos=QOS, properties=props)
+
+    def expect(self, request_id: str) -> PendingReply:
+        """The replies for ``request_id`` (or, MQTT 5, for that Correlation Data), collected
+        from now on; a second request with the same id shares them."""
+        with self._lock:
+            return self._pending.setdefault(request_id, PendingReply(request_id))
+
+    def ask(self, topic: str, body: dict[str, Any], timeout_s: float = 60) -> list[Reply]:
+        return [reply for _, reply in self.send(topic, body).replies(timeout_s)]
+
+    # ----------------------------------------------------------- paho thread
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refused = f"the broker refused the connection: {reason}"
+            self._ready.set()
+            return
+        client.subscribe([(topic, QOS) for topic in [self.reply_topic, *self.topics]])
+
+    def _on_subscribe(
+        self, _client: paho.Client, _userdata: object, _mid: int, _codes: list[ReasonCode], _props: Properties | None
+    ) -> None:
+        self._ready.set()
+
+    def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        if message.topic.endswith("/status"):
+            with contextlib.suppress(ValidationError):
+                status = DeviceStatus.model_validate_json(message.payload)
+                self.statuses[status.device_id] = status
+            return
+        try:
+            reply = _REPLY.validate_json(message.payload)
+        except ValidationError:
+            log.warning("mqtt: unreadable reply on %s", message.topic)
+            return
+        # MQTT 5 replies are matched by Correlation Data (a reply to an unreadable payload has no id).
+        correlation = getattr(getattr(message, "properties", None), "CorrelationData", None)
+        key = correlation.decode(errors="replace") if isinstance(correlation, bytes) else reply.id or ""
+        with self._lock:
+            pending = self._pending.get(key)
+        if pending is None:
+            self.unmatched.append(reply)
+        else:
+            pending.put(reply)
+
+
+def device_statuses(settings: MqttSettings, wait_s: float) -> dict[str, DeviceStatus]:
+    """Every device's retained status, as the broker has it."""
+    requester = MqttRequester(settings, topics=(ALL_STATUS,))
+    requester.connect()
+    try:
+        time.sleep(wait_s)  # retained messages arrive right after the subscription; live ones may follow
+    finally:
+        requester.close()
+    return dict(requester.statuses)
