@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from edgert import __version__
+from edgert.api.mqtt_schemas import DeployState
 from edgert.errors import EdgertError
 from edgert.log import redact
 from edgert.model_switch import ServingModelSwitch
@@ -143,7 +144,7 @@ class Daemon:
         try:
             await self._load_and_probe(server)
             mqtt = await self._start_mqtt()
-            updates = self._start_updates()
+            updates = self._start_updates(mqtt)
             await serving
         finally:
             watchdog.cancel()
@@ -157,14 +158,19 @@ class Daemon:
                 await asyncio.to_thread(serving_runtime.close)
             log.info("stopped")
 
-    def _start_updates(self) -> asyncio.Task[None] | None:
+    def _start_updates(self, mqtt: MqttTransport | None) -> asyncio.Task[None] | None:
         """Signed model updates in the background: on start, every interval (+ jitter), and when nudged."""
-        service = self.state.service
-        if self.updater is None or service is None or not service.ready:
+        service, updater = self.state.service, self.updater
+        if updater is None or service is None or not service.ready:
             return None
         loop = asyncio.get_running_loop()
-        self.updater.switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
-        return asyncio.create_task(run_update_loop(self.updater, nudge=self.update_nudge))
+        updater.switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
+
+        def report(outcome: str) -> None:
+            if mqtt is not None:
+                mqtt.publish_deploy(deploy_state(updater, outcome, device_id=mqtt.device_id))
+
+        return asyncio.create_task(run_update_loop(updater, nudge=self.update_nudge, on_round=report))
 
     def _initial_model(self) -> str | None:
         """An explicit --model wins; else the release the update path committed; else settings.model."""
@@ -251,6 +257,22 @@ class Daemon:
                 self._notify("WATCHDOG=1")
             else:
                 log.error("engine made no progress for %.1f s; withholding the watchdog ping", stalled_for)
+
+
+def deploy_state(updater: Updater, outcome: str, *, device_id: str) -> DeployState:
+    state = updater.status()
+    return DeployState(
+        device_id=device_id,
+        phase=state.phase.value,
+        current=state.current.key if state.current else None,
+        previous=state.previous.key if state.previous else None,
+        pending=state.pending.key if state.pending else None,
+        blocklist=state.blocklist,
+        last_check=state.last_check,
+        last_error=state.last_error,
+        last_round=outcome,
+        ts=time.time(),
+    )
 
 
 class _UpdateCollector(Collector):

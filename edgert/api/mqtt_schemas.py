@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +56,10 @@ class Topics:
     @property
     def cmd(self) -> str:
         return f"{PREFIX}/{self.device_id}/cmd"
+
+    @property
+    def deploy(self) -> str:
+        return f"{PREFIX}/{self.device_id}/deploy"
 
     @property
     def fleet_req(self) -> str | None:
@@ -171,6 +176,21 @@ class DeviceStatus(BaseModel):
     ts: float = Field(description="Unix time the message was made")
 
 
+class DeployState(BaseModel):
+    """Retained on ``edgert/v1/<device>/deploy`` after every update round: where the signed update path stands."""
+
+    device_id: str
+    phase: str = Field(description="idle, downloading, staged, activating, committing or rolling_back")
+    current: str | None = Field(None, description="<model-id>@<version> committed and served")
+    previous: str | None = Field(None, description="The release kept on disk for a manual rollback")
+    pending: str | None = Field(None, description="The release being installed when phase is not idle")
+    blocklist: list[str] = Field(default_factory=list, description="Releases this device will never install again")
+    last_check: datetime | None = None
+    last_error: str | None = None
+    last_round: str | None = Field(None, description="Outcome of the latest round, e.g. 'committed m@2'")
+    ts: float = Field(description="Unix time the message was made")
+
+
 class MemoryReading(BaseModel):
     rss_bytes: int
     available_bytes: int
@@ -211,6 +231,7 @@ PAYLOADS: tuple[type[BaseModel], ...] = (
     ReplyFinal,
     ReplyError,
     DeviceStatus,
+    DeployState,
     Telemetry,
     Command,
 )

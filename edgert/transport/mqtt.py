@@ -44,6 +44,7 @@ from pydantic import BaseModel, ValidationError
 from edgert import __version__
 from edgert.api.mqtt_schemas import (
     Command,
+    DeployState,
     DeviceStatus,
     ErrorBody,
     LinkCounters,
@@ -263,6 +264,10 @@ class MqttTransport:
         except Exception:
             # The daemon never crashes on a message; this is a bug worth a traceback.
             log.exception("mqtt: unexpected failure handling a message on %s", incoming.topic)
+
+    def publish_deploy(self, state: DeployState) -> None:
+        """Retained deployment state (sent once the broker is back if it is away now)."""
+        self._send(Outgoing(self.topics.deploy, _encode(state), retain=True))
 
     # ----------------------------------------------------------- outbox
     def _send(self, out: Outgoing) -> None:

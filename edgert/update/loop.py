@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 
 from edgert.errors import EdgertError, UpdateBusyError
 from edgert.update.orchestrator import ApplyResult, Updater
@@ -26,19 +27,33 @@ def next_delay(interval_s: float, jitter_s: float, rng: random.Random) -> float:
     return interval_s + rng.uniform(0.0, jitter_s)
 
 
-async def run_update_loop(updater: Updater, *, nudge: asyncio.Event, rng: random.Random | None = None) -> None:
-    """Run until cancelled. Failures are logged and retried at the next round."""
+async def run_update_loop(
+    updater: Updater,
+    *,
+    nudge: asyncio.Event,
+    rng: random.Random | None = None,
+    on_round: Callable[[str], None] | None = None,
+) -> None:
+    """Run until cancelled. Failures are logged and retried at the next round.
+
+    ``on_round`` gets a one-line outcome after every round (the daemon reports deploy state with it).
+    """
     rng = rng or random.Random()  # noqa: S311 - spreading check times, not a secret
     config = updater.config
     while True:
         nudge.clear()  # a nudge that arrives during this round triggers the next one at once
         try:
             result: ApplyResult = await asyncio.to_thread(updater.apply)
-            log.info("update round: %s %s (%s)", result.outcome, result.release or "-", result.detail)
+            outcome = f"{result.outcome} {result.release or '-'}"
+            log.info("update round: %s (%s)", outcome, result.detail)
         except UpdateBusyError:
-            log.info("update round skipped: another update is running")
+            outcome = "skipped: another update is running"
+            log.info("update round %s", outcome)
         except EdgertError as exc:
-            log.warning("update round failed: %s", exc)
+            outcome = f"failed: {exc}"
+            log.warning("update round %s", outcome)
+        if on_round is not None:
+            on_round(outcome)
         delay = next_delay(config.check_interval_s, config.check_jitter_s, rng)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(nudge.wait(), delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.daemon import DaemonProcess, start_daemon
+from tests.integration.mosquitto import Broker
 from tests.integration.update_support import MODEL_ID, Fleet, broken_model, device_update, make_variant
 
 CHAT = "/v1/chat/completions"
@@ -137,3 +139,30 @@ def test_daemon_keeps_serving_the_old_model_when_the_new_one_is_broken(
         assert "1.0.0" in served_model(daemon)
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_deploy_state_is_retained_on_the_mqtt_deploy_topic(tmp_path: Path, fleet: Fleet, tiny_gguf: Path) -> None:
+    (tmp_path / "device").mkdir()
+    fleet.release("1.0.0")
+    broker = Broker(tmp_path / "broker").start()
+    settings = {f"update__{key}": str(value) for key, value in device_update(fleet).items()}
+    daemon = start_daemon(
+        tmp_path / "device", tiny_gguf, **settings, **broker.daemon_settings(mqtt__device_id="kiosk-7")
+    )
+    try:
+        wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
+        out = subprocess.run(
+            ["mosquitto_sub", "-p", str(broker.port), "-t", "edgert/v1/kiosk-7/deploy", "-C", "1", "-W", "30"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        deploy = json.loads(out)
+        assert deploy["device_id"] == "kiosk-7"
+        assert deploy["phase"] == "idle"
+        assert deploy["current"] == f"{MODEL_ID}@1.0.0"
+        assert deploy["last_round"] == f"committed {MODEL_ID}@1.0.0"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+        broker.stop()
