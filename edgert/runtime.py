@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from edgert.catalog import Catalog, ModelSpec, load_catalog
-from edgert.engine.base import LoadOptions, SamplingParams, SequenceBackend
+from edgert.engine.base import BackendCapabilities, LoadOptions, SamplingParams, SequenceBackend
 from edgert.engine.llama import LlamaBackend, capabilities
 from edgert.errors import ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
@@ -88,6 +88,8 @@ class Runtime:
     architecture: str
     #: quantization (GGUF general.file_type, e.g. Q4_K_M); None when the format has none
     quant: str | None
+    #: the inference library serving it, e.g. "llama.cpp 0.3.36 (cpu)"
+    backend_name: str
     backend: LlamaBackend | SequenceBackend
     scheduler: Scheduler
     formatter: ChatFormatter
@@ -182,26 +184,35 @@ def is_onnx_model(path: Path) -> bool:
 
 def _load_backend(
     path: Path, settings: Settings
-) -> tuple[LlamaBackend | SequenceBackend, LoadOptions, tuple[str, str | None], str | None]:
-    """The backend, its options, (architecture, quant) and the prefix-cache key (None: no cache)."""
+) -> tuple[LlamaBackend | SequenceBackend, LoadOptions, tuple[str, str | None, str], str | None]:
+    """The backend, its options, (architecture, quant, backend name) and the prefix-cache key (None: no cache)."""
     if is_onnx_model(path):
         from edgert.engine import onnx  # noqa: PLC0415 - the [onnx] extra is optional
 
         found = onnx.validate_model_folder(path)
         # onnxruntime-genai generators have no shared KV cache to copy prefixes within
         options = replace(load_options(settings.engine), n_seq_max=settings.engine.n_parallel)
-        return onnx.OnnxBackend(path, options), options, (found.architecture, None), None
+        return (
+            onnx.OnnxBackend(path, options),
+            options,
+            (found.architecture, None, _describe(onnx.capabilities())),
+            None,
+        )
     gguf = validate_gguf(path)
     options = load_options(settings.engine)
     key = cache_key(path, gguf, options) if settings.engine.prefix_cache_persist else None
-    return LlamaBackend(path, options), options, (gguf.architecture, gguf.file_type), key
+    return LlamaBackend(path, options), options, (gguf.architecture, gguf.file_type, _describe(capabilities())), key
+
+
+def _describe(caps: BackendCapabilities) -> str:
+    return f"{caps.name} {caps.version} ({'gpu offload' if caps.gpu_offload else 'cpu'})"
 
 
 def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catalog | None = None) -> Runtime:
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
     started = time.perf_counter()
-    backend, options, (architecture, quant), prefix_key = _load_backend(path, settings)
+    backend, options, (architecture, quant, backend_name), prefix_key = _load_backend(path, settings)
     try:
         info = backend.info
         formatter = formatter_for(
@@ -235,6 +246,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
         path=path,
         architecture=architecture,
         quant=quant,
+        backend_name=backend_name,
         backend=backend,
         scheduler=scheduler,
         formatter=formatter,

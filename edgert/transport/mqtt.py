@@ -59,7 +59,6 @@ from edgert.api.mqtt_schemas import (
     Topics,
 )
 from edgert.api.schemas import PromptTokensDetails, Usage
-from edgert.engine.llama import capabilities
 from edgert.errors import BadRequestError, EdgertError, OverloadedError, PayloadTooLargeError
 from edgert.log import request_id
 from edgert.serving.metrics import Metrics
@@ -193,7 +192,6 @@ class MqttTransport:
         #: the daemon may set this; an update nudge without it is only logged
         self.on_update_check = on_update_check
         self.counters = _Counters()
-        self.backend = backend_name()
         self.cache = ReplyCache(self.settings.dedupe_entries, self.settings.dedupe_bytes)
         self._outbox: deque[Outgoing] = deque()
         self._running: dict[tuple[str, str], tuple[TokenStream, asyncio.Task[None]]] = {}
@@ -454,7 +452,7 @@ class MqttTransport:
             reason=reason if state == "online" else (reason or "connection lost"),
             group=self.settings.group,
             model=_model_ref(service) if service is not None else None,
-            backend=self.backend,
+            backend=service.runtime.backend_name if service is not None else None,
             edgert_version=__version__,
             protocol=self.settings.protocol,
             uptime_s=round(time.monotonic() - self.state.started, 3),
@@ -542,11 +540,6 @@ def _model_ref(service: InferenceService) -> ModelRef:
     name = runtime.path.resolve().name
     version = name.removesuffix(".gguf").rpartition("@")[2] if "@" in name else None
     return ModelRef(id=service.model_id, file=runtime.path.name, quant=runtime.quant, version=version)
-
-
-def backend_name() -> str:
-    caps = capabilities()
-    return f"{caps.name} {caps.version} ({'gpu offload' if caps.gpu_offload else 'cpu'})"
 
 
 def _readings() -> tuple[MemoryReading, float | None]:
