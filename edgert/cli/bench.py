@@ -99,10 +99,10 @@ def bench(
     levels = sorted({int(part) for part in concurrency.split(",") if part.strip()})
     try:
         settings = load_settings(config_path=config)
-        if levels and max(levels) > settings.engine.n_parallel:
-            settings = settings.model_copy(
-                update={"engine": settings.engine.model_copy(update={"n_parallel": max(levels)})}
-            )
+        # Every run sends the same prompt: with the prefix cache on, edgert would skip the prefill
+        # that raw llama-cpp-python pays, so the comparison runs without it.
+        engine = {"n_parallel": max([settings.engine.n_parallel, *levels]), "prefix_cache_entries": 0}
+        settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=engine)})
         _, path = resolve(settings, load_catalog(settings.catalog), model or settings.model)
         runtime = open_runtime(settings, model)
     except EdgertError as exc:
