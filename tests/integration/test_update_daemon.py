@@ -53,6 +53,14 @@ def served_model(daemon: DaemonProcess) -> str:
         return str(client.get("/v1/models").json()["data"][0]["id"])
 
 
+def wait_served(daemon: DaemonProcess, version: str, timeout: float = 30) -> None:
+    """The swap to the committed release reaches the socket API (a moment after the state file)."""
+    deadline = time.monotonic() + timeout
+    while version not in served_model(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert version in served_model(daemon)
+
+
 def test_daemon_updates_under_live_traffic_without_a_failed_request(
     tmp_path: Path, fleet: Fleet, tiny_gguf: Path
 ) -> None:
@@ -61,10 +69,7 @@ def test_daemon_updates_under_live_traffic_without_a_failed_request(
     daemon = start_device(tmp_path, fleet, tiny_gguf)
     try:
         wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
-        deadline = time.monotonic() + 30
-        while "1.0.0" not in served_model(daemon) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "1.0.0" in served_model(daemon)  # the daemon now serves the committed release
+        wait_served(daemon, "1.0.0")
 
         failures: list[str] = []
         completed = 0
@@ -89,14 +94,11 @@ def test_daemon_updates_under_live_traffic_without_a_failed_request(
         with daemon.client() as client:
             assert client.post("/update/check").status_code == 202
         state = wait_for_current(daemon, f"{MODEL_ID}@2.0.0")
-        deadline = time.monotonic() + 30
-        while "2.0.0" not in served_model(daemon) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+        wait_served(daemon, "2.0.0")
+        time.sleep(0.3)  # traffic continues on the new model for a moment
         stop.set()
         for worker in workers:
             worker.join(30)
-        assert "2.0.0" in served_model(daemon)
         assert failures == []
         assert completed >= 6
         assert state["phase"] == "idle"

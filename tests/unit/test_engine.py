@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgert.engine.base import SamplingParams
-from edgert.engine.llama import reference_generate
+from edgert.engine.llama import LlamaBackend, reference_generate
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -122,27 +122,6 @@ def test_seeded_sampling_is_reproducible_and_seed_matters(runtime: Runtime) -> N
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in (1, 2, 3)}) > 1
-
-
-def test_cancel_frees_the_slot_within_a_step(runtime: Runtime) -> None:
-    async def scenario() -> TokenStream:
-        stream = runtime.scheduler.submit(
-            runtime.request(chat(runtime, "Hi"), sampling=GREEDY, max_tokens=100000 // 100, ignore_eos=True)
-        )
-        iterator = stream.__aiter__()
-        await iterator.__anext__()
-        stream.cancel()
-        async for _ in iterator:
-            pass
-        return stream
-
-    stream = asyncio.run(scenario())
-    assert stream.result is not None
-    assert stream.result.reason == "cancelled"
-    assert stream.result.completion_tokens < 1000
-    assert runtime.scheduler.idle()
-    assert runtime.scheduler.stats.kv_reserved == 0
-    assert runtime.backend.seq_pos_max(0) == -1
 
 
 def test_deadline_in_the_queue_raises_and_during_generation_finishes(runtime: Runtime) -> None:
@@ -298,7 +277,7 @@ def test_a_grammar_llama_cpp_rejects_fails_only_that_request(runtime: Runtime) -
     assert runtime.scheduler.idle()
 
 
-def test_cancel_mid_generation_on_both_backends(tmp_path: Path, tiny_model: Path) -> None:
+def test_cancel_mid_generation_frees_the_slot_on_both_backends(tmp_path: Path, tiny_model: Path) -> None:
     rt = open_runtime(make_settings(tmp_path, tiny_model, n_ctx=2048))
     try:
 
@@ -318,5 +297,8 @@ def test_cancel_mid_generation_on_both_backends(tmp_path: Path, tiny_model: Path
         assert stream.result.completion_tokens < 2000
         assert rt.scheduler.idle()
         assert rt.scheduler.stats.active == 0
+        assert rt.scheduler.stats.kv_reserved == 0
+        if isinstance(rt.backend, LlamaBackend):
+            assert rt.backend.seq_pos_max(0) == -1  # the sequence's KV cells are free again
     finally:
         rt.close()
