@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,embedded,onnx]'
+	$(BIN)/pip install -q -e '.[dev,embedded,onnx,signing]'
 	touch $@
 
 venv: $(STAMP)

@@ -191,8 +191,13 @@ class UpdateSettings(BaseModel):
         le=10,
         description="Activations of one version interrupted by a crash before it is rolled back and blocklisted.",
     )
+    publisher_public_key: Path | None = Field(
+        None,
+        description="When set, every release must carry a model-signing bundle verifiable with this EC public key "
+        "(PEM), else it is refused before staging; needs the [signing] extra. Unset = TUF signatures only.",
+    )
 
-    @field_validator("trusted_root", "hooks_dir", mode="after")
+    @field_validator("trusted_root", "hooks_dir", "publisher_public_key", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -77,13 +77,29 @@ def add(
     ram_mib: Annotated[
         int | None, typer.Option("--ram-mib", min=1, help="Memory it needs (MiB); default: an estimate.")
     ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--sign-key",
+            exists=True,
+            dir_okay=False,
+            help="EC private key (PEM): also publish a model-signing bundle as <target>.sig ([signing] extra).",
+        ),
+    ] = None,
 ) -> None:
     """Validate a GGUF and stage it as a signed target (published by `publish`)."""
     with _errors():
         added = Registry(directory).add(
-            gguf, model_id=model_id, version=version, min_edgert_version=min_edgert, ram_mib=ram_mib
+            gguf,
+            model_id=model_id,
+            version=version,
+            min_edgert_version=min_edgert,
+            ram_mib=ram_mib,
+            signing_key=sign_key,
         )
         typer.echo(f"added {added.target_path} ({added.length} bytes, sha256 {added.sha256})")
+        if sign_key is not None:
+            typer.echo(f"added {added.target_path}.sig (model-signing bundle, key {sign_key})")
 
 
 @app.command("promote")

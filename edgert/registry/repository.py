@@ -27,6 +27,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ from edgert import __version__, store
 from edgert.errors import RegistryError
 from edgert.gguf_file import validate_gguf
 from edgert.registry import keys
+from edgert.update import publisher_signature
 from edgert.update.manifest import (
     CHANNEL_PATTERN,
     CHANNELS_KEY,
@@ -166,8 +168,14 @@ class Registry:
         version: str,
         min_edgert_version: str = __version__,
         ram_mib: int | None = None,
+        signing_key: Path | None = None,
     ) -> PublishedModel:
-        """Validate ``gguf`` like the engine does, then stage it as a signed-to-be target."""
+        """Validate ``gguf`` like the engine does, then stage it as a signed-to-be target.
+
+        With ``signing_key`` (an EC private key, PEM) the GGUF is also signed with
+        model-signing and the bundle staged as the companion target ``<path>.sig``
+        (see :mod:`edgert.update.publisher_signature`).
+        """
         info = validate_gguf(gguf)
         size = gguf.stat().st_size
         try:
@@ -189,8 +197,11 @@ class Registry:
             raise RegistryError(f"{model_id}@{version} is already in the registry; versions are immutable")
         target = TargetFile.from_file(path, str(gguf), ["sha256"])
         target.unrecognized_fields["custom"] = {MODEL_KEY: meta.model_dump(mode="json")}
+        signature = self._publisher_signature(gguf, path, signing_key) if signing_key is not None else None
         self._copy_target(gguf, target)
         staging.signed.targets[path] = target
+        if signature is not None:
+            staging.signed.targets[signature.path] = signature
         self._save_staging(staging)
         return PublishedModel(path, target.length, target.hashes["sha256"], meta)
 
@@ -408,6 +419,17 @@ class Registry:
         tmp = destination.with_name(destination.name + ".tmp")
         shutil.copyfile(source, tmp)
         store.install_file(tmp, destination)
+
+    def _publisher_signature(self, gguf: Path, path: str, signing_key: Path) -> TargetFile:
+        """Sign ``gguf`` with model-signing and write the bundle as the target ``<path>.sig``."""
+        workdir = self.staging_file.parent
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=workdir) as tmp:
+            bundle = Path(tmp) / "bundle.sig"
+            publisher_signature.sign(gguf, signing_key, bundle, workdir=workdir)
+            data = bundle.read_bytes()
+        signature = TargetFile.from_data(publisher_signature.signature_target_path(path), data, ["sha256"])
+        self._write_target_bytes(data, signature)
+        return signature
 
     def _write_target_bytes(self, data: bytes, target: TargetFile) -> None:
         destination = self._target_file(target)

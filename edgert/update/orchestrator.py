@@ -23,6 +23,7 @@ import fcntl
 import logging
 import re
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,13 +41,14 @@ from edgert.errors import (
     InsufficientStorageError,
     IntegrityError,
     ModelFileError,
+    TargetNotFoundError,
     UntrustedMetadataError,
     UpdateBusyError,
     UpdateError,
 )
 from edgert.gguf_file import validate_gguf
 from edgert.settings import Settings
-from edgert.update import download
+from edgert.update import download, publisher_signature
 from edgert.update.hooks import HookEvent, HookRunner
 from edgert.update.registry import RegistryClient, SignedTarget
 from edgert.update.state import (
@@ -287,6 +289,13 @@ class Updater:
         release = state.pending
         assert release is not None and state.phase is Phase.STAGED
         path = self._file(release)
+        if self.config.publisher_public_key is not None:
+            try:
+                self._verify_publisher(release, self.config.publisher_public_key)
+            except publisher_signature.PublisherSignatureError as exc:
+                self._abandon(state, f"{release.key} refused before staging: {exc}")
+                path.unlink(missing_ok=True)
+                raise
         try:
             validate_gguf(path)
         except ModelFileError as exc:
@@ -319,6 +328,47 @@ class Updater:
         return ApplyResult(
             "committed", release.key, "installed, health-checked and serving", fetched.resumed_from, fetched.received
         )
+
+    def _verify_publisher(self, release: Release, public_key: Path) -> None:
+        """Fetch the release's model-signing bundle (a TUF-verified companion target) and verify the file.
+
+        PublisherSignatureError when the bundle is missing, altered or does not verify; a
+        registry that cannot be reached raises as usual and the staged file is kept for a retry.
+        """
+        client = RegistryClient(
+            cache_dir=self.update_dir / "tuf",
+            registry_url=self.config.registry_url or "",
+            trusted_root=self.config.trusted_root,
+        )
+        client.refresh()
+        bundle_path = publisher_signature.signature_target_path(release.target_path)
+        try:
+            target = client.target(bundle_path)
+        except TargetNotFoundError:
+            raise publisher_signature.PublisherSignatureError(
+                f"no model-signing bundle {bundle_path} is published, and update.publisher_public_key requires one"
+            ) from None
+        if target.length > publisher_signature.MAX_BUNDLE_BYTES:
+            raise publisher_signature.PublisherSignatureError(
+                f"{bundle_path} is {target.length} bytes, too large for a model-signing bundle"
+            )
+        self.update_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=self.update_dir) as tmp:
+            job = download.Fetch(
+                url=self._targets_url() + target.url_path,
+                part=Path(tmp) / "bundle.sig",
+                length=target.length,
+                hashes=target.hashes,
+            )
+            try:
+                with httpx.Client(timeout=httpx.Timeout(self.config.download_timeout_s)) as http:
+                    download.fetch(http, job)
+            except IntegrityError as exc:
+                raise publisher_signature.PublisherSignatureError(
+                    f"{bundle_path} does not match its signed metadata: {exc}"
+                ) from None
+            publisher_signature.verify(self._file(release), job.part, public_key, workdir=self.settings.models_dir)
+        log.info("publisher signature of %s verified", release.key)
 
     def _finish_commit(self, state: UpdateState) -> None:
         release = state.pending

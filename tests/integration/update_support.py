@@ -59,15 +59,27 @@ class Fleet:
         return self.registry.metadata_dir / "1.root.json"
 
     def release(
-        self, version: str, model: Path | None = None, *, rollout: int = 100, channel: str = "stable", **kw: Any
+        self,
+        version: str,
+        model: Path | None = None,
+        *,
+        rollout: int = 100,
+        channel: str = "stable",
+        signing_key: Path | None = None,
+        **kw: Any,
     ) -> None:
-        """add + promote + publish to the site."""
-        self.registry.add(model or self.model, model_id=MODEL_ID, version=version)
+        """add (signed with model-signing when ``signing_key`` is given) + promote + publish to the site."""
+        self.registry.add(model or self.model, model_id=MODEL_ID, version=version, signing_key=signing_key)
         self.registry.promote(MODEL_ID, version, channel=channel, rollout=rollout)
         self.registry.publish(out=self.site, **kw)
 
     def target_file(self, version: str) -> Path:
         (path,) = (self.site / "targets" / "models" / MODEL_ID / version).glob("*.model.gguf")
+        return path
+
+    def signature_file(self, version: str) -> Path:
+        """The published model-signing bundle (companion target ``model.gguf.sig``) of ``version``."""
+        (path,) = (self.site / "targets" / "models" / MODEL_ID / version).glob("*.model.gguf.sig")
         return path
 
     def snapshot_site(self, name: str) -> Path:
