@@ -138,12 +138,6 @@ class TokenStream:
         self.result: Finished | None = None
         self.produced_text = False
 
-    def _push(self, item: TextChunk | Finished) -> None:
-        """Called from the engine thread."""
-        # RuntimeError: the event loop is gone (process shutting down), so nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
     def cancel(self) -> None:
         """Stop generating; takes effect before the next decode step."""
         if self.result is None and self._seq is not None:
@@ -167,6 +161,38 @@ class TokenStream:
         parts = [chunk.text async for chunk in self]
         assert self.result is not None
         return "".join(parts), self.result
+
+
+class _Outbox:
+    """What one engine step produced, handed to each event loop in one call.
+
+    One wake-up of the event loop per step instead of one per token: on a 2-core
+    device every context switch is time taken from llama.cpp's compute threads.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[TokenStream, TextChunk | Finished]] = []
+
+    def put(self, stream: TokenStream, item: TextChunk | Finished) -> None:
+        self._items.append((stream, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, TextChunk | Finished]]] = {}
+        for stream, item in self._items:
+            by_loop.setdefault(stream._loop, []).append((stream, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            # RuntimeError: that event loop is gone (process shutting down), so nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[TokenStream, TextChunk | Finished]]) -> None:
+    """On the event loop: hand each stream its items, in order."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 @dataclass(eq=False, slots=True)
@@ -217,6 +243,7 @@ class Scheduler:
         self._order = itertools.count()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._outbox = _Outbox()
         self.stats = SchedulerStats()
         self._prefix = (
             PrefixCache(
@@ -334,6 +361,7 @@ class Scheduler:
                     self._cv.wait(timeout=1.0)
                 if not self._running and not self._active:
                     self._fail_pending()
+                    self._outbox.flush()
                     return
                 now = time.monotonic()
                 self._admit(now)
@@ -347,6 +375,7 @@ class Scheduler:
                 except Exception:  # a bug must not kill the engine thread and leave every client hanging
                     log.exception("engine step failed; failing the running sequences")
                     self._fail_active(EngineError("internal engine error; see the daemon log"))
+            self._outbox.flush()
             self.stats.last_progress = time.monotonic()
 
     def _fail_active(self, error: EdgertError) -> None:
@@ -476,7 +505,7 @@ class Scheduler:
         self.stats.generated_tokens += 1
         step = seq.assembler.feed(piece)
         if step.delta:
-            seq.stream._push(TextChunk(step.delta))
+            self._outbox.put(seq.stream, TextChunk(step.delta))
         if step.stopped:
             self._finish(seq, "stop", now)
         elif seq.generated >= seq.request.max_tokens or seq.n_past + 1 >= self._config.n_ctx:
@@ -488,7 +517,7 @@ class Scheduler:
         if seq.assembler is not None and reason != "stop":
             tail = seq.assembler.flush()
             if tail:
-                seq.stream._push(TextChunk(tail))
+                self._outbox.put(seq.stream, TextChunk(tail))
         if self._sequence_backend is not None:
             if seq.handle is not None:
                 self._sequence_backend.release(seq.handle)
@@ -508,7 +537,8 @@ class Scheduler:
     def _emit_finish(self, seq: _Sequence, reason: FinishReason, now: float, error: EdgertError | None) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         ttft = seq.first_token_at - seq.submitted if seq.first_token_at is not None else None
-        seq.stream._push(
+        self._outbox.put(
+            seq.stream,
             Finished(
                 reason=reason,
                 prompt_tokens=len(seq.request.prompt),
@@ -517,7 +547,7 @@ class Scheduler:
                 total_s=now - seq.submitted,
                 error=error,
                 cached_tokens=seq.cached,
-            )
+            ),
         )
 
     # --------------------------------------------------------- prefix cache

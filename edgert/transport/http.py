@@ -373,8 +373,11 @@ def create_app(state: ApiState) -> FastAPI:
             elif first is not None:
                 yield chunk(first.text)
             if first is not None:
+                # The hot path: one SSE event per token, so the constant JSON around the text is
+                # rendered once (by the same pydantic models) instead of once per token.
+                head, tail = _split_template(chunk(_SENTINEL))
                 async for item in iterator:
-                    yield chunk(item.text)
+                    yield head + json.dumps(item.text, ensure_ascii=False).encode() + tail
             result = tokens.result
             assert result is not None
             metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
@@ -392,6 +395,16 @@ def create_app(state: ApiState) -> FastAPI:
             tokens.cancel()  # a client that went away mid-stream frees its sequence at once
 
     return app
+
+
+_SENTINEL = "\u2063edgert-text\u2063"
+
+
+def _split_template(event: bytes) -> tuple[bytes, bytes]:
+    """An SSE event rendered with ``_SENTINEL`` as its text -> the bytes before and after the text."""
+    head, _, tail = event.partition(json.dumps(_SENTINEL, ensure_ascii=False).encode())
+    assert tail, "the sentinel must appear in the rendered event"
+    return head, tail
 
 
 async def _first(iterator: AsyncIterator[TextChunk]) -> TextChunk | None:
