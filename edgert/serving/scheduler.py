@@ -416,8 +416,11 @@ class Scheduler:
             if remaining == 0 or budget == 0:
                 continue
             take = min(remaining, budget, self._config.prefill_chunk)
-            if seq.snapshot_at is not None and seq.prompt_fed < seq.snapshot_at:
-                take = min(take, seq.snapshot_at - seq.prompt_fed)  # stop exactly at the snapshot point
+            if seq.snapshot_at is not None and seq.snapshot_exact and seq.prompt_fed < seq.snapshot_at:
+                # stop exactly at a shared-prefix boundary; a candidate (the whole prompt but its
+                # last token) is copied after the step instead, so the prompt is not split and the
+                # first token does not wait one more decode step
+                take = min(take, seq.snapshot_at - seq.prompt_fed)
             for offset in range(take):
                 index = seq.prompt_fed + offset
                 last = index == len(prompt) - 1
@@ -446,7 +449,7 @@ class Scheduler:
                 seq.prompt_fed += count
                 self.stats.prompt_tokens += count
             seq.n_past += count
-            if seq.snapshot_at is not None and seq.prompt_fed == seq.snapshot_at:
+            if seq.snapshot_at is not None and seq.prompt_fed >= seq.snapshot_at:
                 self._snapshot(seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact)
                 seq.snapshot_at = None
         now = time.monotonic()

@@ -177,32 +177,60 @@ def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json(exclude_none=False).encode() + b"\n\n"
 
 
+class RequestContext:
+    """Request id, metrics and the access log as a pure ASGI middleware.
+
+    (Starlette's ``BaseHTTPMiddleware`` -- ``@app.middleware("http")`` -- relays every body chunk of a
+    streaming response through an extra task and memory stream: per-token cost on SSE.)
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                rid = value.decode("latin-1")
+                break
+        rid = rid or uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).inc()
+            if path.startswith("/v1/"):
+                log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={"fields": {"request_id": rid, "ms": round((time.perf_counter() - started) * 1000, 1)}},
+                )
+
+
 def create_app(state: ApiState) -> FastAPI:
     app = FastAPI(title="edgert", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = state.metrics
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        token = request_id.set(rid)
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        finally:
-            request_id.reset(token)
-        response.headers["X-Request-Id"] = rid
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        if path.startswith("/v1/"):
-            log.info(
-                "%s %s %d",
-                request.method,
-                path,
-                response.status_code,
-                extra={"fields": {"request_id": rid, "ms": round((time.perf_counter() - started) * 1000, 1)}},
-            )
-        return response
+    app.add_middleware(RequestContext, metrics=metrics)
 
     @app.exception_handler(EdgertError)
     async def on_edgert_error(_request: Request, exc: EdgertError) -> JSONResponse:
