@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import llama_grammar
 
 from edgert.engine.base import (
@@ -97,13 +98,23 @@ def capabilities() -> BackendCapabilities:
 
 
 class LlamaSampler:
-    """A llama.cpp sampler chain for one request."""
+    """A llama.cpp sampler chain for one request, or none for plain greedy decoding.
+
+    Plain greedy (temperature 0, no grammar, no penalty) needs no chain: the backend
+    takes the argmax of the logits itself, which skips llama.cpp building a candidate
+    array of the whole vocabulary (262 144 entries for Gemma) for every token.
+    """
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
+    @property
+    def plain_greedy(self) -> bool:
+        return self.handle is None
+
     def reset(self) -> None:
-        llama_cpp.llama_sampler_reset(self.handle)
+        if self.handle is not None:
+            llama_cpp.llama_sampler_reset(self.handle)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -135,6 +146,7 @@ class LlamaBackend:
             raise
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch_capacity = options.n_batch
         self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self.info = self._read_info(path, options)
@@ -249,6 +261,8 @@ class LlamaBackend:
 
     # -------------------------------------------------------------- sampling
     def new_sampler(self, params: SamplingParams) -> LlamaSampler:
+        if params.temperature <= 0.0 and params.repeat_penalty == 1.0 and params.json_mode is None:
+            return LlamaSampler(None)
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -264,7 +278,11 @@ class LlamaBackend:
     def _sampler_stages(self, params: SamplingParams) -> list[Any]:
         stages: list[Any] = []
         if params.repeat_penalty != 1.0:
-            stages.append(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            stages.append(
+                llama_cpp.llama_sampler_init_penalties(
+                    self._n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
+                )
+            )
         if params.json_mode is not None:
             gbnf = json_grammar(params.json_schema if params.json_mode == "schema" else None)
             stages.append(llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root"))
@@ -284,6 +302,12 @@ class LlamaBackend:
 
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         assert isinstance(sampler, LlamaSampler)
+        if sampler.plain_greedy:
+            # The first maximum, as llama.cpp's greedy sampler picks it.
+            row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+            if not row:
+                raise EngineError(f"no logits for batch position {batch_index}")
+            return int(np.ctypeslib.as_array(row, (self._n_vocab,)).argmax())
         return int(llama_cpp.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
 
     # -------------------------------------------------------------- decoding

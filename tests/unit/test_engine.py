@@ -8,10 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
-from edgert.engine.base import SamplingParams
-from edgert.engine.llama import LlamaBackend, reference_generate
+from edgert.engine.base import BatchToken, SamplingParams
+from edgert.engine.llama import LlamaBackend, LlamaSampler, reference_generate
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -62,6 +63,47 @@ def test_greedy_output_equals_raw_llama_cpp_python(runtime: Runtime, tiny_gguf: 
         ref = reference_generate(tiny_gguf, options, list(prompt), 48)
         assert ours == detok(runtime, ref.tokens)
         assert result.completion_tokens == len(ref.tokens)
+
+
+def test_plain_greedy_fast_path_picks_what_llama_cpp_greedy_sampler_picks(runtime: Runtime) -> None:
+    backend = runtime.backend
+    assert isinstance(backend, LlamaBackend)
+    fast = backend.new_sampler(GREEDY)
+    assert fast.plain_greedy
+    # Anything beyond plain greedy keeps llama.cpp's chain (grammar, penalties, temperature).
+    for params in (SamplingParams(temperature=0.0, repeat_penalty=1.1), SamplingParams(temperature=0.7)):
+        chained = backend.new_sampler(params)
+        assert not chained.plain_greedy
+        chained.close()
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    reference = LlamaSampler(chain)
+    try:
+        # Logits for every position of three different prompts in one batch.
+        batch: list[BatchToken] = []
+        for seq, text in enumerate(PROMPTS[:3]):
+            tokens = chat(runtime, text)
+            batch += [BatchToken(seq=seq, token=t, pos=i, logits=True) for i, t in enumerate(tokens)]
+        backend.decode(batch)
+        picks = [(backend.sample(fast, i), backend.sample(reference, i)) for i in range(len(batch))]
+    finally:
+        reference.close()
+        for seq in range(3):
+            backend.seq_remove(seq)
+    assert all(ours == theirs for ours, theirs in picks), picks
+    assert len({ours for ours, _ in picks}) > 1  # not one constant token
+
+
+def test_repetition_penalty_makes_a_greedy_output_use_more_distinct_tokens(runtime: Runtime) -> None:
+    prompt = chat(runtime, PROMPTS[2])
+    plain, _ = asyncio.run(generate(runtime, prompt, max_tokens=48))
+    penalised, _ = asyncio.run(
+        generate(runtime, prompt, max_tokens=48, sampling=SamplingParams(temperature=0.0, repeat_penalty=1.8))
+    )
+    assert penalised != plain
+    assert len(set(runtime.backend.tokenize(penalised, add_special=False, parse_special=False))) > len(
+        set(runtime.backend.tokenize(plain, add_special=False, parse_special=False))
+    )
 
 
 def test_concurrent_greedy_outputs_equal_sequential_ones(runtime: Runtime) -> None:
