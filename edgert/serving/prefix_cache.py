@@ -39,6 +39,8 @@ class PrefixEntry:
     exact: bool
     last_used: float = field(default_factory=time.monotonic)
     hits: int = 0
+    #: running sequences whose KV cells include this entry's: it cannot be evicted before they end
+    users: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -106,10 +108,15 @@ class PrefixCache:
         entry.hits += 1
 
     def lru(self) -> PrefixEntry | None:
-        """The entry to evict first: candidates before exact entries, then least recently used."""
-        if not self.entries:
+        """The entry to evict first: candidates before exact entries, then least recently used.
+
+        Entries in use by running sequences are never chosen: their cells stay in the KV
+        cache until those sequences end anyway, so evicting them would free nothing.
+        """
+        idle = [e for e in self.entries if e.users == 0]
+        if not idle:
             return None
-        return min(self.entries, key=lambda e: (e.exact, e.last_used))
+        return min(idle, key=lambda e: (e.exact, e.last_used))
 
     def add(self, tokens: tuple[int, ...], seq: int, *, exact: bool) -> PrefixEntry:
         entry = PrefixEntry(tokens, seq, exact)

@@ -36,7 +36,7 @@ from edgert.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from edgert.serving.prefix_cache import PrefixCache, PrefixEntry, PrefixStore
+from edgert.serving.prefix_cache import Match, PrefixCache, PrefixEntry, PrefixStore
 from edgert.serving.tokens import TextAssembler
 
 log = logging.getLogger("edgert.scheduler")
@@ -212,11 +212,23 @@ class _Sequence:
     generated: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
+    #: KV cells this sequence holds alone (prompt + max_tokens, less what it shares with a prefix entry)
     reserve: int = 0
     cached: int = 0
+    #: the prefix cache entry whose cells this sequence shares (pinned while it runs)
+    shared: PrefixEntry | None = None
     #: take a prefix snapshot when the prefill reaches this many tokens
     snapshot_at: int | None = None
     snapshot_exact: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefixPlan:
+    match: Match
+    #: tokens to take from the entry (the last prompt token is always computed)
+    reuse: int
+    #: False when the sliding window no longer holds the positions the reuse needs
+    usable: bool
 
 
 class Scheduler:
@@ -340,15 +352,23 @@ class Scheduler:
     def _admit(self, now: float) -> None:
         """Move queued requests into free slots while the KV budget allows. Holds the lock."""
         self._expire_queued(now)
-        while self._pending:
+        while self._pending and self._free_slots:
             _, _, seq = self._pending[0]
-            if not self._free_slots or not self._make_room(seq.reserve):
+            plan = self._plan_prefix(seq)
+            # Cells taken from a cached prefix are shared, not copied: count them once, in the entry.
+            need = seq.reserve - (plan.reuse if plan is not None and plan.usable else 0)
+            if plan is not None and plan.usable:
+                plan.match.entry.users += 1  # the room made below must not evict it
+            if not self._make_room(need):
+                if plan is not None and plan.usable:
+                    plan.match.entry.users -= 1
                 break
             heapq.heappop(self._pending)
             seq.slot = self._free_slots.pop()
-            self.stats.kv_reserved += seq.reserve
+            seq.reserve = need
+            self.stats.kv_reserved += need
             self._active.append(seq)
-            self._attach_prefix(seq, now)
+            self._attach_prefix(seq, plan, now)
         self.stats.queue_depth = len(self._pending)
         self.stats.active = len(self._active)
 
@@ -450,7 +470,7 @@ class Scheduler:
                 self.stats.prompt_tokens += count
             seq.n_past += count
             if seq.snapshot_at is not None and seq.prompt_fed >= seq.snapshot_at:
-                self._snapshot(seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact)
+                self._snapshot(seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact, owner=seq)
                 seq.snapshot_at = None
         now = time.monotonic()
         for batch_index, seq in samples:
@@ -534,6 +554,9 @@ class Scheduler:
             self._active.remove(seq)
             self._free_slots.append(seq.slot)
             self.stats.kv_reserved -= seq.reserve
+            if seq.shared is not None:
+                seq.shared.users -= 1
+                seq.shared = None
             self.stats.active = len(self._active)
         self._emit_finish(seq, reason, now, error)
 
@@ -563,8 +586,21 @@ class Scheduler:
             self._evict(victim)
         return True
 
-    def _attach_prefix(self, seq: _Sequence, now: float) -> None:
-        """Give a newly admitted sequence the longest usable cached prefix, and plan a snapshot."""
+    def _plan_prefix(self, seq: _Sequence) -> _PrefixPlan | None:
+        """The cached prefix a queued sequence would start from, if any (decided before admission)."""
+        cache = self._prefix
+        if cache is None or seq.request.prefill_only:
+            return None
+        prompt = seq.request.prompt
+        match = cache.best_match(prompt)
+        if match is None or match.common < cache.min_tokens:
+            return None
+        reuse = min(match.common, len(prompt) - 1)  # the last prompt token always yields the first logits
+        usable = cache.usable(match, reuse, self._backend.seq_pos_min(match.entry.seq))
+        return _PrefixPlan(match, reuse, usable)
+
+    def _attach_prefix(self, seq: _Sequence, plan: _PrefixPlan | None, now: float) -> None:
+        """Give a newly admitted sequence its planned cached prefix, and plan a snapshot."""
         cache = self._prefix
         if cache is None:
             return
@@ -576,28 +612,33 @@ class Scheduler:
             else:
                 seq.snapshot_at, seq.snapshot_exact = len(prompt), True
             return
-        match = cache.best_match(prompt)
-        limit = len(prompt) - 1  # the last prompt token is always computed: it yields the first logits
-        if match is not None and match.common >= cache.min_tokens:
-            reuse = min(match.common, limit)
-            if cache.usable(match, reuse, self._backend.seq_pos_min(match.entry.seq)):
-                self._backend.seq_copy(match.entry.seq, seq.slot, 0, reuse)
-                seq.prompt_fed = seq.n_past = seq.cached = reuse
-                cache.touch(match.entry)
-                self.stats.prefix_hits += 1
-                self.stats.prefix_tokens_reused += reuse
-                if reuse < len(match.entry) and not cache.has_exact(prompt[:reuse]):
-                    # the shared part ends inside this entry: keep exactly the shared part
-                    self._snapshot(match.entry.seq, prompt[:reuse], exact=True)
-                return
-            if not cache.has_exact(prompt[:reuse]):
-                seq.snapshot_at, seq.snapshot_exact = reuse, True
-        elif limit >= cache.min_tokens:
-            seq.snapshot_at, seq.snapshot_exact = limit, False
+        if plan is not None and plan.usable:
+            entry, reuse = plan.match.entry, plan.reuse
+            self._backend.seq_copy(entry.seq, seq.slot, 0, reuse)
+            seq.prompt_fed = seq.n_past = seq.cached = reuse
+            seq.shared = entry  # pinned by _admit
+            cache.touch(entry)
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens_reused += reuse
+            if reuse < len(entry) and not cache.has_exact(prompt[:reuse]):
+                # the shared part ends inside this entry: keep exactly the shared part
+                self._snapshot(entry.seq, prompt[:reuse], exact=True)
+            return
+        if plan is not None:
+            if not cache.has_exact(prompt[: plan.reuse]):
+                seq.snapshot_at, seq.snapshot_exact = plan.reuse, True
+        elif len(prompt) - 1 >= cache.min_tokens:
+            seq.snapshot_at, seq.snapshot_exact = len(prompt) - 1, False
         self.stats.prefix_misses += 1
 
-    def _snapshot(self, source_seq: int, tokens: tuple[int, ...], *, exact: bool) -> None:
-        """Copy positions [0, len(tokens)) of ``source_seq`` into a cache entry (cells are shared, not copied)."""
+    def _snapshot(
+        self, source_seq: int, tokens: tuple[int, ...], *, exact: bool, owner: _Sequence | None = None
+    ) -> None:
+        """Copy positions [0, len(tokens)) of ``source_seq`` into a cache entry (cells are shared, not copied).
+
+        With ``owner`` (the running sequence that computed the cells) the cells move from the
+        owner's reservation to the entry, which the owner then shares; otherwise they are counted anew.
+        """
         cache = self._prefix
         if cache is None or len(tokens) > cache.max_tokens:
             return
@@ -607,13 +648,20 @@ class Scheduler:
             if victim is None or (victim.exact and not exact):
                 return  # a mere candidate never pushes out a proven shared prefix
             self._evict(victim)
-        if self.stats.kv_reserved + need > self._config.n_ctx:
+        transfer = owner is not None and owner.shared is None and owner.reserve >= need
+        if not transfer and self.stats.kv_reserved + need > self._config.n_ctx:
             return
         seq_id = cache.take_seq()
         assert seq_id is not None
         self._backend.seq_copy(source_seq, seq_id, 0, need)
         entry = cache.add(tokens, seq_id, exact=exact)
-        self.stats.kv_reserved += need
+        if transfer:
+            assert owner is not None
+            owner.reserve -= need
+            owner.shared = entry
+            entry.users += 1
+        else:
+            self.stats.kv_reserved += need
         self.stats.prefix_entries = len(cache.entries)
         store = self._config.prefix_store
         if exact and store is not None:
@@ -633,6 +681,7 @@ class Scheduler:
 
     def _evict(self, entry: PrefixEntry) -> None:
         assert self._prefix is not None
+        assert entry.users == 0, "a prefix entry in use cannot be evicted"
         self._backend.seq_remove(entry.seq)
         self._prefix.drop(entry)
         self.stats.kv_reserved -= len(entry)

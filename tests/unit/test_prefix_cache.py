@@ -129,14 +129,53 @@ def test_cached_prefixes_give_way_when_requests_need_the_kv_cache(tmp_path: Path
         ask(rt, QUESTIONS[1])
         assert rt.scheduler.stats.prefix_entries >= 1
 
+        prompt = rt.chat_prompt([{"role": "user", "content": "word " * 150}])
+
         async def big() -> Finished:
-            prompt = rt.chat_prompt([{"role": "user", "content": "word " * 150}])
             request = rt.request(prompt, sampling=GREEDY, max_tokens=1024 - len(prompt) - 1, ignore_eos=True)
             return (await rt.scheduler.submit(request).collect())[1]
 
         assert asyncio.run(big()).reason == "length"
-        assert rt.scheduler.stats.prefix_entries == 0
-        assert rt.scheduler.stats.kv_reserved == 0
+        # the system prompt's entries made room; what is left is the big prompt's own candidate
+        # entry, whose cells the request computed itself (moved from its reservation, not added)
+        assert rt.scheduler.stats.prefix_entries == 1
+        assert rt.scheduler.stats.kv_reserved == len(prompt) - 1
+        assert ask(rt, QUESTIONS[2])[1].cached_tokens == 0
+    finally:
+        rt.close()
+
+
+def test_a_shared_cached_prefix_is_counted_once_when_admitting(tmp_path: Path, tiny_gguf: Path) -> None:
+    # 4 requests of ~310 prompt tokens + 120 new ones: counted one by one only 2 fit in 1024
+    # cells; sharing the ~300-token system prompt's cells, all 4 run at once.
+    rt = open_rt(tmp_path, tiny_gguf, n_ctx=1024, n_parallel=4, prefix_cache_persist=False)
+    try:
+        ask(rt, QUESTIONS[0])
+        ask(rt, QUESTIONS[1])  # cuts the exact shared entry
+        prompts = [
+            rt.chat_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]) for q in QUESTIONS
+        ]
+        assert all(2 * (len(p) + 120) <= 1024 < 3 * (len(p) + 120) for p in prompts)
+
+        async def together() -> tuple[int, list[Finished]]:
+            streams = [
+                rt.scheduler.submit(rt.request(p, sampling=GREEDY, max_tokens=120, ignore_eos=True)) for p in prompts
+            ]
+            runs = asyncio.gather(*(s.collect() for s in streams))
+            peak = 0
+            while not runs.done():
+                peak = max(peak, rt.scheduler.stats.active)
+                await asyncio.sleep(0.0005)
+            return peak, [finished for _, finished in await runs]
+
+        peak, results = asyncio.run(together())
+        assert peak == 4
+        assert [r.reason for r in results] == ["length"] * 4
+        assert all(r.cached_tokens > 250 for r in results)
+        assert rt.scheduler.stats.kv_reserved == sum(
+            len(e)
+            for e in rt.scheduler._prefix.entries  # type: ignore[union-attr]
+        )
     finally:
         rt.close()
 
