@@ -41,7 +41,8 @@ def load_options(engine: EngineSettings) -> LoadOptions:
     threads = engine.n_threads or default_threads()
     return LoadOptions(
         n_ctx=engine.n_ctx,
-        n_seq_max=engine.n_parallel + engine.prefix_cache_entries,
+        # the prefix cache shares KV cells between sequences: only possible in one unified pool
+        n_seq_max=engine.n_parallel + (engine.prefix_cache_entries if engine.kv_unified else 0),
         n_batch=engine.n_batch,
         n_ubatch=engine.n_ubatch,
         n_threads=threads,
@@ -51,6 +52,7 @@ def load_options(engine: EngineSettings) -> LoadOptions:
         swa_full=engine.swa_full,
         kv_cache_type=engine.kv_cache_type,
         use_mmap=engine.use_mmap,
+        kv_unified=engine.kv_unified,
     )
 
 
@@ -225,7 +227,8 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
             backend,
             SchedulerConfig(
                 n_slots=settings.engine.n_parallel,
-                n_ctx=info.n_ctx,
+                n_ctx=info.n_ctx_seq,
+                kv_cells=info.n_ctx_seq * options.n_seq_max if not options.kv_unified else info.n_ctx,
                 n_batch=options.n_batch,
                 prefill_chunk=settings.engine.prefill_chunk,
                 max_queue=settings.engine.max_queue,

@@ -77,6 +77,14 @@ class EngineSettings(BaseModel):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16", description="KV-cache element type; quantized types need flash attention."
     )
+    kv_unified: bool = Field(
+        True,
+        description=(
+            "One KV pool for all slots: any request may use the whole n_ctx and the prefix cache shares"
+            " cells. false = n_ctx / n_parallel private cells per slot: faster with many concurrent"
+            " streams, no prefix cache."
+        ),
+    )
     prefix_cache_entries: int = Field(
         4, ge=0, le=32, description="Prompt prefixes kept in the KV cache for reuse (0 = no prefix cache)."
     )

@@ -40,6 +40,8 @@ class LoadOptions:
     swa_full: bool = False
     kv_cache_type: str = "f16"
     use_mmap: bool = True
+    #: one KV pool for all sequences (False: n_ctx / n_seq_max private cells each)
+    kv_unified: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,8 @@ class ModelInfo:
     path: Path
     architecture: str
     n_ctx: int
+    #: the most positions one sequence can hold (n_ctx with a unified KV cache)
+    n_ctx_seq: int
     n_ctx_train: int
     n_seq_max: int
     #: sliding-window size of SWA layers (0 = no sliding-window attention)

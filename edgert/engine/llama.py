@@ -173,9 +173,11 @@ class LlamaBackend:
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         params.swa_full = options.swa_full
-        # One KV pool for all slots: any sequence may use the whole context, and copying a cached
-        # prefix to another sequence only tags cells instead of moving data.
-        params.kv_unified = True
+        # One KV pool for all slots (the default): any sequence may use the whole context, and
+        # copying a cached prefix to another sequence only tags cells instead of moving data.
+        # Private per-sequence cells make attention cheaper with many streams (each attends only
+        # over its own cells) at the price of a per-request context of n_ctx / n_seq_max.
+        params.kv_unified = options.kv_unified
         params.type_k = _KV_TYPES[options.kv_cache_type]
         params.type_v = _KV_TYPES[options.kv_cache_type]
         params.no_perf = True
@@ -210,6 +212,7 @@ class LlamaBackend:
             path=path,
             architecture=self._meta("general.architecture") or "unknown",
             n_ctx=llama_cpp.llama_n_ctx(self._ctx),
+            n_ctx_seq=llama_cpp.llama_n_ctx_seq(self._ctx),
             n_ctx_train=llama_cpp.llama_model_n_ctx_train(self._model),
             n_seq_max=options.n_seq_max,
             n_swa=llama_cpp.llama_model_n_swa(self._model),

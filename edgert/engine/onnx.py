@@ -318,6 +318,7 @@ class OnnxBackend:
             path=path,
             architecture=found.architecture,
             n_ctx=n_ctx,
+            n_ctx_seq=n_ctx,
             n_ctx_train=found.context_length,
             n_seq_max=options.n_seq_max,
             n_swa=0,  # no shared KV cache: the prefix cache (the only n_swa reader) is off for this backend

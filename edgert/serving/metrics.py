@@ -29,7 +29,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("edgert_queue_depth", "Requests waiting for a sequence slot", stats.queue_depth)
         yield GaugeMetricFamily("edgert_active_sequences", "Sequences being decoded", stats.active)
         yield GaugeMetricFamily(
-            "edgert_kv_cache_used_ratio", "KV cache reserved by running sequences / context", stats.kv_reserved / n_ctx
+            "edgert_kv_cache_used_ratio", "KV cells reserved / KV cells in all", stats.kv_reserved / n_ctx
         )
         yield GaugeMetricFamily("edgert_kv_cache_used_tokens", "KV cache cells reserved", stats.kv_reserved)
         yield CounterMetricFamily("edgert_prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)

@@ -89,9 +89,12 @@ class Finished:
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     n_slots: int
+    #: the most positions one request may use (prompt + generated)
     n_ctx: int
     n_batch: int
     prefill_chunk: int
+    #: KV cells admission may reserve in all; 0 = n_ctx (one unified pool)
+    kv_cells: int = 0
     max_queue: int = 64
     #: Retry-After hint given when the queue is full
     retry_after_s: float = 1.0
@@ -271,6 +274,10 @@ class Scheduler:
     @property
     def config(self) -> SchedulerConfig:
         return self._config
+
+    @property
+    def kv_cells(self) -> int:
+        return self._config.kv_cells or self._config.n_ctx
 
     @property
     def _backend(self) -> Backend:
@@ -579,7 +586,7 @@ class Scheduler:
     # --------------------------------------------------------- prefix cache
     def _make_room(self, need: int) -> bool:
         """True when ``need`` more KV cells fit, evicting cached prefixes if that is what it takes."""
-        while self.stats.kv_reserved + need > self._config.n_ctx:
+        while self.stats.kv_reserved + need > self.kv_cells:
             victim = self._prefix.lru() if self._prefix is not None else None
             if victim is None:
                 return False
@@ -649,7 +656,7 @@ class Scheduler:
                 return  # a mere candidate never pushes out a proven shared prefix
             self._evict(victim)
         transfer = owner is not None and owner.shared is None and owner.reserve >= need
-        if not transfer and self.stats.kv_reserved + need > self._config.n_ctx:
+        if not transfer and self.stats.kv_reserved + need > self.kv_cells:
             return
         seq_id = cache.take_seq()
         assert seq_id is not None

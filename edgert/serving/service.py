@@ -42,7 +42,7 @@ class InferenceService:
         return [ModelCard(id=self.model_id, created=self.created)]
 
     def stats(self) -> tuple[SchedulerStats, int]:
-        return self.runtime.scheduler.stats, self.runtime.scheduler.config.n_ctx
+        return self.runtime.scheduler.stats, self.runtime.scheduler.kv_cells
 
     def check_model(self, name: str | None) -> str:
         if name in (None, "", "default", self.model_id):

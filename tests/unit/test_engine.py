@@ -118,6 +118,28 @@ def test_concurrent_greedy_outputs_equal_sequential_ones(runtime: Runtime) -> No
     assert runtime.scheduler.idle()
 
 
+def test_private_kv_cells_per_slot_limit_each_request_and_keep_outputs(tmp_path: Path, tiny_gguf: Path) -> None:
+    rt = open_runtime(make_settings(tmp_path, tiny_gguf, kv_unified=False, n_ctx=1024, n_parallel=4))
+    try:
+        assert rt.backend.info.n_ctx_seq == 256  # 1024 cells split between 4 slots, no prefix sequences
+        assert rt.scheduler.config.n_ctx == 256
+        assert rt.scheduler.kv_cells == 1024
+        prompts = [chat(rt, text) for text in PROMPTS[:4]]
+
+        async def together() -> list[str]:
+            runs = [generate(rt, p, max_tokens=24) for p in prompts]
+            return [text for text, _ in await asyncio.gather(*runs)]
+
+        concurrent = asyncio.run(together())
+        sequential = [asyncio.run(generate(rt, p, max_tokens=24))[0] for p in prompts]
+        assert concurrent == sequential
+        with pytest.raises(PromptTooLongError, match="context holds 256"):
+            asyncio.run(generate(rt, chat(rt, "word " * 300)))
+        assert rt.scheduler.stats.prefix_hits == rt.scheduler.stats.prefix_misses == 0  # no prefix cache
+    finally:
+        rt.close()
+
+
 def test_new_request_joins_a_running_batch(runtime: Runtime) -> None:
     long_prompt, short_prompt = chat(runtime, "long"), chat(runtime, "short")
 
