@@ -10,7 +10,9 @@
 # benchmark itself; run the script in the background (nohup ... &) and poll its log.
 # edgert is served from a snapshot of the committed tree (`git archive HEAD edgert`), so
 # edits other people make to the working tree during the run cannot change what is measured;
-# EDGERT_SRC=<dir> serves another tree, EDGERT_ALT_SRC=<dir> adds it as system "edgert-alt".
+# EDGERT_SRC=<dir> serves another tree, EDGERT_ALT_SRC=<dir> adds it as system "edgert-alt";
+# EDGERT_ALT_ENV="KEY=VALUE ..." adds system "edgert-alt" with those settings (same tree unless
+# EDGERT_ALT_SRC is set), e.g. EDGERT_ALT_ENV="EDGERT_ENGINE__KV_UNIFIED=false EDGERT_ENGINE__N_CTX=32768".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +28,8 @@ if [[ -z "${EDGERT_SRC:-}" ]]; then
     git archive HEAD edgert | tar -x -C "$EDGERT_SRC"
 fi
 alt=()
-if [[ -n "${EDGERT_ALT_SRC:-}" ]]; then alt=(--edgert-alt-src "$EDGERT_ALT_SRC"); fi
+if [[ -n "${EDGERT_ALT_SRC:-}" || -n "${EDGERT_ALT_ENV:-}" ]]; then alt=(--edgert-alt-src "${EDGERT_ALT_SRC:-$EDGERT_SRC}"); fi
+for kv in ${EDGERT_ALT_ENV:-}; do alt+=(--edgert-alt-env "$kv"); done
 
 case "$which" in
 270m)

@@ -77,6 +77,8 @@ EDGERT = str(REPO / ".venv" / "bin" / "edgert")
 EDGERT_SRC = ""
 #: source tree of the ``edgert-alt`` system (an A/B variant of edgert, e.g. a patched snapshot)
 EDGERT_ALT_SRC = ""
+#: extra environment of the ``edgert-alt`` system (an A/B of settings, e.g. EDGERT_ENGINE__KV_UNIFIED=false)
+EDGERT_ALT_ENV: dict[str, str] = {}
 
 STORY = (
     "Once upon a time, in a small village by the sea, there lived an old fisherman and his three "
@@ -264,10 +266,13 @@ class Target:
     def start(self) -> float:
         """Spawn; return seconds to ready."""
         self.build()
+        return self._spawn(f"start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}")
+
+    def _spawn(self, banner: str) -> float:
         env = dict(os.environ)
         env.update(self.env_extra)
         log = open(self.log_path, "ab")  # noqa: SIM115
-        log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
+        log.write(f"\n=== {banner}\n".encode())
         log.flush()
         started = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -411,24 +416,7 @@ class EdgertTarget(Target):
     def restart_keep_state(self) -> float:
         """Stop and start again on the same state dir (persisted prefix cache); seconds to ready."""
         self.stop()
-        env = dict(os.environ)
-        env.update(self.env_extra)
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        log.write(f"\n=== restart (same state dir) {time.strftime('%H:%M:%S')}\n".encode())
-        log.flush()
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
-        log.close()
-        self.wait_ready(started)
-        return time.perf_counter() - started
+        return self._spawn(f"restart (same state dir) {time.strftime('%H:%M:%S')}")
 
     def ready_url(self) -> str:
         return "http://edgert/ready"
@@ -451,6 +439,7 @@ class EdgertAltTarget(EdgertTarget):
         super().build()
         self.sock = self.workdir / "edgert-alt.sock"
         self.command[self.command.index("--socket") + 1] = str(self.sock)
+        self.env_extra.update(EDGERT_ALT_ENV)
 
 
 class LlamaServerTarget(Target):
@@ -895,6 +884,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "commands": {},
         "edgert_src": EDGERT_SRC or str(REPO),
         "edgert_alt_src": EDGERT_ALT_SRC,
+        "edgert_alt_env": EDGERT_ALT_ENV,
         "repo_git_head": _git_describe(),
         "cold_start_s": {t.name: [] for t in targets},
         "rss_after_load": {},
@@ -1124,6 +1114,13 @@ def main() -> None:
         help="repeat a measurement (keeping every attempt) when other jobs used > 0.25 cores during it",
     )
     p.add_argument("--edgert-alt-src", help="edgert/ source tree served as system 'edgert-alt' (A/B)")
+    p.add_argument(
+        "--edgert-alt-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of system 'edgert-alt' on top of edgert's (A/B of settings); repeatable",
+    )
     p.add_argument("--only-prefix", action="store_true", help="measure only the system-prompt TTFT")
     p.add_argument(
         "--edgert-src",
@@ -1141,6 +1138,7 @@ def main() -> None:
         p.error("--model is required")
     random.seed(args.seed)
     global EDGERT_SRC, EDGERT_ALT_SRC
+    EDGERT_ALT_ENV.update(item.split("=", 1) for item in args.edgert_alt_env)
     if args.edgert_src:
         EDGERT_SRC = str(Path(args.edgert_src).resolve())
     if args.edgert_alt_src:
