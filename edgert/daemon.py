@@ -22,29 +22,26 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import sdnotify
 import uvicorn
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.registry import Collector
 
 from edgert import __version__
-from edgert.api.mqtt_schemas import DeployState
 from edgert.errors import EdgertError
 from edgert.log import redact
-from edgert.model_switch import ServingModelSwitch
 from edgert.runtime import Runtime, open_runtime
 from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
 from edgert.transport.http import ApiState, BodyLimit, create_app
-from edgert.transport.mqtt import MqttTransport
 from edgert.transport.uds import bind_unix_socket
-from edgert.update.loop import run_update_loop
-from edgert.update.orchestrator import Updater
-from edgert.update.state import Phase
+
+if TYPE_CHECKING:  # imported when configured: a kiosk without MQTT or updates never loads them
+    from edgert.transport.mqtt import MqttTransport
+    from edgert.update_service import UpdateService
 
 log = logging.getLogger("edgert.daemon")
 
@@ -86,13 +83,13 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.state = ApiState(metrics=Metrics(self._stats), max_body_bytes=settings.serve.max_body_bytes)
         self.exit_code = 0
-        #: set by `POST /update/check` and the MQTT cmd topic: run an update round now
-        self.update_nudge = asyncio.Event()
-        self.updater = Updater(settings) if settings.update.registry_url else None
-        if self.updater is not None:
-            self.state.on_update_check = self.update_nudge.set
-            self.state.update_status = lambda: self.updater.status().model_dump(mode="json") if self.updater else {}
-            self.state.metrics.registry.register(_UpdateCollector(self.updater))
+        self.updates: UpdateService | None = None
+        if settings.update.registry_url:
+            from edgert.update_service import UpdateService  # noqa: PLC0415 - only when configured
+
+            self.updates = UpdateService(settings, self.state.metrics.registry)
+            self.state.on_update_check = self.updates.nudge.set
+            self.state.update_status = self.updates.status
 
     def _stats(self) -> tuple[SchedulerStats, int]:
         service = self.state.service
@@ -160,24 +157,18 @@ class Daemon:
 
     def _start_updates(self, mqtt: MqttTransport | None) -> asyncio.Task[None] | None:
         """Signed model updates in the background: on start, every interval (+ jitter), and when nudged."""
-        service, updater = self.state.service, self.updater
-        if updater is None or service is None or not service.ready:
+        service = self.state.service
+        if self.updates is None or service is None or not service.ready:
             return None
-        loop = asyncio.get_running_loop()
-        updater.switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
-
-        def report(outcome: str) -> None:
-            if mqtt is not None:
-                mqtt.publish_deploy(deploy_state(updater, outcome, device_id=mqtt.device_id))
-
-        return asyncio.create_task(run_update_loop(updater, nudge=self.update_nudge, on_round=report))
+        if mqtt is None:
+            return self.updates.start(service, None, "")
+        return self.updates.start(service, mqtt.publish_deploy, mqtt.device_id)
 
     def _initial_model(self) -> str | None:
         """An explicit --model wins; else the release the update path committed; else settings.model."""
-        if self.model is not None or self.updater is None:
+        if self.model is not None or self.updates is None:
             return self.model
-        current = self.updater.current_path()
-        return str(current) if current is not None and current.is_file() else None
+        return self.updates.initial_model()
 
     async def _load_and_probe(self, server: _Server) -> None:
         try:
@@ -234,8 +225,10 @@ class Daemon:
         service = self.state.service
         if not self.settings.mqtt.broker or service is None or not service.ready:
             return None
+        from edgert.transport.mqtt import MqttTransport  # noqa: PLC0415 - only when configured
+
         transport = MqttTransport(
-            self.settings, self.state, on_update_check=self.update_nudge.set if self.updater else None
+            self.settings, self.state, on_update_check=self.updates.nudge.set if self.updates else None
         )
         await transport.start()
         return transport
@@ -257,49 +250,6 @@ class Daemon:
                 self._notify("WATCHDOG=1")
             else:
                 log.error("engine made no progress for %.1f s; withholding the watchdog ping", stalled_for)
-
-
-def deploy_state(updater: Updater, outcome: str, *, device_id: str) -> DeployState:
-    state = updater.status()
-    return DeployState(
-        device_id=device_id,
-        phase=state.phase.value,
-        current=state.current.key if state.current else None,
-        previous=state.previous.key if state.previous else None,
-        pending=state.pending.key if state.pending else None,
-        blocklist=state.blocklist,
-        last_check=state.last_check,
-        last_error=state.last_error,
-        last_round=outcome,
-        ts=time.time(),
-    )
-
-
-class _UpdateCollector(Collector):
-    """Deployment state in /metrics, read from the update path's state file at scrape time."""
-
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
-
-    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
-        state = self._updater.status()
-        phase = GaugeMetricFamily("edgert_update_phase", "Current phase of the model update path", labels=["phase"])
-        for candidate in Phase:
-            phase.add_metric([candidate.value], 1.0 if state.phase is candidate else 0.0)
-        yield phase
-        releases = InfoMetricFamily("edgert_update_release", "Committed and pending model releases")
-        releases.add_metric(
-            [],
-            {
-                "current": state.current.key if state.current else "",
-                "previous": state.previous.key if state.previous else "",
-                "pending": state.pending.key if state.pending else "",
-            },
-        )
-        yield releases
-        yield GaugeMetricFamily(
-            "edgert_update_blocklisted", "Releases blocklisted on this device", len(state.blocklist)
-        )
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:

@@ -43,3 +43,13 @@ def test_importing_the_cli_loads_no_subcommand_and_no_heavy_library() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.split()
     assert loaded == [], loaded
+
+
+def test_the_daemon_loads_neither_the_update_path_nor_mqtt_unless_configured() -> None:
+    probe = (
+        "import sys, edgert.daemon; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'tuf', 'securesystemslib', 'paho', 'httpx'})),"
+        " ' '.join(sorted(m for m in sys.modules if m.startswith(('edgert.update', 'edgert.transport.mqtt')))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.split()
+    assert loaded == [], loaded
