@@ -11,9 +11,16 @@ downloads: ``tests/fixtures/tiny-gemma3-onnx`` (Gemma 3, 2 layers, hidden 64, vo
 and ``tests/fixtures/tiny-gemma4.gguf`` (Gemma 4, 2 layers, hidden 64, vocab 8192, F16). At this
 size both measure per-token overhead (Python, scheduler, library calls), not matrix math.
 
+``--onnx`` and ``--gguf`` may each be given several times to measure more models in the same
+alternating rounds; ``benchmarks/make_mid_gemma3.py`` builds a mid-size random Gemma 3
+(6 layers, hidden 640, the real 262,144-token vocabulary) as ONNX fp32/int4 and GGUF
+F32/F16/Q8_0/Q4_K_M from one checkpoint, so precisions can be compared side by side.
+
 Usage::
 
-    .venv/bin/python benchmarks/onnx_vs_llama.py [--onnx FOLDER] [--gguf FILE] [--tokens 128] [--rounds 5]
+    .venv/bin/python benchmarks/onnx_vs_llama.py [--onnx FOLDER ...] [--gguf FILE ...] \\
+        [--tokens 128] [--rounds 5] [--threads 1]
+
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from edgert.runtime import Runtime, open_runtime
 from edgert.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+N_CTX = 2048
 GREEDY = SamplingParams(temperature=0.0)
 QUESTIONS = [
     "Tell me a story about the sea.",
@@ -40,7 +48,7 @@ QUESTIONS = [
 
 
 def open_model(model: Path, state_dir: Path, threads: int, parallel: int) -> Runtime:
-    engine = {"n_ctx": 2048, "n_parallel": parallel, "n_threads": threads, "n_threads_batch": threads}
+    engine = {"n_ctx": N_CTX, "n_parallel": parallel, "n_threads": threads, "n_threads_batch": threads}
     return open_runtime(load_settings(state_dir=state_dir, model=str(model), engine=engine))
 
 
@@ -58,36 +66,48 @@ def measure(rt: Runtime, n_streams: int, tokens: int) -> float:
     return generated / seconds
 
 
+def size_on_disk(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) if model.is_dir() else model.stat().st_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--onnx", type=Path, default=ROOT / "tests/fixtures/tiny-gemma3-onnx")
-    parser.add_argument("--gguf", type=Path, default=ROOT / "tests/fixtures/tiny-gemma4.gguf")
+    parser.add_argument("--onnx", type=Path, action="append", help="ONNX GenAI folder (repeatable)")
+    parser.add_argument("--gguf", type=Path, action="append", help="GGUF file (repeatable)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    models = [("onnxruntime-genai", m) for m in args.onnx or [ROOT / "tests/fixtures/tiny-gemma3-onnx"]]
+    models += [("llama.cpp", m) for m in args.gguf or [ROOT / "tests/fixtures/tiny-gemma4.gguf"]]
+    names = [f"{backend} {model.name}" for backend, model in models]
+    results: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        systems = {
-            "onnxruntime-genai": open_model(args.onnx, Path(tmp) / "onnx", args.threads, 4),
-            "llama.cpp": open_model(args.gguf, Path(tmp) / "gguf", args.threads, 4),
-        }
+        systems: dict[str, Runtime] = {}
         try:
-            results: dict[tuple[str, int], list[float]] = {}
-            names = list(systems)
+            for i, (name, (_, model)) in enumerate(zip(names, models, strict=True)):
+                systems[name] = open_model(model, Path(tmp) / str(i), args.threads, 4)
             for name in names:  # warm-up
                 measure(systems[name], 1, 16)
             for r in range(args.rounds):
-                for name in names[r % 2 :] + names[: r % 2]:
+                shift = r % len(names)  # each round starts with the next system
+                for name in names[shift:] + names[:shift]:
                     for n_streams in (1, 4):
                         results.setdefault((name, n_streams), []).append(measure(systems[name], n_streams, args.tokens))
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
         finally:
             for rt in systems.values():
                 rt.close()
     print(f"{args.tokens} tokens per stream, greedy, {args.threads} thread(s), median of {args.rounds} rounds")
-    print(f"{'backend':<20}{'1 stream tok/s':>16}{'4 streams tok/s':>17}")
-    for name in names:
-        one, four = (statistics.median(results[(name, n)]) for n in (1, 4))
-        print(f"{name:<20}{one:>16,.0f}{four:>17,.0f}")
+    width = max(len(name) for name in names) + 2
+    print(f"{'backend model':<{width}}{'MiB':>8}{'1 stream tok/s':>16}{'4 streams tok/s':>17}   (min - max)")
+    for name, (_, model) in zip(names, models, strict=True):
+        one, four = (results[(name, n)] for n in (1, 4))
+        spread = f"{min(one):,.1f}-{max(one):,.1f} / {min(four):,.1f}-{max(four):,.1f}"
+        mib = size_on_disk(model) / 2**20
+        print(
+            f"{name:<{width}}{mib:>8,.0f}{statistics.median(one):>16,.1f}{statistics.median(four):>17,.1f}   ({spread})"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,13 @@
-"""Serving over MQTT against a real mosquitto and real daemon subprocesses (tiny Gemma 4 GGUF)."""
+"""Serving over MQTT against a real mosquitto and real daemon subprocesses.
+
+The serving tests (request/response, streaming, interop, bad payloads, duplicates, overload,
+cancel, telemetry, CLI) run once per backend through the ``tiny_model`` fixture: the tiny Gemma 4
+GGUF on llama.cpp, then the tiny Gemma 3 ONNX folder on onnxruntime-genai. The tests of the link
+itself (last will, broker restart, reply buffer, shared subscriptions, TLS) keep the GGUF: they
+exercise paho, mosquitto and the reply path, which no backend touches, and two of them need a
+generation that outlasts a broker restart (seconds), longer than the ONNX fixture's 2048-token
+context lasts (~0.2 s).
+"""
 
 from __future__ import annotations
 
@@ -89,11 +98,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="module")
-def device_a(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
-    """Two slots and no queue (so overload is easy to provoke), a 4 KiB message limit, fast telemetry."""
+def device_a(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, broker: Broker) -> Iterator[DaemonProcess]:
+    """Two slots and no queue (so overload is easy to provoke), a 4 KiB message limit, fast telemetry.
+
+    One per backend, one after the other under the same device id.
+    """
     proc = mqtt_daemon(
         tmp_path_factory.mktemp("dev-a"),
-        tiny_gguf,
+        tiny_model,
         broker,
         "dev-a",
         engine__n_parallel="2",
@@ -114,18 +126,26 @@ def watcher(broker: Broker) -> Iterator[MqttRequester]:
 
 @pytest.fixture(scope="module")
 def client(broker: Broker, device_a: DaemonProcess, watcher: MqttRequester) -> Iterator[MqttRequester]:
+    """A technician's client, once dev-a (on either backend) is online."""
     wait_status(watcher, "dev-a", "online")
     with MqttRequester(broker.client_settings()) as requester:
         yield requester
 
 
+@pytest.fixture(scope="module")
+def technician(broker: Broker) -> Iterator[MqttRequester]:
+    """A client for the link tests, which start their own devices and need no dev-a."""
+    with MqttRequester(broker.client_settings()) as requester:
+        yield requester
+
+
 # ---------------------------------------------------------------------------- request / response
-def test_mqtt5_request_response(client: MqttRequester) -> None:
+def test_mqtt5_request_response(client: MqttRequester, device_a: DaemonProcess) -> None:
     [final] = client.ask(DEV_A.req, chat(8, temperature=0))
     assert isinstance(final, ReplyFinal)
     assert final.seq == 0
     assert final.device_id == "dev-a"
-    assert final.model == "tiny-gemma4.gguf"
+    assert final.model == device_a.model.name
     assert final.finish_reason in ("stop", "length")
     assert final.content
     assert 1 <= final.usage.completion_tokens <= 8
@@ -270,7 +290,7 @@ def test_telemetry_is_published(broker: Broker, client: MqttRequester) -> None:
     assert reading.mqtt.requests >= 1
 
 
-def test_cli_ask_and_status(broker: Broker, client: MqttRequester) -> None:
+def test_cli_ask_and_status(broker: Broker, client: MqttRequester, device_a: DaemonProcess) -> None:
     base = [sys.executable, "-m", "edgert", "mqtt"]
     where = ["--broker", f"127.0.0.1:{broker.port}"]
     ask = subprocess.run(
@@ -282,7 +302,7 @@ def test_cli_ask_and_status(broker: Broker, client: MqttRequester) -> None:
     assert ask.returncode == 0, ask.stderr
     assert ReplyFinal.model_validate_json(ask.stdout).device_id == "dev-a"
     status = subprocess.run([*base, "status", *where, "--wait", "0.3"], capture_output=True, text=True, check=True)
-    assert re.search(r"^dev-a\s+online\s+tiny-gemma4.gguf", status.stdout, re.MULTILINE), status.stdout
+    assert re.search(rf"^dev-a\s+online\s+{re.escape(device_a.model.name)}", status.stdout, re.MULTILINE), status.stdout
     missing = subprocess.run(
         [*base, "ask", *where, "--device", "nobody", "--timeout", "0.5", "Hi"],
         capture_output=True,
@@ -295,14 +315,14 @@ def test_cli_ask_and_status(broker: Broker, client: MqttRequester) -> None:
 
 # ---------------------------------------------------------------------------- failures of the link
 def test_last_will_then_request_sent_while_down_is_answered_after_start(
-    tmp_path: Path, tiny_gguf: Path, broker: Broker, watcher: MqttRequester, client: MqttRequester
+    tmp_path: Path, tiny_gguf: Path, broker: Broker, watcher: MqttRequester, technician: MqttRequester
 ) -> None:
     device = mqtt_daemon(tmp_path, tiny_gguf, broker, "dev-e")
     wait_status(watcher, "dev-e", "online")
     device.stop(signal.SIGKILL)
     assert wait_status(watcher, "dev-e", "offline").reason == "connection lost"  # the broker's last will
 
-    pending = client.send("edgert/v1/dev-e/req", chat(5, id="while-down"))
+    pending = technician.send("edgert/v1/dev-e/req", chat(5, id="while-down"))
     time.sleep(0.2)
     restarted = start_daemon(tmp_path, tiny_gguf, **broker.daemon_settings(mqtt__device_id="dev-e"))
     try:
@@ -371,7 +391,7 @@ def test_reply_buffer_drops_oldest_and_counts_them(tmp_path: Path, tiny_gguf: Pa
 
 
 def test_shared_subscription_spreads_requests(
-    tmp_path: Path, tiny_gguf: Path, broker: Broker, client: MqttRequester
+    tmp_path: Path, tiny_gguf: Path, broker: Broker, technician: MqttRequester
 ) -> None:
     devices = []
     for name in ("pool-1", "pool-2"):
@@ -385,7 +405,7 @@ def test_shared_subscription_spreads_requests(
         time.sleep(0.3)  # both shared subscriptions in place
         fleet = Topics("x", "pool").fleet_req
         assert fleet == "edgert/v1/fleet/pool/req"
-        pendings = [client.send(fleet, chat(4)) for _ in range(12)]
+        pendings = [technician.send(fleet, chat(4)) for _ in range(12)]
         finals = [collect(p.replies(20))[-1] for p in pendings]
     finally:
         for device in devices:
