@@ -3,12 +3,24 @@
 Serves a random file (default 1 GiB) from nginx on 127.0.0.1 and compares:
 
 * ``curl -o <file>`` (no verification) with
-* ``edgert.update.download.fetch`` (signed-length cap, streaming SHA-256, fsync),
+* ``edgert.update.download.fetch`` over ``download.client()`` (signed-length cap,
+  streaming SHA-256 on a second thread, 1 MiB socket reads, fsync),
 
 then kills a fetch subprocess with SIGKILL halfway, resumes it, and sums the body
 bytes nginx sent for both attempts (its access log) to get the bytes fetched twice.
+Just before the kill it reads the connection's queues with ``ss``: the client
+kernel's receive queue (accepted, not yet read by the process) and nginx's send
+queue (written by nginx, not yet acknowledged), which split the bytes fetched twice
+into the client's part and the server's. The kills are repeated for each
+``--kill-rcvbuf`` value (``SO_RCVBUF`` of the client's socket; 0: the kernel's
+autotuning), optionally with a client slower than the link (``--slow-ms`` of sleep
+per buffer, as a slow disk or a busy CPU would make it).
 
-    .venv/bin/python benchmarks/update_download.py [--size-mib 1024] [--runs 3]
+    .venv/bin/python benchmarks/update_download.py [--size-mib 1024] [--runs 5] [--before]
+        [--kills 3] [--kill-rcvbuf 0 --kill-rcvbuf 262144] [--slow-ms 0]
+
+``--before`` also times the download path as it was before the large reads and the
+hashing thread (a plain ``httpx.Client``: 64 KiB reads, hashing inline), interleaved.
 
 Needs nginx (``apt-get install -y nginx``) and curl. Uses a temporary directory
 on the same filesystem as ``--workdir`` (default: a new one under /tmp).
@@ -35,12 +47,14 @@ from edgert.update import download
 from tests.integration.http_host import NginxHost
 
 CHILD = """
-import sys, httpx
+import sys
 from pathlib import Path
 from edgert.update import download
+import time
 url, part, length, sha = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-with httpx.Client(timeout=60) as client:
-    download.fetch(client, download.Fetch(url, part, length, {"sha256": sha}))
+rcvbuf, slow = int(sys.argv[5]), float(sys.argv[6]) / 1000
+with download.client(60, receive_buffer_bytes=rcvbuf or None) as client:
+    download.fetch(client, download.Fetch(url, part, length, {"sha256": sha}), progress=lambda *_: time.sleep(slow))
 """
 
 
@@ -69,12 +83,32 @@ def time_curl(url: str, out: Path) -> tuple[float, float]:
     return exited, durable
 
 
-def time_fetch(url: str, part: Path, size: int, sha: str) -> float:
+class InlineHasher:
+    """The hashing of the earlier download path: in the network loop, no thread."""
+
+    def __init__(self, digests: dict) -> None:
+        self._digests = list(digests.values())
+
+    def update(self, chunk: bytes) -> None:
+        for digest in self._digests:
+            digest.update(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+def time_fetch(url: str, part: Path, size: int, sha: str, *, before: bool = False) -> float:
     part.unlink(missing_ok=True)
-    started = time.perf_counter()
-    with httpx.Client(timeout=60) as client:
-        download.fetch(client, download.Fetch(url, part, size, {"sha256": sha}))
-    elapsed = time.perf_counter() - started
+    threaded = download._Hasher
+    if before:
+        download._Hasher = InlineHasher
+    try:
+        started = time.perf_counter()
+        with httpx.Client(timeout=60) if before else download.client(60) as client:
+            download.fetch(client, download.Fetch(url, part, size, {"sha256": sha}))
+        elapsed = time.perf_counter() - started
+    finally:
+        download._Hasher = threaded
     part.unlink()
     return elapsed
 
@@ -84,13 +118,35 @@ def body_bytes_sent(log: str, path: str) -> list[int]:
     return [int(line.split()[9]) for line in log.splitlines() if f"GET {path} " in line]
 
 
-def refetched_after_kill(host: NginxHost, url: str, part: Path, size: int, sha: str) -> tuple[int, int]:
+def socket_queues(port: int) -> tuple[int, int]:
+    """(client receive queue, server send queue) in bytes of the one connection to ``port``, from ``ss``."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{port} or sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    recv_q = send_q = 0
+    for line in out.splitlines():
+        fields = line.split()  # Recv-Q Send-Q Local:Port Peer:Port
+        if fields[2].endswith(f":{port}"):
+            send_q += int(fields[1])  # nginx's side
+        else:
+            recv_q += int(fields[0])  # the client's side
+    return recv_q, send_q
+
+
+def refetched_after_kill(
+    host: NginxHost, url: str, part: Path, size: int, sha: str, *, rcvbuf: int, slow_ms: float
+) -> tuple[int, int, int, int]:
+    """(bytes kept, bytes sent twice, client receive queue at the kill, nginx send queue at the kill)."""
     part.unlink(missing_ok=True)
     before = len(body_bytes_sent(host.access_log(), "/blob"))
-    child = [sys.executable, "-c", CHILD, url, str(part), str(size), sha]
+    child = [sys.executable, "-c", CHILD, url, str(part), str(size), sha, str(rcvbuf), str(slow_ms)]
     proc = subprocess.Popen(child)
     while not part.exists() or part.stat().st_size < size // 2:
         time.sleep(0.005)
+    recv_q, send_q = socket_queues(host.port)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = part.stat().st_size
@@ -98,13 +154,17 @@ def refetched_after_kill(host: NginxHost, url: str, part: Path, size: int, sha: 
     part.unlink()
     time.sleep(0.2)  # nginx logs a request after its client is gone
     sent = body_bytes_sent(host.access_log(), "/blob")[before:]
-    return kept, sum(sent) - size
+    return kept, sum(sent) - size, recv_q, send_q
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--before", action="store_true", help="also time the earlier download path")
+    parser.add_argument("--kill-rcvbuf", type=int, action="append", help="SO_RCVBUF for the kills (0: autotuning)")
+    parser.add_argument("--slow-ms", type=float, default=0, help="client sleep per buffer in the kills")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgert-dl-bench-", dir=args.workdir))
@@ -114,7 +174,7 @@ def main() -> None:
     sha = make_file(www / "blob", size)
     with NginxHost(www, work / "nginx") as host:
         url = host.url + "blob"
-        curls, durables, ourses = [], [], []
+        curls, durables, ourses, befores = [], [], [], []
         for _ in range(args.runs):  # interleaved, each after a sync: neither pays the other's writeback
             os.sync()
             exited, durable = time_curl(url, work / "curl.out")
@@ -122,8 +182,17 @@ def main() -> None:
             durables.append(durable)
             os.sync()
             ourses.append(time_fetch(url, work / "blob.part", size, sha))
+            if args.before:
+                os.sync()
+                befores.append(time_fetch(url, work / "blob.part", size, sha, before=True))
         curl, durable, ours = (statistics.median(x) for x in (curls, durables, ourses))
-        kept, refetched = refetched_after_kill(host, url, work / "blob.part", size, sha)
+        kills = {
+            rcvbuf: [
+                refetched_after_kill(host, url, work / "blob.part", size, sha, rcvbuf=rcvbuf, slow_ms=args.slow_ms)
+                for _ in range(args.kills)
+            ]
+            for rcvbuf in args.kill_rcvbuf or [0, 256 << 10]
+        }
     (www / "blob").unlink()
     mib = size / 2**20
     print(f"size: {mib:.0f} MiB, median of {args.runs} interleaved runs")
@@ -131,8 +200,23 @@ def main() -> None:
     print(f"edgert fetch (sha256 + fsync): {ours:6.2f} s  {mib / ours:7.0f} MiB/s")
     print(f"curl -o + fsync (durable):     {durable:6.2f} s  {mib / durable:7.0f} MiB/s")
     print(f"ratio edgert/curl throughput:  {curl / ours:.2f}x (vs curl + fsync: {durable / ours:.2f}x)")
-    print(f"kill -9 at {kept / 2**20:.0f} MiB kept on disk; the resume asked for Range bytes={kept}-")
-    print(f"bytes nginx sent twice (incl. what sat in socket buffers at the kill): {refetched}")
+    if befores:
+        before = statistics.median(befores)
+        print(
+            f"earlier path (64 KiB reads, inline hash): {before:6.2f} s  {mib / before:7.0f} MiB/s  ratio {curl / before:.2f}x"
+        )
+    for rcvbuf, results in kills.items():
+        client = f"SO_RCVBUF {rcvbuf >> 10} KiB" if rcvbuf else "receive buffer autotuned"
+        slow = f", client sleeps {args.slow_ms} ms per buffer" if args.slow_ms else ""
+        print(f"kill -9 halfway, {client}{slow}, {args.kills} kills:")
+        for kept, refetched, recv_q, send_q in results:
+            print(
+                f"  kept {kept / 2**20:6.1f} MiB; sent twice {refetched / 2**20:5.2f} MiB = "
+                f"client recv queue {recv_q / 2**20:5.2f} + nginx send queue {send_q / 2**20:5.2f} "
+                f"+ rest {(refetched - recv_q - send_q) / 2**20:5.2f} MiB"
+            )
+        if results:
+            print(f"  median sent twice: {statistics.median(r[1] for r in results) / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

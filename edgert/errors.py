@@ -28,6 +28,7 @@ so every transport converts errors the same way, in one place::
     │   ├── HookVetoError               a firmware hook refused or timed out (409)
     │   └── HealthCheckError            the new model failed its health check (500)
     └── RegistryError               the operator's TUF repository is unusable (500)
+        └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
 
 Only adapter modules see third-party exceptions; they raise these instead.
 """
@@ -192,3 +193,9 @@ class RegistryError(EdgertError):
     """The operator's TUF repository (keys, metadata, targets) is missing or inconsistent."""
 
     code = "repository_invalid"
+
+
+class RegistryUploadError(RegistryError):
+    """Uploading the published site to a Hugging Face Hub repo failed (auth, network, the Hub's answer)."""
+
+    code = "registry_upload_failed"

@@ -162,8 +162,9 @@ class ServingModelSwitch(RuntimeModelSwitch):
 
 def fits_beside(path: Path) -> bool:
     """Room for a second model? Resident memory is ~1.35x the GGUF file (weights + CPU repack + KV + compute;
-    see MEASUREMENTS.md), plus headroom for the OS."""
-    need = int(path.stat().st_size * 1.35) + 512 * 2**20
+    see MEASUREMENTS.md), plus headroom for the OS. For a model folder, the size of all its files."""
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    need = int(size * 1.35) + 512 * 2**20
     return psutil.virtual_memory().available > need
 
 

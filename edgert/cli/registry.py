@@ -8,6 +8,7 @@ Typical flow::
     edgert registry add -d fleet model.gguf --model-id gemma-4-e2b-it:q4_k_m --version 2026.11.1
     edgert registry promote -d fleet gemma-4-e2b-it:q4_k_m 2026.11.1 --channel stable --rollout 20
     edgert registry publish -d fleet --out /srv/www/registry
+    HF_TOKEN=… edgert registry publish -d fleet --hf-repo acme/fleet-registry   # or host it on the Hub
 
 Errors print one ``error: …`` line to stderr and exit with a code from
 :mod:`edgert.cli.exitcodes` (1 failure, 4 invalid GGUF).
@@ -27,6 +28,7 @@ import typer
 from edgert import __version__
 from edgert.cli import exitcodes
 from edgert.errors import EdgertError, RegistryError
+from edgert.registry import hub
 from edgert.registry.repository import Registry, RegistryStatus
 
 app = typer.Typer(
@@ -67,7 +69,10 @@ def init(
 
 @app.command("add")
 def add(
-    gguf: Annotated[Path, typer.Argument(help="The .gguf file to publish.", exists=True, dir_okay=False)],
+    model: Annotated[
+        Path,
+        typer.Argument(help="The .gguf file, or ONNX Runtime GenAI model folder, to publish.", exists=True),
+    ],
     model_id: Annotated[str, typer.Option("--model-id", help="Model id, e.g. gemma-4-e2b-it:q4_k_m.")],
     version: Annotated[str, typer.Option("--version", help="This build's version, e.g. 2026.11.1.")],
     directory: DirOption = Path(),
@@ -87,17 +92,27 @@ def add(
         ),
     ] = None,
 ) -> None:
-    """Validate a GGUF and stage it as a signed target (published by `publish`)."""
+    """Validate a GGUF file or an ONNX GenAI folder and stage it as signed target(s) (published by `publish`).
+
+    A folder becomes one target per file, models/<id>/<version>/<relative path>; hidden
+    files are left out, symlinks refused.
+    """
     with _errors():
         added = Registry(directory).add(
-            gguf,
+            model,
             model_id=model_id,
             version=version,
             min_edgert_version=min_edgert,
             ram_mib=ram_mib,
             signing_key=sign_key,
         )
-        typer.echo(f"added {added.target_path} ({added.length} bytes, sha256 {added.sha256})")
+        if added.meta.is_folder:
+            typer.echo(
+                f"added {model_id}@{version}: {added.meta.format} folder, {len(added.meta.files)} files, "
+                f"{added.length} bytes under models/{model_id}/{version}/"
+            )
+        else:
+            typer.echo(f"added {added.target_path} ({added.length} bytes, sha256 {added.sha256})")
         if sign_key is not None:
             typer.echo(f"added {added.target_path}.sig (model-signing bundle, key {sign_key})")
 
@@ -126,6 +141,19 @@ def publish(
     timestamp_only: Annotated[
         bool, typer.Option("--timestamp-only", help="Only re-sign the timestamp (a timer keeps it fresh).")
     ] = False,
+    hf_repo: Annotated[
+        str | None,
+        typer.Option(
+            "--hf-repo",
+            help="Also upload the site to this Hugging Face Hub repo (owner/name) in one commit; "
+            "token from HF_TOKEN or `hf auth login`.",
+        ),
+    ] = None,
+    hf_endpoint: Annotated[
+        str | None, typer.Option("--hf-endpoint", help="Hub URL (default: HF_ENDPOINT, else huggingface.co).")
+    ] = None,
+    hf_revision: Annotated[str, typer.Option("--hf-revision", help="Branch to commit to.")] = hub.DEFAULT_REVISION,
+    hf_repo_type: Annotated[str, typer.Option("--hf-repo-type", help="model or dataset.")] = "model",
 ) -> None:
     """Sign changed targets, refresh snapshot and timestamp, and write the static site."""
     with _errors():
@@ -136,6 +164,14 @@ def publish(
             f"timestamp v{result.timestamp_version} in {registry.repo_dir}"
             + (f"; {result.copied_files} files copied to {out}" if out is not None else "")
         )
+        if hf_repo is not None:
+            repo = hub.HubRepo(hf_repo, endpoint=hf_endpoint, revision=hf_revision, repo_type=hf_repo_type)
+            uploaded = hub.upload_site(registry.repo_dir, repo)
+            typer.echo(
+                f"uploaded the site ({uploaded.files} files, unchanged ones skipped) to {hf_repo}: "
+                f"{uploaded.commit_url}"
+            )
+            typer.echo(f"devices: update.registry_url = {uploaded.registry_url}")
         _warn_expiry(registry.status())
 
 
@@ -198,7 +234,8 @@ def _print_status(report: RegistryStatus) -> None:
     for model in report.models:
         meta = model.meta
         typer.echo(
-            f"  {meta.model_id}@{meta.version}  {meta.architecture} {meta.quant or '?'}  {model.length} bytes  "
+            f"  {meta.model_id}@{meta.version}  {meta.format} {meta.architecture} {meta.quant or '?'}  "
+            f"{model.length} bytes{f' in {len(meta.files)} files' if meta.is_folder else ''}  "
             f"ram {meta.ram_mib} MiB  edgert>={meta.min_edgert_version}"
         )
     typer.echo("CHANNELS")

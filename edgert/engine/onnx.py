@@ -59,23 +59,16 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgert.engine.base import BackendCapabilities, LoadOptions, ModelInfo, SamplingParams
-from edgert.errors import BadRequestError, EngineError, ModelFileError, ModelLoadError
+from edgert.errors import BadRequestError, EngineError, ModelLoadError
+from edgert.onnx_folder import OnnxModelInfo, validate_onnx_folder
+from edgert.onnx_folder import defect as _defect
+from edgert.onnx_folder import one_line as _one_line
+from edgert.onnx_folder import read_json as _read_json
 
-#: text-only decoder types onnxruntime-genai 0.18 runs (its ModelType::IsLLM list); vision,
-#: audio and multi-modal types (gemma3, gemma4, phi3v, whisper, ...) need processors edgert lacks
-SUPPORTED_ARCHITECTURES = frozenset(
-    {
-        "chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gemma4_text", "gpt2",
-        "gptoss", "granite", "granitemoehybrid", "hunyuandensev1", "internlm2", "lfm2", "llama",
-        "mistral", "nemotron", "olmo", "phi", "phimoe", "phi3", "phi3small", "qwen2", "qwen3",
-        "qwen3_5_moe_text", "qwen3_5_text", "smollm3",
-    }
-)  # fmt: skip
 #: execution providers a genai_config.json may name, and how to ask the library for each
 _PROVIDER_PROBES = {
     "cuda": "is_cuda_available",
@@ -123,56 +116,7 @@ def available_providers() -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ validation
-@dataclass(frozen=True, slots=True)
-class OnnxModelInfo:
-    """What ``genai_config.json`` says about a model folder, checked before loading."""
-
-    path: Path
-    architecture: str
-    context_length: int
-    vocab_size: int
-    #: execution providers named in the config; empty means CPU
-    providers: tuple[str, ...]
-    model_file: Path
-    #: sliding-window size of the SWA layers (0 = none)
-    sliding_window: int
-    bos_token_id: int
-    eos_token_ids: tuple[int, ...]
-    size_bytes: int
-    config: dict[str, Any] = field(repr=False, compare=False)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _defect(path: Path, what: str) -> ModelFileError:
-    return ModelFileError(_one_line(f"{path}: {what}"))
-
-
-def _read_json(path: Path, folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _defect(folder, f"{path.name} is unreadable: {exc}") from None
-    if not isinstance(data, dict):
-        raise _defect(folder, f"{path.name} is not a JSON object")
-    return data
-
-
-def _providers(decoder: dict[str, Any]) -> tuple[str, ...]:
-    options = decoder.get("session_options", {}).get("provider_options", [])
-    names: list[str] = []
-    for entry in options if isinstance(options, list) else []:
-        names.extend(str(name).lower() for name in (entry if isinstance(entry, dict) else {}))
-    return tuple(names)
-
-
-def _check_providers(folder: Path, providers: tuple[str, ...]) -> None:
-    for name in providers:
-        if name not in _PROVIDER_PROBES:
-            known = ", ".join(["cpu", *_PROVIDER_PROBES])
-            raise _defect(folder, f"genai_config.json names unknown execution provider {name!r} (known: {known})")
+def _check_available(folder: Path, providers: tuple[str, ...]) -> None:
     missing = [name for name in providers if name not in available_providers()]
     if missing:
         here = ", ".join(available_providers())
@@ -184,50 +128,15 @@ def _check_providers(folder: Path, providers: tuple[str, ...]) -> None:
         )
 
 
-def _eos_ids(model: dict[str, Any]) -> tuple[int, ...]:
-    eos = model.get("eos_token_id", [])
-    return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
-
-
 def validate_model_folder(path: Path) -> OnnxModelInfo:
-    """Check an ONNX Runtime GenAI model folder; raise ModelFileError (one line) on the first defect."""
-    if not path.is_dir():
-        raise _defect(path, "not a folder (an ONNX Runtime GenAI model is a folder with genai_config.json)")
-    config_path = path / "genai_config.json"
-    if not config_path.is_file():
-        raise _defect(path, "missing genai_config.json (not an ONNX Runtime GenAI model folder)")
-    config = _read_json(config_path, path)
-    model = config.get("model")
-    decoder = model.get("decoder") if isinstance(model, dict) else None
-    if not isinstance(model, dict) or not isinstance(decoder, dict):
-        raise _defect(path, "genai_config.json has no model.decoder section")
-    arch = str(model.get("type", ""))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise _defect(
-            path,
-            f"unsupported architecture {arch!r} in genai_config.json (edgert runs text decoders: "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})",
-        )
-    model_file = path / str(decoder.get("filename", "model.onnx"))
-    if not model_file.is_file():
-        raise _defect(path, f"missing {model_file.name} (named by genai_config.json model.decoder.filename)")
-    if not (path / "tokenizer.json").is_file():
-        raise _defect(path, "missing tokenizer.json")
-    _check_providers(path, _providers(decoder))
-    window = decoder.get("sliding_window") or {}
-    return OnnxModelInfo(
-        path=path,
-        architecture=arch,
-        context_length=int(model.get("context_length", 0)),
-        vocab_size=int(model.get("vocab_size", 0)),
-        providers=_providers(decoder),
-        model_file=model_file,
-        sliding_window=int(window.get("window_size", 0)) if isinstance(window, dict) else 0,
-        bos_token_id=int(model.get("bos_token_id", -1)),
-        eos_token_ids=_eos_ids(model),
-        size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        config=config,
-    )
+    """Check an ONNX Runtime GenAI model folder; raise ModelFileError (one line) on the first defect.
+
+    The structural checks are :func:`edgert.onnx_folder.validate_onnx_folder` (shared with the
+    registry and the update path); this adds that the named execution providers exist here.
+    """
+    found = validate_onnx_folder(path)
+    _check_available(path, found.providers)
+    return found
 
 
 # ------------------------------------------------------------------ tokenizer files

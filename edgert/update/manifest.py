@@ -7,8 +7,19 @@ module is the one definition both sides share (pure: pydantic only, no TUF).
 
 Two kinds of target carry edgert data::
 
-    models/<model-id>/<version>/model.gguf    custom = {"edgert": ModelMeta}
-    channels.json                             custom = {"edgert_channels": Channels}
+    models/<model-id>/<version>/model.gguf         custom = {"edgert": ModelMeta}   (a GGUF model)
+    models/<model-id>/<version>/genai_config.json  custom = {"edgert": ModelMeta}   (a folder model)
+    channels.json                                  custom = {"edgert_channels": Channels}
+
+A model is one file (``format = "gguf"``) or a folder (``format = "onnx-genai"``,
+an ONNX Runtime GenAI model). Every file of a folder is its own TUF target,
+``models/<model-id>/<version>/<relative path>``, with its own signed length and
+hashes; the folder's ``genai_config.json`` target carries the ModelMeta, whose
+``files`` lists every member, so the device knows which signed targets make one
+model and installs all of them or none. An optional publisher signature is one more
+target beside the one carrying the ModelMeta, ``<that target>.sig`` (see
+:mod:`edgert.update.publisher_signature`). GGUF metadata is written without the
+two new fields, so devices that predate folders keep reading GGUF releases.
 
 Channel pointers live in the ``custom`` object of the ``channels.json`` target
 rather than in a side file: a device learns them from the verified targets
@@ -18,17 +29,36 @@ anything. The file's bytes are the same document, for humans with curl.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from datetime import datetime
-from typing import Final
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgert.onnx_folder import CONFIG_FILE as ONNX_CONFIG_FILE
 
 CHANNELS_TARGET: Final = "channels.json"
 MODEL_KEY: Final = "edgert"
 CHANNELS_KEY: Final = "edgert_channels"
-#: Every model target's base name; the operator's original name is kept in ModelMeta.file_name.
+#: Every GGUF model target's base name; the operator's original name is kept in ModelMeta.file_name.
 MODEL_FILE: Final = "model.gguf"
+#: The member of a folder model whose target carries the ModelMeta (present in every such folder).
+FOLDER_ANCHOR: Final = ONNX_CONFIG_FILE
+
+ModelFormat = Literal["gguf", "onnx-genai"]
+#: The formats that are folders of files rather than one file.
+FOLDER_FORMATS: Final = frozenset({"onnx-genai"})
+#: Most member files one folder model may list (bounds the work a device does for one release).
+MAX_MODEL_FILES: Final = 256
+#: One member's path relative to its folder: "/"-separated parts that do not start with a dot
+#: (so no "..", no hidden files), at most 8 deep.
+MEMBER_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}){0,7}$"
+#: Suffixes a member may not have: the device's in-progress download names.
+RESERVED_SUFFIXES: Final = (".part",)
+#: A publisher's model-signing bundle is the companion target ``<model target>.sig``
+#: (``model.gguf.sig``, or ``genai_config.json.sig`` beside a folder's members).
+SIGNATURE_SUFFIX: Final = ".sig"
 
 MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9._:-]{0,127}$"
 VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
@@ -50,7 +80,52 @@ class ModelMeta(BaseModel):
     min_edgert_version: str = Field(
         pattern=NUMERIC_VERSION_PATTERN, description="Oldest edgert release that may install it"
     )
-    file_name: str = Field(description="Base name of the .gguf as published")
+    file_name: str = Field(description="Base name of the .gguf (or of the model folder) as published")
+    format: ModelFormat = Field("gguf", description="gguf: one .gguf file; onnx-genai: an ONNX Runtime GenAI folder")
+    files: tuple[str, ...] = Field(
+        (),
+        max_length=MAX_MODEL_FILES,
+        description="Folder models: every member file's path relative to the folder, each its own target "
+        "models/<model-id>/<version>/<path>; empty for gguf",
+    )
+
+    @property
+    def is_folder(self) -> bool:
+        return self.format in FOLDER_FORMATS
+
+    @model_validator(mode="after")
+    def _check_files(self) -> ModelMeta:
+        if not self.is_folder:
+            if self.files:
+                raise ValueError(f"a {self.format} model is one file; it lists no member files")
+            return self
+        for member in self.files:
+            if not re.match(MEMBER_PATTERN, member) or member.endswith(RESERVED_SUFFIXES):
+                raise ValueError(f"member file {member!r} is not a safe relative path")
+            if posixpath.normpath(member) != member:
+                raise ValueError(f"member file {member!r} is not a normalized relative path")
+        if len(set(self.files)) != len(self.files):
+            raise ValueError("member files are listed more than once")
+        if FOLDER_ANCHOR not in self.files:
+            raise ValueError(f"a {self.format} folder must contain {FOLDER_ANCHOR}")
+        if MODEL_FILE in self.files:
+            raise ValueError(f"a {self.format} folder may not contain {MODEL_FILE} (the GGUF target name)")
+        if FOLDER_ANCHOR + SIGNATURE_SUFFIX in self.files:
+            raise ValueError(
+                f"a {self.format} folder may not contain {FOLDER_ANCHOR}{SIGNATURE_SUFFIX} "
+                "(the publisher signature's target name)"
+            )
+        return self
+
+    def signed_custom(self) -> dict[str, Any]:
+        """The ``custom.edgert`` object to sign: a GGUF's omits the folder fields (older devices forbid them)."""
+        return self.model_dump(mode="json", exclude=None if self.is_folder else {"format", "files"})
+
+    def target_paths(self) -> tuple[str, ...]:
+        """Every target that makes this model: the GGUF file, or each member of the folder."""
+        if not self.is_folder:
+            return (model_target_path(self.model_id, self.version),)
+        return tuple(member_target_path(self.model_id, self.version, member) for member in self.files)
 
 
 class ChannelPointer(BaseModel):
@@ -77,9 +152,26 @@ class Channels(BaseModel):
     channels: dict[str, ChannelPointer] = Field(default_factory=dict)
 
 
-def model_target_path(model_id: str, version: str) -> str:
-    """The TUF target path of a model version: predictable, so a device can ask for a pinned version."""
-    return f"models/{model_id}/{version}/{MODEL_FILE}"
+def model_target_path(model_id: str, version: str, model_format: ModelFormat = "gguf") -> str:
+    """The TUF target path that carries a model version's ModelMeta: predictable, so a device can ask
+    for a pinned version (``model.gguf`` for a GGUF, the folder's ``genai_config.json`` for a folder)."""
+    name = FOLDER_ANCHOR if model_format in FOLDER_FORMATS else MODEL_FILE
+    return member_target_path(model_id, version, name)
+
+
+def model_target_paths(model_id: str, version: str) -> tuple[str, ...]:
+    """Where a version's ModelMeta may be, whatever its format (the GGUF path first)."""
+    return (model_target_path(model_id, version), model_target_path(model_id, version, "onnx-genai"))
+
+
+def member_target_path(model_id: str, version: str, member: str) -> str:
+    """The TUF target path of one file of a model version (``member`` relative to its folder)."""
+    return f"{version_prefix(model_id, version)}{member}"
+
+
+def version_prefix(model_id: str, version: str) -> str:
+    """Every target of a model version starts with this."""
+    return f"models/{model_id}/{version}/"
 
 
 def version_key(version: str) -> tuple[int, ...]:

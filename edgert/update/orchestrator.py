@@ -7,11 +7,26 @@ interrupted activation (bounded), or completes a commit or rollback that began.
 
 On disk, under ``Settings.models_dir``::
 
-    versions/<model-id>@<version>.gguf        verified, installed releases (current + previous)
-    versions/<model-id>@<version>.gguf.part   a download in progress
-    current.gguf -> versions/…                the committed release (symlink, replaced atomically)
+    versions/<model-id>@<version>.gguf        verified, installed GGUF releases (current + previous)
+    versions/<model-id>@<version>.gguf.part   a GGUF download in progress
+    versions/<model-id>@<version>/            a verified, installed folder release (ONNX Runtime GenAI)
+    versions/.<model-id>@<version>.staging/   a folder download in progress: verified members under
+                                              their names, the one being fetched as ``<name>.part``
+    current.gguf -> versions/…                the committed release, file or folder (symlink, replaced
+                                              atomically; the name is kept for existing installs)
 
 The state file is the source of truth; ``current.gguf`` is repaired from it.
+
+A folder release is installed all or nothing: every member file is fetched as
+its own signed target (:func:`edgert.update.download.fetch`: resumable ``.part``,
+signed length cap, hashes, fsync) into the staging folder; only when every member
+is verified (and, with ``update.publisher_public_key``, the publisher's model-signing
+bundle has verified the staging folder: exactly the members, nothing more, nothing
+less) are the folders fsynced and the staging folder renamed to its final
+name in one ``rename``. A tampered member, or a publisher signature that does not
+verify, deletes the staging folder (nothing is installed, nothing blocklisted);
+``kill -9`` resumes: verified members are hashed again instead of fetched, the
+member in flight resumes from its ``.part``.
 The old model keeps serving until the new one has loaded and passed its probe
 and the ``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
 """
@@ -22,6 +37,7 @@ import contextlib
 import fcntl
 import logging
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -47,11 +63,14 @@ from edgert.errors import (
     UpdateError,
 )
 from edgert.gguf_file import validate_gguf
+from edgert.onnx_folder import validate_onnx_folder
 from edgert.settings import Settings
 from edgert.update import download, publisher_signature
 from edgert.update.hooks import HookEvent, HookRunner
+from edgert.update.manifest import member_target_path, model_target_path
 from edgert.update.registry import RegistryClient, SignedTarget
 from edgert.update.state import (
+    Member,
     Phase,
     Recovery,
     Release,
@@ -103,8 +122,9 @@ def resolve_device_id(configured: str | None) -> str:
     return socket.gethostname()
 
 
-def version_file_name(model_id: str, version: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@+-]", "_", f"{model_id}@{version}") + ".gguf"
+def version_file_name(model_id: str, version: str, *, folder: bool = False) -> str:
+    """The release's name under ``versions/``: ``<id>@<version>.gguf``, or ``<id>@<version>`` for a folder."""
+    return re.sub(r"[^A-Za-z0-9._@+-]", "_", f"{model_id}@{version}") + ("" if folder else ".gguf")
 
 
 class Updater:
@@ -133,7 +153,7 @@ class Updater:
         return self.store.load()
 
     def current_path(self) -> Path | None:
-        """The committed model file, or None when the update path installed nothing yet."""
+        """The committed model file (or folder), or None when the update path installed nothing yet."""
         state = self.store.load()
         return self.versions_dir / state.current.file_name if state.current else None
 
@@ -168,7 +188,7 @@ class Updater:
             if state.phase is not Phase.IDLE:
                 raise UpdateError(f"an update is in phase {state.phase}; run `edgert update apply` to finish it")
             previous, bad = state.previous, state.current
-            if previous is None or bad is None or not self._file(previous).is_file():
+            if previous is None or bad is None or not self._present(previous):
                 raise UpdateError("no previous model version is kept on this device")
             switch = self._switch()
             try:
@@ -184,7 +204,7 @@ class Updater:
             self.store.save(state)
             switch.swap()
             switch.release()
-            self._file(bad).unlink(missing_ok=True)
+            self._remove(bad)
             self._hook(HookEvent.ON_ROLLBACK, bad, state, reason=f"manual rollback to {previous.key}")
             return ApplyResult("rolled-back-manually", previous.key, f"{bad.key} is blocklisted on this device")
 
@@ -206,22 +226,30 @@ class Updater:
         current = _key(state.current)
         if choice.target is None:
             return CheckResult(self.config.channel, self.device_id, current, None, choice.reason), None
-        target = client.target(choice.target)
+        try:
+            target = client.target(choice.target)
+        except TargetNotFoundError:
+            if choice.fallback is None:
+                raise
+            target = client.target(choice.fallback)  # a pinned version that is a folder model
         if target.meta is None:
             raise UntrustedMetadataError(f"{target.path} carries no signed edgert model metadata")
+        members = _members(client, target) if target.meta.is_folder else ()
+        length = sum(member.length for member in members) if members else target.length
         problem = incompatibility(
             target.meta,
             edgert_version=__version__,
             ram_mib=psutil.virtual_memory().total // 2**20,
             max_bytes=self.config.max_target_bytes,
-            length=target.length,
+            length=length,
         )
         release = Release(
             meta=target.meta,
             target_path=target.path,
-            length=target.length,
+            length=length,
             hashes=target.hashes,
-            file_name=version_file_name(target.meta.model_id, target.meta.version),
+            file_name=version_file_name(target.meta.model_id, target.meta.version, folder=target.meta.is_folder),
+            members=members,
         )
         if problem is not None:
             return CheckResult(self.config.channel, self.device_id, current, None, f"{release.key} {problem}"), None
@@ -240,6 +268,8 @@ class Updater:
         except HookVetoError as exc:
             self._abandon(state, f"pre-download hook vetoed {release.key}: {exc}")
             raise
+        if release.is_folder:
+            return self._fetch_folder(state, release)
         return self._fetch(state, release, target.url_path)
 
     def _resume_download(self, state: UpdateState) -> download.Fetched | None:
@@ -247,13 +277,16 @@ class Updater:
         assert pending is not None  # phase downloading always has one
         result, target = self._check(state, pin_version=None)
         if result.offered is None or target is None or result.offered.key != pending.key:
-            # The channel moved on (or blocklisted it): the old .part is worthless now.
+            # The channel moved on (or blocklisted it): the old .part (or staging folder) is worthless now.
             self._part(pending).unlink(missing_ok=True)
+            _discard(self._staging(pending))
             self._abandon(state, f"download of {pending.key} dropped: {result.reason}")
             if result.offered is None or target is None:
                 return None
             return self._download(state, result.offered, target)
         log.info("resuming the download of %s", pending.key)
+        if pending.is_folder:
+            return self._fetch_folder(state, pending)
         return self._fetch(state, pending, target.url_path)
 
     def _fetch(self, state: UpdateState, release: Release, url_path: str) -> download.Fetched:
@@ -264,9 +297,8 @@ class Updater:
             length=release.length,
             hashes=release.hashes,
         )
-        timeout = httpx.Timeout(self.config.download_timeout_s)
         try:
-            with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+            with self._http() as client:
                 fetched = download.fetch(
                     client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=self._progress_for(release)
                 )
@@ -278,10 +310,94 @@ class Updater:
             self.store.save(state)
             raise
         store.install_file(job.part, self._file(release))
-        state.phase = Phase.STAGED
-        state.remember(f"{_now()} verified {release.key} ({release.length} bytes)")
-        self.store.save(state)
+        self._staged(state, release)
         return fetched
+
+    def _fetch_folder(self, state: UpdateState, release: Release) -> download.Fetched:
+        """Fetch and verify every member into the staging folder, then rename it into place at once."""
+        final, staging = self._file(release), self._staging(release)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        if final.is_dir() and not staging.exists():
+            # Killed after the rename but before the state said staged: check every member again.
+            final.replace(staging)
+        _discard(final)
+        staging.mkdir(exist_ok=True)
+        report = self._progress_for(release)
+        resumed = received = done = 0
+        try:
+            kept = sum(_kept_bytes(staging, member) for member in release.members)
+            download.check_free_space(self.versions_dir, release.length - kept, self.config.disk_reserve_bytes)
+            with self._http() as client:
+                for member in release.members:
+                    fetched = self._fetch_member(client, staging, member, _shifted(report, done, release.length))
+                    resumed, received = resumed + fetched.resumed_from, received + fetched.received
+                    done += member.length
+        except IntegrityError as exc:
+            _discard(staging)  # one bad member: nothing of this release is kept
+            self._abandon(state, f"download of {release.key} failed: {exc}")
+            raise
+        except InsufficientStorageError as exc:
+            self._abandon(state, f"download of {release.key} failed: {exc}")
+            raise
+        except DownloadError as exc:
+            state.last_error = str(exc)  # phase stays downloading: the next run resumes
+            self.store.save(state)
+            raise
+        if self.config.publisher_public_key is not None:
+            self._verify_folder_publisher(state, release, staging, self.config.publisher_public_key)
+        # Every member is verified and fsynced: make the folders durable, then switch names at once.
+        for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            store.fsync_dir(directory)
+        store.fsync_dir(staging)
+        staging.replace(final)
+        store.fsync_dir(self.versions_dir)
+        self._staged(state, release)
+        return download.Fetched(resumed, received)
+
+    def _verify_folder_publisher(self, state: UpdateState, release: Release, staging: Path, public_key: Path) -> None:
+        """The publisher's bundle must sign exactly the verified staging folder, before it gets its final name.
+
+        Refused (PublisherSignatureError): the staging folder is deleted and the update abandoned,
+        not blocklisted, as for a GGUF. A registry that cannot be reached keeps the phase
+        ``downloading``: the next run hashes the kept members again and retries.
+        """
+        try:
+            self._verify_publisher(release, staging, public_key)
+        except publisher_signature.PublisherSignatureError as exc:
+            _discard(staging)
+            self._abandon(state, f"{release.key} refused before staging: {exc}")
+            raise
+        except DownloadError as exc:
+            state.last_error = str(exc)
+            self.store.save(state)
+            raise
+
+    def _fetch_member(
+        self, client: httpx.Client, staging: Path, member: Member, progress: download.Progress
+    ) -> download.Fetched:
+        """One member into ``staging/<path>`` (via ``<path>.part``), verified against its signed target."""
+        path = staging / member.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = self._targets_url() + member.url_path
+        if path.is_file() and path.stat().st_size == member.length:
+            # Verified and renamed by an earlier run: hash it again (no request: the file is complete).
+            try:
+                return download.fetch(client, download.Fetch(url, path, member.length, member.hashes))
+            except IntegrityError:
+                log.warning("%s changed on disk since it was verified; fetching it again", path)
+        path.unlink(missing_ok=True)
+        job = download.Fetch(url=url, part=store.part_path(path), length=member.length, hashes=member.hashes)
+        if member.length == 0:
+            job.part.touch()  # nothing to fetch; fetch still checks the signed hash of no bytes
+        fetched = download.fetch(client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=progress)
+        store.install_file(job.part, path)
+        return fetched
+
+    def _staged(self, state: UpdateState, release: Release) -> None:
+        state.phase = Phase.STAGED
+        files = f", {len(release.members)} files" if release.is_folder else ""
+        state.remember(f"{_now()} verified {release.key} ({release.length} bytes{files})")
+        self.store.save(state)
 
     # ------------------------------------------------------------------ stage, activate, commit
 
@@ -289,22 +405,27 @@ class Updater:
         release = state.pending
         assert release is not None and state.phase is Phase.STAGED
         path = self._file(release)
-        if self.config.publisher_public_key is not None:
+        # A folder's publisher signature was verified on its staging folder, before the rename.
+        if self.config.publisher_public_key is not None and not release.is_folder:
             try:
-                self._verify_publisher(release, self.config.publisher_public_key)
+                self._verify_publisher(release, path, self.config.publisher_public_key)
             except publisher_signature.PublisherSignatureError as exc:
                 self._abandon(state, f"{release.key} refused before staging: {exc}")
-                path.unlink(missing_ok=True)
+                self._remove(release)
                 raise
         try:
-            validate_gguf(path)
+            if release.is_folder:
+                validate_onnx_folder(path)
+            else:
+                validate_gguf(path)
         except ModelFileError as exc:
-            return self._roll_back(state, f"{release.key} is not a loadable GGUF: {exc}", fetched)
+            what = "ONNX Runtime GenAI folder" if release.is_folder else "GGUF"
+            return self._roll_back(state, f"{release.key} is not a loadable {what}: {exc}", fetched)
         try:
             self._hook(HookEvent.PRE_INSTALL, release, state)
         except HookVetoError as exc:
             self._abandon(state, f"pre-install hook vetoed {release.key}: {exc}")
-            path.unlink(missing_ok=True)
+            self._remove(release)
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)
         switch = self._switch()
@@ -329,11 +450,13 @@ class Updater:
             "committed", release.key, "installed, health-checked and serving", fetched.resumed_from, fetched.received
         )
 
-    def _verify_publisher(self, release: Release, public_key: Path) -> None:
-        """Fetch the release's model-signing bundle (a TUF-verified companion target) and verify the file.
+    def _verify_publisher(self, release: Release, model: Path, public_key: Path) -> None:
+        """Fetch the release's model-signing bundle (a TUF-verified companion target) and verify ``model``.
 
-        PublisherSignatureError when the bundle is missing, altered or does not verify; a
-        registry that cannot be reached raises as usual and the staged file is kept for a retry.
+        ``model`` is the verified GGUF file, or a folder release's verified staging folder (which
+        must hold exactly the release's members). PublisherSignatureError when the bundle is
+        missing, altered or does not verify; a registry that cannot be reached raises as usual
+        and the downloaded file(s) are kept for a retry.
         """
         client = RegistryClient(
             cache_dir=self.update_dir / "tuf",
@@ -361,13 +484,17 @@ class Updater:
                 hashes=target.hashes,
             )
             try:
-                with httpx.Client(timeout=httpx.Timeout(self.config.download_timeout_s)) as http:
+                with self._http() as http:
                     download.fetch(http, job)
             except IntegrityError as exc:
                 raise publisher_signature.PublisherSignatureError(
                     f"{bundle_path} does not match its signed metadata: {exc}"
                 ) from None
-            publisher_signature.verify(self._file(release), job.part, public_key, workdir=self.settings.models_dir)
+            if release.is_folder:
+                members = [member.path for member in release.members]
+                publisher_signature.verify_folder(model, members, job.part, public_key)
+            else:
+                publisher_signature.verify(model, job.part, public_key, workdir=self.settings.models_dir)
         log.info("publisher signature of %s verified", release.key)
 
     def _finish_commit(self, state: UpdateState) -> None:
@@ -396,8 +523,7 @@ class Updater:
     def _finish_rollback(self, state: UpdateState) -> None:
         release, reason = state.pending, state.rollback_reason or "rollback"
         if release is not None and release.key not in {_key(state.current), _key(state.previous)}:
-            self._file(release).unlink(missing_ok=True)
-            self._part(release).unlink(missing_ok=True)
+            self._remove(release)
         state.pending, state.phase, state.activation_attempts = None, Phase.IDLE, 0
         state.rollback_reason, state.last_error = None, reason
         state.remember(f"{_now()} rolled back: {reason}")
@@ -429,7 +555,7 @@ class Updater:
         elif action is Recovery.RETRY_ACTIVATION:
             state.phase = Phase.STAGED  # the file was verified and renamed before activation began
             self.store.save(state)
-        if state.phase is Phase.STAGED and state.pending and not self._file(state.pending).is_file():
+        if state.phase is Phase.STAGED and state.pending and not self._present(state.pending):
             self._abandon(state, f"staged file of {state.pending.key} is missing")
         if state.phase is Phase.IDLE and state.current is not None:
             self._point_current(state.current)  # repair the link after a crash between state and link
@@ -457,6 +583,7 @@ class Updater:
             "EDGERT_MODEL_ID": release.meta.model_id,
             "EDGERT_MODEL_VERSION": release.meta.version,
             "EDGERT_MODEL_PATH": str(self._file(release)),
+            "EDGERT_MODEL_FORMAT": release.meta.format,
             "EDGERT_TARGET_LENGTH": str(release.length),
             "EDGERT_TARGET_SHA256": release.hashes.get("sha256", ""),
             "EDGERT_PREVIOUS_VERSION": previous.meta.version if previous else "",
@@ -493,6 +620,29 @@ class Updater:
     def _part(self, release: Release) -> Path:
         return store.part_path(self._file(release))
 
+    def _http(self) -> httpx.Client:
+        """The client every target download uses (large socket reads; see :func:`download.client`)."""
+        return download.client(httpx.Timeout(self.config.download_timeout_s))
+
+    def _staging(self, release: Release) -> Path:
+        """Where a folder release is assembled until every member is verified."""
+        return self.versions_dir / f".{release.file_name}.staging"
+
+    def _present(self, release: Release) -> bool:
+        """The release is installed under its final name (a folder: every member, at its signed size)."""
+        path = self._file(release)
+        if not release.is_folder:
+            return path.is_file()
+        return path.is_dir() and all(
+            (path / m.path).is_file() and (path / m.path).stat().st_size == m.length for m in release.members
+        )
+
+    def _remove(self, release: Release) -> None:
+        """Delete a release's file or folder and any download of it in progress."""
+        _discard(self._file(release))
+        self._part(release).unlink(missing_ok=True)
+        _discard(self._staging(release))
+
     def _point_current(self, release: Release) -> None:
         """``current.gguf`` -> ``versions/<file>``, replaced atomically (symlink + rename + dir fsync)."""
         link = self.settings.models_dir / CURRENT_LINK
@@ -510,9 +660,56 @@ class Updater:
         keep = {r.file_name for r in (state.current, state.previous) if r is not None}
         for path in self.versions_dir.iterdir():
             if path.name not in keep:
-                log.info("removing old model file %s", path)
-                path.unlink(missing_ok=True)
+                log.info("removing old model %s", path)
+                _discard(path)
         store.fsync_dir(self.versions_dir)
+
+
+def _members(client: RegistryClient, target: SignedTarget) -> tuple[Member, ...]:
+    """Every member of a folder release, each described by its own signed target."""
+    meta = target.meta
+    assert meta is not None and meta.is_folder
+    if target.path != model_target_path(meta.model_id, meta.version, meta.format):
+        raise UntrustedMetadataError(f"{target.path}: signed folder model metadata is on the wrong target")
+    members = []
+    for name in meta.files:
+        path = member_target_path(meta.model_id, meta.version, name)
+        try:
+            signed = client.target(path)
+        except TargetNotFoundError:
+            raise UntrustedMetadataError(
+                f"{meta.model_id}@{meta.version} lists the file {name}, but {path} is not a signed target"
+            ) from None
+        members.append(Member(path=name, length=signed.length, hashes=signed.hashes, url_path=signed.url_path))
+    return tuple(members)
+
+
+def _kept_bytes(staging: Path, member: Member) -> int:
+    """Bytes of ``member`` already in ``staging`` (verified file or ``.part``), for the free-space check."""
+    for path in (staging / member.path, store.part_path(staging / member.path)):
+        with contextlib.suppress(OSError):
+            return min(path.stat().st_size, member.length)
+    return 0
+
+
+def _shifted(report: download.Progress, offset: int, total: int) -> download.Progress:
+    """One member's progress as progress of the whole folder."""
+
+    def shifted(done: int, _length: int) -> None:
+        report(offset + done, total)
+
+    return shifted
+
+
+def _discard(path: Path) -> None:
+    """Delete a file or a whole folder; a folder first leaves its name in one rename (crash-safe)."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name.lstrip('.')}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.replace(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _key(release: Release | None) -> str | None:

@@ -7,8 +7,9 @@ Phases, each persisted *before* the step that it names starts::
                  +------------+-----------+-------------+--> rolling_back -> idle (+ blocklist)
 
 After ``kill -9`` the file says where the work stopped, and :func:`recovery_for`
-says what to do about it: a download resumes from its ``.part``, a staged file is
-re-checked and continues, an interrupted activation is retried until
+says what to do about it: a download resumes from its ``.part`` (a folder model's
+from its staging folder: members verified before the crash are hashed again, not
+fetched), a staged file or folder is re-checked and continues, an interrupted activation is retried until
 ``max_activation_attempts`` and then rolled back, and a commit or rollback that
 began is finished. Nothing in this module does I/O except :class:`StateStore`.
 """
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgert import store
 from edgert.errors import UpdateError
-from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_path, version_key
+from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_paths, version_key
 
 STATE_FILE: Final = "state.json"
 SCHEMA: Final = 1
@@ -48,21 +49,43 @@ class Phase(StrEnum):
     ROLLING_BACK = "rolling_back"
 
 
+class Member(BaseModel):
+    """One file of a folder model, as its own signed target describes it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Path relative to the model folder (validated by ModelMeta.files).
+    path: str
+    length: int = Field(ge=0)
+    hashes: dict[str, str]
+    #: The name to fetch under the targets URL (hash-prefixed: consistent snapshots).
+    url_path: str
+
+
 class Release(BaseModel):
     """One signed model version as the device knows it (what was verified, and where it lives)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     meta: ModelMeta
+    #: The target carrying ``meta``: the GGUF itself, or a folder's ``genai_config.json``.
     target_path: str
+    #: Signed bytes of the model: the GGUF's length, or the sum over a folder's members.
     length: int = Field(gt=0)
+    #: Hashes of ``target_path``.
     hashes: dict[str, str]
-    #: File name under ``<models_dir>/versions/``.
+    #: File (or folder) name under ``<models_dir>/versions/``.
     file_name: str
+    #: Folder models: every member file, in ``meta.files`` order; empty for a GGUF.
+    members: tuple[Member, ...] = ()
 
     @property
     def key(self) -> str:
         return blocklist_key(self.meta.model_id, self.meta.version)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.meta.is_folder
 
 
 class UpdateState(BaseModel):
@@ -118,6 +141,8 @@ class Choice:
 
     target: str | None
     reason: str
+    #: Where else the version's metadata may be (a pinned version of unknown format: its folder anchor).
+    fallback: str | None = None
 
 
 def choose_target(
@@ -137,7 +162,8 @@ def choose_target(
     if pin_version is not None:
         if blocklist_key(pointer.model_id, pin_version) in blocklist:
             return Choice(None, f"{pointer.model_id}@{pin_version} is blocklisted on this device")
-        return Choice(model_target_path(pointer.model_id, pin_version), "pinned by the operator")
+        gguf, folder = model_target_paths(pointer.model_id, pin_version)
+        return Choice(gguf, "pinned by the operator", fallback=folder)
     candidates: list[tuple[str, str, str]] = []
     if in_rollout(device_id, pointer):
         candidates.append((pointer.version, pointer.target, f"in the {pointer.rollout}% rollout"))

@@ -77,6 +77,12 @@ class Fleet:
         (path,) = (self.site / "targets" / "models" / MODEL_ID / version).glob("*.model.gguf")
         return path
 
+    def member_file(self, version: str, member: str) -> Path:
+        """The published file of one member of a folder release (``<sha256>.<name>`` in the site)."""
+        directory, _, name = f"{MODEL_ID}/{version}/{member}".rpartition("/")
+        (path,) = (p for p in (self.site / "targets" / "models" / directory).iterdir() if p.name[65:] == name)
+        return path
+
     def signature_file(self, version: str) -> Path:
         """The published model-signing bundle (companion target ``model.gguf.sig``) of ``version``."""
         (path,) = (self.site / "targets" / "models" / MODEL_ID / version).glob("*.model.gguf.sig")
