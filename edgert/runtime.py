@@ -229,6 +229,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
                 n_slots=settings.engine.n_parallel,
                 n_ctx=info.n_ctx_seq,
                 kv_cells=info.n_ctx_seq * options.n_seq_max if not options.kv_unified else info.n_ctx,
+                private_kv=not options.kv_unified,
                 n_batch=options.n_batch,
                 prefill_chunk=settings.engine.prefill_chunk,
                 max_queue=settings.engine.max_queue,

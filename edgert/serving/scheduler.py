@@ -95,6 +95,8 @@ class SchedulerConfig:
     prefill_chunk: int
     #: KV cells admission may reserve in all; 0 = n_ctx (one unified pool)
     kv_cells: int = 0
+    #: each sequence has its own KV cells (llama.cpp kv_unified off)
+    private_kv: bool = False
     max_queue: int = 64
     #: Retry-After hint given when the queue is full
     retry_after_s: float = 1.0
@@ -225,6 +227,10 @@ class _Sequence:
     snapshot_exact: bool = False
 
 
+def _slot_of(seq: _Sequence) -> int:
+    return seq.slot
+
+
 @dataclass(frozen=True, slots=True)
 class _PrefixPlan:
     match: Match
@@ -254,7 +260,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._pending: list[tuple[int, int, _Sequence]] = []
         self._active: list[_Sequence] = []
-        self._free_slots = list(range(config.n_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot first, so running sequences keep low, adjacent ids.
+        # With private per-sequence KV (kv_unified off) llama.cpp puts tokens of several
+        # sequences into one micro-batch only when their ids are consecutive and in order.
+        self._free_slots = list(range(config.n_slots))
         self._order = itertools.count()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -371,7 +380,7 @@ class Scheduler:
                     plan.match.entry.users -= 1
                 break
             heapq.heappop(self._pending)
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             seq.reserve = need
             self.stats.kv_reserved += need
             self._active.append(seq)
@@ -432,15 +441,18 @@ class Scheduler:
     def _build_batch(self) -> tuple[list[BatchToken], list[tuple[int, _Sequence]]]:
         batch: list[BatchToken] = []
         samples: list[tuple[int, _Sequence]] = []
-        for seq in self._active:
-            if seq.prompt_fed == len(seq.request.prompt):
-                samples.append((len(batch), seq))
-                batch.append(BatchToken(seq.slot, seq.last_token, seq.n_past, True))
-        budget = self._config.n_batch - len(batch)
-        for seq in self._active:
+        # Private KV: sequences in slot order, each one's tokens together (see _free_slots);
+        # a unified pool takes any order, and prompts are fed oldest first.
+        running = sorted(self._active, key=_slot_of) if self._config.private_kv else self._active
+        budget = self._config.n_batch - sum(1 for seq in running if seq.prompt_fed == len(seq.request.prompt))
+        for seq in running:
             prompt = seq.request.prompt
             remaining = len(prompt) - seq.prompt_fed
-            if remaining == 0 or budget == 0:
+            if remaining == 0:
+                samples.append((len(batch), seq))
+                batch.append(BatchToken(seq.slot, seq.last_token, seq.n_past, True))
+                continue
+            if budget == 0:
                 continue
             take = min(remaining, budget, self._config.prefill_chunk)
             if seq.snapshot_at is not None and seq.snapshot_exact and seq.prompt_fed < seq.snapshot_at:
@@ -559,7 +571,7 @@ class Scheduler:
             seq.sampler = None
         with self._cv:
             self._active.remove(seq)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             self.stats.kv_reserved -= seq.reserve
             if seq.shared is not None:
                 seq.shared.users -= 1

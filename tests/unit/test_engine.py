@@ -140,6 +140,48 @@ def test_private_kv_cells_per_slot_limit_each_request_and_keep_outputs(tmp_path:
         rt.close()
 
 
+def test_private_kv_batches_keep_sequence_ids_in_order_and_reuse_the_lowest_slot(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    # llama.cpp (kv_unified off) puts several sequences into one micro-batch only when their ids
+    # are consecutive and in order: a new request takes the lowest free slot, batches are sorted.
+    rt = open_runtime(make_settings(tmp_path, tiny_gguf, kv_unified=False, n_ctx=4096, n_parallel=4))
+    backend = rt.backend
+    assert isinstance(backend, LlamaBackend)
+    batches: list[list[int]] = []
+    decode = backend.decode
+
+    def recording(batch: list[BatchToken]) -> None:
+        batches.append([token.seq for token in batch])
+        decode(batch)
+
+    backend.decode = recording  # type: ignore[method-assign]
+    try:
+
+        async def scenario() -> None:
+            def submit(text: str, max_tokens: int) -> TokenStream:
+                request = rt.request(chat(rt, text), sampling=GREEDY, max_tokens=max_tokens, ignore_eos=True)
+                return rt.scheduler.submit(request)
+
+            first, second = submit(PROMPTS[0], 2), submit(PROMPTS[1], 4)  # slots 0 and 1
+            running = submit(PROMPTS[2], 800)  # slot 2
+            await first.collect()
+            await second.collect()  # freed: 0, then 1 (a stack would hand out 1 next)
+            late = submit(PROMPTS[3], 8)  # slot 0, below the running sequence
+            await late.collect()
+            running.cancel()
+            await running.collect()
+
+        asyncio.run(scenario())
+    finally:
+        rt.close()
+    assert all(ids == sorted(ids) for ids in batches), [ids for ids in batches if ids != sorted(ids)][:3]
+    prefilling = [sorted({seq for seq in ids if ids.count(seq) > 1}) for ids in batches]
+    prefills = [seqs for seqs in prefilling if seqs]
+    assert sorted({seq for seqs in prefills[:-1] for seq in seqs}) == [0, 1, 2]
+    assert prefills[-1] == [0]  # the late request's prompt went into slot 0, not 1 (freed last)
+
+
 def test_new_request_joins_a_running_batch(runtime: Runtime) -> None:
     long_prompt, short_prompt = chat(runtime, "long"), chat(runtime, "short")
 
