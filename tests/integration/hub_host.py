@@ -2,7 +2,8 @@
 ``create_branch`` / ``create_commit`` (Git LFS transfer) and the ``resolve`` download route use.
 
 No existing local Hub server fit (the self-hosted ones need a database and an object
-store), so this one implements, from huggingface_hub's own client code:
+store), so this one is a small Starlette application, served by uvicorn in a background
+thread on a loopback port the OS picks. It implements, from huggingface_hub's own client code:
 
 * ``POST /api/repos/create`` (409 when it exists), ``POST /api/models/<repo>/branch/<name>``;
 * ``POST /api/models/<repo>/preupload/<rev>``: binary samples (a NUL byte) are "lfs", text is "regular",
@@ -13,24 +14,36 @@ store), so this one implements, from huggingface_hub's own client code:
 * ``GET|HEAD /<repo>/resolve/<rev>/<path>``: regular files directly, LFS files by a 302 to
   ``/lfs/<oid>`` (the Hub redirects to its CDN); byte ranges (206) on both.
 
-Writes need ``Authorization: Bearer <token>`` (401 otherwise); reads are public. Xet is not
-implemented: run huggingface_hub with ``HF_HUB_DISABLE_XET=1``. Every request line is kept
-in ``requests`` so tests can check what was sent and in which order.
+Writes (every ``POST``) need ``Authorization: Bearer <token>`` (401 otherwise); reads and the
+presigned LFS ``PUT`` are public. Anything else is a JSON 404. Xet is not implemented: run
+huggingface_hub with ``HF_HUB_DISABLE_XET=1``. Every request line is kept in ``requests`` so
+tests can check what was sent and in which order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_START_TIMEOUT_S = 10.0
 
 
 def git_blob_id(data: bytes) -> str:
@@ -54,205 +67,223 @@ class Repo:
 
 
 class HubHost:
+    """``with HubHost(token) as hub:`` serves on ``hub.url`` until the block ends."""
+
     def __init__(self, token: str) -> None:
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[str] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port: int = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            _app(self), log_config=None, log_level="warning", access_log=False, lifespan="off", http="h11"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._serve, name="hub-host", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
         return {path: entry.data for path, entry in self.repos[repo_id].branches[branch].items()}
 
+    def _serve(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
     def __enter__(self) -> HubHost:
         self.thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError("the local Hub host (uvicorn) did not start")
+            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(_START_TIMEOUT_S)
+        self.sock.close()
 
 
-def _handler(hub: HubHost) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+# ---------------------------------------------------------------- plumbing
 
-        def log_message(self, format: str, *args: Any) -> None:
-            return
 
-        # ------------------------------------------------------------ plumbing
+def _json(status: int, value: object, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(value).encode()
+    return Response(body, status, headers={"Content-Type": "application/json", **(headers or {})})
 
-        def _body(self) -> bytes:
-            return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
-        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+def _raw_path(request: Request) -> str:
+    """The path as sent (still percent-encoded; no query string)."""
+    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    return raw.decode("latin-1")
 
-        def _json(self, status: int, value: object, headers: dict[str, str] | None = None) -> None:
-            self._send(status, json.dumps(value).encode(), {"Content-Type": "application/json", **(headers or {})})
 
-        def _authorized(self) -> bool:
-            if self.headers.get("Authorization") == f"Bearer {hub.token}":
-                return True
-            self._json(401, {"error": "Invalid credentials in Authorization header"})
-            return False
+def _parts(request: Request) -> list[str]:
+    """The path's segments, each percent-decoded after the split (a ``%2F`` in a revision stays in it)."""
+    return [unquote(part) for part in _raw_path(request).strip("/").split("/")]
 
-        def _route(self) -> tuple[str, list[str]]:
-            path = urlsplit(self.path).path
+
+def _no_route(request: Request) -> Response:
+    return _json(404, {"error": f"no route {_raw_path(request)}"})
+
+
+def _ranged(request: Request, data: bytes) -> Response:
+    match = _RANGE.match(request.headers.get("Range", ""))
+    if match is None:
+        return Response(data, 200, headers={"Accept-Ranges": "bytes"})
+    start = int(match.group(1))
+    end = int(match.group(2)) if match.group(2) else len(data) - 1
+    if start >= len(data):
+        return Response(b"", 416, headers={"Content-Range": f"bytes */{len(data)}"})
+    end = min(end, len(data) - 1)
+    return Response(data[start : end + 1], 206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+
+
+def _app(hub: HubHost) -> Starlette:
+    class RecordAndAuthorize(BaseHTTPMiddleware):
+        """Record every request line; refuse any POST without the bearer token."""
+
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
             with hub.lock:
-                hub.requests.append(f"{self.command} {path}")
-            return path, [unquote(part) for part in path.strip("/").split("/")]
+                hub.requests.append(f"{request.method} {_raw_path(request)}")
+            if request.method == "POST" and request.headers.get("Authorization") != f"Bearer {hub.token}":
+                return _json(401, {"error": "Invalid credentials in Authorization header"})
+            return await call_next(request)
 
-        # ------------------------------------------------------------ verbs
+    async def no_route(request: Request, exc: Exception) -> Response:  # Starlette's 404 and 405
+        return _no_route(request)
 
-        def do_POST(self) -> None:
-            path, parts = self._route()
-            body = self._body()
-            if not self._authorized():
-                return
-            if path == "/api/repos/create":
-                self._create(json.loads(body))
-            elif path.endswith(".git/info/lfs/objects/batch"):
-                self._batch(json.loads(body))
-            elif parts[0] == "lfs" and parts[-1] == "verify":
-                ok = parts[1] in hub.lfs
-                self._json(200 if ok else 404, {"ok": ok})
-            elif parts[:2] == ["api", "models"] and len(parts) >= 6:
-                repo_id, verb, rev = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
-                repo = hub.repos.get(repo_id)
-                if repo is None:
-                    self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                elif verb == "preupload":
-                    self._preupload(repo, rev, json.loads(body))
-                elif verb == "commit":
-                    self._commit(repo_id, repo, rev, body)
-                elif verb == "branch":
-                    repo.branches.setdefault(rev, dict(repo.branches["main"]))
-                    self._json(200, {})
-                else:
-                    self._json(404, {"error": f"no route {path}"})
-            else:
-                self._json(404, {"error": f"no route {path}"})
+    # ------------------------------------------------------------ endpoints
 
-        def do_PUT(self) -> None:
-            _, parts = self._route()
-            data = self._body()  # the LFS basic transfer: presigned, no Authorization header
-            if parts[0] == "lfs" and hashlib.sha256(data).hexdigest() == parts[1]:
-                hub.lfs[parts[1]] = data
-                self._send(200)
-            else:
-                self._json(400, {"error": "sha256 mismatch"})
-
-        def do_GET(self) -> None:
-            path, parts = self._route()
-            if parts[0] == "lfs" and parts[1] in hub.lfs:
-                self._ranged(hub.lfs[parts[1]])
-                return
-            if len(parts) >= 5 and parts[2] == "resolve":
-                repo = hub.repos.get(f"{parts[0]}/{parts[1]}")
-                entry = repo.branches.get(parts[3], {}).get("/".join(parts[4:])) if repo else None
-                if entry is None:
-                    self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
-                elif entry.lfs:
-                    self._send(302, headers={"Location": f"{hub.url}/lfs/{entry.oid}", "X-Linked-Size": "0"})
-                else:
-                    self._ranged(entry.data)
-                return
-            self._json(404, {"error": f"no route {path}"})
-
-        def do_HEAD(self) -> None:
-            self.do_GET()
-
-        # ------------------------------------------------------------ endpoints
-
-        def _create(self, payload: dict[str, Any]) -> None:
-            repo_id = f"{payload['organization']}/{payload['name']}"
+    async def create(request: Request) -> Response:
+        payload = await request.json()
+        repo_id = f"{payload['organization']}/{payload['name']}"
+        with hub.lock:
             if repo_id in hub.repos:
-                self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
-                return
+                return _json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
             hub.repos[repo_id] = Repo()
-            self._json(200, {"url": f"{hub.url}/{repo_id}"})
+        return _json(200, {"url": f"{hub.url}/{repo_id}"})
 
-        def _preupload(self, repo: Repo, rev: str, payload: dict[str, Any]) -> None:
-            held = repo.branches.get(rev, {})
-            answer = []
-            for item in payload["files"]:
-                sample = base64.b64decode(item["sample"])
-                entry = held.get(item["path"])
-                answer.append(
-                    {
-                        "path": item["path"],
-                        "uploadMode": "lfs" if b"\0" in sample else "regular",
-                        "shouldIgnore": False,
-                        "oid": entry.oid if entry else None,
-                    }
-                )
-            self._json(200, {"files": answer})
+    async def batch(request: Request) -> Response:
+        payload = await request.json()
+        objects = []
+        for obj in payload["objects"]:
+            oid, size = obj["oid"], obj["size"]
+            if oid in hub.lfs:
+                objects.append({"oid": oid, "size": size})  # already there: no actions
+            else:
+                actions = {
+                    "upload": {"href": f"{hub.url}/lfs/{oid}"},
+                    "verify": {"href": f"{hub.url}/lfs/{oid}/verify"},
+                }
+                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
+        return _json(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
 
-        def _batch(self, payload: dict[str, Any]) -> None:
-            objects = []
-            for obj in payload["objects"]:
-                oid, size = obj["oid"], obj["size"]
-                if oid in hub.lfs:
-                    objects.append({"oid": oid, "size": size})  # already there: no actions
-                else:
-                    actions = {
-                        "upload": {"href": f"{hub.url}/lfs/{oid}"},
-                        "verify": {"href": f"{hub.url}/lfs/{oid}/verify"},
-                    }
-                    objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
-            self._json(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+    async def lfs_verify(request: Request) -> Response:
+        ok = request.path_params["oid"] in hub.lfs
+        return _json(200 if ok else 404, {"ok": ok})
 
-        def _commit(self, repo_id: str, repo: Repo, rev: str, body: bytes) -> None:
-            if rev not in repo.branches:
-                self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
-                return
-            staged = dict(repo.branches[rev])
-            paths = []
-            for line in body.splitlines():
-                item = json.loads(line)
-                value = item["value"]
-                if item["key"] == "file":
-                    staged[value["path"]] = Entry(base64.b64decode(value["content"]), lfs=False)
-                elif item["key"] == "lfsFile":
-                    if value["oid"] not in hub.lfs:
-                        self._json(400, {"error": f"LFS object {value['oid']} was not uploaded"})
-                        return
-                    staged[value["path"]] = Entry(hub.lfs[value["oid"]], lfs=True)
-                elif item["key"] != "header":
-                    self._json(400, {"error": f"unsupported operation {item['key']}"})
-                    return
-                if item["key"] != "header":
-                    paths.append(value["path"])
-            oid = hashlib.sha1(body).hexdigest()
+    async def lfs_put(request: Request) -> Response:
+        oid, data = request.path_params["oid"], await request.body()  # presigned: no Authorization header
+        if hashlib.sha256(data).hexdigest() != oid:
+            return _json(400, {"error": "sha256 mismatch"})
+        with hub.lock:
+            hub.lfs[oid] = data
+        return Response(b"", 200)
+
+    async def lfs_get(request: Request) -> Response:
+        data = hub.lfs.get(request.path_params["oid"])
+        if data is None:
+            return _no_route(request)
+        return _ranged(request, data)
+
+    async def models(request: Request) -> Response:  # /api/models/<org>/<name>/<verb>/<rev...>
+        parts = _parts(request)
+        repo_id, verb, rev = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+        repo = hub.repos.get(repo_id)
+        if repo is None:
+            return _json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        if verb == "preupload":
+            return _preupload(repo, rev, await request.json())
+        if verb == "commit":
+            return _commit(repo_id, repo, rev, await request.body())
+        if verb == "branch":
             with hub.lock:
-                repo.branches[rev] = staged  # the branch moves in one step: readers see old or new
-                repo.commits.append((oid, rev, paths))
-            self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid})
+                repo.branches.setdefault(rev, dict(repo.branches["main"]))
+            return _json(200, {})
+        return _no_route(request)
 
-        def _ranged(self, data: bytes) -> None:
-            match = _RANGE.match(self.headers.get("Range", ""))
-            if match is None:
-                self._send(200, data, {"Accept-Ranges": "bytes"})
-                return
-            start = int(match.group(1))
-            end = int(match.group(2)) if match.group(2) else len(data) - 1
-            if start >= len(data):
-                self._send(416, headers={"Content-Range": f"bytes */{len(data)}"})
-                return
-            end = min(end, len(data) - 1)
-            self._send(206, data[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+    async def resolve(request: Request) -> Response:  # GET and HEAD /<org>/<name>/resolve/<rev>/<path...>
+        parts = _parts(request)
+        repo = hub.repos.get(f"{parts[0]}/{parts[1]}")
+        entry = repo.branches.get(parts[3], {}).get("/".join(parts[4:])) if repo else None
+        if entry is None:
+            return _json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+        if entry.lfs:
+            return Response(b"", 302, headers={"Location": f"{hub.url}/lfs/{entry.oid}", "X-Linked-Size": "0"})
+        return _ranged(request, entry.data)
 
-    return Handler
+    # ------------------------------------------------------------ commit machinery
+
+    def _preupload(repo: Repo, rev: str, payload: dict[str, Any]) -> Response:
+        held = repo.branches.get(rev, {})
+        answer = []
+        for item in payload["files"]:
+            sample = base64.b64decode(item["sample"])
+            entry = held.get(item["path"])
+            answer.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if b"\0" in sample else "regular",
+                    "shouldIgnore": False,
+                    "oid": entry.oid if entry else None,
+                }
+            )
+        return _json(200, {"files": answer})
+
+    def _commit(repo_id: str, repo: Repo, rev: str, body: bytes) -> Response:
+        if rev not in repo.branches:
+            return _json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+        staged = dict(repo.branches[rev])
+        paths = []
+        for line in body.splitlines():
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "file":
+                staged[value["path"]] = Entry(base64.b64decode(value["content"]), lfs=False)
+            elif item["key"] == "lfsFile":
+                if value["oid"] not in hub.lfs:
+                    return _json(400, {"error": f"LFS object {value['oid']} was not uploaded"})
+                staged[value["path"]] = Entry(hub.lfs[value["oid"]], lfs=True)
+            elif item["key"] != "header":
+                return _json(400, {"error": f"unsupported operation {item['key']}"})
+            if item["key"] != "header":
+                paths.append(value["path"])
+        oid = hashlib.sha1(body).hexdigest()
+        with hub.lock:
+            repo.branches[rev] = staged  # the branch moves in one step: readers see old or new
+            repo.commits.append((oid, rev, paths))
+        return _json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid})
+
+    routes = [  # first match wins, in the order the hand-written dispatcher checked them
+        Route("/api/repos/create", create, methods=["POST"]),
+        Route("/{repo:path}.git/info/lfs/objects/batch", batch, methods=["POST"]),
+        Route("/lfs/{oid}/verify", lfs_verify, methods=["POST"]),
+        Route("/lfs/{oid}", lfs_put, methods=["PUT"]),
+        Route("/lfs/{oid}", lfs_get, methods=["GET"]),  # GET routes answer HEAD too
+        Route("/api/models/{org}/{name}/{verb}/{rev:path}", models, methods=["POST"]),
+        Route("/{org}/{name}/resolve/{rev}/{path:path}", resolve, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(RecordAndAuthorize)],
+        exception_handlers={404: no_route, 405: no_route},
+    )
