@@ -27,6 +27,7 @@ from tests.integration.update_support import (
     device_settings,
     edgert_cmd,
     make_variant,
+    updater,
     write_hook,
 )
 
@@ -35,21 +36,6 @@ from tests.integration.update_support import (
 def fleet(tmp_path: Path, tiny_gguf: Path) -> Iterator[Fleet]:
     with Fleet(tmp_path, tiny_gguf) as running:
         yield running
-
-
-@pytest.fixture
-def switch_closer() -> Iterator[list[RuntimeModelSwitch]]:
-    switches: list[RuntimeModelSwitch] = []
-    yield switches
-    for switch in switches:
-        switch.close()
-
-
-def updater(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], **update: object) -> Updater:
-    settings = device_settings(tmp_path / "device", fleet, **update)
-    switch = RuntimeModelSwitch(settings)
-    switches.append(switch)
-    return Updater(settings, switch)
 
 
 def current_link(tmp_path: Path) -> str:

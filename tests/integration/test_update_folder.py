@@ -41,8 +41,8 @@ from tests.integration.update_support import (
     MODEL_ID,
     Fleet,
     device_env,
-    device_settings,
     make_variant,
+    updater,
     write_hook,
 )
 
@@ -56,21 +56,6 @@ def fleet(tmp_path: Path, tiny_gguf: Path) -> Iterator[Fleet]:
     with Fleet(tmp_path, tiny_gguf) as running:
         running.release("1.0.0")
         yield running
-
-
-@pytest.fixture
-def switches() -> Iterator[list[RuntimeModelSwitch]]:
-    made: list[RuntimeModelSwitch] = []
-    yield made
-    for switch in made:
-        switch.close()
-
-
-def updater(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], **update: object) -> Updater:
-    settings = device_settings(tmp_path / "device", fleet, **update)
-    switch = RuntimeModelSwitch(settings)
-    switches.append(switch)
-    return Updater(settings, switch)
 
 
 def members(folder: Path) -> list[str]:
@@ -141,13 +126,13 @@ def test_daemon_installs_a_folder_release_and_serves_it_on_the_socket(
 
 
 def test_folder_release_commit_rollback_and_garbage_collection(
-    tmp_path: Path, fleet: Fleet, tiny_onnx: Path, switches: list[RuntimeModelSwitch]
+    tmp_path: Path, fleet: Fleet, tiny_onnx: Path, switch_closer: list[RuntimeModelSwitch]
 ) -> None:
     hooks, log = tmp_path / "hooks", tmp_path / "hooks.log"
     for event in ("pre-install", "on-commit"):
         write_hook(hooks, event, f'echo "$EDGERT_HOOK_EVENT $EDGERT_MODEL_FORMAT $EDGERT_MODEL_PATH" >> {log}')
     device_dir = tmp_path / "device"
-    device = updater(tmp_path, fleet, switches, hooks_dir=str(hooks))
+    device = updater(tmp_path, fleet, switch_closer, hooks_dir=str(hooks))
     assert device.apply().outcome == "committed"
 
     model = Path(shutil.copytree(tiny_onnx, tmp_path / "onnx-model"))
@@ -157,7 +142,7 @@ def test_folder_release_commit_rollback_and_garbage_collection(
     result = device.apply()
     assert (result.outcome, result.release) == ("committed", f"{MODEL_ID}@2.0.0")
     assert result.downloaded_bytes == folder_size(model)
-    serving = switches[0].serving
+    serving = switch_closer[0].serving
     assert serving is not None and serving.backend_name.startswith("onnxruntime-genai")
     assert current_link(device_dir) == f"versions/{V2}"
     assert versions(device_dir) == sorted([V1, V2])  # no staging folder left behind
@@ -178,7 +163,7 @@ def test_folder_release_commit_rollback_and_garbage_collection(
     # manual rollback loads the folder again through the model switch
     rolled = device.rollback()
     assert (rolled.outcome, rolled.release) == ("rolled-back-manually", f"{MODEL_ID}@2.0.0")
-    serving = switches[0].serving
+    serving = switch_closer[0].serving
     assert serving is not None and serving.backend_name.startswith("onnxruntime-genai")
     state = device.status()
     assert state.current is not None and state.current.meta.is_folder
@@ -195,11 +180,11 @@ def test_folder_release_commit_rollback_and_garbage_collection(
 
 
 def test_pinned_folder_version(
-    tmp_path: Path, fleet: Fleet, tiny_onnx: Path, switches: list[RuntimeModelSwitch]
+    tmp_path: Path, fleet: Fleet, tiny_onnx: Path, switch_closer: list[RuntimeModelSwitch]
 ) -> None:
     fleet.release("2.0.0", tiny_onnx)
     fleet.release("3.0.0", make_variant(fleet.model, tmp_path / "v3.gguf", general_name="v3"))
-    device = updater(tmp_path, fleet, switches)
+    device = updater(tmp_path, fleet, switch_closer)
     result = device.apply(pin_version="2.0.0")
     assert (result.outcome, result.release) == ("committed", f"{MODEL_ID}@2.0.0")
     assert current_link(tmp_path / "device") == f"versions/{V2}"
@@ -209,8 +194,8 @@ def test_pinned_folder_version(
 
 
 @pytest.fixture
-def on_v1(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch]) -> Updater:
-    device = updater(tmp_path, fleet, switches)
+def on_v1(tmp_path: Path, fleet: Fleet, switch_closer: list[RuntimeModelSwitch]) -> Updater:
+    device = updater(tmp_path, fleet, switch_closer)
     assert device.apply().outcome == "committed"
     return device
 
@@ -300,11 +285,11 @@ def publisher(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def signed_device(
-    tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], switches: list[RuntimeModelSwitch]
+    tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], switch_closer: list[RuntimeModelSwitch]
 ) -> Updater:
     """A device that requires publisher signatures, serving the signed GGUF 1.1.0."""
     fleet.release("1.1.0", signing_key=publisher[0])
-    device = updater(tmp_path, fleet, switches, publisher_public_key=str(publisher[1]))
+    device = updater(tmp_path, fleet, switch_closer, publisher_public_key=str(publisher[1]))
     assert device.apply().outcome == "committed"
     return device
 
@@ -323,13 +308,13 @@ def assert_refused_on_v1_1(device: Updater, device_dir: Path, version: str) -> N
 
 def test_a_folder_signed_by_the_publisher_installs_and_serves(
     tmp_path: Path, fleet: Fleet, tiny_onnx: Path, publisher: tuple[Path, Path], signed_device: Updater,
-    switches: list[RuntimeModelSwitch],
+    switch_closer: list[RuntimeModelSwitch],
 ) -> None:  # fmt: skip
     fleet.release("2.0.0", tiny_onnx, signing_key=publisher[0])
     assert fleet.member_file("2.0.0", "genai_config.json.sig").stat().st_size > 0  # the bundle, beside the config
     result = signed_device.apply()
     assert (result.outcome, result.release) == ("committed", f"{MODEL_ID}@2.0.0")
-    serving = switches[0].serving
+    serving = switch_closer[0].serving
     assert serving is not None and serving.backend_name.startswith("onnxruntime-genai")
     device_dir = tmp_path / "device"
     assert current_link(device_dir) == f"versions/{V2}"

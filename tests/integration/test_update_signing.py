@@ -24,7 +24,14 @@ from edgert.model_switch import RuntimeModelSwitch
 from edgert.update.orchestrator import Updater
 from edgert.update.publisher_signature import PublisherSignatureError
 from edgert.update.state import Phase
-from tests.integration.update_support import MODEL_ID, Fleet, device_env, device_settings, edgert_cmd, make_variant
+from tests.integration.update_support import (
+    MODEL_ID,
+    Fleet,
+    device_env,
+    edgert_cmd,
+    make_variant,
+    updater,
+)
 
 V1_FILE = "tiny-gemma4_f16@1.0.0.gguf"
 
@@ -52,21 +59,6 @@ def publisher(tmp_path: Path) -> tuple[Path, Path]:
 def fleet(tmp_path: Path, tiny_gguf: Path) -> Iterator[Fleet]:
     with Fleet(tmp_path, tiny_gguf) as running:
         yield running
-
-
-@pytest.fixture
-def switch_closer() -> Iterator[list[RuntimeModelSwitch]]:
-    switches: list[RuntimeModelSwitch] = []
-    yield switches
-    for switch in switches:
-        switch.close()
-
-
-def updater(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], **update: object) -> Updater:
-    settings = device_settings(tmp_path / "device", fleet, **update)
-    switch = RuntimeModelSwitch(settings)
-    switches.append(switch)
-    return Updater(settings, switch)
 
 
 @pytest.fixture

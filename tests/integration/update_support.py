@@ -16,8 +16,10 @@ from typing import Any
 import gguf
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
+from edgert.model_switch import RuntimeModelSwitch
 from edgert.registry.repository import Registry
 from edgert.settings import Settings, load_settings
+from edgert.update.orchestrator import Updater
 from tests.integration.http_host import NginxHost
 
 MODEL_ID = "tiny-gemma4:f16"
@@ -144,3 +146,11 @@ def write_hook(hooks_dir: Path, name: str, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body + "\n")
     path.chmod(0o755)
     return path
+
+
+def updater(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], **update: object) -> Updater:
+    """A device's updater in-process (its model switch closed by the ``switch_closer`` fixture)."""
+    settings = device_settings(tmp_path / "device", fleet, **update)
+    switch = RuntimeModelSwitch(settings)
+    switches.append(switch)
+    return Updater(settings, switch)
