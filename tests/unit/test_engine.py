@@ -145,29 +145,30 @@ def test_private_kv_batches_keep_sequence_ids_in_order_and_reuse_the_lowest_slot
 ) -> None:
     # llama.cpp (kv_unified off) puts several sequences into one micro-batch only when their ids
     # are consecutive and in order: a new request takes the lowest free slot, batches are sorted.
-    rt = open_runtime(make_settings(tmp_path, tiny_gguf, kv_unified=False, n_ctx=4096, n_parallel=4))
+    rt = open_runtime(make_settings(tmp_path, tiny_gguf, kv_unified=False, n_ctx=8192, n_parallel=4))
     backend = rt.backend
     assert isinstance(backend, LlamaBackend)
-    batches: list[list[int]] = []
+    batches: list[list[tuple[int, int]]] = []  # (sequence, token) of every decode call
     decode = backend.decode
 
     def recording(batch: list[BatchToken]) -> None:
-        batches.append([token.seq for token in batch])
+        batches.append([(token.seq, token.token) for token in batch])
         decode(batch)
 
     backend.decode = recording  # type: ignore[method-assign]
+    prompts = [chat(rt, text) for text in PROMPTS[:4]]
     try:
 
         async def scenario() -> None:
-            def submit(text: str, max_tokens: int) -> TokenStream:
-                request = rt.request(chat(rt, text), sampling=GREEDY, max_tokens=max_tokens, ignore_eos=True)
+            def submit(prompt: tuple[int, ...], max_tokens: int) -> TokenStream:
+                request = rt.request(prompt, sampling=GREEDY, max_tokens=max_tokens, ignore_eos=True)
                 return rt.scheduler.submit(request)
 
-            first, second = submit(PROMPTS[0], 2), submit(PROMPTS[1], 4)  # slots 0 and 1
-            running = submit(PROMPTS[2], 800)  # slot 2
+            first, second = submit(prompts[0], 2), submit(prompts[1], 4)  # usually slots 0 and 1
+            running = submit(prompts[2], 2000)  # usually slot 2; until cancelled
             await first.collect()
             await second.collect()  # freed: 0, then 1 (a stack would hand out 1 next)
-            late = submit(PROMPTS[3], 8)  # slot 0, below the running sequence
+            late = submit(prompts[3], 8)  # the lowest free slot: usually 0, below the running one
             await late.collect()
             running.cancel()
             await running.collect()
@@ -175,11 +176,18 @@ def test_private_kv_batches_keep_sequence_ids_in_order_and_reuse_the_lowest_slot
         asyncio.run(scenario())
     finally:
         rt.close()
-    assert all(ids == sorted(ids) for ids in batches), [ids for ids in batches if ids != sorted(ids)][:3]
-    prefilling = [sorted({seq for seq in ids if ids.count(seq) > 1}) for ids in batches]
-    prefills = [seqs for seqs in prefilling if seqs]
-    assert sorted({seq for seqs in prefills[:-1] for seq in seqs}) == [0, 1, 2]
-    assert prefills[-1] == [0]  # the late request's prompt went into slot 0, not 1 (freed last)
+
+    def slot_of(prompt: tuple[int, ...]) -> int:
+        """The sequence a prompt was prefilled into (these short prompts go in one chunk)."""
+        for batch in batches:
+            for seq in {seq for seq, _ in batch}:
+                if tuple(token for s, token in batch if s == seq) == prompt:
+                    return seq
+        raise AssertionError("prompt never prefilled")
+
+    ids = [[seq for seq, _ in batch] for batch in batches]
+    assert all(seqs == sorted(seqs) for seqs in ids), [seqs for seqs in ids if seqs != sorted(seqs)][:3]
+    assert slot_of(prompts[3]) == min({0, 1, 2, 3} - {slot_of(prompts[2])})
 
 
 def test_new_request_joins_a_running_batch(runtime: Runtime) -> None:
