@@ -41,8 +41,7 @@ def load_options(engine: EngineSettings) -> LoadOptions:
     threads = engine.n_threads or default_threads()
     return LoadOptions(
         n_ctx=engine.n_ctx,
-        # the prefix cache shares KV cells between sequences: only possible in one unified pool
-        n_seq_max=engine.n_parallel + (engine.prefix_cache_entries if engine.kv_unified else 0),
+        n_seq_max=engine.n_parallel + engine.prefix_cache_entries,
         n_batch=engine.n_batch,
         n_ubatch=engine.n_ubatch,
         n_threads=threads,
@@ -75,6 +74,7 @@ def cache_key(path: Path, info: GGUFInfo, options: LoadOptions) -> str:
             options.kv_cache_type,
             options.swa_full,
             options.flash_attn,
+            options.kv_unified,
         )
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]

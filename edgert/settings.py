@@ -80,9 +80,9 @@ class EngineSettings(BaseModel):
     kv_unified: bool = Field(
         True,
         description=(
-            "One KV pool for all slots: any request may use the whole n_ctx and the prefix cache shares"
-            " cells. false = n_ctx / n_parallel private cells per slot: faster with many concurrent"
-            " streams, no prefix cache."
+            "One KV pool for all slots: any request may use the whole n_ctx and a cached prefix's cells"
+            " are shared, not copied. false = private cells per sequence, n_ctx / (n_parallel +"
+            " prefix_cache_entries) each: faster with many concurrent streams; a cached prefix is copied."
         ),
     )
     prefix_cache_entries: int = Field(

@@ -268,6 +268,8 @@ class Scheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self._outbox = _Outbox()
+        #: private KV: exact entries whose stream copy llama.cpp runs at the next decode, saved after it
+        self._unsaved: list[PrefixEntry] = []
         self.stats = SchedulerStats()
         self._prefix = (
             PrefixCache(
@@ -471,6 +473,7 @@ class Scheduler:
 
     def _step(self) -> None:
         batch, samples = self._build_batch()
+        unsaved, self._unsaved = self._unsaved, []
         try:
             self._backend.decode(batch)
         except EdgertError as exc:
@@ -478,6 +481,7 @@ class Scheduler:
             for seq in {id(s): s for s in self._active if any(t.seq == s.slot for t in batch)}.values():
                 self._finish(seq, "error", now, exc)
             return
+        self._persist_copied(unsaved)
         self.stats.steps += 1
         fed: dict[int, int] = {}
         for token in batch:
@@ -633,7 +637,7 @@ class Scheduler:
             return
         if plan is not None and plan.usable:
             entry, reuse = plan.match.entry, plan.reuse
-            self._backend.seq_copy(entry.seq, seq.slot, 0, reuse)
+            self._copy_prefix(entry.seq, seq.slot, reuse)
             seq.prompt_fed = seq.n_past = seq.cached = reuse
             seq.shared = entry  # pinned by _admit
             cache.touch(entry)
@@ -672,7 +676,7 @@ class Scheduler:
             return
         seq_id = cache.take_seq()
         assert seq_id is not None
-        self._backend.seq_copy(source_seq, seq_id, 0, need)
+        self._copy_prefix(source_seq, seq_id, need)
         entry = cache.add(tokens, seq_id, exact=exact)
         if transfer:
             assert owner is not None
@@ -684,7 +688,33 @@ class Scheduler:
         self.stats.prefix_entries = len(cache.entries)
         store = self._config.prefix_store
         if exact and store is not None:
-            self._persist(store, entry)
+            if self._config.private_kv:
+                self._unsaved.append(entry)
+            else:
+                self._persist(store, entry)
+
+    def _copy_prefix(self, source_seq: int, target_seq: int, n_tokens: int) -> None:
+        """Positions [0, n_tokens) of ``source_seq`` into the empty ``target_seq``.
+
+        One KV pool: the cells get one more sequence tag, nothing moves. Private KV: llama.cpp
+        copies only whole sequence streams, so the whole source is copied and the tail dropped;
+        the data moves at the start of the next decode (saving such an entry waits for that).
+        """
+        backend = self._backend
+        if not self._config.private_kv:
+            backend.seq_copy(source_seq, target_seq, 0, n_tokens)
+            return
+        backend.seq_copy(source_seq, target_seq)
+        backend.seq_remove(target_seq, n_tokens)
+
+    def _persist_copied(self, entries: list[PrefixEntry]) -> None:
+        """Save entries whose (private KV) stream copy the decode just made, if still cached."""
+        store, cache = self._config.prefix_store, self._prefix
+        if store is None or cache is None:
+            return
+        for entry in entries:
+            if entry in cache.entries:
+                self._persist(store, entry)
 
     def _persist(self, store: PrefixStore, entry: PrefixEntry) -> None:
         path = store.path_for(entry.tokens)

@@ -93,6 +93,34 @@ def test_shared_prefixes_persist_across_restarts(tmp_path: Path, tiny_gguf: Path
     assert text == first[0]
 
 
+def test_private_kv_reuses_and_persists_prefixes_with_the_same_outputs(tmp_path: Path, tiny_gguf: Path) -> None:
+    # kv_unified off: each sequence (slot or cache entry) has its own 1024 cells; llama.cpp copies
+    # a whole sequence stream, and the copy is trimmed to the shared part
+    private: dict[str, object] = {"kv_unified": False, "n_ctx": 6 * 1024}
+    plain = open_rt(tmp_path / "plain", tiny_gguf, prefix_cache_entries=0, **private)
+    try:
+        assert plain.backend.info.n_ctx_seq == 3072  # 2 slots
+        expected = [ask(plain, q)[0] for q in QUESTIONS]
+    finally:
+        plain.close()
+    rt = open_rt(tmp_path / "cached", tiny_gguf, **private)
+    try:
+        assert rt.backend.info.n_ctx_seq == 1024  # 2 slots + 4 cache entries
+        results = [ask(rt, q) for q in QUESTIONS]
+    finally:
+        rt.close()
+    assert [text for text, _ in results] == expected
+    assert results[0][1].cached_tokens == 0
+    assert all(r.cached_tokens > 250 for _, r in results[2:])
+    restarted = open_rt(tmp_path / "cached", tiny_gguf, **private)
+    try:
+        text, result = ask(restarted, QUESTIONS[1])
+    finally:
+        restarted.close()
+    assert result.cached_tokens > 250
+    assert text == expected[1]
+
+
 def test_a_saved_prefix_that_does_not_match_its_name_is_discarded(tmp_path: Path, tiny_gguf: Path) -> None:
     rt = open_rt(tmp_path, tiny_gguf)
     try:
