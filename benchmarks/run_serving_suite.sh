@@ -12,7 +12,7 @@
 # edits other people make to the working tree during the run cannot change what is measured;
 # EDGERT_SRC=<dir> serves another tree, EDGERT_ALT_SRC=<dir> adds it as system "edgert-alt";
 # EDGERT_ALT_ENV="KEY=VALUE ..." adds system "edgert-alt" with those settings (same tree unless
-# EDGERT_ALT_SRC is set), e.g. EDGERT_ALT_ENV="EDGERT_ENGINE__KV_UNIFIED=false EDGERT_ENGINE__N_CTX=32768".
+# EDGERT_ALT_SRC is set), e.g. EDGERT_ALT_ENV="EDGERT_ENGINE__KV_UNIFIED=false EDGERT_ENGINE__N_CTX=49152" (8 slots + 4 prefix entries of 4096 cells).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
