@@ -64,19 +64,8 @@ from typing import Any
 
 from edgert.engine.base import BackendCapabilities, LoadOptions, ModelInfo, SamplingParams
 from edgert.errors import BadRequestError, EngineError, ModelLoadError
-from edgert.onnx_folder import OnnxModelInfo, validate_onnx_folder
-from edgert.onnx_folder import defect as _defect
-from edgert.onnx_folder import one_line as _one_line
-from edgert.onnx_folder import read_json as _read_json
+from edgert.onnx_folder import KNOWN_PROVIDERS, OnnxModelInfo, defect, one_line, read_json, validate_onnx_folder
 
-#: execution providers a genai_config.json may name, and how to ask the library for each
-_PROVIDER_PROBES = {
-    "cuda": "is_cuda_available",
-    "dml": "is_dml_available",
-    "openvino": "is_openvino_available",
-    "qnn": "is_qnn_available",
-    "webgpu": "is_webgpu_available",
-}
 _INSTALL_HINT = "install the extra: pip install 'edgert[onnx]'"
 
 _og_module: Any = None
@@ -111,7 +100,8 @@ def capabilities() -> BackendCapabilities:
 def available_providers() -> tuple[str, ...]:
     """Execution providers this onnxruntime-genai build can use ("cpu" always)."""
     og = _og()
-    found = [name for name, probe in _PROVIDER_PROBES.items() if getattr(og, probe, lambda: False)()]
+    # onnxruntime-genai asks about each execution provider with og.is_<name>_available()
+    found = [name for name in KNOWN_PROVIDERS if getattr(og, f"is_{name}_available", lambda: False)()]
     return ("cpu", *found)
 
 
@@ -120,7 +110,7 @@ def _check_available(folder: Path, providers: tuple[str, ...]) -> None:
     missing = [name for name in providers if name not in available_providers()]
     if missing:
         here = ", ".join(available_providers())
-        raise _defect(
+        raise defect(
             folder,
             f"genai_config.json needs execution provider {missing[0]!r}, which this onnxruntime-genai "
             f"build lacks (available here: {here}); install the matching onnxruntime-genai package or "
@@ -160,7 +150,7 @@ def _chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None
 
 def _special_tokens(folder: Path) -> list[str]:
     """The special tokens of tokenizer.json, longest first (for parse_special=False)."""
-    data = _read_json(folder / "tokenizer.json", folder)
+    data = read_json(folder / "tokenizer.json", folder)
     added = data.get("added_tokens", [])
     specials = {str(t["content"]) for t in added if isinstance(t, dict) and t.get("special") and t.get("content")}
     return sorted(specials, key=len, reverse=True)
@@ -194,7 +184,7 @@ class OnnxBackend:
         try:
             self._tokenizer = og.Tokenizer(self._model)
         except RuntimeError as exc:
-            raise ModelLoadError(_one_line(f"{path}: onnxruntime-genai could not load the tokenizer: {exc}")) from None
+            raise ModelLoadError(one_line(f"{path}: onnxruntime-genai could not load the tokenizer: {exc}")) from None
         self._eog = frozenset(self._found.eos_token_ids)
         tokenizer_config = self._tokenizer_config(path)
         self._specials = _special_tokens(path)
@@ -212,12 +202,12 @@ class OnnxBackend:
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
             return og.Model(config)
         except RuntimeError as exc:
-            raise ModelLoadError(_one_line(f"{path}: onnxruntime-genai could not load the model: {exc}")) from None
+            raise ModelLoadError(one_line(f"{path}: onnxruntime-genai could not load the model: {exc}")) from None
 
     @staticmethod
     def _tokenizer_config(path: Path) -> dict[str, Any]:
         file = path / "tokenizer_config.json"
-        return _read_json(file, path) if file.is_file() else {}
+        return read_json(file, path) if file.is_file() else {}
 
     def _read_info(self, path: Path, options: LoadOptions, tokenizer_config: dict[str, Any]) -> ModelInfo:
         found = self._found
@@ -287,13 +277,13 @@ class OnnxBackend:
         except RuntimeError as exc:
             if guidance is not None:
                 raise BadRequestError(
-                    _one_line(f"response_format: the JSON schema cannot be used: {exc}"), param="response_format"
+                    one_line(f"response_format: the JSON schema cannot be used: {exc}"), param="response_format"
                 ) from None
-            raise EngineError(_one_line(f"onnxruntime-genai could not create a generator: {exc}")) from None
+            raise EngineError(one_line(f"onnxruntime-genai could not create a generator: {exc}")) from None
         try:
             generator.append_tokens(prompt)
         except RuntimeError as exc:
-            raise EngineError(_one_line(f"prefill failed: {exc}")) from None
+            raise EngineError(one_line(f"prefill failed: {exc}")) from None
         sequence = OnnxSequence(generator, self._tokenizer.create_stream(), len(prompt), length)
         self._live.add(sequence)
         return sequence
@@ -326,7 +316,7 @@ class OnnxBackend:
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
         except RuntimeError as exc:
-            raise EngineError(_one_line(f"onnxruntime-genai step failed: {exc}")) from None
+            raise EngineError(one_line(f"onnxruntime-genai step failed: {exc}")) from None
         sequence.generated += 1
         sequence.last_token = token
         return token, _piece(sequence.stream, token)

@@ -373,13 +373,14 @@ class Scheduler:
         while self._pending and self._free_slots:
             _, _, seq = self._pending[0]
             plan = self._plan_prefix(seq)
+            shared, reuse = (plan.match.entry, plan.reuse) if plan is not None and plan.usable else (None, 0)
             # Cells taken from a cached prefix are shared, not copied: count them once, in the entry.
-            need = seq.reserve - (plan.reuse if plan is not None and plan.usable else 0)
-            if plan is not None and plan.usable:
-                plan.match.entry.users += 1  # the room made below must not evict it
+            need = seq.reserve - reuse
+            if shared is not None:
+                shared.users += 1  # the room made below must not evict it
             if not self._make_room(need):
-                if plan is not None and plan.usable:
-                    plan.match.entry.users -= 1
+                if shared is not None:
+                    shared.users -= 1
                 break
             heapq.heappop(self._pending)
             seq.slot = heapq.heappop(self._free_slots)
@@ -481,7 +482,8 @@ class Scheduler:
             for seq in {id(s): s for s in self._active if any(t.seq == s.slot for t in batch)}.values():
                 self._finish(seq, "error", now, exc)
             return
-        self._persist_copied(unsaved)
+        if unsaved:
+            self._persist_copied(unsaved)
         self.stats.steps += 1
         fed: dict[int, int] = {}
         for token in batch:

@@ -297,18 +297,10 @@ class Updater:
             length=release.length,
             hashes=release.hashes,
         )
-        try:
-            with self._http() as client:
-                fetched = download.fetch(
-                    client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=self._progress_for(release)
-                )
-        except (IntegrityError, InsufficientStorageError) as exc:
-            self._abandon(state, f"download of {release.key} failed: {exc}")
-            raise
-        except DownloadError as exc:
-            state.last_error = str(exc)  # phase stays downloading: the next run resumes the .part
-            self.store.save(state)
-            raise
+        with self._download_failures(state, release), self._http() as client:
+            fetched = download.fetch(
+                client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=self._progress_for(release)
+            )
         store.install_file(job.part, self._file(release))
         self._staged(state, release)
         return fetched
@@ -324,7 +316,8 @@ class Updater:
         staging.mkdir(exist_ok=True)
         report = self._progress_for(release)
         resumed = received = done = 0
-        try:
+        # one bad member: nothing of this release is kept
+        with self._download_failures(state, release, discard=staging):
             kept = sum(_kept_bytes(staging, member) for member in release.members)
             download.check_free_space(self.versions_dir, release.length - kept, self.config.disk_reserve_bytes)
             with self._http() as client:
@@ -332,17 +325,6 @@ class Updater:
                     fetched = self._fetch_member(client, staging, member, _shifted(report, done, release.length))
                     resumed, received = resumed + fetched.resumed_from, received + fetched.received
                     done += member.length
-        except IntegrityError as exc:
-            _discard(staging)  # one bad member: nothing of this release is kept
-            self._abandon(state, f"download of {release.key} failed: {exc}")
-            raise
-        except InsufficientStorageError as exc:
-            self._abandon(state, f"download of {release.key} failed: {exc}")
-            raise
-        except DownloadError as exc:
-            state.last_error = str(exc)  # phase stays downloading: the next run resumes
-            self.store.save(state)
-            raise
         if self.config.publisher_public_key is not None:
             self._verify_folder_publisher(state, release, staging, self.config.publisher_public_key)
         # Every member is verified and fsynced: make the folders durable, then switch names at once.
@@ -353,6 +335,24 @@ class Updater:
         store.fsync_dir(self.versions_dir)
         self._staged(state, release)
         return download.Fetched(resumed, received)
+
+    @contextlib.contextmanager
+    def _download_failures(
+        self, state: UpdateState, release: Release, *, discard: Path | None = None
+    ) -> Iterator[None]:
+        """Bytes that can never verify or no room: abandon the release (deleting ``discard``);
+        a dropped connection keeps the phase ``downloading`` so the next run resumes."""
+        try:
+            yield
+        except (IntegrityError, InsufficientStorageError) as exc:
+            if discard is not None and isinstance(exc, IntegrityError):
+                _discard(discard)
+            self._abandon(state, f"download of {release.key} failed: {exc}")
+            raise
+        except DownloadError as exc:
+            state.last_error = str(exc)
+            self.store.save(state)
+            raise
 
     def _verify_folder_publisher(self, state: UpdateState, release: Release, staging: Path, public_key: Path) -> None:
         """The publisher's bundle must sign exactly the verified staging folder, before it gets its final name.
