@@ -36,15 +36,16 @@ from tests.integration.test_update_faults import (
     throttle,
     wait_until,
 )
-from tests.integration.test_update_signing import ec_key_pair
 from tests.integration.update_support import (
     MODEL_ID,
     Fleet,
     device_env,
     make_variant,
+    signed_updater,
     updater,
     write_hook,
 )
+from tests.signing_keys import ec_key_pair
 
 V1 = "tiny-gemma4_f16@1.0.0.gguf"
 V2 = "tiny-gemma4_f16@2.0.0"  # the folder release
@@ -279,19 +280,11 @@ def test_a_folder_this_device_cannot_run_is_rolled_back_and_blocklisted(
 
 
 @pytest.fixture
-def publisher(tmp_path: Path) -> tuple[Path, Path]:
-    return ec_key_pair(tmp_path, "publisher")
-
-
-@pytest.fixture
 def signed_device(
     tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], switch_closer: list[RuntimeModelSwitch]
 ) -> Updater:
     """A device that requires publisher signatures, serving the signed GGUF 1.1.0."""
-    fleet.release("1.1.0", signing_key=publisher[0])
-    device = updater(tmp_path, fleet, switch_closer, publisher_public_key=str(publisher[1]))
-    assert device.apply().outcome == "committed"
-    return device
+    return signed_updater(tmp_path, fleet, switch_closer, publisher, "1.1.0")
 
 
 def assert_refused_on_v1_1(device: Updater, device_dir: Path, version: str) -> None:

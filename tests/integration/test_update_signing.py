@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from tuf.api.metadata import TargetFile
 
 from edgert.model_switch import RuntimeModelSwitch
@@ -30,29 +28,12 @@ from tests.integration.update_support import (
     device_env,
     edgert_cmd,
     make_variant,
+    signed_updater,
     updater,
 )
+from tests.signing_keys import ec_key_pair
 
 V1_FILE = "tiny-gemma4_f16@1.0.0.gguf"
-
-
-def ec_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    """(private key PEM, public key PEM) of a fresh P-256 key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = directory / f"{name}.pem"
-    public = directory / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return private, public
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> tuple[Path, Path]:
-    return ec_key_pair(tmp_path, "publisher")
 
 
 @pytest.fixture
@@ -66,10 +47,7 @@ def device(
     tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], switch_closer: list[RuntimeModelSwitch]
 ) -> Updater:
     """A device that requires publisher signatures and has installed the signed 1.0.0."""
-    fleet.release("1.0.0", signing_key=publisher[0])
-    device = updater(tmp_path, fleet, switch_closer, publisher_public_key=str(publisher[1]))
-    assert device.apply().outcome == "committed"
-    return device
+    return signed_updater(tmp_path, fleet, switch_closer, publisher, "1.0.0")
 
 
 def release_v2(fleet: Fleet, tmp_path: Path, signing_key: Path | None) -> None:

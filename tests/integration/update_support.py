@@ -154,3 +154,13 @@ def updater(tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], **
     switch = RuntimeModelSwitch(settings)
     switches.append(switch)
     return Updater(settings, switch)
+
+
+def signed_updater(
+    tmp_path: Path, fleet: Fleet, switches: list[RuntimeModelSwitch], publisher: tuple[Path, Path], version: str
+) -> Updater:
+    """A device that requires publisher signatures and has installed the signed GGUF ``version``."""
+    fleet.release(version, signing_key=publisher[0])
+    device = updater(tmp_path, fleet, switches, publisher_public_key=str(publisher[1]))
+    assert device.apply().outcome == "committed"
+    return device

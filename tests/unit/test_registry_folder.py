@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -23,6 +21,7 @@ from edgert.update import publisher_signature
 from edgert.update.manifest import MODEL_KEY, ModelMeta, model_target_path
 from edgert.update.publisher_signature import PublisherSignatureError
 from edgert.update.state import choose_target
+from tests.signing_keys import ec_key_pair
 from tests.unit.test_update_state import MODEL as STATE_MODEL
 from tests.unit.test_update_state import pointer
 
@@ -45,19 +44,6 @@ def staged(registry: Registry) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(registry.staging_file.read_bytes())
     targets: dict[str, Any] = data["signed"]["targets"]
     return targets
-
-
-def ec_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    """(private key PEM, public key PEM) of a fresh P-256 key: a publisher's, for --sign-key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return private, public
 
 
 def cli(*args: str) -> tuple[int, str, str]:
