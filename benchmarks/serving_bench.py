@@ -16,8 +16,13 @@ Systems (pick with ``--systems``):
 * ``lcp-server-noint``    same with ``--interrupt_requests False``
 * ``raw``                 raw in-process ``llama_cpp.Llama`` in a worker subprocess (no HTTP): the
                           single-stream baseline (decode tok/s, TTFT)
+* ``ceilings``            ``llama-batched-bench -npl 1,<max concurrency>`` with private and unified (``-kvu``)
+                          KV, measured in the rotation like a server: the engine's batch ceiling under the
+                          same conditions as the servers' aggregate (generated tokens / wall, prefill included)
 
-Measured by the same client (httpx async, streaming SSE, ``/v1/completions``):
+Measured by the same client (aiohttp, streaming SSE, ``/v1/completions``; its C HTTP parser costs
+the shared CPU ~150 us per token where httpx's pure-Python stack cost ~400 us, and the load generator
+shares the cores with the server it measures -- ``client_cpu_us_per_token`` in the JSON says how much):
 
 * single stream: TTFT (request sent -> first content token arrives) and decode tok/s from token
   arrival times, ``(tokens - 1) / (t_last - t_first)``;
@@ -66,6 +71,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 
@@ -162,7 +168,8 @@ class CpuMonitor:
     def _ours() -> float:
         me = psutil.Process()
         t = me.cpu_times()
-        total = t.user + t.system  # this process only: the servers are counted below, once
+        # this process and its reaped children (ceiling tools); the servers are counted below, once
+        total = t.user + t.system + t.children_user + t.children_system
         for pid in CpuMonitor.pids:
             try:
                 proc = psutil.Process(pid)
@@ -182,6 +189,7 @@ class CpuMonitor:
 
     def __enter__(self) -> CpuMonitor:
         self.t0, self.busy0, self.ours0 = time.perf_counter(), self._busy(), self._ours()
+        self.client0 = time.process_time()
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -189,6 +197,8 @@ class CpuMonitor:
         busy, ours = self._busy() - self.busy0, self._ours() - self.ours0
         self.foreign_cores = max(0.0, busy - ours) / wall if wall > 0 else 0.0
         self.ours_cores = ours / wall if wall > 0 else 0.0
+        #: CPU seconds of the load generator itself (this process, all threads) during the measurement
+        self.client_cpu_s = time.process_time() - self.client0
 
 
 def loadavg() -> list[float]:
@@ -245,7 +255,7 @@ class Target:
         self.log_path = workdir / f"{self.name}.log"
         self.command: list[str] = []
         self.env_extra: dict[str, str] = {}
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
 
     # subclasses fill these
     def build(self) -> None:
@@ -257,7 +267,8 @@ class Target:
     def base_url(self) -> str:
         raise NotImplementedError
 
-    def transport(self, *, sync: bool) -> Any:
+    def transport(self) -> httpx.HTTPTransport | None:
+        """The readiness poll's transport (plain httpx; the load itself goes through aiohttp)."""
         return None
 
     def extra_body(self) -> dict[str, Any]:
@@ -289,7 +300,7 @@ class Target:
         return time.perf_counter() - started
 
     def wait_ready(self, started: float, timeout: float = 600.0) -> None:
-        transport = self.transport(sync=True)
+        transport = self.transport()
         with httpx.Client(transport=transport, timeout=5.0) as client:
             while True:
                 assert self.proc is not None
@@ -322,17 +333,19 @@ class Target:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
+    def connector(self) -> aiohttp.BaseConnector:
+        return aiohttp.TCPConnector(limit=64)
+
     async def open_client(self) -> None:
-        self.client = httpx.AsyncClient(
+        self.client = aiohttp.ClientSession(
             base_url=self.base_url(),
-            transport=self.transport(sync=False),
-            timeout=httpx.Timeout(600.0, connect=30.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            connector=self.connector(),
+            timeout=aiohttp.ClientTimeout(total=600.0, sock_connect=30.0),
         )
 
     async def close_client(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
             self.client = None
 
     async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
@@ -348,41 +361,46 @@ class Target:
         res = StreamResult()
         res.started = time.perf_counter()
         first = last = None
+        pending = b""
         try:
-            async with self.client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    res.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            async with self.client.post("/v1/completions", json=body) as response:
+                if response.status != 200:
+                    res.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                     return res
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        res.done = True
-                        break
+                # Every event of a chunk gets the chunk's arrival time.
+                async for chunk in response.content.iter_any():
                     now = time.perf_counter()
-                    obj = json.loads(data)
-                    usage = obj.get("usage")
-                    if usage:
-                        res.tokens = int(usage.get("completion_tokens") or 0) or res.tokens
-                        res.prompt_tokens = usage.get("prompt_tokens")
-                        details = usage.get("prompt_tokens_details") or {}
-                        if details.get("cached_tokens") is not None:
-                            res.cached_tokens = int(details["cached_tokens"])
-                    timings = obj.get("timings")
-                    if timings and "cache_n" in timings:
-                        res.cached_tokens = int(timings["cache_n"])
-                    for choice in obj.get("choices") or []:
-                        if choice.get("finish_reason"):
-                            res.finish_reason = choice["finish_reason"]
-                        elif "text" in choice:
-                            # a token event (text may be empty while a UTF-8 character is incomplete)
-                            res.events += 1
-                            if first is None:
-                                first = now
-                            last = now
-        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            res.done = True
+                            break
+                        obj = json.loads(data)
+                        usage = obj.get("usage")
+                        if usage:
+                            res.tokens = int(usage.get("completion_tokens") or 0) or res.tokens
+                            res.prompt_tokens = usage.get("prompt_tokens")
+                            details = usage.get("prompt_tokens_details") or {}
+                            if details.get("cached_tokens") is not None:
+                                res.cached_tokens = int(details["cached_tokens"])
+                        timings = obj.get("timings")
+                        if timings and "cache_n" in timings:
+                            res.cached_tokens = int(timings["cache_n"])
+                        for choice in obj.get("choices") or []:
+                            if choice.get("finish_reason"):
+                                res.finish_reason = choice["finish_reason"]
+                            elif "text" in choice:
+                                # a token event (text may be empty while a UTF-8 character is incomplete)
+                                res.events += 1
+                                if first is None:
+                                    first = now
+                                last = now
+                    if res.done:
+                        break
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
             res.error = f"{type(exc).__name__}: {exc}"
         finally:
             res.ended = time.perf_counter()
@@ -424,9 +442,11 @@ class EdgertTarget(Target):
     def base_url(self) -> str:
         return "http://edgert"
 
-    def transport(self, *, sync: bool) -> Any:
-        cls = httpx.HTTPTransport if sync else httpx.AsyncHTTPTransport
-        return cls(uds=str(self.sock))
+    def transport(self) -> httpx.HTTPTransport | None:
+        return httpx.HTTPTransport(uds=str(self.sock))
+
+    def connector(self) -> aiohttp.BaseConnector:
+        return aiohttp.UnixConnector(path=str(self.sock), limit=64)
 
 
 class EdgertAltTarget(EdgertTarget):
@@ -575,6 +595,80 @@ class RawTarget(Target):
         )  # fmt: skip
 
 
+class CeilingTarget(Target):
+    """llama-batched-bench (same build, same model, same threads) run inside the rotation.
+
+    Not a server: each round runs ``llama-batched-bench -npl 1,<max concurrency>`` once with private
+    and once with unified (``-kvu``) KV and records, at the largest batch, generated tokens divided by
+    the wall time of prefill + generation -- the quantity the servers' aggregate measures -- and
+    S_TG (generation only). Measured between the servers, under the same conditions.
+    """
+
+    name = "ceilings"
+    kind = "ceiling"
+
+    def __init__(self, *args: Any, bin_dir: Path, **kwargs: Any) -> None:
+        self.bin_dir = bin_dir
+        super().__init__(*args, **kwargs)
+
+    def build(self) -> None:
+        self.command = [str(self.bin_dir / "llama-batched-bench"), "-m", str(self.model)]
+
+    def start(self) -> float:
+        self.build()
+        return 0.0
+
+    def stop(self) -> None:
+        return None
+
+    async def open_client(self) -> None:
+        return None
+
+    async def close_client(self) -> None:
+        return None
+
+    def rss(self) -> int:
+        return 0
+
+    def command_line(self, batch: int, tokens: int, unified: bool) -> list[str]:
+        return [
+            *self.command, "-c", str(self.ctx), "-b", "512", "-ub", "512", "-npp", "32", "-ntg", str(tokens),
+            "-npl", f"1,{batch}", "-t", str(self.threads), "-fa", "on", *(["-kvu"] if unified else []),
+        ]  # fmt: skip
+
+    async def measure(self, batch: int, tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for layout, unified in (("private", False), ("unified", True)):
+            cmd = self.command_line(batch, tokens, unified)
+            proc = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, check=False)
+            rows = parse_batched_bench(proc.stdout + proc.stderr)
+            if proc.returncode != 0 or batch not in rows or 1 not in rows:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-500:]}")
+            big, one = rows[batch], rows[1]
+            out[layout] = {
+                "generated_per_wall": batch * tokens / (big["T_PP s"] + big["T_TG s"]),
+                "s_tg": big["S_TG t/s"],
+                "single_s_tg": one["S_TG t/s"],
+            }
+        return out
+
+
+def parse_batched_bench(text: str) -> dict[int, dict[str, float]]:
+    """llama-batched-bench's markdown table -> {batch size: {column: value}}."""
+    header: list[str] | None = None
+    rows: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("|") or set(line) <= set("|-: "):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None and "B" in cells:
+            header = cells
+        elif header is not None and len(cells) == len(header):
+            row = {k: float(v) for k, v in zip(header, cells, strict=True)}
+            rows[int(row["B"])] = row
+    return rows
+
+
 TARGETS: dict[str, type[Target]] = {
     t.name: t
     for t in (
@@ -586,6 +680,7 @@ TARGETS: dict[str, type[Target]] = {
         LcpServerTarget,
         LcpServerNoIntTarget,
         RawTarget,
+        CeilingTarget,
     )
 }
 
@@ -712,34 +807,59 @@ async def run_prefix(target: Target, system: str, reps: int, max_tokens: int) ->
 
 
 # --------------------------------------------------------------------------- main run
-async def _measured(args: argparse.Namespace, work: Any) -> list[tuple[Any, float]]:
+async def _measured(args: argparse.Namespace, work: Any) -> list[tuple[Any, float, float]]:
     """Run ``work()`` after waiting for a quiet CPU; retry (keeping every attempt) while other jobs
-    used more than QUIET_CORES during it, up to ``args.retries`` times."""
-    attempts: list[tuple[Any, float]] = []
+    used more than QUIET_CORES during it, up to ``args.retries`` times. Each attempt: (value, other
+    jobs' cores, the load generator's own CPU seconds)."""
+    attempts: list[tuple[Any, float, float]] = []
     for _ in range(args.retries + 1):
         await wait_quiet(args.quiet_wait)
         with CpuMonitor() as mon:
             value = await work()
-        attempts.append((value, round(mon.foreign_cores, 3)))
+        attempts.append((value, round(mon.foreign_cores, 3), mon.client_cpu_s))
         if mon.foreign_cores <= QUIET_CORES:
             break
     return attempts
 
 
+def _client_us_per_token(client_cpu_s: float, tokens: int) -> float | None:
+    return round(client_cpu_s * 1e6 / tokens, 1) if tokens else None
+
+
 async def measure_round(target: Target, args: argparse.Namespace, levels: list[int], system: str) -> dict[str, Any]:
     out: dict[str, Any] = {"loadavg_before": loadavg()}
     t0 = time.perf_counter()
+    if isinstance(target, CeilingTarget):
+        out["ceiling"] = [
+            {**value, "foreign_cores": foreign}
+            for value, foreign, _client in await _measured(args, lambda: target.measure(max(levels), args.tokens))
+        ]
+        out["seconds"] = time.perf_counter() - t0
+        out["loadavg_after"] = loadavg()
+        return out
     out["single"] = []
     for _ in range(0 if args.only_prefix else args.single_repeats):
-        for single, foreign in await _measured(args, lambda: run_single(target, args.tokens)):
-            out["single"].append({**asdict(single), "foreign_cores": foreign})
+        for single, foreign, client in await _measured(args, lambda: run_single(target, args.tokens)):
+            out["single"].append(
+                {
+                    **asdict(single),
+                    "foreign_cores": foreign,
+                    "client_cpu_us_per_token": _client_us_per_token(client, single.tokens),
+                }
+            )
     if target.kind != "raw" and not args.only_prefix:
         out["aggregate"] = []
         for level in levels:
-            for agg, foreign in await _measured(args, lambda lv=level: run_aggregate(target, lv, args.tokens)):
-                out["aggregate"].append({**agg, "foreign_cores": foreign})
+            for agg, foreign, client in await _measured(args, lambda lv=level: run_aggregate(target, lv, args.tokens)):
+                out["aggregate"].append(
+                    {
+                        **agg,
+                        "foreign_cores": foreign,
+                        "client_cpu_us_per_token": _client_us_per_token(client, agg["tokens"]),
+                    }
+                )
     out["prefix"] = []
-    for prefix, foreign in await _measured(
+    for prefix, foreign, _client in await _measured(
         args, lambda: run_prefix(target, system, args.prefix_repeats, args.prefix_tokens)
     ):
         out["prefix"].append({**prefix, "foreign_cores": foreign})
@@ -770,6 +890,7 @@ def summarize(name: str, rounds: list[dict[str, Any]], levels: list[int], max_to
         "single_decode_tok_s_all": median([s["decode_tok_s"] for s in singles]),
         "single_ttft_s_all": median([s["ttft_s"] for s in singles]),
         "single_n_quiet": f"{len(q_singles) if single_quiet else 0}/{len(singles)}",
+        "single_client_cpu_us_per_token": median([s.get("client_cpu_us_per_token") for s in q_singles]),
         "single_tokens": [s["tokens"] for s in singles],
         "single_truncated": sum(
             1
@@ -798,6 +919,7 @@ def summarize(name: str, rounds: list[dict[str, Any]], levels: list[int], max_to
                 "mean_ttft_s": median([x["mean_ttft_s"] for x in q_rows]),
                 "max_ttft_s": median([x["max_ttft_s"] for x in q_rows]),
                 "median_stream_decode_tok_s": median([x["median_stream_decode_tok_s"] for x in q_rows]),
+                "client_cpu_us_per_token": median([x.get("client_cpu_us_per_token") for x in q_rows]),
                 "aggregate_tok_s_all": median([x["aggregate_tok_s"] for x in rows]),
                 "mean_ttft_s_all": median([x["mean_ttft_s"] for x in rows]),
                 "n_quiet": f"{len(q_rows) if quiet else 0}/{len(rows)}",
@@ -810,6 +932,18 @@ def summarize(name: str, rounds: list[dict[str, Any]], levels: list[int], max_to
             }
         summary["aggregate"] = agg
     return summary
+
+
+def summarize_ceilings(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the interleaved llama-batched-bench runs (quiet ones when there are any)."""
+    rows, quiet = _quiet([c for r in rounds for c in r["ceiling"]])
+    out: dict[str, Any] = {"n_quiet": f"{len(rows) if quiet else 0}/{sum(len(r['ceiling']) for r in rounds)}"}
+    for layout in ("private", "unified"):
+        out[layout] = {
+            key: median([row[layout][key] for row in rows]) for key in ("generated_per_wall", "s_tg", "single_s_tg")
+        }
+        out[layout]["all_generated_per_wall"] = [round(row[layout]["generated_per_wall"], 1) for row in rows]
+    return out
 
 
 async def wait_quiet(max_wait_s: float) -> float:
@@ -847,7 +981,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     targets: list[Target] = []
     for n in names:
         cls = TARGETS[n]
-        kwargs: dict[str, Any] = {"bin_dir": bin_dir} if issubclass(cls, LlamaServerTarget) else {}
+        kwargs: dict[str, Any] = {"bin_dir": bin_dir} if issubclass(cls, LlamaServerTarget | CeilingTarget) else {}
         targets.append(cls(model, args.ctx, args.threads, args.parallel, workdir, **kwargs))
 
     import llama_cpp
@@ -864,6 +998,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     vocab.close()
 
     file_size = model.stat().st_size
+    servers = [t for t in targets if not isinstance(t, CeilingTarget)]
     result: dict[str, Any] = {
         "model": str(model),
         "model_bytes": file_size,
@@ -886,24 +1021,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "edgert_alt_src": EDGERT_ALT_SRC,
         "edgert_alt_env": EDGERT_ALT_ENV,
         "repo_git_head": _git_describe(),
-        "cold_start_s": {t.name: [] for t in targets},
+        "cold_start_s": {t.name: [] for t in servers},
         "rss_after_load": {},
         "rss_after_test": {},
         "rounds": {t.name: [] for t in targets},
         "loadavg_start": loadavg(),
     }
+    for t in targets:
+        if isinstance(t, CeilingTarget):
+            t.start()
+            result["commands"][t.name] = " ".join(t.command_line(max(levels), args.tokens, unified=True))
     try:
         # ---- cold start (alternating); the last start of each stays up for the load test
         for c in range(args.cold_repeats):
-            for t in targets:
+            for t in servers:
                 secs = t.start()
                 result["cold_start_s"][t.name].append(round(secs, 3))
                 result["commands"][t.name] = " ".join(t.command)
                 print(f"[cold {c + 1}/{args.cold_repeats}] {t.name}: ready in {secs:.2f}s", flush=True)
                 if c < args.cold_repeats - 1:
                     t.stop()
-        CpuMonitor.pids = [t.pid() for t in targets]
-        for t in targets:
+        CpuMonitor.pids = [t.pid() for t in servers]
+        for t in servers:
             await t.open_client()
             # warm-up request (graphs, first-touch of buffers): not counted
             await t.stream(story_prompt(), 8)
@@ -914,6 +1053,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for t in order:
                 out = await measure_round(t, args, levels, system)
                 result["rounds"][t.name].append(out)
+                if isinstance(t, CeilingTarget):
+                    c = out["ceiling"][-1]
+                    print(
+                        f"[round {r + 1}/{args.rounds}] {t.name}: B={max(levels)} generated/wall private "
+                        f"{c['private']['generated_per_wall']:.1f}, unified {c['unified']['generated_per_wall']:.1f} tok/s, "
+                        f"foreign cores {c['foreign_cores']:.2f}",
+                        flush=True,
+                    )
+                    continue
                 single = median([s["decode_tok_s"] for s in out["single"]])
                 agg = {a["streams"]: round(a["aggregate_tok_s"] or 0, 1) for a in out.get("aggregate", [])}
                 last_prefix = out["prefix"][-1]
@@ -926,7 +1074,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     f"{out['seconds']:.0f}s, load {out['loadavg_after']}, foreign cores max {max(foreign, default=last_prefix['foreign_cores']):.2f}",
                     flush=True,
                 )
-        for t in targets:
+        for t in servers:
             result["rss_after_test"][t.name] = t.rss()
         # ---- edgert: restart on the same state dir, first request with the system prompt
         for t in targets:
@@ -954,6 +1102,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             result["workdir"] = str(workdir)
+    ceiling_rounds = result["rounds"].pop(CeilingTarget.name, [])
+    if ceiling_rounds:
+        result["ceilings"] = summarize_ceilings(ceiling_rounds)
+        result["ceiling_rounds"] = ceiling_rounds
     result["summary"] = {
         n: summarize(n, result["rounds"][n], levels, args.tokens) for n in result["rounds"] if result["rounds"][n]
     }
@@ -1043,6 +1195,35 @@ def report(path: Path) -> str:
             + f" | {fmt(top.get('mean_ttft_s'), 0, 1000)} / {fmt(top.get('max_ttft_s'), 0, 1000)} | {trunc}/{total} "
             f"| {fmt(v.get('foreign_cores_median'), 2)} | {v.get('single_n_quiet')} / {top.get('n_quiet', '—')} |"
         )
+    ceilings = data.get("ceilings")
+    if ceilings:
+        top = levels[-1]
+        lines.append("")
+        lines.append(
+            f"Engine ceiling in the same rotation (`llama-batched-bench -npl 1,{top}`, {ceilings['n_quiet']} quiet): "
+            + "; ".join(
+                f"{layout} KV B={top} generated/wall {fmt(ceilings[layout]['generated_per_wall'])} tok/s "
+                f"(S_TG {fmt(ceilings[layout]['s_tg'])}, B=1 S_TG {fmt(ceilings[layout]['single_s_tg'])}; "
+                f"all {ceilings[layout]['all_generated_per_wall']})"
+                for layout in ("private", "unified")
+            )
+        )
+        lines.append("")
+        lines.append(
+            f"| system | agg @{top} | vs unified ceiling | vs private ceiling | vs llama-server | load generator CPU µs/token single / @{top} |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        reference = s.get("llama-server", {}).get("aggregate", {}).get(str(top), {}).get("aggregate_tok_s")
+        for name, v in s.items():
+            agg = v.get("aggregate", {}).get(str(top), {})
+            value = agg.get("aggregate_tok_s")
+            lines.append(
+                f"| {name} | {fmt(value)} | "
+                f"{fmt(value / ceilings['unified']['generated_per_wall'] if value else None, 3)} | "
+                f"{fmt(value / ceilings['private']['generated_per_wall'] if value else None, 3)} | "
+                f"{fmt(value / reference if value and reference else None, 3)} | "
+                f"{fmt(v.get('single_client_cpu_us_per_token'), 0)} / {fmt(agg.get('client_cpu_us_per_token'), 0)} |"
+            )
     lines.append("")
     lines.append(
         "| system | system-prompt tokens | TTFT uncached ms | TTFT cached ms | cached/uncached | cached tokens reported "
