@@ -183,12 +183,12 @@ def _print(results: dict[str, object]) -> None:
     single = Table(title=f"single stream — {results['model']}, {results['threads']} threads")
     for column in ("engine", "decode tok/s", "TTFT ms", "ratio vs raw"):
         single.add_column(column, justify="right")
-    single.add_row("raw llama-cpp-python", f"{raw['decode_tok_s']:.1f}", f"{raw['ttft_s'] * 1000:.1f}", "1.00")
+    single.add_row("raw llama-cpp-python", f"{raw['decode_tok_s']:.1f}", f"{raw['ttft_s'] * 1000:.1f}", "1.000")
     single.add_row(
         "edgert",
         f"{ours['decode_tok_s']:.1f}",
         f"{ours['ttft_s'] * 1000:.1f}",
-        f"{results['ratio_decode_vs_raw']}",
+        "—" if results["ratio_decode_vs_raw"] is None else f"{results['ratio_decode_vs_raw']:.3f}",
     )
     console.print(single)
     aggregate = Table(title="aggregate by concurrency")
