@@ -233,6 +233,9 @@ class StreamResult:
     prompt_tokens: int | None = None
     started: float = 0.0
     ended: float = 0.0
+    #: arrival times of the first and the last token event
+    first_at: float | None = None
+    last_at: float = 0.0
 
     def truncated(self, max_tokens: int) -> bool:
         if self.error is not None or not self.done:
@@ -360,44 +363,18 @@ class Target:
         body.update(self.extra_body())
         res = StreamResult()
         res.started = time.perf_counter()
-        first = last = None
         pending = b""
         try:
             async with self.client.post("/v1/completions", json=body) as response:
                 if response.status != 200:
                     res.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                     return res
-                # Every event of a chunk gets the chunk's arrival time.
                 async for chunk in response.content.iter_any():
-                    now = time.perf_counter()
+                    now = time.perf_counter()  # every event of a chunk gets the chunk's arrival time
                     *lines, pending = (pending + chunk).split(b"\n")
                     for line in lines:
-                        if not line.startswith(b"data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            res.done = True
-                            break
-                        obj = json.loads(data)
-                        usage = obj.get("usage")
-                        if usage:
-                            res.tokens = int(usage.get("completion_tokens") or 0) or res.tokens
-                            res.prompt_tokens = usage.get("prompt_tokens")
-                            details = usage.get("prompt_tokens_details") or {}
-                            if details.get("cached_tokens") is not None:
-                                res.cached_tokens = int(details["cached_tokens"])
-                        timings = obj.get("timings")
-                        if timings and "cache_n" in timings:
-                            res.cached_tokens = int(timings["cache_n"])
-                        for choice in obj.get("choices") or []:
-                            if choice.get("finish_reason"):
-                                res.finish_reason = choice["finish_reason"]
-                            elif "text" in choice:
-                                # a token event (text may be empty while a UTF-8 character is incomplete)
-                                res.events += 1
-                                if first is None:
-                                    first = now
-                                last = now
+                        if line.startswith(b"data:") and not res.done:
+                            _record_event(res, line[5:].strip(), now)
                     if res.done:
                         break
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
@@ -406,11 +383,38 @@ class Target:
             res.ended = time.perf_counter()
             if res.tokens == 0:
                 res.tokens = res.events
-            if first is not None:
-                res.ttft_s = first - res.started
-                if last is not None and last > first and res.tokens > 1:
-                    res.decode_tok_s = (res.tokens - 1) / (last - first)
+            if res.first_at is not None:
+                res.ttft_s = res.first_at - res.started
+                if res.last_at > res.first_at and res.tokens > 1:
+                    res.decode_tok_s = (res.tokens - 1) / (res.last_at - res.first_at)
         return res
+
+
+def _record_event(res: StreamResult, data: bytes, now: float) -> None:
+    """One SSE ``data:`` payload of an OpenAI-style completion stream into ``res``."""
+    if data == b"[DONE]":
+        res.done = True
+        return
+    obj = json.loads(data)
+    usage = obj.get("usage")
+    if usage:
+        res.tokens = int(usage.get("completion_tokens") or 0) or res.tokens
+        res.prompt_tokens = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        if details.get("cached_tokens") is not None:
+            res.cached_tokens = int(details["cached_tokens"])
+    timings = obj.get("timings")
+    if timings and "cache_n" in timings:
+        res.cached_tokens = int(timings["cache_n"])
+    for choice in obj.get("choices") or []:
+        if choice.get("finish_reason"):
+            res.finish_reason = choice["finish_reason"]
+        elif "text" in choice:
+            # a token event (text may be empty while a UTF-8 character is incomplete)
+            res.events += 1
+            if res.first_at is None:
+                res.first_at = now
+            res.last_at = now
 
 
 class EdgertTarget(Target):
