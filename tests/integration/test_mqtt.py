@@ -67,10 +67,29 @@ def wait_status(watcher: MqttRequester, device: str, state: str, timeout: float 
 
 
 def mqtt_daemon(workdir: Path, model: Path, broker: Broker, device: str, **settings: str) -> DaemonProcess:
+    """A device that hears requests: started, ready, and reported online over MQTT."""
     workdir.mkdir(parents=True, exist_ok=True)
     values = {"mqtt__device_id": device, "mqtt__reconnect_min_s": "0.1", "mqtt__reconnect_max_s": "1"}
     values.update(settings)
-    return start_daemon(workdir, model, **broker.daemon_settings(**values))
+    daemon = start_daemon(workdir, model, **broker.daemon_settings(**values))
+    try:
+        wait_online(broker, device)
+    except BaseException:
+        daemon.stop(signal.SIGKILL)
+        raise
+    return daemon
+
+
+def wait_online(broker: Broker, *devices: str) -> None:
+    """Wait for each device's retained "online" status.
+
+    The socket reports ready before the MQTT link is up, and a request published before the
+    device subscribed is lost. A device subscribes to its request topics before it publishes
+    "online" on the same connection, so once the status arrives, requests reach the device.
+    """
+    with MqttRequester(broker.client_settings(), topics=(ALL_STATUS,)) as watcher:
+        for device in devices:
+            wait_status(watcher, device, "online")
 
 
 def collect(replies: Iterator[tuple[float, Reply]]) -> list[Reply]:
@@ -402,7 +421,7 @@ def test_shared_subscription_spreads_requests(
     try:
         for device in devices:
             wait_until_ready(device)
-        time.sleep(0.3)  # both shared subscriptions in place
+        wait_online(broker, "pool-1", "pool-2")  # both shared subscriptions in place
         fleet = Topics("x", "pool").fleet_req
         assert fleet == "edgert/v1/fleet/pool/req"
         pendings = [technician.send(fleet, chat(4)) for _ in range(12)]
