@@ -29,6 +29,20 @@ from edgert.settings import MqttSettings, Settings
 
 log = logging.getLogger("edgert.mqtt")
 
+
+class _DropLoopAfterClose(logging.Filter):
+    """paho's network thread runs one more loop after the socket has closed and logs that at
+    ERROR ("Client is not connected ...") -- after every clean DISCONNECT, and after a lost link,
+    which edgert reports itself ("link ... lost; reconnecting"). Nothing to act on; an ERROR line
+    at every shutdown would send an operator looking for a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger("edgert.mqtt.paho")
+_paho_log.addFilter(_DropLoopAfterClose())
+
 QOS = 1
 #: bytes a PUBLISH needs beyond payload and topic: fixed header, lengths, packet id, properties
 _PACKET_OVERHEAD = 64
@@ -199,7 +213,7 @@ class MqttLink:
         self._client.on_publish = self._on_publish
         # An exception escaping a callback would end paho's thread silently; paho logs it instead.
         self._client.suppress_exceptions = True
-        self._client.enable_logger(logging.getLogger("edgert.mqtt.paho"))
+        self._client.enable_logger(_paho_log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended = asyncio.Event()
         self._closing = False

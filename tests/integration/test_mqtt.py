@@ -449,6 +449,8 @@ def test_tls_client_certificate_and_password(tmp_path: Path, tiny_gguf: Path) ->
         assert device.stop() == 0, device.log()
         broker.stop()
     assert "s3cret!" not in device.log()
+    # a clean shutdown logs no ERROR (paho's "Client is not connected" after our own DISCONNECT)
+    assert " ERROR " not in device.log(), device.log()
 
 
 # ---------------------------------------------------------------------------- pure parts
