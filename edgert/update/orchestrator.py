@@ -350,9 +350,13 @@ class Updater:
             self._abandon(state, f"download of {release.key} failed: {exc}")
             raise
         except DownloadError as exc:
-            state.last_error = str(exc)
-            self.store.save(state)
+            self._keep_for_retry(state, exc)
             raise
+
+    def _keep_for_retry(self, state: UpdateState, exc: DownloadError) -> None:
+        """A transient failure: record it, keep the phase, so the next run resumes."""
+        state.last_error = str(exc)
+        self.store.save(state)
 
     def _verify_folder_publisher(self, state: UpdateState, release: Release, staging: Path, public_key: Path) -> None:
         """The publisher's bundle must sign exactly the verified staging folder, before it gets its final name.
@@ -368,8 +372,7 @@ class Updater:
             self._abandon(state, f"{release.key} refused before staging: {exc}")
             raise
         except DownloadError as exc:
-            state.last_error = str(exc)
-            self.store.save(state)
+            self._keep_for_retry(state, exc)
             raise
 
     def _fetch_member(
