@@ -3,7 +3,11 @@
 Every record carries the current request id (a context variable set by the
 transports), so one request's lines can be followed across the event loop.
 Fields passed as ``extra={"fields": {...}}`` become JSON keys. Never log
-secrets: settings are logged through :func:`redact`.
+secrets: settings are logged through :func:`redact`; a URL is shown through
+:func:`display_url` and free text that may hold URLs (exception messages, which
+urllib3 and httpx fill with the URL they were given) through :func:`scrub_urls`,
+so ``https://user:pass@host/?token=...`` never reaches a log, ``last_error`` or a
+retained MQTT message.
 """
 
 from __future__ import annotations
@@ -16,10 +20,19 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("edgert_request_id", default="-")
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|api_?key|private_key|(^|_)token$|credential)", re.IGNORECASE)
+
+# A URL inside free text: a scheme, "://", then everything up to white space or a quote/bracket that
+# ends it in a repr or a message ("... url='https://u:p@h/x?q' ...", "(https://h/x)").
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+# A userinfo may hold characters that end _URL_IN_TEXT early ("pa(ss"): it is cut first, up to its last "@".
+_USERINFO_IN_TEXT = re.compile(r"(?<=://)[^\s/?#]*@")
+# urllib3 names only the path of a failed request: "Max retries exceeded with url: /x.json?sig=... (Caused by"
+_URLLIB3_PATH = re.compile(r"(\burl: /[^\s?#]*)[?#]\S*")
 
 
 class _RequestIdFilter(logging.Filter):
@@ -66,6 +79,31 @@ def setup(level: str = "info", *, json_lines: bool = False) -> None:
     root.setLevel(level.upper())
     # uvicorn's own access log would duplicate ours (and carries no request id)
     logging.getLogger("uvicorn.access").disabled = True
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be shown: scheme, host, port and path, without user:password, query or fragment.
+
+    A pre-signed or token-bearing URL carries its secret in the userinfo or the query; neither helps a
+    reader find the host or file, so both are dropped (an elided query shows as ``?...``). Text that is not
+    an absolute URL (a local path) comes back unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host: show nothing of it rather than the raw text
+        return "<invalid url>"
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path + ("?..." if parts.query else "")
+    return urlunsplit((parts.scheme, host, path, "", ""))
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` with every URL in it replaced by its :func:`display_url` form."""
+    text = _USERINFO_IN_TEXT.sub("", text)
+    text = _URL_IN_TEXT.sub(lambda match: display_url(match.group(0)), text)
+    return _URLLIB3_PATH.sub(lambda match: match.group(1) + "?...", text)
 
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
