@@ -4,13 +4,22 @@ This is the only module that reads ``os.environ``. Precedence, highest first:
 constructor arguments (CLI flags) > ``EDGERT_*`` env vars > TOML file > defaults.
 Nested groups use ``__`` in env names: ``EDGERT_ENGINE__N_CTX=8192``.
 
-The TOML file is ``$EDGERT_CONFIG`` when set, else ``./edgert.toml`` when present,
-else ``/etc/edgert/edgert.toml`` when present.
+The TOML file is the ``--config`` flag, else ``$EDGERT_CONFIG`` when set, else
+``/etc/edgert/edgert.toml`` when present (an installed device: the unit and every CLI
+command read it wherever they are started), else ``./edgert.toml`` in a development run.
+A config file can name hooks that run with the caller's rights, so a working-directory
+file is never trusted by default: it is read only when no system config is installed, the
+process is not root, and the file is owned by the caller and not writable by group or
+others. Otherwise it is ignored with a warning naming why (``--config ./edgert.toml``
+uses it on purpose). ``make serve`` in a fresh clone reads no file at all: defaults and
+``EDGERT_*`` variables.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
@@ -24,6 +33,8 @@ from pydantic_settings import (
 )
 
 from edgert.errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 SYSTEM_CONFIG = Path("/etc/edgert/edgert.toml")
 LOCAL_CONFIG = Path("edgert.toml")
@@ -46,10 +57,40 @@ def config_file_path() -> Path | None:
     explicit = os.environ.get("EDGERT_CONFIG")
     if explicit:
         return Path(explicit)
-    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
-        if candidate.is_file():
-            return candidate
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG
+    if LOCAL_CONFIG.is_file() and local_config_refusal(LOCAL_CONFIG) is None:
+        return LOCAL_CONFIG
     return None
+
+
+def local_config_refusal(path: Path, *, euid: int | None = None) -> str | None:
+    """Why the working-directory config ``path`` may not be read implicitly; None in a development run.
+
+    A planted ``./edgert.toml`` once made ``sudo edgert update apply`` run its hooks as root, so the file
+    must be the caller's own, unwritable by anyone else, and never read by root or on an installed device.
+    """
+    if SYSTEM_CONFIG.is_file():
+        return f"{SYSTEM_CONFIG} is installed and takes precedence"
+    uid = os.geteuid() if euid is None else euid
+    if uid == 0:
+        return "running as root, which never reads a config file from the working directory implicitly"
+    info = path.stat()
+    if info.st_uid != uid:
+        return f"it is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"it is writable by group or others (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
+def ignored_local_config() -> str | None:
+    """A warning when ``./edgert.toml`` exists but is not read; None when it is read or absent or a file was named."""
+    if _explicit_config.get() is not None or os.environ.get("EDGERT_CONFIG") or not LOCAL_CONFIG.is_file():
+        return None
+    reason = local_config_refusal(LOCAL_CONFIG)
+    if reason is None:
+        return None
+    return f"ignoring ./{LOCAL_CONFIG}: {reason}; pass --config {LOCAL_CONFIG} (or set EDGERT_CONFIG) to use it"
 
 
 class EngineSettings(BaseModel):
@@ -351,6 +392,10 @@ def load_settings(config_path: Path | None = None, **overrides: object) -> Setti
 
 
 def _load(overrides: dict[str, object]) -> Settings:
+    ignored = ignored_local_config()
+    if ignored is not None:
+        # Logged, not raised: the system config (or the defaults) still make a working setup.
+        _log.warning(ignored)
     toml_path = config_file_path()
     if toml_path is not None and not toml_path.is_file():
         raise ConfigError(f"config file {toml_path} does not exist")

@@ -40,7 +40,8 @@ from edgert.hardware import (
     memory_need,
     parse_system_info,
 )
-from edgert.settings import Settings, config_file_path, load_settings
+from edgert.log import scrub_urls
+from edgert.settings import Settings, config_file_path, ignored_local_config, load_settings
 from edgert.store import available_ids
 
 ModelSource = Literal["auto", "catalog", "path"]
@@ -90,7 +91,17 @@ def doctor(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exitcodes.for_error(exc)) from None
     caps, load_problem = _capabilities()
-    report = build_report(settings, catalog, caps, detect(caps), config_file_path(), load_problem=load_problem)
+    ignored = ignored_local_config()
+    config_problem = Problem("warning", ignored) if ignored else None
+    report = build_report(
+        settings,
+        catalog,
+        caps,
+        detect(caps),
+        config_file_path(),
+        load_problem=load_problem,
+        config_problem=config_problem,
+    )
     if json_output:
         typer.echo(json.dumps(report_json(report), indent=2))
     else:
@@ -125,6 +136,7 @@ def build_report(
     config_file: Path | None,
     *,
     load_problem: Problem | None = None,
+    config_problem: Problem | None = None,
 ) -> Report:
     installed = available_ids(settings.models_dir, catalog)
     auto = choose_model(catalog, hw, settings.engine, installed=set(installed))
@@ -134,6 +146,7 @@ def build_report(
     disk_free = shutil.disk_usage(writable_base).free // MIB if writable_base.is_dir() else None
     problems = [
         *([load_problem] if load_problem else []),
+        *([config_problem] if config_problem else []),
         *hw.problems,
         *_state_dir_problems(settings.state_dir, writable_base),
         *_model_problems(settings, served, auto, recommended, hw),
@@ -375,7 +388,7 @@ def report_json(report: Report) -> dict[str, object]:
             "config_file": str(report.config_file) if report.config_file else None,
             "models_dir": str(settings.models_dir),
             "catalog_file": str(settings.catalog or PACKAGED_CATALOG),
-            "settings": settings.model_dump(mode="json"),
+            "settings": _shown_settings(settings),
             "effective_n_threads": settings.engine.n_threads or hw.cpu.physical_cores,
         },
         "problems": [{"severity": p.severity, "message": p.message, "hint": p.hint} for p in report.problems],
@@ -515,12 +528,29 @@ def _config_table(report: Report) -> Table:
         ("config file", str(report.config_file) if report.config_file else "none (defaults + EDGERT_* env)"),
         ("models dir", str(settings.models_dir)),
     ]
-    dump = settings.model_dump(mode="json")
+    dump = _shown_settings(settings)
     dump["catalog"] = dump["catalog"] or f"packaged ({PACKAGED_CATALOG})"
     rows += [(key, _setting_text(value)) for key, value in _flatten(dump)]
     if settings.engine.n_threads is None:
         rows.append(("effective n_threads", f"{report.hw.cpu.physical_cores} (physical cores)"))
     return _kv_table("Effective config", rows)
+
+
+def _shown_settings(settings: Settings) -> dict[str, object]:
+    """The settings dump as it may be shown: URLs without user:password or query (they carry tokens)."""
+    return _scrub_strings(settings.model_dump(mode="json"))
+
+
+def _scrub_strings(data: dict[str, object]) -> dict[str, object]:
+    clean: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            clean[key] = _scrub_strings(value)
+        elif isinstance(value, str):
+            clean[key] = scrub_urls(value)
+        else:
+            clean[key] = value
+    return clean
 
 
 def _flatten(data: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:

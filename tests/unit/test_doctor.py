@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
+from edgert import settings as settings_module
 from edgert.cli import exitcodes
 from edgert.cli.doctor import doctor
 
@@ -200,3 +201,36 @@ def test_state_dir_under_a_file_is_an_error(env: Path, monkeypatch: pytest.Monke
     code, report = run_json()
     assert code == 1
     assert any("is not a directory" in message for message in errors(report))
+
+
+def test_urls_are_shown_without_credentials(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 15: a registry URL with user:password or a token query is shown by host and path only."""
+    monkeypatch.setenv("EDGERT_UPDATE__REGISTRY_URL", "https://alice:s3cret@reg.example/fleet?token=TOKEN1")
+    monkeypatch.setenv("EDGERT_UPDATE__TARGETS_URL", "https://cdn.example/t/?X-Amz-Signature=TOKEN2")
+    result = run("--json")
+    for secret in ("alice", "s3cret", "TOKEN1", "TOKEN2"):
+        assert secret not in result.stdout
+    update = json.loads(result.stdout)["config"]["settings"]["update"]
+    assert update["registry_url"] == "https://reg.example/fleet?..."
+    assert update["targets_url"] == "https://cdn.example/t/?..."
+    tables = run()
+    assert "reg.example/fleet" in tables.stdout
+    for secret in ("alice", "s3cret", "TOKEN1", "TOKEN2"):
+        assert secret not in tables.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal shown is root's")
+def test_an_ignored_working_directory_config_is_a_warning(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 5: doctor says why ./edgert.toml is not in force."""
+    monkeypatch.delenv("EDGERT_CONFIG")
+    monkeypatch.setattr(settings_module, "SYSTEM_CONFIG", env.parent / "no-such-system.toml")
+    code, report = run_json()
+    config = report["config"]
+    assert isinstance(config, dict)
+    assert config["config_file"] is None
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    assert any(
+        p["severity"] == "warning" and p["message"].startswith("ignoring ./edgert.toml: running as root")
+        for p in problems
+    )
