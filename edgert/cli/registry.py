@@ -1,4 +1,4 @@
-"""``edgert registry init|add|promote|publish|status|rotate-keys``: the operator's signed model registry.
+"""``edgert registry init|add|promote|prune|publish|status|rotate-keys``: the operator's signed model registry.
 
 A registry is a directory (``--dir``, default ``.``) holding keys, staged edits
 and the static TUF site under ``repository/`` (see :mod:`edgert.registry.repository`).
@@ -8,6 +8,7 @@ Typical flow::
     edgert registry add -d fleet model.gguf --model-id gemma-4-e2b-it:q4_k_m --version 2026.11.1
     edgert registry promote -d fleet gemma-4-e2b-it:q4_k_m 2026.11.1 --channel stable --rollout 20
     edgert registry publish -d fleet --out /srv/www/registry
+    edgert registry prune -d fleet --keep 3 && edgert registry publish -d fleet --out /srv/www/registry
     HF_TOKEN=… edgert registry publish -d fleet --hf-repo acme/fleet-registry   # or host it on the Hub
 
 Errors print one ``error: …`` line to stderr and exit with a code from
@@ -20,6 +21,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +30,9 @@ import typer
 from edgert import __version__
 from edgert.cli import exitcodes
 from edgert.errors import EdgertError, RegistryError
+from edgert.log import display_url, scrub_urls
 from edgert.registry import hub
-from edgert.registry.repository import Registry, RegistryStatus
+from edgert.registry.repository import Registry, RegistryStatus, parse_duration
 
 app = typer.Typer(
     name="registry",
@@ -40,6 +43,15 @@ app = typer.Typer(
 )
 
 DirOption = Annotated[Path, typer.Option("--dir", "-d", help="Registry directory.")]
+ExpiryOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--expiry",
+        help="ROLE=LIFETIME of a role's metadata: days (7 or 7d), hours (6h) or minutes (30m); "
+        "defaults root 365d, targets 90d, snapshot 7d, timestamp 1d. A short timestamp lifetime "
+        "bounds how long a device can be fed stale metadata.",
+    ),
+]
 
 
 @app.command("init")
@@ -49,10 +61,7 @@ def init(
     threshold: Annotated[
         list[str] | None, typer.Option("--threshold", help="ROLE=N signatures a role needs (default 1).")
     ] = None,
-    expiry: Annotated[
-        list[str] | None,
-        typer.Option("--expiry", help="ROLE=DAYS metadata lifetime (root 365, targets 90, snapshot 7, timestamp 1)."),
-    ] = None,
+    expiry: ExpiryOption = None,
 ) -> None:
     """Create ed25519 keys and root metadata (consistent snapshots)."""
     with _errors():
@@ -60,7 +69,7 @@ def init(
             directory,
             key_counts=_pairs(keys, "--keys"),
             thresholds=_pairs(threshold, "--threshold"),
-            expiry_days=_pairs(expiry, "--expiry"),
+            expiry=_durations(expiry),
         )
         typer.echo(f"registry created in {directory}")
         typer.echo(f"ship {registry.root_path()} to devices as update.trusted_root")
@@ -132,6 +141,25 @@ def promote(
         typer.echo(f"{channel}: {model_id}@{version} for {rollout}% of devices{previous} (run publish)")
 
 
+@app.command("prune")
+def prune(
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Versions of each model to keep (the newest).")],
+    directory: DirOption = Path(),
+) -> None:
+    """Drop all but the newest N versions of each model (never one a channel offers); files go at publish.
+
+    Devices refuse targets metadata over 5 MB, so a registry that only ever adds stops updating them.
+    """
+    with _errors():
+        result = Registry(directory).prune(keep)
+        for name in result.kept_for_channels:
+            typer.echo(f"kept {name}: a channel offers it")
+        if result.removed:
+            typer.echo(f"dropped {', '.join(result.removed)}; run `edgert registry publish` to sign and delete them")
+        else:
+            typer.echo("nothing to drop")
+
+
 @app.command("publish")
 def publish(
     directory: DirOption = Path(),
@@ -154,25 +182,36 @@ def publish(
     ] = None,
     hf_revision: Annotated[str, typer.Option("--hf-revision", help="Branch to commit to.")] = hub.DEFAULT_REVISION,
     hf_repo_type: Annotated[str, typer.Option("--hf-repo-type", help="model or dataset.")] = "model",
+    expiry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expiry",
+            help="ROLE=LIFETIME (7d, 6h, 30m; a plain number is days): change a role's metadata lifetime "
+            "from this publication on (kept in registry.json).",
+        ),
+    ] = None,
 ) -> None:
     """Sign changed targets, refresh snapshot and timestamp, and write the static site."""
     with _errors():
         registry = Registry(directory)
+        if expiry:
+            registry.set_expiry(_durations(expiry))
         result = registry.publish(out=out, timestamp_only=timestamp_only)
         typer.echo(
             f"published targets v{result.targets_version}, snapshot v{result.snapshot_version}, "
             f"timestamp v{result.timestamp_version} in {registry.repo_dir}"
             + (f"; {result.copied_files} files copied to {out}" if out is not None else "")
+            + (f"; {result.removed_files} files of pruned versions deleted" if result.removed_files else "")
         )
         if hf_repo is not None:
             repo = hub.HubRepo(hf_repo, endpoint=hf_endpoint, revision=hf_revision, repo_type=hf_repo_type)
             uploaded = hub.upload_site(registry.repo_dir, repo)
             typer.echo(
                 f"uploaded the site ({uploaded.files} files, unchanged ones skipped) to {hf_repo}: "
-                f"{uploaded.commit_url}"
+                f"{display_url(uploaded.commit_url)}"
             )
-            typer.echo(f"devices: update.registry_url = {uploaded.registry_url}")
-        _warn_expiry(registry.status())
+            typer.echo(f"devices: update.registry_url = {display_url(uploaded.registry_url)}")
+        _warn(registry.status())
 
 
 @app.command("status")
@@ -187,7 +226,7 @@ def status(
             typer.echo(json.dumps(_jsonable(report), indent=2, default=str))
         else:
             _print_status(report)
-        _warn_expiry(report)
+        _warn(report)
 
 
 @app.command("rotate-keys")
@@ -210,7 +249,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except EdgertError as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"error: {scrub_urls(' '.join(str(exc).split()))}", err=True)
         raise typer.Exit(exitcodes.for_error(exc)) from None
 
 
@@ -222,6 +261,16 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, int]:
             raise RegistryError(f"{option} wants ROLE=N, not {value!r}")
         pairs[role] = int(number)
     return pairs
+
+
+def _durations(values: list[str] | None) -> dict[str, timedelta]:
+    durations = {}
+    for value in values or []:
+        role, sep, text = value.partition("=")
+        if not sep:
+            raise RegistryError(f"--expiry wants ROLE=LIFETIME (e.g. timestamp=6h), not {value!r}")
+        durations[role] = parse_duration(text)
+    return durations
 
 
 def _print_status(report: RegistryStatus) -> None:
@@ -246,10 +295,12 @@ def _print_status(report: RegistryStatus) -> None:
         typer.echo("unpublished changes are staged: run `edgert registry publish`")
 
 
-def _warn_expiry(report: RegistryStatus) -> None:
+def _warn(report: RegistryStatus) -> None:
     for role in report.roles:
         if role.warning:
             typer.echo(f"warning: {role.role} metadata {role.warning} ({role.expires.isoformat()})", err=True)
+    if report.targets_warning:
+        typer.echo(f"warning: {report.targets_warning}", err=True)
 
 
 def _jsonable(report: RegistryStatus) -> dict[str, object]:
@@ -261,4 +312,7 @@ def _jsonable(report: RegistryStatus) -> dict[str, object]:
         ],
         "channels": report.channels.model_dump(mode="json")["channels"],
         "unpublished_changes": report.unpublished_changes,
+        "targets_bytes": report.targets_bytes,
+        "targets_limit": report.targets_limit,
+        "targets_warning": report.targets_warning,
     }

@@ -2,7 +2,7 @@
 
 Layout of a registry directory::
 
-    registry.json              expiry periods (days per role)
+    registry.json              metadata lifetimes per role (seconds; older registries: days)
     keys/                      ed25519 signing keys, see :mod:`edgert.registry.keys`
     staging/targets.json       targets being edited by ``add`` / ``promote`` (unsigned until publish)
     repository/                the static site devices read, served by any HTTP host
@@ -22,15 +22,26 @@ devices read. ``timestamp.json`` is written last.
 Channel pointers (which version a channel offers, and the rollout percentage)
 are the signed ``custom`` object of the ``channels.json`` target; see
 :mod:`edgert.update.manifest`.
+
+Devices refuse a ``targets.json`` larger than python-tuf's ``targets_max_length``
+(5 MB), so old versions must go: ``prune`` drops all but the newest N versions of
+each model from the staged targets (never one a channel offers, as its version or
+as the previous version devices outside a rollout stay on), and the next ``publish``
+deletes their files from ``repository/targets`` and from ``--out``. ``status``
+warns when the published targets metadata passes 80 % of the limit; ``publish``
+refuses to exceed it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
+from tuf.ngclient import UpdaterConfig
 
 from edgert import __version__, store
 from edgert.errors import RegistryError
@@ -67,17 +79,35 @@ from edgert.update.state import write_atomic
 
 CONFIG_FILE: Final = "registry.json"
 DEFAULT_EXPIRY_DAYS: Final = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+#: Bounds of a metadata lifetime: a minute (a short-lived timestamp is the defence against a freeze
+#: attack, so hours and minutes are allowed) to ten years.
+MIN_EXPIRY: Final = timedelta(minutes=1)
+MAX_EXPIRY: Final = timedelta(days=3650)
+_VERSION_PART = re.compile(r"\d+|[^\d.+_-]+")
+_DURATION = re.compile(r"^(\d{1,9})([dhm]?)$")
+_UNITS: Final = {"": "days", "d": "days", "h": "hours", "m": "minutes"}
 #: Warn when less than this share of a role's expiry period is left.
 WARN_FRACTION: Final = 0.25
 #: Rough memory need when the operator does not give one: weights + 20% + 128 MiB of buffers.
 RAM_OVERHEAD: Final = 1.2
 RAM_BASE_MIB: Final = 128
 _PRETTY: Final = JSONSerializer(compact=False)
+#: The largest targets.json a device accepts (python-tuf's default; edgert's client keeps it).
+TARGETS_MAX_LENGTH: Final = UpdaterConfig().targets_max_length
+#: ``status`` warns from this share of TARGETS_MAX_LENGTH on.
+TARGETS_WARN_FRACTION: Final = 0.8
+#: Every file of the static site: the HTTP host serves it as another user (nginx as www-data), and
+#: nothing in it is secret. mkstemp would make it 0600, which once took a fleet's updates down.
+#: Directories are made with mkdir and honour the umask.
+SITE_FILE_MODE: Final = 0o644
 
 
 class RegistryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    expiry_days: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EXPIRY_DAYS))
+    #: Lifetime of each role's metadata in seconds (``init --expiry`` / ``publish --expiry``).
+    expiry_s: dict[str, int] = Field(default_factory=dict)
+    #: The older form, whole days: still read for registries made before ``expiry_s``; expiry_s wins.
+    expiry_days: dict[str, int] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +138,19 @@ class RegistryStatus:
     channels: Channels
     #: Staged add/promote changes not yet published.
     unpublished_changes: bool
+    #: Size of the published targets metadata (None before the first publish) and the limit devices apply.
+    targets_bytes: int | None = None
+    targets_limit: int = TARGETS_MAX_LENGTH
+
+    @property
+    def targets_warning(self) -> str | None:
+        if self.targets_bytes is None or self.targets_bytes < self.targets_limit * TARGETS_WARN_FRACTION:
+            return None
+        share = 100 * self.targets_bytes / self.targets_limit
+        return (
+            f"targets metadata is {self.targets_bytes} bytes, {share:.0f} % of the {self.targets_limit} bytes "
+            "devices accept; drop old versions with `edgert registry prune --keep N` and publish"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +159,16 @@ class PublishResult:
     snapshot_version: int
     timestamp_version: int
     copied_files: int
+    #: Files of pruned versions deleted from the repository (and as many from ``out``).
+    removed_files: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    #: ``model_id@version`` of every version dropped from the staged targets.
+    removed: list[str]
+    #: ``model_id@version`` kept only because a channel offers it.
+    kept_for_channels: list[str]
 
 
 class Registry:
@@ -138,7 +191,7 @@ class Registry:
         *,
         key_counts: dict[str, int] | None = None,
         thresholds: dict[str, int] | None = None,
-        expiry_days: dict[str, int] | None = None,
+        expiry: dict[str, timedelta] | None = None,
         now: datetime | None = None,
     ) -> Registry:
         """Create keys, root metadata (version 1, consistent snapshots) and an empty staging targets."""
@@ -147,16 +200,16 @@ class Registry:
             raise RegistryError(f"{directory} already holds a registry")
         counts = {role: 1 for role in keys.ROLES} | (key_counts or {})
         limits = {role: 1 for role in keys.ROLES} | (thresholds or {})
-        expiry = dict(DEFAULT_EXPIRY_DAYS) | (expiry_days or {})
-        _check_role_numbers(counts, limits, expiry)
+        periods = {role: timedelta(days=days) for role, days in DEFAULT_EXPIRY_DAYS.items()} | (expiry or {})
+        _check_role_numbers(counts, limits, periods)
         now = now or _now()
         for path in (registry.metadata_dir, registry.targets_dir, registry.staging_file.parent):
             path.mkdir(parents=True, exist_ok=True)
-        config = RegistryConfig(expiry_days=expiry)
-        write_atomic(directory / CONFIG_FILE, config.model_dump_json(indent=2).encode() + b"\n")
+        config = RegistryConfig(expiry_s={role: int(period.total_seconds()) for role, period in periods.items()})
+        registry._save_config(config)
         registry.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(registry.keys_dir / "README.txt", keys.KEYS_README.encode())
-        root = Root(expires=now + timedelta(days=expiry["root"]), consistent_snapshot=True)
+        root = Root(expires=now + periods["root"], consistent_snapshot=True)
         signers: list[CryptoSigner] = []
         for role in keys.ROLES:
             for _ in range(counts[role]):
@@ -166,7 +219,7 @@ class Registry:
                     signers.append(signer)
             root.roles[role].threshold = limits[role]
         registry._write_root(Metadata(root), signers)
-        registry._save_staging(Metadata(Targets(version=1, expires=now + timedelta(days=expiry["targets"]))))
+        registry._save_staging(Metadata(Targets(version=1, expires=now + periods["targets"])))
         return registry
 
     # ------------------------------------------------------------------ add / promote
@@ -332,6 +385,58 @@ class Registry:
         self._save_staging(staging)
         return pointer
 
+    # ------------------------------------------------------------------ prune
+
+    def prune(self, keep: int) -> PruneResult:
+        """Keep the newest ``keep`` versions of each model and every version a channel offers.
+
+        "Newest" compares versions part by part, numbers as numbers (1.10.0 > 1.9.2,
+        2026.11.1 > 2026.9.3); targets metadata keeps no date of ``add`` to go by. Only the
+        staged targets change; the next ``publish`` signs the smaller targets metadata and
+        then deletes the dropped versions' files.
+        """
+        if keep < 1:
+            raise RegistryError(f"--keep must be at least 1, not {keep}")
+        staging = self._load_staging()
+        offered = _offered_versions(_channels_of(staging.signed))
+        versions: dict[str, list[str]] = {}
+        for model in _models_of(staging.signed):
+            versions.setdefault(model.meta.model_id, []).append(model.meta.version)
+        removed, kept_for_channels = [], []
+        for model_id, listed in sorted(versions.items()):
+            for version in sorted(listed, key=version_key)[:-keep]:
+                name = f"{model_id}@{version}"
+                if (model_id, version) in offered:
+                    kept_for_channels.append(name)
+                    continue
+                prefix = version_prefix(model_id, version)
+                for path in [p for p in staging.signed.targets if p.startswith(prefix)]:
+                    del staging.signed.targets[path]
+                removed.append(name)
+        if removed:
+            self._save_staging(staging)
+        return PruneResult(removed, kept_for_channels)
+
+    def _remove_unlisted_versions(self, targets: Targets, out: Path | None) -> int:
+        """Delete the version directories under targets/models/ that ``targets`` no longer lists."""
+        removed = 0
+        models_dir = self.targets_dir / "models"
+        if not models_dir.is_dir():
+            return 0
+        listed = {path.rpartition("/")[0] for path in targets.targets}
+        for version_dir in sorted(p for p in models_dir.glob("*/*") if p.is_dir()):
+            relative = version_dir.relative_to(self.targets_dir).as_posix()
+            if any(path == relative or path.startswith(relative + "/") for path in listed):
+                continue
+            for site in (self.repo_dir, *([out] if out is not None else [])):
+                gone = site / "targets" / relative
+                if gone.is_dir():
+                    removed += sum(1 for p in gone.rglob("*") if p.is_file())
+                    shutil.rmtree(gone)
+                    with contextlib.suppress(OSError):  # the model's directory, once its last version went
+                        gone.parent.rmdir()
+        return removed
+
     # ------------------------------------------------------------------ publish
 
     def publish(
@@ -357,7 +462,11 @@ class Registry:
         timestamp.snapshot_meta = MetaFile(version=snapshot_version)
         self._sign_and_write(Metadata(timestamp), root, "timestamp.json")
         copied = mirror(self.repo_dir, out) if out is not None else 0
-        return PublishResult(targets_version, snapshot_version, timestamp_version, copied)
+        # After the new timestamp is out: devices that read the older one may still fetch these files
+        # for a moment; a device that then gets a 404 retries with the new metadata.
+        targets = self._load(f"{targets_version}.targets.json", Targets).signed
+        removed = self._remove_unlisted_versions(targets, out)
+        return PublishResult(targets_version, snapshot_version, timestamp_version, copied, removed)
 
     def _publish_targets(
         self, root: Root, config: RegistryConfig, now: datetime, published: tuple[int, int, int] | None
@@ -374,7 +483,7 @@ class Registry:
             version = 1
         staging.signed.version = version
         staging.signed.expires = _expiry(config, "targets", now)
-        self._sign_and_write(staging, root, f"{version}.targets.json")
+        self._sign_and_write(staging, root, f"{version}.targets.json", max_length=TARGETS_MAX_LENGTH)
         return version
 
     # ------------------------------------------------------------------ rotate keys
@@ -423,15 +532,32 @@ class Registry:
             models = _models_of(targets)
             channels = _channels_of(targets)
             unpublished = self._load_staging().signed.targets != targets.targets
+            targets_bytes: int | None = (self.metadata_dir / f"{published[0]}.targets.json").stat().st_size
         else:
             unpublished = bool(self._load_staging().signed.targets)
-        return RegistryStatus(roles, models, channels, unpublished)
+            targets_bytes = None
+        return RegistryStatus(roles, models, channels, unpublished, targets_bytes, TARGETS_MAX_LENGTH)
 
     def root_path(self) -> Path:
         """The newest root.json: what devices ship as ``update.trusted_root``."""
         return self.metadata_dir / "root.json"
 
     # ------------------------------------------------------------------ internals
+
+    def set_expiry(self, expiry: dict[str, timedelta]) -> None:
+        """Change roles' metadata lifetimes (kept in registry.json; applied at the next signing of each role)."""
+        _check_expiry(expiry)
+        config = self._config()
+        config.expiry_s.update({role: int(period.total_seconds()) for role, period in expiry.items()})
+        self._save_config(config)
+
+    def expiry(self) -> dict[str, timedelta]:
+        """Each role's metadata lifetime."""
+        config = self._config()
+        return {role: _period(config, role) for role in keys.ROLES}
+
+    def _save_config(self, config: RegistryConfig) -> None:
+        write_atomic(self.directory / CONFIG_FILE, config.model_dump_json(indent=2).encode() + b"\n")
 
     def _config(self) -> RegistryConfig:
         path = self.directory / CONFIG_FILE
@@ -475,19 +601,25 @@ class Registry:
             )
         return signers
 
-    def _sign_and_write(self, md: Metadata[Any], root: Root, name: str) -> None:
+    def _sign_and_write(self, md: Metadata[Any], root: Root, name: str, *, max_length: int | None = None) -> None:
         md.signatures.clear()
         for signer in self._signers(root, md.signed.type):
             md.sign(signer, append=True)
-        write_atomic(self.metadata_dir / name, md.to_bytes(_PRETTY))
+        data = md.to_bytes(_PRETTY)
+        if max_length is not None and len(data) > max_length:
+            raise RegistryError(
+                f"{md.signed.type} metadata would be {len(data)} bytes, over the {max_length} bytes devices accept "
+                "(they would stop updating); drop old versions with `edgert registry prune --keep N`"
+            )
+        write_site_file(self.metadata_dir / name, data)
 
     def _write_root(self, md: Metadata[Root], signers: list[CryptoSigner]) -> None:
         md.signatures.clear()
         for signer in signers:
             md.sign(signer, append=True)
         data = md.to_bytes(_PRETTY)
-        write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
-        write_atomic(self.metadata_dir / "root.json", data)
+        write_site_file(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        write_site_file(self.metadata_dir / "root.json", data)
 
     def _load_staging(self) -> Metadata[Targets]:
         try:
@@ -503,9 +635,7 @@ class Registry:
     def _copy_target(self, source: Path, target: TargetFile) -> None:
         destination = self._target_file(target)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(destination.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        store.install_file(tmp, destination)
+        copy_site_file(source, destination)
 
     def _publisher_signature(self, gguf: Path, path: str, signing_key: Path) -> TargetFile:
         """Sign ``gguf`` with model-signing and write the bundle as the target ``<path>.sig``."""
@@ -534,7 +664,7 @@ class Registry:
     def _write_target_bytes(self, data: bytes, target: TargetFile) -> None:
         destination = self._target_file(target)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(destination, data)
+        write_site_file(destination, data)
 
     def _target_file(self, target: TargetFile) -> Path:
         directory, _, name = target.path.rpartition("/")
@@ -556,16 +686,42 @@ def mirror(source: Path, destination: Path) -> int:
         if target.is_file() and target.stat().st_size == path.stat().st_size:
             continue  # content-addressed: the same name is the same bytes
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        store.install_file(tmp, target)
+        copy_site_file(path, target)
         copied += 1
     for path in last:
         if path.is_file():
             (destination / "metadata").mkdir(parents=True, exist_ok=True)
-            write_atomic(destination / "metadata" / path.name, path.read_bytes())
+            write_site_file(destination / "metadata" / path.name, path.read_bytes())
             copied += 1
     return copied
+
+
+def write_site_file(path: Path, data: bytes) -> None:
+    """Write a file of the static site atomically (temp file, fsync, rename) with mode 0644."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, SITE_FILE_MODE)  # before the rename: the file is never visible with another mode
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        store.install_file(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def copy_site_file(source: Path, destination: Path) -> None:
+    """Copy ``source`` into the static site atomically with mode 0644, whatever the source's mode or the umask."""
+    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, SITE_FILE_MODE)
+        with os.fdopen(fd, "wb") as fh, source.open("rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+        store.install_file(tmp, destination)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -580,23 +736,57 @@ def _matches(pattern: str, value: str) -> bool:
 
 
 def _period(config: RegistryConfig, role: str) -> timedelta:
+    if role in config.expiry_s:
+        return timedelta(seconds=config.expiry_s[role])
     return timedelta(days=config.expiry_days.get(role, DEFAULT_EXPIRY_DAYS[role]))
+
+
+def parse_duration(text: str) -> timedelta:
+    """A metadata lifetime: ``7`` or ``7d`` days, ``6h`` hours, ``30m`` minutes (a plain number is days)."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise RegistryError(f"expiry {text!r}: give days (7 or 7d), hours (6h) or minutes (30m)")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def format_duration(period: timedelta) -> str:
+    """The shortest of ``<n>d``, ``<n>h``, ``<n>m`` (else seconds) that states ``period`` exactly."""
+    seconds = int(period.total_seconds())
+    if seconds == 0:
+        return "0m"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _expiry(config: RegistryConfig, role: str, now: datetime) -> datetime:
     return now + _period(config, role)
 
 
-def _check_role_numbers(counts: dict[str, int], thresholds: dict[str, int], expiry: dict[str, int]) -> None:
-    for table in (counts, thresholds, expiry):
-        unknown = set(table) - set(keys.ROLES)
-        if unknown:
-            raise RegistryError(f"unknown role(s) {', '.join(sorted(unknown))} (roles: {', '.join(keys.ROLES)})")
+def _check_role_numbers(counts: dict[str, int], thresholds: dict[str, int], expiry: dict[str, timedelta]) -> None:
+    for table in (counts, thresholds):
+        _check_roles(table)
     for role in keys.ROLES:
         if not 1 <= thresholds[role] <= counts[role]:
             raise RegistryError(f"{role}: threshold {thresholds[role]} must be 1..{counts[role]} (its key count)")
-        if expiry[role] < 1:
-            raise RegistryError(f"{role}: expiry must be at least 1 day")
+    _check_expiry(expiry)
+
+
+def _check_roles(table: Mapping[str, object]) -> None:
+    unknown = set(table) - set(keys.ROLES)
+    if unknown:
+        raise RegistryError(f"unknown role(s) {', '.join(sorted(unknown))} (roles: {', '.join(keys.ROLES)})")
+
+
+def _check_expiry(expiry: dict[str, timedelta]) -> None:
+    _check_roles(expiry)
+    for role, period in expiry.items():
+        if not MIN_EXPIRY <= period <= MAX_EXPIRY:
+            raise RegistryError(
+                f"{role}: expiry {format_duration(period)} must be between {format_duration(MIN_EXPIRY)} "
+                f"and {format_duration(MAX_EXPIRY)}"
+            )
 
 
 def _keyids_in_use(root: Root) -> set[str]:
@@ -628,6 +818,21 @@ def _models_of(targets: Targets) -> list[PublishedModel]:
                 length = sum(targets.targets[p].length for p in meta.target_paths() if p in targets.targets)
             models.append(PublishedModel(path, length, target.hashes["sha256"], meta))
     return models
+
+
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key of a version string: digit runs compare as numbers, other runs as text, numbers first."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _VERSION_PART.findall(version))
+
+
+def _offered_versions(channels: Channels) -> set[tuple[str, str]]:
+    """(model_id, version) of every version some device may be told to run: each channel's and its previous."""
+    offered = set()
+    for pointer in channels.channels.values():
+        offered.add((pointer.model_id, pointer.version))
+        if pointer.previous_version is not None:
+            offered.add((pointer.model_id, pointer.previous_version))
+    return offered
 
 
 def _model_target(targets: Targets, model_id: str, version: str) -> str | None:

@@ -1,7 +1,10 @@
 """A real static HTTP host for integration tests: nginx (Debian package) on a free loopback port.
 
 nginx serves byte ranges (206 + Content-Range) for static files, like the CDNs
-and object stores a fleet registry lives on. Usage::
+and object stores a fleet registry lives on. Started as root, its workers run as
+``www-data`` (``nobody`` where that user is missing), as Debian's nginx does: a
+published file that only its owner can read gets a 403 here as it would in the
+field (issue 13, finding 9). Usage::
 
     with NginxHost(root_dir, workdir) as host:
         host.url            # http://127.0.0.1:<port>/
@@ -10,8 +13,12 @@ and object stores a fleet registry lives on. Usage::
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +26,7 @@ from pathlib import Path
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 _CONFIG = """\
-user root;
+{user}
 worker_processes 1;
 daemon off;
 pid {work}/nginx.pid;
@@ -41,6 +48,34 @@ http {{
     }}
 }}
 """
+
+
+def worker_user() -> str:
+    """The ``user`` directive: an unprivileged account when started as root (else nginx ignores it)."""
+    if os.geteuid() != 0:
+        return ""
+    for name in ("www-data", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return f"user {name} {grp.getgrgid(entry.pw_gid).gr_name};"
+    raise RuntimeError("no unprivileged user (www-data or nobody) to run nginx's workers as")
+
+
+def make_traversable(root: Path) -> None:
+    """Let the workers reach ``root``: pytest's tmp dirs are 0700 and owned by the test user.
+
+    Only the search (x) bit is added for others, and only on our own directories: the files
+    below keep the modes the code under test gave them, which is what the tests check.
+    """
+    for directory in [root, *root.parents]:
+        info = directory.stat()
+        if info.st_mode & stat.S_IXOTH:
+            continue
+        if info.st_uid != os.geteuid():
+            raise RuntimeError(f"nginx's workers cannot enter {directory} (mode {stat.filemode(info.st_mode)})")
+        directory.chmod(stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
 
 
 def free_port() -> int:
@@ -67,7 +102,10 @@ class NginxHost:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         limit = f"limit_rate {self.rate};" if self.rate else ""
         conf = self.workdir / "nginx.conf"
-        conf.write_text(_CONFIG.format(work=self.workdir, port=self.port, root=self.root, limit=limit))
+        make_traversable(self.root)
+        conf.write_text(
+            _CONFIG.format(user=worker_user(), work=self.workdir, port=self.port, root=self.root, limit=limit)
+        )
         self.proc = subprocess.Popen(
             [NGINX, "-p", str(self.workdir), "-c", str(conf)],
             stdout=subprocess.DEVNULL,

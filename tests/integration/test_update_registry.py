@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from tuf.api.metadata import Metadata, Root
+from tuf.ngclient import UpdaterConfig
 from typer.testing import CliRunner
 
 from edgert.cli import exitcodes
 from edgert.cli.registry import app
 from edgert.errors import RegistryError
+from edgert.registry import repository
 from edgert.registry.repository import Registry
 from edgert.update.orchestrator import Updater
+from tests.integration.http_host import NginxHost
 from tests.integration.update_support import MODEL_ID, Fleet, device_settings, make_variant
 
 runner = CliRunner()
@@ -124,3 +129,167 @@ def test_rotated_keys_are_followed_by_devices(tmp_path: Path, fleet: Fleet, role
     assert result.offered is not None and result.offered.meta.version == "2.0.0"
     cached_root = Metadata[Root].from_file(str(tmp_path / "device" / "update" / "tuf" / "root.json")).signed
     assert cached_root.version == 2
+
+
+def test_published_site_is_world_readable_and_served_by_an_unprivileged_nginx(tmp_path: Path, tiny_gguf: Path) -> None:
+    """Finding 9: publish --out wrote root.json/timestamp.json 0600, so nginx as www-data answered 403."""
+    reg, site = tmp_path / "reg", tmp_path / "site"
+    assert cli("init", "-d", str(reg))[0] == 0
+    assert cli("add", str(tiny_gguf), "-d", str(reg), "--model-id", MODEL_ID, "--version", "1.0.0")[0] == 0
+    assert cli("promote", MODEL_ID, "1.0.0", "-d", str(reg))[0] == 0
+    code, _, err = cli("publish", "-d", str(reg), "--out", str(site))
+    assert code == 0, err
+    files = [p for p in site.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"root.json", "1.root.json", "timestamp.json", "1.snapshot.json", "1.targets.json"} <= names
+    modes = {str(p.relative_to(site)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {0o644}, modes
+    with NginxHost(site, tmp_path / "nginx") as host:
+        for path in files:
+            relative = path.relative_to(site).as_posix()
+            response = httpx.get(host.url + relative)
+            assert response.status_code == 200, (relative, response.status_code)
+            assert response.content == path.read_bytes()
+
+
+def test_site_files_are_0644_whatever_the_umask(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = Registry.init(tmp_path / "reg")
+    registry.add(tiny_gguf, model_id=MODEL_ID, version="1.0.0")
+    registry.promote(MODEL_ID, "1.0.0", channel="stable", rollout=100)
+    old = os.umask(0o077)
+    try:
+        registry.publish(out=tmp_path / "site")
+    finally:
+        os.umask(old)
+    for root in (registry.repo_dir, tmp_path / "site"):
+        files = [p for p in root.rglob("*") if p.is_file()]
+        assert files
+        assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+def _expires_in(site_or_repo: Path, name: str) -> timedelta:
+    md = Metadata.from_file(str(site_or_repo / "metadata" / name))
+    return md.signed.expires - datetime.now(UTC)
+
+
+def test_expiry_takes_hours_and_minutes(tmp_path: Path, tiny_gguf: Path) -> None:
+    """Finding 4: a short-lived timestamp is the freeze defence; --expiry took whole days only."""
+    reg = tmp_path / "reg"
+    code, _, err = cli(
+        "init", "-d", str(reg), "--expiry", "timestamp=6h", "--expiry", "snapshot=2d", "--expiry", "targets=30"
+    )
+    assert code == 0, err
+    assert cli("add", str(tiny_gguf), "-d", str(reg), "--model-id", MODEL_ID, "--version", "1.0.0")[0] == 0
+    code, _, err = cli("publish", "-d", str(reg))
+    assert code == 0, err
+    repo = reg / "repository"
+    assert timedelta(hours=5, minutes=58) < _expires_in(repo, "timestamp.json") <= timedelta(hours=6)
+    assert timedelta(days=1, hours=23) < _expires_in(repo, "1.snapshot.json") <= timedelta(days=2)
+    assert timedelta(days=29, hours=23) < _expires_in(repo, "1.targets.json") <= timedelta(days=30)
+
+    # publish --expiry changes a lifetime from now on, and registry.json keeps it for the timer's next runs
+    code, _, err = cli("publish", "-d", str(reg), "--timestamp-only", "--expiry", "timestamp=30m")
+    assert code == 0, err
+    assert timedelta(minutes=28) < _expires_in(repo, "timestamp.json") <= timedelta(minutes=30)
+    code, _, err = cli("publish", "-d", str(reg), "--timestamp-only")
+    assert code == 0, err
+    assert timedelta(minutes=28) < _expires_in(repo, "timestamp.json") <= timedelta(minutes=30)
+    assert Registry(reg).expiry()["timestamp"] == timedelta(minutes=30)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("timestamp=6x", "give days (7 or 7d), hours (6h) or minutes (30m)"),
+        ("timestamp=0m", "timestamp: expiry 0m must be between 1m and 3650d"),
+        ("timestamp", "--expiry wants ROLE=LIFETIME"),
+        ("mirror=1d", "unknown role(s) mirror"),
+    ],
+)
+def test_bad_expiry_is_a_clear_error(tmp_path: Path, value: str, message: str) -> None:
+    code, _, err = cli("init", "-d", str(tmp_path / "reg"), "--expiry", value)
+    assert code == exitcodes.FAILURE
+    assert message in err
+
+
+def test_a_registry_made_before_expiry_s_keeps_its_days(tmp_path: Path) -> None:
+    registry = Registry.init(tmp_path / "reg")
+    (tmp_path / "reg" / "registry.json").write_text(
+        '{"expiry_days": {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 2}}'
+    )
+    assert registry.expiry()["timestamp"] == timedelta(days=2)
+    registry.set_expiry({"timestamp": timedelta(hours=6)})
+    assert registry.expiry() == {
+        "root": timedelta(days=365),
+        "targets": timedelta(days=90),
+        "snapshot": timedelta(days=7),
+        "timestamp": timedelta(hours=6),
+    }
+
+
+def _version_dirs(site: Path) -> list[str]:
+    return sorted(p.name for p in (site / "targets" / "models" / MODEL_ID).iterdir())
+
+
+def test_prune_keeps_the_newest_and_what_channels_offer(tmp_path: Path, fleet: Fleet) -> None:
+    """Finding 18: old targets were never pruned, so targets.json grew towards the 5 MB devices accept."""
+    for version in ("1.0.0", "1.2.0", "1.10.0", "2.0.0"):
+        fleet.registry.add(fleet.model, model_id=MODEL_ID, version=version)
+    fleet.registry.promote(MODEL_ID, "1.0.0", channel="stable", rollout=100)
+    fleet.registry.promote(MODEL_ID, "1.2.0", channel="stable", rollout=50)  # others stay on 1.0.0
+    fleet.registry.publish(out=fleet.site)
+    reg = str(fleet.registry.directory)
+
+    code, out, err = cli("prune", "-d", reg, "--keep", "1")
+    assert code == 0, err
+    assert "kept tiny-gemma4:f16@1.0.0: a channel offers it" in out
+    assert "kept tiny-gemma4:f16@1.2.0: a channel offers it" in out
+    assert "dropped tiny-gemma4:f16@1.10.0;" in out  # 1.10.0 < 2.0.0: numbers compare as numbers
+    assert _version_dirs(fleet.site) == ["1.0.0", "1.10.0", "1.2.0", "2.0.0"]  # files go at publish
+
+    code, out, err = cli("publish", "-d", reg, "--out", str(fleet.site))
+    assert code == 0, err
+    assert "files of pruned versions deleted" in out
+    assert _version_dirs(fleet.site) == ["1.0.0", "1.2.0", "2.0.0"]
+    assert _version_dirs(fleet.registry.repo_dir) == ["1.0.0", "1.2.0", "2.0.0"]
+    versions = sorted(m.meta.version for m in fleet.registry.status().models)
+    assert versions == ["1.0.0", "1.2.0", "2.0.0"]
+
+    device = Updater(device_settings(tmp_path / "device", fleet))
+    offered = device.check().offered  # the smaller, re-signed metadata is accepted
+    assert offered is not None and offered.meta.version in ("1.0.0", "1.2.0")
+
+    code, out, _ = cli("prune", "-d", reg, "--keep", "3")
+    assert code == 0 and "nothing to drop" in out
+    code, _, err = cli("prune", "-d", reg, "--keep", "0")
+    assert code == exitcodes.USAGE
+
+
+def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
+    tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry.init(tmp_path / "reg")
+    registry.add(tiny_gguf, model_id=MODEL_ID, version="1.0.0")
+    registry.publish()
+    size = (registry.metadata_dir / "1.targets.json").stat().st_size
+    code, _, err = cli("status", "-d", str(registry.directory))
+    assert code == 0 and "targets metadata" not in err
+
+    # The real limit is python-tuf's 5 MB; lowered so one small registry reaches it.
+    monkeypatch.setattr(repository, "TARGETS_MAX_LENGTH", int(size / 0.85))
+    code, out, err = cli("status", "-d", str(registry.directory), "--json")
+    assert code == 0
+    assert f"warning: targets metadata is {size} bytes, 85 % of the" in err
+    assert "edgert registry prune --keep N" in err
+    assert json.loads(out)["targets_bytes"] == size
+
+    registry.add(tiny_gguf, model_id=MODEL_ID, version="2.0.0")
+    monkeypatch.setattr(repository, "TARGETS_MAX_LENGTH", size + 10)
+    code, _, err = cli("publish", "-d", str(registry.directory))
+    assert code == exitcodes.FAILURE
+    assert "over the" in err and "devices accept" in err
+    assert not (registry.metadata_dir / "2.targets.json").exists()
+
+
+def test_targets_limit_is_python_tufs() -> None:
+    assert repository.TARGETS_MAX_LENGTH == UpdaterConfig().targets_max_length == 5_000_000
