@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -461,6 +462,9 @@ class Registry:
         timestamp = Timestamp(version=timestamp_version, expires=_expiry(config, "timestamp", now))
         timestamp.snapshot_meta = MetaFile(version=snapshot_version)
         self._sign_and_write(Metadata(timestamp), root, "timestamp.json")
+        for path in self.repo_dir.rglob("*"):
+            if path.is_file():
+                _make_readable(path)  # files an older edgert wrote 0600
         copied = mirror(self.repo_dir, out) if out is not None else 0
         # After the new timestamp is out: devices that read the older one may still fetch these files
         # for a moment; a device that then gets a 404 retries with the new metadata.
@@ -684,6 +688,7 @@ def mirror(source: Path, destination: Path) -> int:
     for path in sorted(p for p in source.rglob("*") if p.is_file() and p not in last):
         target = destination / path.relative_to(source)
         if target.is_file() and target.stat().st_size == path.stat().st_size:
+            _make_readable(target)  # an older edgert published it 0600: repaired in place
             continue  # content-addressed: the same name is the same bytes
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_site_file(path, target)
@@ -694,6 +699,11 @@ def mirror(source: Path, destination: Path) -> int:
             write_site_file(destination / "metadata" / path.name, path.read_bytes())
             copied += 1
     return copied
+
+
+def _make_readable(path: Path) -> None:
+    if stat.S_IMODE(path.stat().st_mode) != SITE_FILE_MODE:
+        path.chmod(SITE_FILE_MODE)
 
 
 def write_site_file(path: Path, data: bytes) -> None:

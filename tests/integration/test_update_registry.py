@@ -293,3 +293,17 @@ def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
 
 def test_targets_limit_is_python_tufs() -> None:
     assert repository.TARGETS_MAX_LENGTH == UpdaterConfig().targets_max_length == 5_000_000
+
+
+def test_publish_repairs_files_an_older_edgert_wrote_0600(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = Registry.init(tmp_path / "reg")
+    registry.add(tiny_gguf, model_id=MODEL_ID, version="1.0.0")
+    site = tmp_path / "site"
+    registry.publish(out=site)
+    for root in (registry.repo_dir, site):
+        for path in root.rglob("*"):
+            if path.is_file():
+                path.chmod(0o600)
+    registry.publish(out=site, timestamp_only=True)  # copies nothing new: same names, same sizes
+    for root in (registry.repo_dir, site):
+        assert {stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file()} == {0o644}
