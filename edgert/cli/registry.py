@@ -278,6 +278,12 @@ def _print_status(report: RegistryStatus) -> None:
     for role in report.roles:
         expires = role.expires.isoformat()
         typer.echo(f"{role.role:<10} {role.version:<8} {expires:<26} {role.threshold:<10} {role.warning or ''}")
+    if report.targets_bytes is not None:
+        share = 100 * report.targets_bytes / report.targets_limit
+        typer.echo(
+            f"targets metadata: {report.targets_bytes} bytes, {share:.1f} % of the {report.targets_limit} "
+            "devices accept"
+        )
     typer.echo("")
     typer.echo("MODELS")
     for model in report.models:

@@ -272,8 +272,9 @@ def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
     registry.add(tiny_gguf, model_id=MODEL_ID, version="1.0.0")
     registry.publish()
     size = (registry.metadata_dir / "1.targets.json").stat().st_size
-    code, _, err = cli("status", "-d", str(registry.directory))
+    code, out, err = cli("status", "-d", str(registry.directory))
     assert code == 0 and "targets metadata" not in err
+    assert f"targets metadata: {size} bytes, 0.0 % of the 5000000 devices accept" in out
 
     # The real limit is python-tuf's 5 MB; lowered so one small registry reaches it.
     monkeypatch.setattr(repository, "TARGETS_MAX_LENGTH", int(size / 0.85))
