@@ -17,7 +17,9 @@ so every transport converts errors the same way, in one place::
     │   └── ModelMissingError           catalog entry not present on disk
     ├── EngineError                 a decode step failed              (500)
     ├── DownloadError               fetching a model failed           (502)
-    │   └── IntegrityError              bytes do not match the expected hash / size
+    │   ├── IntegrityError              bytes do not match the expected hash / size
+    │   ├── DownloadTooSlowError        past its deadline (signed length / minimum throughput)
+    │   └── DownloadCancelledError      stopped between reads: edgert is stopping (503)
     ├── InsufficientStorageError    not enough disk for a download    (507)
     ├── ConfigError                 settings or catalog are invalid   (500)
     ├── UpdateError                 the device update path failed     (500)
@@ -26,6 +28,7 @@ so every transport converts errors the same way, in one place::
     │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
     │   ├── TargetNotFoundError         the signed metadata does not list it (404)
     │   ├── HookVetoError               a firmware hook refused or timed out (409)
+    │   │   └── HookUnsafeError             a hook (or its directory) others could have planted
     │   └── HealthCheckError            the new model failed its health check (500)
     └── RegistryError               the operator's TUF repository is unusable (500)
         └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
@@ -133,6 +136,19 @@ class IntegrityError(DownloadError):
     code = "integrity_check_failed"
 
 
+class DownloadTooSlowError(DownloadError):
+    """A download ran past its deadline (update.download_min_bytes_per_s); its ``.part`` is kept for a resume."""
+
+    code = "download_too_slow"
+
+
+class DownloadCancelledError(DownloadError):
+    """A download stopped between reads because edgert is stopping; its ``.part`` is kept for a resume."""
+
+    http_status = 503
+    code = "download_cancelled"
+
+
 class InsufficientStorageError(EdgertError):
     http_status = 507
     code = "insufficient_storage"
@@ -181,6 +197,12 @@ class HookVetoError(UpdateError):
 
     http_status = 409
     code = "hook_veto"
+
+
+class HookUnsafeError(HookVetoError):
+    """A hook or the hooks directory is not owned by root or edgert's user, or others may write it."""
+
+    code = "hook_unsafe"
 
 
 class HealthCheckError(UpdateError):

@@ -234,6 +234,16 @@ class UpdateSettings(BaseModel):
     download_timeout_s: float = Field(
         60.0, gt=0, description="Give up on a silent registry connection after this long (resumable)."
     )
+    download_min_bytes_per_s: int = Field(
+        64 * 1024,
+        ge=1,
+        le=10 * 1024**3,
+        description="Slowest acceptable model download: one must end within download_deadline_slack_s + its "
+        "remaining signed bytes / this, else it is cut off as too slow (the .part is kept; the next round resumes).",
+    )
+    download_deadline_slack_s: float = Field(
+        120.0, ge=0, le=86400, description="Seconds added to every download's deadline (connection set-up, stalls)."
+    )
     max_activation_attempts: int = Field(
         2,
         ge=1,

@@ -13,6 +13,13 @@ old state or the new one, never a half file under a real name.
 
 The serving path only reads from here (:func:`resolve_model`); the download and
 update paths write (:func:`install_file`, :func:`remove_model`).
+
+Signed releases live under ``versions/`` with names from :func:`version_name`, which is
+injective: two releases never share a file (``tiny:q4@1`` and ``tiny_q4@1`` once both
+became ``tiny_q4@1.gguf``, and rolling one back deleted the other's committed file).
+Names read back from the update state pass :func:`version_path` before anything is
+opened or deleted, and a deletion checks the file's identity (:func:`file_id`) recorded
+when it was installed.
 """
 
 from __future__ import annotations
@@ -21,18 +28,24 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, cast
 
 from edgert.catalog import Catalog, ModelSpec, PyPISource
-from edgert.errors import IntegrityError, ModelMissingError
+from edgert.errors import IntegrityError, ModelMissingError, UpdateError
 from edgert.gguf_file import sha256_file
 from edgert.settings import Settings
 
 PART_SUFFIX: Final = ".part"
 GGUF_SUFFIX: Final = ".gguf"
+#: A folder release's suffix under ``versions/``: no folder name can equal a GGUF's (``m@1.gguf`` is the
+#: GGUF of ``m@1`` and would be the folder of version ``1.gguf``) or its ``.part``.
+FOLDER_SUFFIX: Final = ".onnx"
+#: What a name under ``versions/`` may be made of (releases, their ``.part``, staging folders).
+_SAFE_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
 EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
 
 
@@ -97,6 +110,60 @@ def fsync_dir(directory: Path) -> None:
 def fsync_file(path: Path) -> None:
     with path.open("rb") as fh:
         os.fsync(fh.fileno())
+
+
+def version_name(model_id: str, version: str, *, folder: bool = False) -> str:
+    """A release's name under ``versions/``: ``<id>@<version>.gguf``, or ``<id>@<version>.onnx`` for a folder.
+
+    Injective over what the signed metadata allows (ids ``[a-z0-9._:-]``, versions ``[A-Za-z0-9._+-]``,
+    neither contains ``@``): ``:`` in the id is written ``+``, which no id contains, so the name maps back
+    to one id, version and format. Releases installed before this naming keep the name their state records.
+    """
+    if "@" in model_id or "+" in model_id or "@" in version or ":" in version:
+        raise UpdateError(f"model id {model_id!r} / version {version!r} cannot be named injectively")
+    name = f"{model_id.replace(':', '+')}@{version}" + (FOLDER_SUFFIX if folder else GGUF_SUFFIX)
+    if not _SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise UpdateError(f"{model_id}@{version} does not make a safe file name")
+    return name
+
+
+def version_path(versions_dir: Path, name: str) -> Path:
+    """``versions_dir / name``, after checking ``name`` is a plain file name there (it comes from the state file).
+
+    No separator, no ``..``, not hidden (``.<name>.staging`` and ``.<name>.deleting`` are the update path's own),
+    only the characters :func:`version_name` (or the naming before it) produces.
+    """
+    if not _SAFE_NAME.fullmatch(name) or name.startswith(".") or Path(name).name != name:
+        raise UpdateError(
+            f"the update state names {name!r} as a model file: not a plain file name inside {versions_dir}; "
+            "refusing to touch it (move the state file aside to reset)"
+        )
+    return versions_dir / name
+
+
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """Which file (or folder) a path named when it was recorded: its device and inode."""
+
+    device: int
+    inode: int
+
+    def __str__(self) -> str:
+        return f"{self.device}:{self.inode}"
+
+    @classmethod
+    def parse(cls, text: str) -> FileId:
+        device, _, inode = text.partition(":")
+        return cls(int(device), int(inode))
+
+
+def file_id(path: Path) -> FileId | None:
+    """The identity of what ``path`` names now (not following a symlink), or None when nothing is there."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    return FileId(info.st_dev, info.st_ino)
 
 
 def install_file(source: Path, target: Path) -> None:

@@ -10,7 +10,12 @@ trusts nothing the server says:
   (200 instead of 206) restarts from zero, truncating the file;
 * SHA-256 (and SHA-512 when signed) while streaming, over every byte including
   the resumed prefix, then fsync; the caller renames the verified ``.part`` into place;
-* free space is checked against the signed length before the first byte.
+* free space is checked against the signed length before the first byte;
+* an overall deadline (:class:`Pace`: slack + remaining signed bytes / a minimum
+  throughput) cuts a registry that trickles bytes just fast enough to dodge the per-read
+  timeout (1 KiB every 0.5 s once held the update lock for good): "too slow", ``.part`` kept;
+* a ``stop`` event, checked between reads, ends a download when the daemon stops
+  (DownloadCancelledError, ``.part`` kept for the next start).
 
 How it keeps up with the network (measured in ``benchmarks/update_download.py``):
 :func:`client`'s connections take up to ``READ_BYTES`` per socket read (httpcore asks
@@ -38,6 +43,7 @@ import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +52,13 @@ from typing import Any, BinaryIO, Final, Protocol
 import httpcore
 import httpx
 
-from edgert.errors import DownloadError, InsufficientStorageError, IntegrityError
+from edgert.errors import (
+    DownloadCancelledError,
+    DownloadError,
+    DownloadTooSlowError,
+    InsufficientStorageError,
+    IntegrityError,
+)
 
 CHUNK_BYTES: Final = 1 << 20
 #: Most bytes taken from the socket per read by :func:`client`'s connections.
@@ -74,6 +86,20 @@ class Fetch:
     part: Path
     length: int
     hashes: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """The slowest download accepted: it must end ``slack_s + remaining bytes / min_bytes_per_s`` after it starts.
+
+    Derived from the signed length, so a server cannot stretch it by announcing anything.
+    """
+
+    min_bytes_per_s: int
+    slack_s: float
+
+    def budget_s(self, remaining: int) -> float:
+        return self.slack_s + remaining / self.min_bytes_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +186,20 @@ class _LargeReadStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
-def fetch(client: httpx.Client, job: Fetch, *, reserve_bytes: int = 0, progress: Progress | None = None) -> Fetched:
-    """Complete ``job.part`` and verify it; raise without touching anything else on any failure."""
+def fetch(
+    client: httpx.Client,
+    job: Fetch,
+    *,
+    reserve_bytes: int = 0,
+    progress: Progress | None = None,
+    pace: Pace | None = None,
+    stop: threading.Event | None = None,
+) -> Fetched:
+    """Complete ``job.part`` and verify it; raise without touching anything else on any failure.
+
+    ``pace`` bounds the whole transfer (DownloadError "too slow"); ``stop``, checked between
+    reads, ends it (DownloadCancelledError). Both keep the ``.part`` for a later resume.
+    """
     have = _usable(job)
     check_free_space(job.part.parent, job.length - have, reserve_bytes)
     digests = _digests(job)
@@ -170,7 +208,7 @@ def fetch(client: httpx.Client, job: Fetch, *, reserve_bytes: int = 0, progress:
     start = have
     if have < job.length:
         try:
-            start, received = _transfer(client, job, have, digests, progress)
+            start, received = _transfer(client, job, have, digests, _Limits(progress, pace, stop))
         except IntegrityError:
             job.part.unlink(missing_ok=True)  # these bytes can never become the signed file
             raise
@@ -198,14 +236,50 @@ def _usable(job: Fetch) -> int:
     return size
 
 
+@dataclass(slots=True)
+class _Limits:
+    """What one transfer reports to and is bounded by."""
+
+    progress: Progress | None
+    pace: Pace | None
+    stop: threading.Event | None
+    #: time.monotonic() by which the transfer must be done (set when it starts).
+    deadline: float | None = None
+    started: float = 0.0
+
+    def check(self, job: Fetch, start: int, done: int) -> None:
+        """Between reads: raise when asked to stop, or past the deadline."""
+        if self.stop is not None and self.stop.is_set():
+            raise DownloadCancelledError(
+                f"download of {job.url} stopped at byte {done} of {job.length} because edgert is stopping; "
+                "the next attempt resumes"
+            )
+        if self.deadline is not None and self.pace is not None and time.monotonic() > self.deadline:
+            elapsed = time.monotonic() - self.started
+            raise DownloadTooSlowError(
+                f"download of {job.url} too slow: {done - start} bytes in {elapsed:.0f} s, short of the "
+                f"{job.length - start} needed at update.download_min_bytes_per_s={self.pace.min_bytes_per_s} "
+                f"(+{self.pace.slack_s:g} s slack); {done} of {job.length} bytes kept, the next attempt resumes"
+            )
+
+
 def _transfer(
-    client: httpx.Client, job: Fetch, have: int, digests: dict[str, _Hash], progress: Progress | None
+    client: httpx.Client, job: Fetch, have: int, digests: dict[str, _Hash], limits: _Limits
 ) -> tuple[int, int]:
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+    limits.check(job, have, have)
+    timeout = client.timeout
+    limits.started = time.monotonic()
+    if limits.pace is not None:
+        budget = limits.pace.budget_s(job.length - have)
+        limits.deadline = limits.started + budget
+        # A silent server is cut by the deadline too, not only after the per-read timeout.
+        read = budget if timeout.read is None else min(timeout.read, budget)
+        timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
     try:
-        with client.stream("GET", job.url, headers=headers) as response:
+        with client.stream("GET", job.url, headers=headers, timeout=timeout) as response:
             start = _start_of(response, have, job)
             _check_announced(response, start, job)
             if start == 0 and have:  # a 200 after a Range request: the kept bytes go
@@ -213,7 +287,7 @@ def _transfer(
             with job.part.open("r+b" if start else "wb", buffering=0) as fh:
                 fh.seek(start)
                 fh.truncate()
-                received = _copy(response, fh, start, job, digests, progress)
+                received = _copy(response, fh, start, job, digests, limits)
                 os.fsync(fh.fileno())
     except httpx.HTTPError as exc:
         raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
@@ -259,7 +333,7 @@ def _copy(
     start: int,
     job: Fetch,
     digests: dict[str, _Hash],
-    progress: Progress | None,
+    limits: _Limits,
 ) -> int:
     done = start
     hasher = _Hasher(digests)
@@ -274,8 +348,9 @@ def _copy(
             _write_all(fh, chunk)
             hasher.update(chunk)
             done += len(chunk)
-            if progress is not None:
-                progress(done, job.length)
+            if limits.progress is not None:
+                limits.progress(done, job.length)
+            limits.check(job, start, done)
     finally:
         hasher.close()
     return done - start

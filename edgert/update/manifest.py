@@ -174,6 +174,29 @@ def version_prefix(model_id: str, version: str) -> str:
     return f"models/{model_id}/{version}/"
 
 
+def pointer_mismatch(
+    pointer: ChannelPointer, meta: ModelMeta, target_path: str, *, pin_version: str | None
+) -> str | None:
+    """Why the signed model metadata found on ``target_path`` is not the release ``pointer`` offers; None when it is.
+
+    The blocklist is checked against the pointer's versions before the target is read, so the target
+    must carry exactly one of them: its ModelMeta sits on its own canonical target path and names the
+    pointer's model and its version, previous version, or the operator's pinned version. A pointer
+    saying 3.0.0 while naming 2.0.0's target would otherwise reinstall a blocklisted 2.0.0.
+    """
+    canonical = model_target_path(meta.model_id, meta.version, meta.format)
+    if target_path != canonical:
+        return f"{target_path} carries the metadata of {meta.model_id}@{meta.version}, whose target is {canonical}"
+    offered = {pin_version} if pin_version is not None else {pointer.version, pointer.previous_version}
+    if meta.model_id != pointer.model_id or meta.version not in offered:
+        versions = ", ".join(sorted(version for version in offered if version is not None))
+        return (
+            f"the channel offers {pointer.model_id} {versions}, but its target {target_path} "
+            f"is {meta.model_id}@{meta.version}"
+        )
+    return None
+
+
 def version_key(version: str) -> tuple[int, ...]:
     """``"0.10.2"`` -> ``(0, 10, 2)``; digits only, for the minimum-edgert check."""
     if not re.match(NUMERIC_VERSION_PATTERN, version):
