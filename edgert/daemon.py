@@ -8,7 +8,9 @@ Order of events:
 3. load the model on a worker thread, run one probe generation, then mark ready
    and send ``READY=1`` to systemd;
 4. while serving, ping the systemd watchdog only if the engine thread is making
-   progress, so a wedged engine gets the service restarted;
+   progress, so a wedged engine gets the service restarted; while a model switch
+   has unloaded the engine, only while the switch's current step is within its own
+   time limit (a long load on a memory-tight device is not a wedge);
 5. on SIGTERM/SIGINT: ``STOPPING=1``, refuse new requests (503), let in-flight
    ones finish up to ``serve.drain_timeout_s``, stop the engine, remove the
    socket, exit 0. A second signal cuts the drain short.
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import socket
 import time
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import sdnotify
 import uvicorn
+from starlette.types import ASGIApp
 
 from edgert import __version__
 from edgert.errors import EdgertError
@@ -37,7 +41,8 @@ from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
-from edgert.transport.http import ApiState, BodyLimit, create_app
+from edgert.transport.connections import ConnectionGuard, TrackRequests, accept_error_handler
+from edgert.transport.http import ApiState, BodyLimit, TcpGuard, TcpPolicy, create_app, is_loopback
 from edgert.transport.uds import bind_unix_socket
 
 if TYPE_CHECKING:  # imported when configured: a kiosk without MQTT or updates never loads them
@@ -82,7 +87,11 @@ class Daemon:
         self.model = model
         self.notifier = sdnotify.SystemdNotifier()
         self.runtime: Runtime | None = None
-        self.state = ApiState(metrics=Metrics(self._stats), max_body_bytes=settings.serve.max_body_bytes)
+        self.state = ApiState(
+            metrics=Metrics(self._stats),
+            max_body_bytes=settings.serve.max_body_bytes,
+            max_json_depth=settings.serve.max_json_depth,
+        )
         self.exit_code = 0
         self.updates: UpdateService | None = None
         if settings.update.registry_url:
@@ -111,6 +120,16 @@ class Daemon:
         sockets = [bound.sock]
         if serve.tcp_host:
             sockets.append(_tcp_socket(serve.tcp_host, serve.tcp_port))
+            if not is_loopback(serve.tcp_host):
+                log.warning(
+                    "the TCP listener %s:%d is reachable from the network%s",
+                    serve.tcp_host,
+                    serve.tcp_port,
+                    ""
+                    if serve.tcp_auth_token
+                    else "; anyone who reaches it can use the model (set serve.tcp_auth_token, or bind 127.0.0.1)",
+                )
+        _check_file_limit(serve.max_connections)
         log.info(
             "edgert %s listening on %s%s",
             __version__,
@@ -125,14 +144,20 @@ class Daemon:
         return self.exit_code
 
     async def _main(self, sockets: list[socket.socket]) -> None:
-        app = BodyLimit(create_app(self.state), self.settings.serve.max_body_bytes)
+        serve = self.settings.serve
+        asyncio.get_running_loop().set_exception_handler(accept_error_handler())
+        guard = ConnectionGuard(max_connections=serve.max_connections, header_timeout_s=serve.header_timeout_s)
+        app: ASGIApp = BodyLimit(create_app(self.state), serve.max_body_bytes)
+        if serve.tcp_host:
+            app = TcpGuard(app, TcpPolicy.for_bind(serve.tcp_host, serve.tcp_allowed_hosts, serve.tcp_auth_token))
         _freeze_startup_objects()
         config = uvicorn.Config(
-            app,
+            TrackRequests(app, guard),
+            http=guard.protocol(),
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=int(self.settings.serve.drain_timeout_s),
+            timeout_graceful_shutdown=int(serve.drain_timeout_s),
             timeout_keep_alive=5,
         )
         server = _Server(config, self._on_signal)
@@ -186,6 +211,7 @@ class Daemon:
             Limits(
                 default_timeout_s=self.settings.serve.request_timeout_s,
                 max_tokens_cap=self.settings.serve.max_tokens_cap,
+                prompt_length_factor=self.settings.serve.prompt_length_factor,
             ),
         )
         self.state.metrics.model.info(
@@ -236,7 +262,7 @@ class Daemon:
         return transport
 
     async def _watchdog(self) -> None:
-        """Ping systemd's watchdog only while the engine thread shows progress."""
+        """Ping systemd's watchdog only while the engine thread (or a model switch's step) shows progress."""
         usec = self.settings.watchdog_usec
         if not usec or not self.settings.notify_socket:
             return
@@ -247,11 +273,11 @@ class Daemon:
             if service is None:
                 self._notify("WATCHDOG=1")  # still loading: the load itself has its own timeout
                 continue
-            stalled_for = time.monotonic() - service.stats()[0].last_progress
-            if stalled_for < interval:
+            stall = service.stall(time.monotonic(), interval)
+            if stall is None:
                 self._notify("WATCHDOG=1")
             else:
-                log.error("engine made no progress for %.1f s; withholding the watchdog ping", stalled_for)
+                log.error("%s; withholding the watchdog ping", stall)
 
 
 def _freeze_startup_objects() -> None:
@@ -266,6 +292,24 @@ def _freeze_startup_objects() -> None:
     of cold start.
     """
     gc.freeze()
+
+
+def _check_file_limit(max_connections: int) -> None:
+    """Warn when serve.max_connections could run the process out of file descriptors.
+
+    The soft limit is not raised here: paho-mqtt's network loop uses select(), which fails on a
+    descriptor above 1023, so the unit pins LimitNOFILE=1024 and the connection cap stays below it.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reserve = 128  # the model, logs, MQTT, downloads, and a burst of accepts before the cap closes them
+    if soft != resource.RLIM_INFINITY and max_connections + reserve > soft:
+        log.warning(
+            "serve.max_connections = %d leaves too few of the %d file descriptors this process may open; "
+            "lower it below %d",
+            max_connections,
+            soft,
+            soft - reserve,
+        )
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:

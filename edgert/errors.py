@@ -8,7 +8,9 @@ so every transport converts errors the same way, in one place::
     │   ├── BadRequestError             400  bad_request
     │   │   └── PromptTooLongError      400  context_length_exceeded
     │   ├── ModelNotFoundError          404  model_not_found
-    │   └── PayloadTooLargeError        413  payload_too_large
+    │   ├── PayloadTooLargeError        413  payload_too_large
+    │   ├── UnauthorizedError           401  invalid_api_key
+    │   └── UnsupportedMediaTypeError   415  unsupported_media_type
     ├── OverloadedError             no room right now, retry later    (503, Retry-After)
     ├── DeadlineExceededError       the request ran out of time       (504)
     ├── ModelError                  the model file or its load failed (500)
@@ -82,6 +84,20 @@ class ModelNotFoundError(ClientError):
 class PayloadTooLargeError(ClientError):
     http_status = 413
     code = "payload_too_large"
+
+
+class UnauthorizedError(ClientError):
+    """A TCP request without the configured bearer token (serve.tcp_auth_token)."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+
+class UnsupportedMediaTypeError(ClientError):
+    """A POST over TCP whose Content-Type is not application/json (what a cross-site form can send)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
 
 
 class OverloadedError(EdgertError):

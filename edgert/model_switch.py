@@ -21,7 +21,7 @@ import psutil
 from edgert.engine.base import SamplingParams
 from edgert.errors import EdgertError, HealthCheckError
 from edgert.runtime import Runtime, open_runtime
-from edgert.serving.service import InferenceService
+from edgert.serving.service import InferenceService, SwitchStep
 from edgert.settings import Settings
 
 log = logging.getLogger("edgert.model_switch")
@@ -102,7 +102,13 @@ class ServingModelSwitch(RuntimeModelSwitch):
     never tokenized by one model and run by another), in-flight requests finish on
     the old model, and ``release`` frees it once it is idle. When the candidate
     does not fit beside it, the old model is drained first (new requests get 503 +
-    Retry-After meanwhile), unloaded, and loaded back if the candidate fails.
+    Retry-After meanwhile), unloaded, and loaded back if the candidate fails
+    (``serve.model_swap = "drain"`` always takes this path).
+
+    While no engine serves, each step tells the service what it does and how long it
+    may take (:class:`~edgert.serving.service.SwitchStep`), so the daemon's watchdog
+    follows the switch instead of the closed engine: a 60 s load on a memory-tight
+    device is alive, a load stuck past ``engine.load_timeout_s`` is not.
     """
 
     def __init__(
@@ -116,13 +122,27 @@ class ServingModelSwitch(RuntimeModelSwitch):
 
     def load_beside(self, path: Path) -> None:
         serving = self.serving
-        if serving is not None and not fits_beside(path):
-            log.warning("%s does not fit beside %s: draining and swapping", path.name, serving.path.name)
+        drain = self.settings.serve.model_swap == "drain"
+        if serving is not None and (drain or not fits_beside(path)):
+            why = "serve.model_swap = drain" if drain else f"{path.name} does not fit beside {serving.path.name}"
+            log.warning("%s: draining and swapping", why)
+            # the drain and the unload are bounded: the wait by drain_timeout_s, the engine stop by its join
+            self._step(f"draining {serving.model_id}", self.drain_timeout_s + _UNLOAD_S)
             self._on_loop(self._pause)
             wait_idle(serving, self.drain_timeout_s)
             self._unloaded, self.serving = serving.path, None
             serving.close()
+        if self._unloaded is not None:
+            self._step(f"loading {path.name}", self.settings.engine.load_timeout_s)
         super().load_beside(path)
+
+    def probe(self, timeout_s: float) -> None:
+        if self._unloaded is not None:
+            self._step("probing the candidate", timeout_s + _UNLOAD_S)
+        super().probe(timeout_s)
+        if self._unloaded is not None and self.candidate is not None:
+            # until the swap (health-check hooks run meanwhile) the loaded candidate's engine speaks for it
+            self.service.switch_step = SwitchStep("waiting to swap", engine=self.candidate)
 
     def swap(self) -> None:
         super().swap()
@@ -131,8 +151,10 @@ class ServingModelSwitch(RuntimeModelSwitch):
         self._unloaded = None
 
     def release(self) -> None:
-        if self.candidate is not None and self._unloaded is not None:
-            super().release()  # the failed candidate
+        if self._unloaded is not None:
+            self._step("unloading the failed candidate", _UNLOAD_S)
+            super().release()  # the failed candidate, if it loaded at all
+            self._step(f"loading {self._unloaded.name} back", self.settings.engine.load_timeout_s)
             self.serving = open_runtime(self.settings, str(self._unloaded))
             self._unloaded = None
             self._on_loop(self._point_service_at, self.serving)
@@ -156,8 +178,17 @@ class ServingModelSwitch(RuntimeModelSwitch):
 
     def _point_service_at(self, runtime: Runtime) -> None:
         self.service.runtime = runtime
+        self.service.switch_step = None
         self.service.ready = True
         log.info("now serving %s", runtime.model_id)
+
+    def _step(self, what: str, limit_s: float) -> None:
+        """Tell the watchdog what the switch does now and for how long at most (a plain store, read on the loop)."""
+        self.service.switch_step = SwitchStep(what, deadline=time.monotonic() + limit_s)
+
+
+#: stopping an engine thread (joined for at most 10 s) and freeing its model
+_UNLOAD_S: Final = 30.0
 
 
 def fits_beside(path: Path) -> bool:

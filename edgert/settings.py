@@ -186,6 +186,45 @@ class ServeSettings(BaseModel):
         30.0, ge=0, description="On SIGTERM/SIGINT: how long in-flight requests may finish before they are cut."
     )
     probe_prompt: str = Field("Hi", description="Prompt of the start-up probe generation that gates /ready.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A connection must send a complete request head within this time (counted from when it "
+        "opens or its previous response ends, not reset by each byte), else it is closed (slowloris).",
+    )
+    max_connections: int = Field(
+        256,
+        ge=4,
+        le=4096,
+        description="Open HTTP connections (socket and TCP together). At the cap the connection that has waited "
+        "longest without a request is closed for the new one; keep it well under the process's file limit.",
+    )
+    max_json_depth: int = Field(
+        64, ge=4, le=512, description="Deepest nesting of arrays/objects a JSON request body may have (400 beyond)."
+    )
+    prompt_length_factor: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Cheap bound checked before tokenizing: a prompt longer than the context (tokens) times this "
+        "many characters cannot fit and is refused (400) without being tokenized.",
+    )
+    tcp_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names the TCP listener accepts besides its bind address (and localhost for a "
+        "loopback bind, any IP literal for a wildcard bind); others get 400 (DNS-rebinding guard).",
+    )
+    tcp_auth_token: SecretStr | None = Field(
+        None,
+        description="When set, every TCP request but /health must send 'Authorization: Bearer <token>' (401 "
+        "otherwise). Never logged. The Unix socket is guarded by its file mode instead.",
+    )
+    model_swap: Literal["auto", "drain"] = Field(
+        "auto",
+        description="How an update swaps models: auto = load the new one beside the serving one when memory "
+        "allows, else drain and unload first; drain = always drain first (predictable peak memory, e.g. VRAM).",
+    )
 
 
 class UpdateSettings(BaseModel):

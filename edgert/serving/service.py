@@ -5,10 +5,16 @@ HTTP and MQTT both hand a validated :mod:`edgert.api.schemas` body to
 active model or "default"), merges sampling defaults, builds the JSON grammar,
 turns ``timeout``/``priority`` into a deadline and a queue class, tokenizes, and
 submits. Transports only translate the resulting token stream to their wire format.
+
+Rendering and tokenizing a prompt costs ~1 s per MiB, so :meth:`InferenceService.generate`
+does it on a worker thread (the event loop keeps answering ``/health`` and streaming),
+after a cheap length bound has refused prompts that cannot fit the context whatever
+their tokens: no token is longer than ``prompt_length_factor`` characters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -16,7 +22,7 @@ from typing import Literal
 
 from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingFields
 from edgert.engine.base import SamplingParams
-from edgert.errors import ModelNotFoundError
+from edgert.errors import ModelNotFoundError, OverloadedError, PromptTooLongError
 from edgert.runtime import Runtime
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
 
@@ -25,6 +31,8 @@ from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats
 class Limits:
     default_timeout_s: float
     max_tokens_cap: int
+    #: no token spans more characters than this: a longer prompt than n_ctx x this cannot fit
+    prompt_length_factor: int = 64
 
 
 class InferenceService:
@@ -33,6 +41,8 @@ class InferenceService:
         self.limits = limits
         self.created = int(time.time())
         self.ready = False
+        #: while a model switch has drained and unloaded the serving model: what it does, and how long it may take
+        self.switch_step: SwitchStep | None = None
 
     @property
     def model_id(self) -> str:
@@ -44,6 +54,17 @@ class InferenceService:
     def stats(self) -> tuple[SchedulerStats, int]:
         return self.runtime.scheduler.stats, self.runtime.scheduler.kv_cells
 
+    def stall(self, now: float, interval_s: float) -> str | None:
+        """Why systemd's watchdog should not be pinged now; None while serving (or a model switch) progresses.
+
+        While a switch has unloaded the serving model, its engine thread is gone: liveness then comes
+        from the switch's own step (see :class:`SwitchStep`), never from the closed engine.
+        """
+        step = self.switch_step
+        if step is not None:
+            return step.stall(now, interval_s)
+        return _engine_stall(self.runtime, now, interval_s, "the engine")
+
     def check_model(self, name: str | None) -> str:
         if name in (None, "", "default", self.model_id):
             return self.model_id
@@ -52,15 +73,43 @@ class InferenceService:
             param="model",
         )
 
+    def check_prompt_size(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """Refuse, without tokenizing, a prompt too long for the context whatever its tokens."""
+        if isinstance(body, ChatCompletionRequest):
+            field, chars = "messages", sum(len(message.text()) for message in body.messages)
+        else:
+            field, chars = "prompt", len(body.prompt)
+        n_ctx = self.runtime.scheduler.config.n_ctx
+        if chars > n_ctx * self.limits.prompt_length_factor:
+            raise PromptTooLongError(
+                f"{field}: {chars} characters cannot fit in the context, which holds {n_ctx} tokens of at most "
+                f"{self.limits.prompt_length_factor} characters each; shorten it",
+                param=field,
+            )
+
+    async def generate(self, body: ChatCompletionRequest | CompletionRequest, request_id: str) -> TokenStream:
+        """Check, tokenize on a worker thread, submit: the event loop never tokenizes."""
+        self.check_model(body.model)
+        self.check_prompt_size(body)
+        while True:
+            runtime = self.runtime
+            request = await asyncio.to_thread(self._prepare_on, runtime, body, request_id)
+            if not self.ready:
+                raise OverloadedError("the model is being swapped", retry_after_s=2)
+            # Back on the loop, where a model swap also runs: if one happened meanwhile, these tokens
+            # belong to the old model's vocabulary; tokenize again for the new one.
+            if runtime is self.runtime:
+                return runtime.scheduler.submit(request)
+
     def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> GenerationRequest:
         self.check_model(body.model)
-        prompt = self.runtime.chat_prompt(body.message_dicts())
-        return self._request(body, prompt, body.token_limit(), request_id)
+        self.check_prompt_size(body)
+        return self._prepare_on(self.runtime, body, request_id)
 
     def prepare_completion(self, body: CompletionRequest, request_id: str) -> GenerationRequest:
         self.check_model(body.model)
-        prompt = self.runtime.completion_prompt(body.prompt)
-        return self._request(body, prompt, body.token_limit(), request_id)
+        self.check_prompt_size(body)
+        return self._prepare_on(self.runtime, body, request_id)
 
     def prepare(self, body: ChatCompletionRequest | CompletionRequest, request_id: str) -> GenerationRequest:
         if isinstance(body, ChatCompletionRequest):
@@ -70,10 +119,24 @@ class InferenceService:
     def submit(self, request: GenerationRequest) -> TokenStream:
         return self.runtime.scheduler.submit(request)
 
-    def _request(
-        self, body: SamplingFields, prompt: tuple[int, ...], max_tokens: int | None, request_id: str
+    def _prepare_on(
+        self, runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, request_id: str
     ) -> GenerationRequest:
-        defaults = self.runtime.defaults
+        if isinstance(body, ChatCompletionRequest):
+            prompt = runtime.chat_prompt(body.message_dicts())
+        else:
+            prompt = runtime.completion_prompt(body.prompt)
+        return self._request(runtime, body, prompt, body.token_limit(), request_id)
+
+    def _request(
+        self,
+        runtime: Runtime,
+        body: SamplingFields,
+        prompt: tuple[int, ...],
+        max_tokens: int | None,
+        request_id: str,
+    ) -> GenerationRequest:
+        defaults = runtime.defaults
         fmt = body.response_format
         json_mode: Literal["object", "schema"] | None = None
         json_schema = None
@@ -92,9 +155,9 @@ class InferenceService:
             json_mode=json_mode,
             json_schema=json_schema,
         )
-        limit = min(max_tokens or self.runtime.default_max_tokens, self.limits.max_tokens_cap)
+        limit = min(max_tokens or runtime.default_max_tokens, self.limits.max_tokens_cap)
         timeout = body.timeout or self.limits.default_timeout_s
-        return self.runtime.request(
+        return runtime.request(
             prompt,
             sampling=sampling,
             max_tokens=limit,
@@ -104,3 +167,29 @@ class InferenceService:
             request_id=request_id,
             ignore_eos=body.ignore_eos,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchStep:
+    """A step of a model switch during which no engine serves, for the daemon's watchdog.
+
+    Liveness then comes from the switch: a step bounded by its own timeout counts as alive until
+    ``deadline``; a step that waits with a candidate engine loaded counts as alive while that
+    engine's thread shows progress.
+    """
+
+    what: str
+    deadline: float | None = None
+    engine: Runtime | None = None
+
+    def stall(self, now: float, interval_s: float) -> str | None:
+        """Why this step looks stuck; None while it is alive."""
+        if self.engine is not None:
+            return _engine_stall(self.engine, now, interval_s, f"{self.what}: the candidate engine")
+        assert self.deadline is not None
+        return None if now < self.deadline else f"{self.what}: overran its time limit by {now - self.deadline:.1f} s"
+
+
+def _engine_stall(runtime: Runtime, now: float, interval_s: float, what: str) -> str | None:
+    stalled = now - runtime.scheduler.stats.last_progress
+    return None if stalled < interval_s else f"{what} made no progress for {stalled:.1f} s"

@@ -7,22 +7,32 @@ error shape ``{"error": {"message", "type", "param", "code"}}``.
 
 A client that disconnects cancels its generation: streaming responses notice when
 a write fails, non-streaming ones watch the connection while they wait.
+
+The optional TCP listener is open to anything that can reach the port, a kiosk's own
+browser included, so requests that arrive over TCP (never those on the Unix socket,
+which its file mode guards and where ``curl -d`` without a content type keeps working)
+pass :class:`TcpPolicy` first: a Host header naming this daemon (DNS rebinding),
+``Content-Type: application/json`` on every POST (a cross-site form or ``no-cors``
+fetch cannot send it without a CORS preflight, which is never answered), and the
+bearer token when one is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgert.api.schemas import (
@@ -47,11 +57,14 @@ from edgert.errors import (
     EdgertError,
     OverloadedError,
     PayloadTooLargeError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
 from edgert.log import request_id
 from edgert.serving.metrics import CONTENT_TYPE, Metrics
-from edgert.serving.scheduler import Finished, GenerationRequest, TextChunk, TokenStream
+from edgert.serving.scheduler import Finished, TextChunk, TokenStream
 from edgert.serving.service import InferenceService
+from edgert.transport.connections import over_tcp
 
 log = logging.getLogger("edgert.http")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -63,6 +76,7 @@ class ApiState:
 
     metrics: Metrics
     max_body_bytes: int
+    max_json_depth: int = 64
     service: InferenceService | None = None
     stopping: bool = False
     #: wired by the daemon when a registry is configured
@@ -75,6 +89,8 @@ def error_response(error: EdgertError) -> JSONResponse:
     headers = {}
     if isinstance(error, OverloadedError):
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if isinstance(error, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="edgert"'
     return JSONResponse({"error": error.to_dict()}, status_code=error.http_status, headers=headers)
 
 
@@ -108,18 +124,117 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
-async def _parse(request: Request, model: type[BodyT]) -> BodyT:
+@dataclass(frozen=True, slots=True)
+class TcpPolicy:
+    """What a request over the TCP listener must carry (see the module docstring)."""
+
+    #: Host header names (lower case, no port) that mean this daemon
+    allowed_hosts: frozenset[str]
+    #: a wildcard bind answers on every address of the machine: any IP literal is fine (rebinding needs a name)
+    any_ip_literal: bool
+    token: SecretStr | None = None
+
+    @classmethod
+    def for_bind(cls, bind_host: str, extra_hosts: Iterable[str] = (), token: SecretStr | None = None) -> TcpPolicy:
+        host = _host_name(bind_host)
+        names = {host, *(_host_name(name) for name in extra_hosts)}
+        wildcard = host in ("0.0.0.0", "::", "")  # noqa: S104 - naming the wildcard, not binding it
+        if wildcard or is_loopback(host):  # a page can only make a browser send "localhost" from this machine
+            names |= {"localhost", "127.0.0.1", "::1"}
+        return cls(frozenset(names), any_ip_literal=wildcard, token=token)
+
+    def check(self, scope: Scope) -> EdgertError | None:
+        headers = {key: value.decode("latin-1") for key, value in scope["headers"]}
+        host = _host_name(headers.get(b"host", ""))
+        if host not in self.allowed_hosts and not (self.any_ip_literal and _is_ip(host)):
+            return BadRequestError(
+                f"Host {host!r} does not name this daemon (serve.tcp_allowed_hosts lists extra names)", param="host"
+            )
+        if self.token is not None and scope["path"] != "/health":
+            scheme, _, given = headers.get(b"authorization", "").partition(" ")
+            expected = self.token.get_secret_value().encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+                return UnauthorizedError("this listener needs 'Authorization: Bearer <serve.tcp_auth_token>'")
+        if scope["method"] == "POST":
+            media = headers.get(b"content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                return UnsupportedMediaTypeError(
+                    f"POST over TCP needs Content-Type: application/json, not {media or 'none'}", param="content-type"
+                )
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(value: str) -> str:
+    """A Host header or bind address without its port and brackets: ``[::1]:8080`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    if value.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+class TcpGuard:
+    """Applies a :class:`TcpPolicy` to requests that came over TCP; the Unix socket passes untouched."""
+
+    def __init__(self, app: ASGIApp, policy: TcpPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and over_tcp(scope):
+            error = self.policy.check(scope)
+            if error is not None:
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _parse(request: Request, model: type[BodyT], max_depth: int) -> BodyT:
     raw = await request.body()
+    too_deep = BadRequestError(f"request body nests arrays/objects deeper than {max_depth} levels")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses per level: ~1,000 '[' were a 500 with a traceback
+        raise too_deep from None
     if not isinstance(data, dict):
         raise BadRequestError("request body must be a JSON object")
+    # Below the parser's own limit, depth still costs recursion later (validation, a JSON schema turned
+    # into a grammar), so bodies deeper than any real request are refused here, by an iterative walk.
+    if nesting_exceeds(data, max_depth):
+        raise too_deep
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def nesting_exceeds(data: object, limit: int) -> bool:
+    """Does ``data`` (parsed JSON) nest lists/dicts more than ``limit`` levels deep? No recursion."""
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 class _UnprocessableError(EdgertError):
@@ -312,23 +427,22 @@ def create_app(state: ApiState) -> FastAPI:
 
     async def _complete(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         svc = service()
-        body = await _parse(request, kind)
+        body = await _parse(request, kind, state.max_json_depth)
         _apply_headers(request, body)
-        generation = svc.prepare(body, request_id.get())
+        tokens = await svc.generate(body, request_id.get())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chat = isinstance(body, ChatCompletionRequest)
-        return await _respond(request, svc, generation, body.stream, chat=chat, include_usage=include_usage)
+        return await _respond(request, svc, tokens, body.stream, chat=chat, include_usage=include_usage)
 
     async def _respond(
         request: Request,
         svc: InferenceService,
-        generation: GenerationRequest,
+        tokens: TokenStream,
         stream: bool,
         *,
         chat: bool,
         include_usage: bool,
     ) -> Response:
-        tokens = svc.submit(generation)
         ident = new_id("chatcmpl" if chat else "cmpl")
         if not stream:
             text, result = await _or_disconnect(request, tokens.collect(), tokens)
