@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edgert.settings import ServeSettings
 from tests.integration.daemon import DaemonProcess, start_daemon
 
 CHAT = "/v1/chat/completions"
@@ -223,3 +224,10 @@ def test_the_unix_socket_keeps_accepting_curl_style_form_bodies(tcp_daemon: tupl
         response = client.post(CHAT, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
         assert response.status_code == 200, response.text
         assert client.get("/v1/models").status_code == 200  # no token needed on the socket
+
+
+def test_the_unit_pins_the_file_limit_above_the_connection_cap() -> None:
+    """Finding 10: the systemd unit states the descriptor limit the connection cap was sized against."""
+    unit = (Path(__file__).parents[2] / "packaging" / "systemd" / "edgert.service").read_text()
+    assert "\nLimitNOFILE=1024\n" in unit
+    assert ServeSettings().max_connections + 128 <= 1024
