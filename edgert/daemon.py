@@ -41,7 +41,13 @@ from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
-from edgert.transport.connections import ConnectionGuard, TrackRequests, accept_error_handler
+from edgert.transport.connections import (
+    UVICORN_PER_REQUEST,
+    ConnectionGuard,
+    QuietFlood,
+    TrackRequests,
+    accept_error_handler,
+)
 from edgert.transport.http import ApiState, BodyLimit, TcpGuard, TcpPolicy, create_app, is_loopback
 from edgert.transport.uds import bind_unix_socket
 
@@ -146,6 +152,7 @@ class Daemon:
     async def _main(self, sockets: list[socket.socket]) -> None:
         serve = self.settings.serve
         asyncio.get_running_loop().set_exception_handler(accept_error_handler())
+        logging.getLogger("uvicorn.error").addFilter(QuietFlood(UVICORN_PER_REQUEST))
         guard = ConnectionGuard(max_connections=serve.max_connections, header_timeout_s=serve.header_timeout_s)
         app: ASGIApp = BodyLimit(create_app(self.state), serve.max_body_bytes)
         if serve.tcp_host:

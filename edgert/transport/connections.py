@@ -29,7 +29,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, ClassVar, cast
 
@@ -210,6 +210,37 @@ class TrackRequests:
             conn.active -= 1
             if conn.active == 0:
                 self.guard.wait_for_request(conn)
+
+
+class QuietFlood(logging.Filter):
+    """Lets through one record per ``interval_s`` for each of ``messages``, which a library logs per bad request.
+
+    uvicorn logs "Invalid HTTP request received." for every malformed request: 500 of them wrote 26 kB.
+    """
+
+    def __init__(self, messages: Iterable[str], interval_s: float = 10.0) -> None:
+        super().__init__()
+        self._gates = {message: LogGate(interval_s) for message in messages}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        gate = self._gates.get(record.getMessage())
+        if gate is None:
+            return True
+        held = gate.allow()
+        if held is None:
+            return False
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} more since the last such line)", ()
+        return True
+
+
+#: what uvicorn logs once per malformed request (h11 and httptools alike) or per upgrade attempt
+UVICORN_PER_REQUEST = (
+    "Invalid HTTP request received.",
+    "Unsupported upgrade request.",
+    "No supported WebSocket library detected. Please use \"pip install 'uvicorn[standard]'\", or install "
+    "'websockets' or 'wsproto' manually.",
+)
 
 
 def accept_error_handler(gate: LogGate | None = None) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
