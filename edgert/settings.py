@@ -359,13 +359,58 @@ class MqttSettings(BaseModel):
         256, ge=1, le=100_000, description="Recent request ids remembered, so a redelivered request runs once."
     )
     dedupe_bytes: int = Field(
-        16 * 1_048_576, ge=65536, description="Reply bytes kept for resending to redelivered requests."
+        16 * 1_048_576, ge=65536, description="Bytes of final replies kept for answering redelivered requests."
+    )
+    duplicate_interval_s: float = Field(
+        10.0,
+        ge=0.1,
+        le=3600,
+        description="A redelivered request id gets its cached final reply at most once per this many seconds "
+        "(more copies are dropped and counted), so replays never amplify.",
+    )
+    reply_buffer_bytes: int = Field(
+        16 * 1_048_576,
+        ge=65536,
+        le=1 << 32,
+        description="Bytes of replies kept while the broker is unreachable; resent duplicates go first, then the "
+        "oldest replies (counted).",
+    )
+    reply_topics: list[str] = Field(
+        default_factory=lambda: ["edgert/v1/{device}/reply/#", "edgert/v1/fleet/{group}/reply/#"],
+        min_length=1,
+        max_length=32,
+        description="MQTT topic filters a reply topic (Response Topic or 'reply_to') must match; {device} and "
+        "{group} are this device's id and group (a filter naming {group} applies only when group is set). "
+        "Whatever is listed, replies never go to a $ topic or to an edgert/v1/ topic outside a 'reply' subtree.",
+    )
+    max_topic_bytes: int = Field(
+        256, ge=32, le=65535, description="Longest reply topic accepted (UTF-8 bytes); longer ones are refused."
+    )
+    max_correlation_bytes: int = Field(
+        256,
+        ge=16,
+        le=65535,
+        description="Largest MQTT 5 Correlation Data accepted; a request with more is refused (never echoed).",
     )
 
     @field_validator("ca_file", "cert_file", "key_file", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("reply_topics", mode="after")
+    @classmethod
+    def _valid_filters(cls, filters: list[str]) -> list[str]:
+        for topic_filter in filters:
+            levels = topic_filter.split("/")
+            bad_wildcard = any(
+                ("#" in level and (level != "#" or index != len(levels) - 1)) or ("+" in level and level != "+")
+                for index, level in enumerate(levels)
+            )
+            # '#' alone would let replies go anywhere a device may publish: exactly the confused deputy.
+            if not topic_filter or topic_filter.startswith(("$", "#", "+")) or bad_wildcard or "\0" in topic_filter:
+                raise ValueError(f"mqtt.reply_topics: {topic_filter!r} is not a usable topic filter")
+        return filters
 
 
 class Settings(BaseSettings):

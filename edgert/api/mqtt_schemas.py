@@ -6,10 +6,16 @@ Topic tree (``<device>`` is ``mqtt.device_id``, ``<group>`` is ``mqtt.group``)::
     edgert/v1/<device>/status         retained; last will = offline             DeviceStatus
     edgert/v1/<device>/telemetry      every mqtt.telemetry_interval_s (QoS 0)   Telemetry
     edgert/v1/<device>/cmd            cancel a request, nudge an update check   Command
+    edgert/v1/<device>/reply/<client> replies to <client>'s requests            ReplyChunk/Final/Error
     edgert/v1/fleet/<group>/req       shared by the group's devices (MQTT 5)    MqttChatRequest
+    edgert/v1/fleet/<group>/reply/<client>  replies to fleet requests           ReplyChunk/Final/Error
 
 Replies go to the request's MQTT 5 Response Topic (with its Correlation Data), or
-for MQTT 3.1.1 clients to ``reply_to`` in the payload. A streamed reply is ordered
+for MQTT 3.1.1 clients to ``reply_to`` in the payload. That topic must lie in a
+reply subtree (``mqtt.reply_topics``; by default the device's own
+``edgert/v1/<device>/reply/#`` and its group's): a device publishes with its own
+credentials, so a requester must not be able to point it at another device's
+``cmd``, at a status topic or at ``$SYS`` (a confused deputy). A streamed reply is ordered
 :class:`ReplyChunk` messages then one :class:`ReplyFinal`; a non-streamed reply is
 one :class:`ReplyFinal` carrying the whole text; a refused request gets one
 :class:`ReplyError`. Every reply carries the request ``id`` and a ``seq`` counting
@@ -75,9 +81,36 @@ class Topics:
 ALL_STATUS = f"{PREFIX}/+/status"
 
 
-def client_reply_topic(client_id: str) -> str:
-    """Where ``edgert mqtt ask`` (and the tests) listen for replies."""
-    return f"{PREFIX}/client/{client_id}/reply"
+def reply_topic_for(request_topic: str, client_id: str) -> str:
+    """The reply topic of a request sent to ``request_topic`` (``.../req`` -> ``.../reply/<client_id>``).
+
+    Replies live beside the request topic, in the answering side's own subtree, so a
+    broker ACL can let each device write only under its own id and each client read
+    only under its own client id (packaging/mosquitto/edgert.acl).
+    """
+    base, _, last = request_topic.rpartition("/")
+    if last != "req" or not base:
+        raise ValueError(f"not a request topic: {request_topic!r}")
+    return f"{base}/reply/{client_id}"
+
+
+def client_reply_filters(client_id: str) -> list[str]:
+    """What a client subscribes to for the replies of every device and fleet group."""
+    return [f"{PREFIX}/+/reply/{client_id}", f"{PREFIX}/fleet/+/reply/{client_id}"]
+
+
+def in_reply_space(topic: str) -> bool:
+    """Whether ``topic`` may carry replies at all: outside ``edgert/v1/`` (then the configured
+    filters decide), or inside a ``reply`` subtree there -- never a device's req/cmd/status/
+    telemetry/deploy topic, the fleet request topic, or a ``$`` topic."""
+    if topic.startswith("$"):
+        return False
+    levels = topic.split("/")
+    if levels[:2] != PREFIX.split("/"):
+        return True
+    if len(levels) >= 6 and levels[2] == "fleet":
+        return levels[4] == "reply"
+    return len(levels) >= 5 and levels[2] != "fleet" and levels[3] == "reply"
 
 
 # --------------------------------------------------------------------- requests
@@ -91,7 +124,8 @@ class MqttChatRequest(ChatCompletionRequest):
         None,
         min_length=1,
         max_length=1024,
-        description="Reply topic for MQTT 3.1.1 clients; MQTT 5 clients set the Response Topic property instead",
+        description="Reply topic for MQTT 3.1.1 clients (MQTT 5 clients set the Response Topic property instead); "
+        "it must match mqtt.reply_topics, by default edgert/v1/<device>/reply/<client>",
     )
 
 
@@ -101,7 +135,13 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     action: Literal["cancel", "update_check"]
-    id: str | None = Field(None, description="The request id to cancel (action 'cancel')")
+    id: str | None = Field(None, max_length=200, description="The request id to cancel (action 'cancel')")
+    reply_to: str | None = Field(
+        None,
+        max_length=1024,
+        description="The reply topic of the request to cancel (action 'cancel'; MQTT 5 clients may set the "
+        "Response Topic property instead): a cancel only reaches the requester's own request",
+    )
 
 
 # --------------------------------------------------------------------- replies
@@ -203,7 +243,9 @@ class LinkCounters(BaseModel):
     connected: bool
     reconnects: int
     buffered: int = Field(description="Replies waiting for the broker")
-    dropped: int = Field(description="Replies dropped (oldest first) because the offline buffer was full")
+    dropped: int = Field(
+        description="Replies dropped because the offline buffer was full (resent duplicates first, then the oldest)"
+    )
     duplicates: int = Field(description="Redelivered requests answered from the dedupe cache")
     bad_payloads: int
     requests: int = Field(description="Requests accepted over MQTT since start")

@@ -98,6 +98,9 @@ def ask(
 ) -> None:
     """Send a chat request to a device and stream the reply to stdout.
 
+    Replies come on edgert/v1/<device>/reply/<client id> (a fleet group: edgert/v1/fleet/<group>/reply/<client id>),
+    the reply space devices accept by default and packaging/mosquitto/edgert.acl lets this client alone read.
+
     Exit codes: 0 ok, 1 failure or no reply, 3 model unknown, 5 device busy (retry later), 6 bad config.
     """
     if prompt == "-":

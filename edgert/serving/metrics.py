@@ -73,6 +73,12 @@ class Metrics:
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
             registry=self.registry,
         )
+        self.mqtt_dropped = Counter(
+            "edgert_mqtt_dropped",
+            "MQTT requests, commands and resent replies dropped without a reply, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.model = Info("edgert_model", "The model being served", registry=self.registry)
         self.build = Info("edgert_build", "edgert build", registry=self.registry)
         self.build.info({"version": __version__})

@@ -13,7 +13,8 @@ publishing) happens on the event loop, which never blocks on the network either:
 
 Reliability::
 
-    reply produced -> outbox (bounded; oldest dropped + counted while the broker is away)
+    reply produced -> outbox (bounded in messages and bytes while the broker is away: resent
+                      duplicates are dropped first, then the oldest replies, each counted)
                    -> paho (at most mqtt.max_queued_messages unacknowledged QoS 1 messages)
                    -> broker PUBACK
 
@@ -22,8 +23,14 @@ exponential backoff and jitter. The session is persistent (MQTT 5 clean_start=Fa
 + session expiry; MQTT 3.1.1 clean_session=False), so requests published while the
 device is offline are delivered when it returns, and unacknowledged replies are
 re-sent by paho after a reconnect. Requests are acknowledged on receipt; a
-redelivered request id (same reply topic) never runs twice: the cached replies are
-sent again instead.
+redelivered request id (same reply topic) never runs twice: its cached final reply
+is sent again instead, at most once per ``mqtt.duplicate_interval_s``.
+
+Whoever may publish a request decides where the device publishes, with the device's
+own broker credentials. So a reply topic must lie in the configured reply space
+(``mqtt.reply_topics``, never a ``$`` topic or a device topic under ``edgert/v1/``),
+and topic and Correlation Data are capped. A request without a safe reply topic is
+dropped with a rate-limited log line and ``edgert_mqtt_dropped_total{reason}``.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil
@@ -57,6 +64,7 @@ from edgert.api.mqtt_schemas import (
     Telemetry,
     Timings,
     Topics,
+    in_reply_space,
 )
 from edgert.api.schemas import PromptTokensDetails, Usage
 from edgert.errors import BadRequestError, EdgertError, OverloadedError, PayloadTooLargeError
@@ -72,6 +80,7 @@ from edgert.transport.mqtt_link import (
     Outgoing,
     Route,
     resolve_device_id,
+    topic_matches,
     valid_topic,
 )
 
@@ -92,18 +101,25 @@ UpdateNudge = Callable[[], Awaitable[None] | None]
 
 @dataclass
 class _CacheEntry:
-    replies: list[Outgoing] = field(default_factory=list)
-    done: bool = False
+    #: the final reply, once the request has finished
+    final: Outgoing | None = None
     nbytes: int = 0
-    overflow: bool = False
+    #: monotonic time the final was last resent to a redelivery
+    resent_at: float | None = None
+
+
+def _key_bytes(key: tuple[str, str]) -> int:
+    return len(key[0].encode()) + len(key[1].encode())
 
 
 class ReplyCache:
-    """Recent request keys -> the replies they produced; bounded in entries and in bytes.
+    """Recent request keys -> the final reply they produced; bounded in entries and in bytes.
 
     A key is (reply topic, request id): two clients that both number their requests
-    from 1 never collide. Only requests that ran are cached; a refusal (overloaded)
-    is not, so a retry with the same id after ``retry_after`` does run.
+    from 1 never collide. Only the final message is kept (topic, Correlation Data and
+    key counted), never the chunks of a stream: a redelivery gets the outcome, not a
+    second copy of the whole stream. Only requests that ran are cached; a refusal
+    (overloaded) is not, so a retry with the same id after ``retry_after`` does run.
     """
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
@@ -112,35 +128,27 @@ class ReplyCache:
         self.nbytes = 0
         self._entries: OrderedDict[tuple[str, str], _CacheEntry] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def get(self, key: tuple[str, str]) -> _CacheEntry | None:
         return self._entries.get(key)
 
     def start(self, key: tuple[str, str]) -> _CacheEntry:
-        entry = _CacheEntry()
+        self.forget(key)
+        entry = _CacheEntry(nbytes=_key_bytes(key))
         self._entries[key] = entry
+        self.nbytes += entry.nbytes
         self._evict()
         return entry
 
-    def add(self, entry: _CacheEntry, out: Outgoing) -> None:
-        if entry.overflow:
-            return
-        if entry.nbytes + len(out.payload) > self.max_bytes // 4:
-            # One huge reply must not flush the whole cache; keep only its final message.
-            entry.overflow = True
-            self.nbytes -= entry.nbytes
-            entry.replies.clear()
-            entry.nbytes = 0
-            return
-        entry.replies.append(out)
-        entry.nbytes += len(out.payload)
-        self.nbytes += len(out.payload)
-
-    def finish(self, entry: _CacheEntry, final: Outgoing) -> None:
-        entry.done = True
-        if entry.overflow:
-            entry.replies = [final]
-            entry.nbytes = len(final.payload)
-            self.nbytes += entry.nbytes
+    def finish(self, key: tuple[str, str], entry: _CacheEntry, final: Outgoing) -> None:
+        if self._entries.get(key) is not entry:
+            return  # evicted or replaced meanwhile
+        entry.final = final
+        entry.nbytes += final.size()
+        self.nbytes += final.size()
+        self._entries.move_to_end(key)
         self._evict()
 
     def forget(self, key: tuple[str, str]) -> None:
@@ -153,8 +161,80 @@ class ReplyCache:
         for key in list(self._entries):
             if len(self._entries) <= self.max_entries and self.nbytes <= self.max_bytes:
                 return
-            if self._entries[key].done:
+            if self._entries[key].final is not None:
                 self.forget(key)
+
+
+class _Outbox:
+    """Replies waiting for room in paho's window, bounded in messages and in bytes.
+
+    Resent duplicates wait in their own queue and are the first to go when the bounds
+    are reached; a resent duplicate never pushes out a first reply (it is dropped itself).
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._first: deque[Outgoing] = deque()
+        self._resent: deque[Outgoing] = deque()
+
+    def __len__(self) -> int:
+        return len(self._first) + len(self._resent)
+
+    def _full(self, extra: int) -> bool:
+        return len(self) + 1 > self.max_messages or self.nbytes + extra > self.max_bytes
+
+    def put(self, out: Outgoing, *, resent: bool = False) -> int:
+        """Queue ``out``; how many queued replies were dropped to make room (1 if ``out`` itself was)."""
+        size = out.size()
+        dropped = 0
+        if resent:
+            if self._full(size):
+                return 1
+            self._resent.append(out)
+        else:
+            while self._full(size) and (self._resent or self._first):
+                victim = self._resent.popleft() if self._resent else self._first.popleft()
+                self.nbytes -= victim.size()
+                dropped += 1
+            self._first.append(out)
+        self.nbytes += size
+        return dropped
+
+    def pop(self) -> Outgoing | None:
+        queue = self._first or self._resent
+        if not queue:
+            return None
+        out = queue.popleft()
+        self.nbytes -= out.size()
+        return out
+
+    def push_back(self, out: Outgoing) -> None:
+        """Put back what paho could not take after all (it goes out first next time)."""
+        self._first.appendleft(out)
+        self.nbytes += out.size()
+
+
+class _RateLimitedLog:
+    """At most one warning per reason per interval, with the count of those held back:
+    a flood of hostile messages must not become a flood of log lines."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval_s:
+            self._held[reason] = self._held.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        held = self._held.pop(reason, 0)
+        suffix = f" ({held} more like it in the last {self.interval_s:g} s)" if held else ""
+        log.warning(message + suffix, *args)
 
 
 @dataclass
@@ -166,13 +246,23 @@ class _Counters:
 
 
 class _RejectedError(Exception):
-    """A request that gets an error reply (when it has a route) instead of running."""
+    """A request that gets an error reply instead of running."""
 
-    def __init__(self, error: EdgertError, request_id: str | None, route: Route | None) -> None:
+    def __init__(self, error: EdgertError, request_id: str | None, route: Route) -> None:
         super().__init__(error.message)
         self.error = error
         self.request_id = request_id
         self.route = route
+
+
+class _DroppedError(Exception):
+    """A request with no safe place for a reply: dropped, logged (rate-limited) and counted."""
+
+    def __init__(self, reason: str, detail: str, request_id: str | None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.request_id = request_id
 
 
 class MqttTransport:
@@ -193,7 +283,13 @@ class MqttTransport:
         self.on_update_check = on_update_check
         self.counters = _Counters()
         self.cache = ReplyCache(self.settings.dedupe_entries, self.settings.dedupe_bytes)
-        self._outbox: deque[Outgoing] = deque()
+        self._outbox = _Outbox(self.settings.reply_buffer_messages, self.settings.reply_buffer_bytes)
+        self._reply_filters = [
+            topic_filter.replace("{device}", self.device_id).replace("{group}", self.settings.group or "")
+            for topic_filter in self.settings.reply_topics
+            if self.settings.group is not None or "{group}" not in topic_filter
+        ]
+        self._drop_log = _RateLimitedLog()
         self._running: dict[tuple[str, str], tuple[TokenStream, asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.link = MqttLink(self.settings, f"edgert-{self.device_id}", self, will=self._status("offline"))
@@ -268,22 +364,24 @@ class MqttTransport:
         self._send(Outgoing(self.topics.deploy, _encode(state), retain=True))
 
     # ----------------------------------------------------------- outbox
-    def _send(self, out: Outgoing) -> None:
-        if len(self._outbox) >= self.settings.reply_buffer_messages:
-            self._outbox.popleft()
-            self.counters.dropped += 1
-            if self.counters.dropped == 1 or self.counters.dropped % 1000 == 0:
-                log.warning("mqtt: reply buffer full; dropped %d oldest replies so far", self.counters.dropped)
-        self._outbox.append(out)
+    def _send(self, out: Outgoing, *, resent: bool = False) -> None:
+        dropped = self._outbox.put(out, resent=resent)
+        if dropped:
+            self.counters.dropped += dropped
+            self._drop_log.warning(
+                "outbox", "mqtt: reply buffer full; dropped %d replies so far (resent duplicates first)",
+                self.counters.dropped,
+            )  # fmt: skip
         self._pump()
 
     def _pump(self) -> None:
         while self._outbox and self.link.has_room():
-            out = self._outbox.popleft()
+            out = self._outbox.pop()
+            assert out is not None
             if out.size() > self.link.max_packet():
                 out = self._oversize(out)
             if not self.link.publish(out):
-                self._outbox.appendleft(out)  # paho is full after all: try again on the next ack
+                self._outbox.push_back(out)  # paho is full after all: try again on the next ack
                 return
 
     def _oversize(self, out: Outgoing) -> Outgoing:
@@ -296,22 +394,40 @@ class MqttTransport:
         body = ReplyError(id=out.request_id, seq=_seq_of(out), error=ErrorBody.model_validate(error.to_dict()))
         return Outgoing(out.topic, _encode(body), correlation=out.correlation, request_id=out.request_id)
 
-    def _reply(self, route: Route, body: BaseModel, request: str | None, entry: _CacheEntry | None = None) -> Outgoing:
+    def _reply(self, route: Route, body: BaseModel, request: str | None) -> Outgoing:
         out = Outgoing(route.topic, _encode(body), correlation=route.correlation, request_id=request)
-        if entry is not None:
-            self.cache.add(entry, out)
         self._send(out)
         return out
 
     def _error_reply(self, rejected: _RejectedError) -> None:
         if not isinstance(rejected.error, OverloadedError):
             self.counters.bad_payloads += 1
-        if rejected.route is None:
-            log.warning("mqtt: request %s dropped without a reply (no reply topic): %s", rejected.request_id, rejected)
-            return
-        log.info("mqtt: request %s refused: %s", rejected.request_id, rejected.error.message)
+        # Shortened: a refusal may quote the request (an unknown model name), which its sender sizes.
+        log.info("mqtt: request %s refused: %.300s", _printable(rejected.request_id), rejected.error.message)
         body = ReplyError(id=rejected.request_id, error=ErrorBody.model_validate(rejected.error.to_dict()))
         self._reply(rejected.route, body, rejected.request_id)
+
+    def _drop(self, dropped: _DroppedError) -> None:
+        """No reply is possible or wanted: a rate-limited warning and a counted metric."""
+        if dropped.reason != "duplicate":
+            self.counters.bad_payloads += 1
+        self.state.metrics.mqtt_dropped.labels(dropped.reason).inc()
+        self._drop_log.warning(
+            dropped.reason, "mqtt: request %s dropped without a reply (%s): %s",
+            _printable(dropped.request_id), dropped.reason, dropped.detail,
+        )  # fmt: skip
+
+    def _reply_topic_problem(self, topic: str) -> str | None:
+        """Why replies may not go to ``topic``; None when they may."""
+        if _unicode(topic) is None:
+            return "the reply topic is not valid Unicode"
+        if len(topic.encode()) > self.settings.max_topic_bytes:
+            return f"the reply topic is longer than {self.settings.max_topic_bytes} bytes"
+        if not valid_topic(topic):
+            return "the reply topic is not a topic name (empty, a wildcard or NUL)"
+        if not in_reply_space(topic) or not any(topic_matches(f, topic) for f in self._reply_filters):
+            return f"the reply topic {_printable(topic)} is outside the reply topics ({', '.join(self._reply_filters)})"
+        return None
 
     # ----------------------------------------------------------- requests
     def _on_request(self, incoming: Incoming) -> None:
@@ -323,26 +439,49 @@ class MqttTransport:
             self._admit(key, body, route)
         except _RejectedError as rejected:
             self._error_reply(rejected)
+        except _DroppedError as dropped:
+            self._drop(dropped)
+
+    def _route(self, topic: str | None, correlation: bytes | None, rid: str | None) -> Route:
+        """Where replies to this request may go, or _DroppedError when nowhere safe."""
+        if topic is None:
+            raise _DroppedError("no_reply_topic", "no reply topic: set the Response Topic or 'reply_to'", rid)
+        problem = self._reply_topic_problem(topic)
+        if problem is not None:
+            raise _DroppedError("reply_topic", problem, rid)
+        if correlation is not None and len(correlation) > self.settings.max_correlation_bytes:
+            # Answer without it: echoing it on every chunk is the amplification this cap exists for.
+            error = PayloadTooLargeError(
+                f"the Correlation Data is {len(correlation)} bytes; at most {self.settings.max_correlation_bytes}",
+                param="correlation_data",
+            )
+            raise _RejectedError(error, rid, Route(topic))
+        return Route(topic, correlation)
 
     def _parse(self, incoming: Incoming) -> tuple[MqttChatRequest, Route]:
-        route = Route(incoming.response_topic, incoming.correlation) if incoming.response_topic else None
-        if route is not None and not valid_topic(route.topic):
-            raise _RejectedError(BadRequestError("the Response Topic is not a valid topic"), None, None)
+        rid: str | None = None
+        early_error: EdgertError | None = None
+        data: object = None
         if len(incoming.payload) > self.settings.max_message_bytes:
-            error = PayloadTooLargeError(f"request exceeds {self.settings.max_message_bytes} bytes")
-            raise _RejectedError(error, None, route)
-        try:
-            data = json.loads(incoming.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _RejectedError(BadRequestError(f"request payload is not valid JSON: {exc}"), None, route) from None
-        if not isinstance(data, dict):
-            raise _RejectedError(BadRequestError("request payload must be a JSON object"), None, route)
-        rid = data.get("id") if isinstance(data.get("id"), str) else None
-        reply_to = data.get("reply_to")
-        if route is None and isinstance(reply_to, str) and valid_topic(reply_to):
-            route = Route(reply_to)
-        if route is None:
-            raise _RejectedError(BadRequestError("no reply topic: set the Response Topic or 'reply_to'"), rid, None)
+            early_error = PayloadTooLargeError(f"request exceeds {self.settings.max_message_bytes} bytes")
+        else:
+            try:
+                data = json.loads(incoming.payload)
+            except RecursionError:
+                early_error = BadRequestError("request payload is nested too deeply")
+            except ValueError as exc:  # also bad UTF-8, and integers longer than Python converts
+                early_error = BadRequestError(f"request payload is not valid JSON: {exc}")
+        if early_error is None and not isinstance(data, dict):
+            early_error = BadRequestError("request payload must be a JSON object")
+        topic = incoming.response_topic
+        if isinstance(data, dict):
+            rid = _unicode(data.get("id"))
+            reply_to = data.get("reply_to")
+            if topic is None and isinstance(reply_to, str):
+                topic = reply_to
+        route = self._route(topic, incoming.correlation, rid)
+        if early_error is not None:
+            raise _RejectedError(early_error, rid, route)
         try:
             return MqttChatRequest.model_validate(data), route
         except ValidationError as exc:
@@ -353,16 +492,21 @@ class MqttTransport:
             raise _RejectedError(exc, rid, route) from None
 
     def _duplicate(self, key: tuple[str, str], rid: str) -> bool:
+        """A redelivered id: the final reply again, at most once per interval (chunks never again)."""
         entry = self.cache.get(key)
         if entry is None:
             return False
         self.counters.duplicates += 1
-        if entry.done:
-            log.info("mqtt: request %s seen before; resending its %d cached replies", rid, len(entry.replies))
-            for out in entry.replies:
-                self._send(out)
-        else:
+        if entry.final is None:
             log.info("mqtt: request %s is already running; ignoring the redelivery", rid)
+            return True
+        now = time.monotonic()
+        if entry.resent_at is not None and now - entry.resent_at < self.settings.duplicate_interval_s:
+            interval = self.settings.duplicate_interval_s
+            raise _DroppedError("duplicate", f"its final reply was resent less than {interval:g} s ago", rid)
+        entry.resent_at = now
+        log.info("mqtt: request %s seen before; resending its final reply", rid)
+        self._send(entry.final, resent=True)
         return True
 
     def _service(self) -> InferenceService:
@@ -399,7 +543,7 @@ class MqttTransport:
         try:
             async for chunk in stream:
                 if body.stream:
-                    self._reply(route, ReplyChunk(id=body.id, seq=seq, delta=chunk.text), body.id, entry)
+                    self._reply(route, ReplyChunk(id=body.id, seq=seq, delta=chunk.text), body.id)
                     seq += 1
                 else:
                     parts.append(chunk.text)
@@ -414,26 +558,34 @@ class MqttTransport:
         assert result is not None
         self.state.metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
         final = _final(body, seq, model, self.device_id, result, None if body.stream else "".join(parts))
-        self.cache.finish(entry, self._reply(route, final, body.id, entry))
+        self.cache.finish(key, entry, self._reply(route, final, body.id))
 
     # ----------------------------------------------------------- commands
     def _on_command(self, incoming: Incoming) -> None:
         try:
             command = Command.model_validate_json(incoming.payload)
         except ValidationError as exc:
-            self.counters.bad_payloads += 1
-            log.warning("mqtt: ignoring a malformed command: %s", exc.errors()[0]["msg"])
+            self._drop(_DroppedError("command", f"malformed command: {exc.errors()[0]['msg']}", None))
             return
         if command.action == "cancel":
-            hits = [stream for (_, rid), (stream, _) in self._running.items() if rid == command.id]
-            for stream in hits:
-                stream.cancel()
-            log.info("mqtt: cancel %s: %d running request(s) cancelled", command.id, len(hits))
+            self._cancel(command, incoming.response_topic)
         elif self.on_update_check is None:
             log.info("mqtt: update check nudge received, but this daemon has no updater wired")
         else:
             log.info("mqtt: update check nudge received")
             self._spawn(self._nudge(self.on_update_check))
+
+    def _cancel(self, command: Command, response_topic: str | None) -> None:
+        """Cancel one request of one requester: (reply topic, id), never every request with that id."""
+        reply_topic = response_topic or command.reply_to
+        if command.id is None or reply_topic is None:
+            detail = "a cancel names the request's 'id' and its reply topic ('reply_to' or the Response Topic)"
+            self._drop(_DroppedError("cancel", detail, command.id))
+            return
+        running = self._running.get((reply_topic, command.id))
+        if running is not None:
+            running[0].cancel()
+        log.info("mqtt: cancel %s: %s", _printable(command.id), "cancelled" if running else "no such running request")
 
     async def _nudge(self, hook: UpdateNudge) -> None:
         try:
@@ -503,6 +655,26 @@ class MqttTransport:
 
 def _encode(body: BaseModel) -> bytes:
     return body.model_dump_json().encode()
+
+
+def _unicode(value: object) -> str | None:
+    """``value`` when it is a string that can travel in a reply; JSON's ``\\ud800`` escapes
+    make strings with lone surrogates, which no UTF-8 topic or payload can carry."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _printable(text: str | None, limit: int = 80) -> str:
+    """A client-chosen string as it may appear in a log line: quoted, escaped, shortened."""
+    if text is None:
+        return "(no id)"
+    shown = repr(text[:limit])
+    return shown + f"... ({len(text)} chars)" if len(text) > limit else shown
 
 
 def _seq_of(out: Outgoing) -> int:

@@ -23,7 +23,8 @@ from edgert.api.mqtt_schemas import (
     ReplyChunk,
     ReplyError,
     ReplyFinal,
-    client_reply_topic,
+    client_reply_filters,
+    reply_topic_for,
 )
 from edgert.settings import MqttSettings
 from edgert.transport.mqtt_link import QOS, connect_properties, new_client, publish_properties
@@ -61,10 +62,13 @@ class PendingReply:
 class MqttRequester:
     """A small blocking client of edgert devices: ``edgert mqtt ask|status``, tests, benchmarks.
 
-    Replies come to ``edgert/v1/client/<client-id>/reply``; MQTT 5 requests carry it as
-    the Response Topic (with the request id as Correlation Data), 3.1.1 requests as
-    ``reply_to``. With ``persistent`` the broker keeps the client's session (and its
-    replies) across a broker restart or a client reconnect.
+    Replies to a request sent to ``edgert/v1/<device>/req`` come to
+    ``edgert/v1/<device>/reply/<client-id>`` (fleet requests: ``edgert/v1/fleet/<group>/reply/<client-id>``),
+    the reply space a device accepts by default and a broker ACL can give each client
+    alone (packaging/mosquitto/edgert.acl). MQTT 5 requests carry it as the Response Topic
+    (with the request id as Correlation Data), 3.1.1 requests as ``reply_to``. With
+    ``persistent`` the broker keeps the client's session (and its replies) across a broker
+    restart or a client reconnect.
     """
 
     def __init__(
@@ -78,7 +82,6 @@ class MqttRequester:
     ) -> None:
         self.settings = settings
         self.client_id = client_id or f"edgert-cli-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = client_reply_topic(self.client_id)
         self.persistent = persistent
         self.timeout_s = timeout_s
         self._client = new_client(settings, self.client_id, persistent=persistent, reconnect=True)
@@ -129,15 +132,37 @@ class MqttRequester:
         rid = request_id or str(body.get("id") or uuid.uuid4().hex)
         payload = dict(body, id=rid)
         pending = self.expect(rid)
+        reply_topic = self.reply_topic(topic)
         # reply_to in the payload too: a 3.1.1 device never sees MQTT 5 properties.
-        payload["reply_to"] = self.reply_topic
-        props = publish_properties(rid.encode(), self.reply_topic) if self.settings.protocol == "5" else None
+        payload["reply_to"] = reply_topic
+        props = publish_properties(rid.encode(), reply_topic) if self.settings.protocol == "5" else None
         self._client.publish(topic, json.dumps(payload).encode(), qos=QOS, properties=props)
         return pending
 
-    def publish_raw(self, topic: str, payload: bytes, *, correlation: bytes | None = None, reply: bool = True) -> None:
-        """Publish bytes as they are (tests of malformed requests)."""
-        props = publish_properties(correlation, self.reply_topic if reply else None)
+    def reply_topic(self, request_topic: str) -> str:
+        """Where the replies to a request sent to ``request_topic`` come."""
+        return reply_topic_for(request_topic, self.client_id)
+
+    def cancel(self, request_topic: str, request_id: str) -> None:
+        """Ask the device to stop a running request of ours (sent to ``edgert/v1/<device>/req``)."""
+        cmd_topic = request_topic.removesuffix("/req") + "/cmd"
+        body = {"action": "cancel", "id": request_id, "reply_to": self.reply_topic(request_topic)}
+        self._client.publish(cmd_topic, json.dumps(body).encode(), qos=QOS)
+
+    def publish_raw(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        correlation: bytes | None = None,
+        reply: bool = True,
+        response_topic: str | None = None,
+    ) -> None:
+        """Publish bytes as they are (tests of malformed requests); MQTT 5 Response Topic is this
+        client's reply topic for ``topic`` unless ``response_topic`` names another (or ``reply`` is False)."""
+        if reply and response_topic is None:
+            response_topic = self.reply_topic(topic)
+        props = publish_properties(correlation, response_topic if reply else None)
         self._client.publish(topic, payload, qos=QOS, properties=props)
 
     def expect(self, request_id: str) -> PendingReply:
@@ -162,7 +187,7 @@ class MqttRequester:
             self._refused = f"the broker refused the connection: {reason}"
             self._ready.set()
             return
-        client.subscribe([(topic, QOS) for topic in [self.reply_topic, *self.topics]])
+        client.subscribe([(topic, QOS) for topic in [*client_reply_filters(self.client_id), *self.topics]])
 
     def _on_subscribe(
         self, _client: paho.Client, _userdata: object, _mid: int, _codes: list[ReasonCode], _props: Properties | None

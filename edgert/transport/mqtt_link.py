@@ -91,6 +91,11 @@ def valid_topic(topic: str) -> bool:
     return bool(topic) and not any(ch in topic for ch in "+#\0") and len(topic.encode()) <= 65535
 
 
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching (``+``, ``#``), by paho's own rules."""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
 def new_client(settings: MqttSettings, client_id: str, *, persistent: bool, reconnect: bool) -> paho.Client:
     """A configured, unconnected paho client: protocol, TLS, credentials, queue bounds."""
     v5 = settings.protocol == "5"

@@ -2,7 +2,9 @@
 
 The broker runs as a subprocess (``mosquitto -c <conf>``) with persistence on, so a
 ``restart()`` keeps sessions, subscriptions and queued QoS 1 messages the way a
-production broker does. TLS material (a CA, a server certificate for 127.0.0.1 and a
+production broker does. ``users`` (more identities in the password file) and
+``acl_file`` (e.g. packaging/mosquitto/edgert.acl) give the access control of a
+production broker. TLS material (a CA, a server certificate for 127.0.0.1 and a
 client certificate) is generated here with ``cryptography``; passwords go through
 ``mosquitto_passwd -b``.
 """
@@ -107,6 +109,9 @@ class Broker:
     tls: TlsFiles | None = None
     username: str | None = None
     password: str | None = None
+    #: further identities (user -> password) in the password file
+    users: dict[str, str] = field(default_factory=dict)
+    acl_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,15 +139,19 @@ class Broker:
             # mosquitto leaves Nagle on by default: every small reply would wait for a delayed ACK
             "set_tcp_nodelay true",
         ]
+        identities = dict(self.users)
         if self.username is not None:
+            identities[self.username] = self.password or ""
+        if identities:
             password_file = self.workdir / "passwords"
-            password_file.touch()
-            subprocess.run(
-                ["mosquitto_passwd", "-b", str(password_file), self.username, self.password or ""], check=True
-            )
+            password_file.write_text("")
+            for user, password in identities.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password], check=True)
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
             lines.append("allow_anonymous true")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.tls is not None:
             lines += [
                 f"cafile {self.tls.ca}",

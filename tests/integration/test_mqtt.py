@@ -34,6 +34,7 @@ from edgert.api.mqtt_schemas import (
     json_schemas,
     schema_markdown,
 )
+from edgert.settings import MqttSettings
 from edgert.transport.mqtt import ReplyCache
 from edgert.transport.mqtt_client import MqttRequester, Reply
 from edgert.transport.mqtt_link import Outgoing, backoff_delays
@@ -80,14 +81,14 @@ def mqtt_daemon(workdir: Path, model: Path, broker: Broker, device: str, **setti
     return daemon
 
 
-def wait_online(broker: Broker, *devices: str) -> None:
-    """Wait for each device's retained "online" status.
+def wait_online(broker: Broker, *devices: str, settings: MqttSettings | None = None) -> None:
+    """Wait for each device's retained "online" status (as ``settings``' identity, default the broker's).
 
     The socket reports ready before the MQTT link is up, and a request published before the
     device subscribed is lost. A device subscribes to its request topics before it publishes
     "online" on the same connection, so once the status arrives, requests reach the device.
     """
-    with MqttRequester(broker.client_settings(), topics=(ALL_STATUS,)) as watcher:
+    with MqttRequester(settings or broker.client_settings(), topics=(ALL_STATUS,)) as watcher:
         for device in devices:
             wait_status(watcher, device, "online")
 
@@ -193,19 +194,22 @@ def test_mosquitto_pub_and_sub_interop(broker: Broker, client: MqttRequester) ->
     def publish(*args: str) -> None:
         subprocess.run(["mosquitto_pub", *broker.cli_args(), "-q", "1", "-t", DEV_A.req, *args], check=True)
 
-    # MQTT 3.1.1 both ways: the reply topic rides in the payload.
-    sub311 = subscriber("interop/311", "-V", "mqttv311")
+    # MQTT 3.1.1 both ways: the reply topic rides in the payload (within the device's reply space).
+    sub311 = subscriber("edgert/v1/dev-a/reply/interop-311", "-V", "mqttv311")
     time.sleep(0.3)  # mosquitto_sub has no "subscribed" signal
-    publish("-V", "mqttv311", "-m", json.dumps(chat(4, id="interop-311", reply_to="interop/311")))
+    publish(
+        "-V", "mqttv311", "-m", json.dumps(chat(4, id="interop-311", reply_to="edgert/v1/dev-a/reply/interop-311"))
+    )  # fmt: skip
     out, err = sub311.communicate(timeout=25)
     final = ReplyFinal.model_validate_json(out)
     assert final.id == "interop-311", err
 
     # MQTT 5: Response Topic + Correlation Data properties, echoed back.
-    sub5 = subscriber("interop/5", "-V", "5", "-F", "%D|%p")
+    sub5 = subscriber("edgert/v1/dev-a/reply/interop-5", "-V", "5", "-F", "%D|%p")
     time.sleep(0.3)
     publish(
-        "-V", "5", "-D", "publish", "response-topic", "interop/5", "-D", "publish", "correlation-data", "corr-42",
+        "-V", "5", "-D", "publish", "response-topic", "edgert/v1/dev-a/reply/interop-5",
+        "-D", "publish", "correlation-data", "corr-42",
         "-m", json.dumps(chat(4, id="interop-5")),
     )  # fmt: skip
     out, err = sub5.communicate(timeout=25)
@@ -250,7 +254,7 @@ def test_bad_payloads_get_error_replies_and_serving_continues(client: MqttReques
         check=True,
     )  # fmt: skip
     client.publish_raw(DEV_A.cmd, b"reboot please", reply=False)
-    wait_for(lambda: "nowhere-to-reply dropped without a reply" in device_a.log(), what="the log line")
+    wait_for(lambda: "'nowhere-to-reply' dropped without a reply" in device_a.log(), what="the log line")
     wait_for(lambda: "malformed command" in device_a.log(), what="the command log line")
 
     [final] = client.ask(DEV_A.req, chat(4))
@@ -260,11 +264,12 @@ def test_bad_payloads_get_error_replies_and_serving_continues(client: MqttReques
 
 def test_duplicate_id_runs_once(client: MqttRequester, device_a: DaemonProcess) -> None:
     first = collect(client.send(DEV_A.req, chat(30, id="dup-1", stream=True)).replies(10))
-    again = collect(client.send(DEV_A.req, chat(30, id="dup-1", stream=True)).replies(10))
-    check_stream(again)
-    # Byte-identical, device timings included: the second delivery was answered from the cache.
-    assert [r.model_dump() for r in again] == [r.model_dump() for r in first]
-    assert "request dup-1 seen before; resending" in device_a.log()
+    check_stream(first)
+    [again] = collect(client.send(DEV_A.req, chat(30, id="dup-1", stream=True)).replies(10))
+    # Only the final, byte-identical (device timings included): answered from the cache, not re-run,
+    # and the stream's chunks are not sent a second time.
+    assert again.model_dump() == first[-1].model_dump()
+    assert "request dup-1 seen before; resending its final reply" in device_a.log()
 
     # A redelivery while the first is still running is not run a second time either.
     pending = client.send(DEV_A.req, chat(1500, id="dup-2", stream=True, temperature=0))
@@ -289,7 +294,7 @@ def test_cancel_command_and_update_nudge(client: MqttRequester, device_a: Daemon
     pending = client.send(DEV_A.req, chat(2000, id="cancel-me", stream=True, temperature=0))
     replies = pending.replies(20)
     next(replies)  # generation is under way
-    client.publish_raw(DEV_A.cmd, json.dumps({"action": "cancel", "id": "cancel-me"}).encode(), reply=False)
+    client.cancel(DEV_A.req, "cancel-me")
     final = [r for _, r in replies][-1]
     assert isinstance(final, ReplyFinal)
     assert final.finish_reason == "cancelled"
@@ -461,22 +466,22 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
     assert len(set(delays)) > 1
 
 
-def test_reply_cache_is_bounded_and_keeps_finals_of_huge_replies() -> None:
+def test_reply_cache_is_bounded_and_counts_topic_and_correlation() -> None:
     cache = ReplyCache(max_entries=2, max_bytes=65536)
-    out = Outgoing("t", b"x" * 100)
+    out = Outgoing("t", b"x" * 100, correlation=b"c" * 50)
     for rid in ("a", "b", "c"):
         entry = cache.start(("t", rid))
-        cache.add(entry, out)
-        cache.finish(entry, out)
+        cache.finish(("t", rid), entry, out)
     assert cache.get(("t", "a")) is None  # the oldest finished entry went first
-    assert cache.nbytes == 200
-    huge = cache.start(("t", "huge"))
-    for _ in range(200):
-        cache.add(huge, out)  # 20 kB > a quarter of the budget: only the final is kept
-    final = Outgoing("t", b"final")
-    cache.finish(huge, final)
-    assert huge.replies == [final]
-    assert cache.nbytes == sum(len(o.payload) for e in cache._entries.values() for o in e.replies)
+    assert len(cache) == 2
+    # each entry: its key, and the whole message (payload, topic, Correlation Data, packet overhead)
+    assert cache.nbytes == 2 * (len("t") + len("b") + out.size())
+    cache = ReplyCache(max_entries=100, max_bytes=65536)
+    big = Outgoing("t", b"x" * 20_000, correlation=b"c" * 20_000)
+    for rid in "abcd":
+        cache.finish(("t", rid), cache.start(("t", rid)), big)
+    assert cache.nbytes <= 65536
+    assert len(cache) == 1  # bounded in bytes: 40 kB a message leaves room for one
 
 
 # ---------------------------------------------------------------------------- documentation
