@@ -264,6 +264,9 @@ def lay_out(stage: Path) -> None:
     install_file(HERE / "systemd/edgert.tmpfiles", stage / "usr/lib/tmpfiles.d/edgert.conf", 0o644)
     for dropin in sorted((HERE / "systemd/dropins").glob("*.conf")):
         install_file(dropin, stage / "opt/edgert/share/edgert/dropins" / dropin.name, 0o644)
+    # The broker's side of MQTT access control, for whoever runs the broker (see its README).
+    for name in ("edgert.acl", "README.md"):
+        install_file(HERE / "mosquitto" / name, stage / "opt/edgert/share/edgert/mosquitto" / name, 0o644)
     (stage / "usr/bin").mkdir(parents=True, exist_ok=True)
     (stage / "usr/bin/edgert").symlink_to("/opt/edgert/bin/edgert")
 

@@ -222,6 +222,7 @@ def test_deb_fields_files_and_reproducibility(debs: list[Path], tmp_path: Path) 
         "/usr/lib/sysusers.d/edgert.conf",
         "/usr/lib/tmpfiles.d/edgert.conf",
         "/opt/edgert/share/edgert/dropins/nvidia-gpu.conf",
+        "/opt/edgert/share/edgert/mosquitto/edgert.acl",
     ):
         assert expected in names, expected
     by_name = {"/" + m.name.removeprefix("./"): m for m in members}
