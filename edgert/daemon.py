@@ -97,6 +97,7 @@ class Daemon:
             metrics=Metrics(self._stats),
             max_body_bytes=settings.serve.max_body_bytes,
             max_json_depth=settings.serve.max_json_depth,
+            body_timeout_s=settings.serve.body_timeout_s,
         )
         self.exit_code = 0
         self.updates: UpdateService | None = None

@@ -9,6 +9,7 @@ so every transport converts errors the same way, in one place::
     │   │   └── PromptTooLongError      400  context_length_exceeded
     │   ├── ModelNotFoundError          404  model_not_found
     │   ├── PayloadTooLargeError        413  payload_too_large
+    │   ├── RequestTimeoutError         408  request_timeout
     │   ├── UnauthorizedError           401  invalid_api_key
     │   └── UnsupportedMediaTypeError   415  unsupported_media_type
     ├── OverloadedError             no room right now, retry later    (503, Retry-After)
@@ -84,6 +85,13 @@ class ModelNotFoundError(ClientError):
 class PayloadTooLargeError(ClientError):
     http_status = 413
     code = "payload_too_large"
+
+
+class RequestTimeoutError(ClientError):
+    """The request body did not arrive within serve.body_timeout_s."""
+
+    http_status = 408
+    code = "request_timeout"
 
 
 class UnauthorizedError(ClientError):

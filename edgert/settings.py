@@ -200,6 +200,13 @@ class ServeSettings(BaseModel):
         description="Open HTTP connections (socket and TCP together). At the cap the connection that has waited "
         "longest without a request is closed for the new one; keep it well under the process's file limit.",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Once its head has arrived, a request's body must arrive within this time (408 beyond), so "
+        "slow bodies cannot hold connections either.",
+    )
     max_json_depth: int = Field(
         64, ge=4, le=512, description="Deepest nesting of arrays/objects a JSON request body may have (400 beyond)."
     )

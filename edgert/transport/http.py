@@ -57,6 +57,7 @@ from edgert.errors import (
     EdgertError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -77,6 +78,7 @@ class ApiState:
     metrics: Metrics
     max_body_bytes: int
     max_json_depth: int = 64
+    body_timeout_s: float = 30.0
     service: InferenceService | None = None
     stopping: bool = False
     #: wired by the daemon when a registry is configured
@@ -202,8 +204,11 @@ class TcpGuard:
         await self.app(scope, receive, send)
 
 
-async def _parse(request: Request, model: type[BodyT], max_depth: int) -> BodyT:
-    raw = await request.body()
+async def _parse(request: Request, model: type[BodyT], max_depth: int, body_timeout_s: float) -> BodyT:
+    try:  # the connection guard's head deadline ends where the body starts; this bounds the body
+        raw = await asyncio.wait_for(request.body(), body_timeout_s)
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {body_timeout_s:g} s") from None
     too_deep = BadRequestError(f"request body nests arrays/objects deeper than {max_depth} levels")
     try:
         data = json.loads(raw)
@@ -427,7 +432,7 @@ def create_app(state: ApiState) -> FastAPI:
 
     async def _complete(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         svc = service()
-        body = await _parse(request, kind, state.max_json_depth)
+        body = await _parse(request, kind, state.max_json_depth, state.body_timeout_s)
         _apply_headers(request, body)
         tokens = await svc.generate(body, request_id.get())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -39,7 +39,9 @@ def file_limit(soft: int) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[DaemonProcess]:
-    proc = start_daemon(tmp_path_factory.mktemp("hardening"), tiny_gguf, serve__header_timeout_s="2")
+    proc = start_daemon(
+        tmp_path_factory.mktemp("hardening"), tiny_gguf, serve__header_timeout_s="2", serve__body_timeout_s="2"
+    )
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -64,6 +66,20 @@ def test_a_trickled_request_head_is_cut_at_the_header_deadline(daemon: DaemonPro
         assert closed, "the daemon kept a connection that never finished its request head"
     with daemon.client() as client:
         assert client.get("/health").status_code == 200
+
+
+def test_a_body_that_never_finishes_gets_408(daemon: DaemonProcess) -> None:
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as raw:
+        raw.connect(str(daemon.socket))
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edgert\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"messages": '
+        )
+        raw.settimeout(30)
+        head = raw.recv(4096)
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b'"code":"request_timeout"' in head
+    assert b"did not arrive within 2 s" in head
 
 
 def test_1100_idle_connections_leave_room_for_a_legitimate_request(tmp_path: Path, tiny_gguf: Path) -> None:
