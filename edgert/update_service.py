@@ -36,6 +36,13 @@ class UpdateService:
     def status(self) -> dict[str, object]:
         return self.updater.status().model_dump(mode="json")
 
+    def stop(self) -> None:
+        """The daemon is stopping: a download in progress ends between two reads (its ``.part`` kept).
+
+        Whatever else a round is doing, its daemon thread does not keep the process alive.
+        """
+        self.updater.stop.set()
+
     def initial_model(self) -> str | None:
         """The release the update path committed, if it is on disk (a file or a folder)."""
         current = self.updater.current_path()

@@ -46,6 +46,8 @@ MAX_OUTPUT_BYTES: Final = 64 * 1024
 #: can hold the pipe open for ever, and the hook's result must not wait for it.
 OUTPUT_GRACE_S: Final = 1.0
 _READ_BYTES: Final = 64 * 1024
+#: Reads taken after the grace period: a pipe holds 64 KiB (Linux default), so 4 MiB is all of it.
+_DRAIN_READS: Final = 64
 
 
 class HookEvent(StrEnum):
@@ -223,11 +225,24 @@ class _OutputTail:
             while True:
                 ready = {key.fd for key, _ in selector.select()}
                 if self._wake_r in ready:
+                    self._drain(fd)
                     return
                 data = os.read(fd, _READ_BYTES)
                 if not data:  # every writer closed it
                     return
                 self._keep(data)
+
+    def _drain(self, fd: int) -> None:
+        """Take what the pipe already holds (the hook's last lines, on a loaded machine), not waiting for more."""
+        os.set_blocking(fd, False)
+        for _ in range(_DRAIN_READS):  # bounded: a background child may keep writing for ever
+            try:
+                data = os.read(fd, _READ_BYTES)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._keep(data)
 
     def _keep(self, data: bytes) -> None:
         self._chunks.append(data)

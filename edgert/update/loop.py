@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 
 from edgert.errors import EdgertError, UpdateBusyError
+from edgert.update.detached import in_daemon_thread
 from edgert.update.orchestrator import ApplyResult, Updater
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ async def run_update_loop(
     while True:
         nudge.clear()  # a nudge that arrives during this round triggers the next one at once
         try:
-            result: ApplyResult = await asyncio.to_thread(updater.apply)
+            result: ApplyResult = await in_daemon_thread(updater.apply, name="edgert-update")
             outcome = f"{result.outcome} {result.release or '-'}"
             log.info("update round: %s (%s)", outcome, result.detail)
         except UpdateBusyError:

@@ -9,13 +9,16 @@ On disk, under ``Settings.models_dir``::
 
     versions/<model-id>@<version>.gguf        verified, installed GGUF releases (current + previous)
     versions/<model-id>@<version>.gguf.part   a GGUF download in progress
-    versions/<model-id>@<version>/            a verified, installed folder release (ONNX Runtime GenAI)
+    versions/<model-id>@<version>.onnx/       a verified, installed folder release (ONNX Runtime GenAI)
     versions/.<model-id>@<version>.staging/   a folder download in progress: verified members under
                                               their names, the one being fetched as ``<name>.part``
     current.gguf -> versions/…                the committed release, file or folder (symlink, replaced
                                               atomically; the name is kept for existing installs)
 
-The state file is the source of truth; ``current.gguf`` is repaired from it.
+The state file is the source of truth; ``current.gguf`` is repaired from it. Names are
+:func:`edgert.store.version_name` (injective: ``:`` in a model id is written ``+``); releases
+installed under the earlier naming keep the name their state records, and every name read
+from the state is checked before use (:func:`edgert.store.version_path`).
 
 A folder release is installed all or nothing: every member file is fetched as
 its own signed target (:func:`edgert.update.download.fetch`: resumable ``.part``,
@@ -36,10 +39,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import re
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,7 +70,7 @@ from edgert.onnx_folder import validate_onnx_folder
 from edgert.settings import Settings
 from edgert.update import download, publisher_signature
 from edgert.update.hooks import HookEvent, HookRunner
-from edgert.update.manifest import member_target_path, model_target_path
+from edgert.update.manifest import member_target_path, model_target_path, pointer_mismatch
 from edgert.update.registry import RegistryClient, SignedTarget
 from edgert.update.state import (
     Member,
@@ -123,8 +126,8 @@ def resolve_device_id(configured: str | None) -> str:
 
 
 def version_file_name(model_id: str, version: str, *, folder: bool = False) -> str:
-    """The release's name under ``versions/``: ``<id>@<version>.gguf``, or ``<id>@<version>`` for a folder."""
-    return re.sub(r"[^A-Za-z0-9._@+-]", "_", f"{model_id}@{version}") + ("" if folder else ".gguf")
+    """The release's name under ``versions/`` (injective: :func:`edgert.store.version_name`)."""
+    return store.version_name(model_id, version, folder=folder)
 
 
 class Updater:
@@ -146,6 +149,10 @@ class Updater:
         self.store = StateStore(self.update_dir)
         self.hooks = HookRunner(self.config.hooks_dir, timeout_s=self.config.hook_timeout_s)
         self.device_id = resolve_device_id(self.config.device_id)
+        #: Set when the process stops (SIGTERM): a download in progress ends between two reads, its
+        #: ``.part`` kept for the next start (DownloadCancelledError).
+        self.stop = threading.Event()
+        self.pace = download.Pace(self.config.download_min_bytes_per_s, self.config.download_deadline_slack_s)
 
     # ------------------------------------------------------------------ public
 
@@ -234,6 +241,10 @@ class Updater:
             target = client.target(choice.fallback)  # a pinned version that is a folder model
         if target.meta is None:
             raise UntrustedMetadataError(f"{target.path} carries no signed edgert model metadata")
+        assert pointer is not None  # choose_target offers nothing without one
+        mismatch = pointer_mismatch(pointer, target.meta, target.path, pin_version=pin_version)
+        if mismatch is not None:  # a pointer naming an allowed version must not lead to another (blocklisted) one
+            raise UntrustedMetadataError(f"refusing the channel's offer: {mismatch}")
         members = _members(client, target) if target.meta.is_folder else ()
         length = sum(member.length for member in members) if members else target.length
         problem = incompatibility(
@@ -255,6 +266,10 @@ class Updater:
             return CheckResult(self.config.channel, self.device_id, current, None, f"{release.key} {problem}"), None
         if current == release.key:
             return CheckResult(self.config.channel, self.device_id, current, None, f"{current} is current"), None
+        if release.key in state.blocklist:  # what would be installed, whatever the pointer said
+            reason = f"{release.key} is blocklisted on this device"
+            return CheckResult(self.config.channel, self.device_id, current, None, reason), None
+        _refuse_shared_name(state, release)
         return CheckResult(self.config.channel, self.device_id, current, release, choice.reason), target
 
     # ------------------------------------------------------------------ download
@@ -299,7 +314,12 @@ class Updater:
         )
         with self._download_failures(state, release), self._http() as client:
             fetched = download.fetch(
-                client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=self._progress_for(release)
+                client,
+                job,
+                reserve_bytes=self.config.disk_reserve_bytes,
+                progress=self._progress_for(release),
+                pace=self.pace,
+                stop=self.stop,
             )
         store.install_file(job.part, self._file(release))
         self._staged(state, release)
@@ -385,18 +405,29 @@ class Updater:
         if path.is_file() and path.stat().st_size == member.length:
             # Verified and renamed by an earlier run: hash it again (no request: the file is complete).
             try:
-                return download.fetch(client, download.Fetch(url, path, member.length, member.hashes))
+                job = download.Fetch(url, path, member.length, member.hashes)
+                return download.fetch(client, job, stop=self.stop)
             except IntegrityError:
                 log.warning("%s changed on disk since it was verified; fetching it again", path)
         path.unlink(missing_ok=True)
         job = download.Fetch(url=url, part=store.part_path(path), length=member.length, hashes=member.hashes)
         if member.length == 0:
             job.part.touch()  # nothing to fetch; fetch still checks the signed hash of no bytes
-        fetched = download.fetch(client, job, reserve_bytes=self.config.disk_reserve_bytes, progress=progress)
+        fetched = download.fetch(
+            client,
+            job,
+            reserve_bytes=self.config.disk_reserve_bytes,
+            progress=progress,
+            pace=self.pace,
+            stop=self.stop,
+        )
         store.install_file(job.part, path)
         return fetched
 
     def _staged(self, state: UpdateState, release: Release) -> None:
+        # Its identity now, so a later deletion can tell the file is still this release's own.
+        identity = store.file_id(self._file(release))
+        state.pending = release.model_copy(update={"file_id": str(identity) if identity else None})
         state.phase = Phase.STAGED
         files = f", {len(release.members)} files" if release.is_folder else ""
         state.remember(f"{_now()} verified {release.key} ({release.length} bytes{files})")
@@ -488,7 +519,7 @@ class Updater:
             )
             try:
                 with self._http() as http:
-                    download.fetch(http, job)
+                    download.fetch(http, job, pace=self.pace, stop=self.stop)
             except IntegrityError as exc:
                 raise publisher_signature.PublisherSignatureError(
                     f"{bundle_path} does not match its signed metadata: {exc}"
@@ -618,7 +649,8 @@ class Updater:
         return base if base.endswith("/") else base + "/"
 
     def _file(self, release: Release) -> Path:
-        return self.versions_dir / release.file_name
+        """The release's file or folder; its name comes from the state file, so it is checked first."""
+        return store.version_path(self.versions_dir, release.file_name)
 
     def _part(self, release: Release) -> Path:
         return store.part_path(self._file(release))
@@ -641,8 +673,22 @@ class Updater:
         )
 
     def _remove(self, release: Release) -> None:
-        """Delete a release's file or folder and any download of it in progress."""
-        _discard(self._file(release))
+        """Delete a release's file or folder and any download of it in progress.
+
+        The file (or folder) goes only while it is the one installed for ``release`` (its identity, recorded
+        when staged): what another release or someone else put under that name is left, with a warning.
+        """
+        path, identity = self._file(release), store.file_id(self._file(release))
+        if release.file_id is not None and identity is not None and str(identity) != release.file_id:
+            log.warning(
+                "not deleting %s: it is no longer the file installed for %s (%s, recorded %s)",
+                path,
+                release.key,
+                identity,
+                release.file_id,
+            )
+        else:
+            _discard(path)
         self._part(release).unlink(missing_ok=True)
         _discard(self._staging(release))
 
@@ -666,6 +712,17 @@ class Updater:
                 log.info("removing old model %s", path)
                 _discard(path)
         store.fsync_dir(self.versions_dir)
+
+
+def _refuse_shared_name(state: UpdateState, release: Release) -> None:
+    """Names are injective now, but a release installed under the earlier naming (``:`` written ``_``) keeps
+    its name, which a new release may have: installing it would overwrite that release's file."""
+    for other in (state.current, state.previous, state.pending):
+        if other is not None and other.key != release.key and other.file_name == release.file_name:
+            raise UpdateError(
+                f"{release.key} would be stored as versions/{release.file_name}, the file of {other.key}; "
+                "refusing to overwrite it (install another version of either model first)"
+            )
 
 
 def _members(client: RegistryClient, target: SignedTarget) -> tuple[Member, ...]:

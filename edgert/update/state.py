@@ -74,8 +74,10 @@ class Release(BaseModel):
     length: int = Field(gt=0)
     #: Hashes of ``target_path``.
     hashes: dict[str, str]
-    #: File (or folder) name under ``<models_dir>/versions/``.
+    #: File (or folder) name under ``<models_dir>/versions/`` (checked by :func:`edgert.store.version_path`).
     file_name: str
+    #: ``<st_dev>:<st_ino>`` of that file (or folder) once installed: a deletion checks it is still the same one.
+    file_id: str | None = Field(None, pattern=r"^\d+:\d+$")
     #: Folder models: every member file, in ``meta.files`` order; empty for a GGUF.
     members: tuple[Member, ...] = ()
 

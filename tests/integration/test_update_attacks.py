@@ -53,8 +53,8 @@ def assert_still_on_v1(device: Updater, tmp_path: Path) -> None:
     assert state.current is not None and state.current.meta.version == "1.0.0"
     assert state.pending is None
     versions = tmp_path / "device" / "models" / "versions"
-    assert sorted(p.name for p in versions.iterdir()) == ["tiny-gemma4_f16@1.0.0.gguf"]
-    assert os.readlink(tmp_path / "device" / "models" / "current.gguf") == "versions/tiny-gemma4_f16@1.0.0.gguf"
+    assert sorted(p.name for p in versions.iterdir()) == ["tiny-gemma4+f16@1.0.0.gguf"]
+    assert os.readlink(tmp_path / "device" / "models" / "current.gguf") == "versions/tiny-gemma4+f16@1.0.0.gguf"
 
 
 def test_tampered_target_bytes(tmp_path: Path, fleet: Fleet, device: Updater) -> None:

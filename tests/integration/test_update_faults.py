@@ -86,7 +86,7 @@ def assert_serving(device_dir: Path, version: str) -> None:
     state = state_of(device_dir)
     assert state.current is not None and state.current.meta.version == version
     link = device_dir / "models" / "current.gguf"
-    assert os.readlink(link) == f"versions/tiny-gemma4_f16@{version}.gguf"
+    assert os.readlink(link) == f"versions/tiny-gemma4+f16@{version}.gguf"
     assert link.resolve().is_file()
 
 
@@ -102,7 +102,7 @@ def throttle(fleet: Fleet, rate: int | None) -> None:
 
 
 def part_size(device_dir: Path) -> int:
-    part = device_dir / "models" / "versions" / "tiny-gemma4_f16@2.0.0.gguf.part"
+    part = device_dir / "models" / "versions" / "tiny-gemma4+f16@2.0.0.gguf.part"
     return part.stat().st_size if part.exists() else 0
 
 
@@ -205,4 +205,4 @@ def test_repeated_crash_in_activation_rolls_back_and_blocklists(tmp_path: Path, 
     assert state.blocklist == [f"{MODEL_ID}@2.0.0"]
     assert state.last_error is not None and "died during 1 activations" in state.last_error
     assert_serving(device_dir, "1.0.0")
-    assert not (device_dir / "models" / "versions" / "tiny-gemma4_f16@2.0.0.gguf").exists()
+    assert not (device_dir / "models" / "versions" / "tiny-gemma4+f16@2.0.0.gguf").exists()

@@ -58,10 +58,10 @@ def test_install_upgrade_and_up_to_date(tmp_path: Path, fleet: Fleet, switch_clo
     assert state.phase is Phase.IDLE
     assert state.current is not None and state.current.meta.version == "2.0.0"
     assert state.previous is not None and state.previous.meta.version == "1.0.0"
-    assert current_link(tmp_path) == "versions/tiny-gemma4_f16@2.0.0.gguf"
+    assert current_link(tmp_path) == "versions/tiny-gemma4+f16@2.0.0.gguf"
     # the previous version stays for a manual rollback; nothing else is kept
     versions = sorted(p.name for p in (tmp_path / "device" / "models" / "versions").iterdir())
-    assert versions == ["tiny-gemma4_f16@1.0.0.gguf", "tiny-gemma4_f16@2.0.0.gguf"]
+    assert versions == ["tiny-gemma4+f16@1.0.0.gguf", "tiny-gemma4+f16@2.0.0.gguf"]
 
 
 def test_broken_model_fails_health_check_rolls_back_and_is_blocklisted(
@@ -77,8 +77,8 @@ def test_broken_model_fails_health_check_rolls_back_and_is_blocklisted(
     state = device.status()
     assert state.current is not None and state.current.meta.version == "1.0.0"
     assert state.blocklist == [f"{MODEL_ID}@2.0.0"]
-    assert current_link(tmp_path) == "versions/tiny-gemma4_f16@1.0.0.gguf"
-    assert not (tmp_path / "device" / "models" / "versions" / "tiny-gemma4_f16@2.0.0.gguf").exists()
+    assert current_link(tmp_path) == "versions/tiny-gemma4+f16@1.0.0.gguf"
+    assert not (tmp_path / "device" / "models" / "versions" / "tiny-gemma4+f16@2.0.0.gguf").exists()
     # never offered again on this device
     again = device.check()
     assert again.offered is None
@@ -129,7 +129,7 @@ def test_manual_rollback_returns_to_previous_and_blocklists(
     assert state.current is not None and state.current.meta.version == "1.0.0"
     assert state.previous is None
     assert f"{MODEL_ID}@2.0.0" in state.blocklist
-    assert current_link(tmp_path) == "versions/tiny-gemma4_f16@1.0.0.gguf"
+    assert current_link(tmp_path) == "versions/tiny-gemma4+f16@1.0.0.gguf"
     assert device.apply().outcome == "up-to-date"
 
 

@@ -47,8 +47,8 @@ from tests.integration.update_support import (
 )
 from tests.signing_keys import ec_key_pair
 
-V1 = "tiny-gemma4_f16@1.0.0.gguf"
-V2 = "tiny-gemma4_f16@2.0.0"  # the folder release
+V1 = "tiny-gemma4+f16@1.0.0.gguf"
+V2 = "tiny-gemma4+f16@2.0.0.onnx"  # the folder release
 CHAT = "/v1/chat/completions"
 
 
@@ -159,7 +159,7 @@ def test_folder_release_commit_rollback_and_garbage_collection(
     # a GGUF after the folder: the folder is kept as the previous release, 1.0.0 is collected
     fleet.release("3.0.0", make_variant(fleet.model, tmp_path / "v3.gguf", general_name="v3"))
     assert device.apply().outcome == "committed"
-    assert versions(device_dir) == sorted([V2, "tiny-gemma4_f16@3.0.0.gguf"])
+    assert versions(device_dir) == sorted([V2, "tiny-gemma4+f16@3.0.0.gguf"])
 
     # manual rollback loads the folder again through the model switch
     rolled = device.rollback()
@@ -177,7 +177,7 @@ def test_folder_release_commit_rollback_and_garbage_collection(
     assert device.apply().outcome == "committed"
     fleet.release("5.0.0", make_variant(fleet.model, tmp_path / "v5.gguf", general_name="v5"))
     assert device.apply().outcome == "committed"
-    assert versions(device_dir) == ["tiny-gemma4_f16@4.0.0.gguf", "tiny-gemma4_f16@5.0.0.gguf"]
+    assert versions(device_dir) == ["tiny-gemma4+f16@4.0.0.gguf", "tiny-gemma4+f16@5.0.0.gguf"]
 
 
 def test_pinned_folder_version(
@@ -294,8 +294,8 @@ def assert_refused_on_v1_1(device: Updater, device_dir: Path, version: str) -> N
     assert state.current is not None and state.current.meta.version == "1.1.0"
     assert state.last_error is not None and f"{MODEL_ID}@{version} refused before staging" in state.last_error
     assert state.blocklist == []  # never activated: refused like an unsigned GGUF, not blocklisted
-    assert versions(device_dir) == ["tiny-gemma4_f16@1.1.0.gguf"]  # no folder, no staging folder
-    assert current_link(device_dir) == "versions/tiny-gemma4_f16@1.1.0.gguf"
+    assert versions(device_dir) == ["tiny-gemma4+f16@1.1.0.gguf"]  # no folder, no staging folder
+    assert current_link(device_dir) == "versions/tiny-gemma4+f16@1.1.0.gguf"
     assert not [p for p in (device_dir / "models").iterdir() if p.name.startswith(".publisher-signature-")]
 
 
@@ -311,7 +311,7 @@ def test_a_folder_signed_by_the_publisher_installs_and_serves(
     assert serving is not None and serving.backend_name.startswith("onnxruntime-genai")
     device_dir = tmp_path / "device"
     assert current_link(device_dir) == f"versions/{V2}"
-    assert versions(device_dir) == sorted(["tiny-gemma4_f16@1.1.0.gguf", V2])
+    assert versions(device_dir) == sorted(["tiny-gemma4+f16@1.1.0.gguf", V2])
     installed = device_dir / "models" / "versions" / V2
     assert members(installed) == members(tiny_onnx)  # the bundle is not installed with the model
 

@@ -33,7 +33,7 @@ from tests.integration.update_support import (
 )
 from tests.signing_keys import ec_key_pair
 
-V1_FILE = "tiny-gemma4_f16@1.0.0.gguf"
+V1_FILE = "tiny-gemma4+f16@1.0.0.gguf"
 
 
 @pytest.fixture
