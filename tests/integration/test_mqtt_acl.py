@@ -154,3 +154,35 @@ def test_a_device_serves_a_technician_through_the_acl(acl_broker: Broker, tmp_pa
     finally:
         assert device.stop(signal.SIGTERM) == 0, device.log()
     assert " ERROR " not in device.log(), device.log()
+
+
+def test_the_fleet_block_lets_only_group_members_take_fleet_work(tmp_path: Path) -> None:
+    # The shipped file with its commented fleet block enabled for dev-1 (group "vans").
+    text = ACL.read_text().replace("# user van-17", "user dev-1")
+    text = text.replace("# topic read  edgert/v1/fleet/vans/req", "topic read  edgert/v1/fleet/vans/req")
+    acl = tmp_path / "fleet.acl"
+    acl.write_text(
+        text.replace("# topic write edgert/v1/fleet/vans/reply/#", "topic write edgert/v1/fleet/vans/reply/#")
+    )
+    assert (
+        "\nuser dev-1\ntopic read  edgert/v1/fleet/vans/req\ntopic write edgert/v1/fleet/vans/reply/#"
+        in acl.read_text()
+    )
+    broker = Broker(tmp_path / "broker", users=dict(USERS), acl_file=acl).start()
+    try:
+        dev1 = Identity(broker, "dev-1", "edgert-dev-1")
+        dev2 = Identity(broker, "dev-2", "edgert-dev-2")
+        tech = Identity(broker, "technician", "tech-1")
+        try:
+            dev1.subscribe("$share/vans/edgert/v1/fleet/vans/req")
+            tech.subscribe("edgert/v1/fleet/+/reply/tech-1")
+            assert tech.publish("edgert/v1/fleet/vans/req", b"work")
+            assert dev1.next_message() == ("edgert/v1/fleet/vans/req", b"work")
+            assert not dev2.publish("edgert/v1/fleet/vans/reply/tech-1", b"forged")  # not a member
+            assert dev1.publish("edgert/v1/fleet/vans/reply/tech-1", b"done")
+            assert tech.next_message() == ("edgert/v1/fleet/vans/reply/tech-1", b"done")
+        finally:
+            for identity in (dev1, dev2, tech):
+                identity.close()
+    finally:
+        broker.stop()
