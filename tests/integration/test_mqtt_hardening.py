@@ -75,9 +75,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
-    """Default MQTT limits (256 KiB messages, 256-byte topic and Correlation Data caps)."""
+    """Default MQTT limits (256 KiB messages, 256-byte topic and Correlation Data caps); a context long
+    enough that a 6000-token job outlasts everything the cancel test does meanwhile."""
     proc = mqtt_daemon(
-        tmp_path_factory.mktemp("dev-h"), tiny_gguf, broker, "dev-h", engine__n_parallel="2", mqtt__group="pool"
+        tmp_path_factory.mktemp("dev-h"),
+        tiny_gguf,
+        broker,
+        "dev-h",
+        engine__n_parallel="2",
+        engine__n_ctx="8192",
+        mqtt__group="pool",
     )
     yield proc
     assert proc.stop(signal.SIGTERM) == 0, proc.log()
@@ -174,7 +181,7 @@ def test_a_redelivered_id_gets_only_its_final_once_per_interval(device: DaemonPr
 def test_cancel_reaches_only_the_requesters_own_request(
     broker: Broker, device: DaemonProcess, client: MqttRequester
 ) -> None:
-    long_job = chat(1800, id="job-1", stream=True, temperature=0)
+    long_job = chat(6000, id="job-1", stream=True, temperature=0)
     replies = client.send(DEV_H.req, long_job).replies(60)
     next(replies)  # running
     before = dropped(device, "cancel")
