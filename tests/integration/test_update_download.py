@@ -7,6 +7,7 @@ registry; the daemon runs as a real subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -23,7 +24,7 @@ from edgert.update import download
 from edgert.update.state import Phase, StateStore
 from tests.integration.daemon import DaemonProcess, start_daemon
 from tests.integration.http_host import NginxHost
-from tests.integration.update_support import MODEL_ID, Fleet, device_update
+from tests.integration.update_support import MODEL_ID, Fleet, device_update, write_hook
 
 DRAIN_TIMEOUT_S = 3.0
 
@@ -117,8 +118,8 @@ def slow_fleet(tmp_path: Path, tiny_gguf: Path) -> Iterator[Fleet]:
         yield running
 
 
-def start_device(tmp_path: Path, fleet: Fleet, model: Path) -> DaemonProcess:
-    settings = {f"update__{key}": str(value) for key, value in device_update(fleet).items()}
+def start_device(tmp_path: Path, fleet: Fleet, model: Path, **update: object) -> DaemonProcess:
+    settings = {f"update__{key}": str(value) for key, value in device_update(fleet, **update).items()}
     return start_daemon(tmp_path / "device", model, serve__drain_timeout_s=str(DRAIN_TIMEOUT_S), **settings)
 
 
@@ -166,3 +167,26 @@ def test_sigterm_stops_a_downloading_daemon_within_the_drain_timeout_and_the_nex
         assert daemon.stop() == 0, daemon.log()
     ranged = [line for line in slow_fleet.host.access_log().splitlines() if "model.gguf" in line and '" 206 ' in line]
     assert ranged, slow_fleet.host.access_log()
+
+
+def test_sigterm_stops_the_daemon_whatever_its_update_round_is_doing(tmp_path: Path, tiny_gguf: Path) -> None:
+    """The round's thread never keeps the process alive: here it waits on a slow pre-download hook."""
+    (tmp_path / "device").mkdir()
+    hooks, hook_pid = tmp_path / "hooks", tmp_path / "hook.pid"
+    write_hook(hooks, "pre-download", f"echo $$ > {hook_pid}.tmp; mv {hook_pid}.tmp {hook_pid}; sleep 60")
+    with Fleet(tmp_path, tiny_gguf) as fleet:
+        fleet.release("1.0.0")
+        daemon = start_device(tmp_path, fleet, tiny_gguf, hooks_dir=str(hooks), hook_timeout_s=120)
+        try:
+            wait_until(hook_pid.exists, "the pre-download hook to run")
+            daemon.proc.send_signal(signal.SIGTERM)
+            try:
+                returncode = daemon.proc.wait(DRAIN_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the daemon was still alive {DRAIN_TIMEOUT_S + 10:g} s after SIGTERM:\n{daemon.log()}")
+        finally:
+            daemon.stop(signal.SIGKILL)
+            if hook_pid.exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(int(hook_pid.read_text()), signal.SIGKILL)
+    assert returncode == 0, daemon.log()
