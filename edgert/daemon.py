@@ -44,6 +44,7 @@ from edgert.settings import Settings
 from edgert.transport.connections import (
     UVICORN_PER_REQUEST,
     ConnectionGuard,
+    GuardCollector,
     QuietFlood,
     TrackRequests,
     accept_error_handler,
@@ -155,6 +156,7 @@ class Daemon:
         asyncio.get_running_loop().set_exception_handler(accept_error_handler())
         logging.getLogger("uvicorn.error").addFilter(QuietFlood(UVICORN_PER_REQUEST))
         guard = ConnectionGuard(max_connections=serve.max_connections, header_timeout_s=serve.header_timeout_s)
+        self.state.metrics.registry.register(GuardCollector(guard))
         app: ASGIApp = BodyLimit(create_app(self.state), serve.max_body_bytes)
         if serve.tcp_host:
             app = TcpGuard(app, TcpPolicy.for_bind(serve.tcp_host, serve.tcp_allowed_hosts, serve.tcp_auth_token))

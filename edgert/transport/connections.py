@@ -29,10 +29,12 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, ClassVar, cast
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -127,6 +129,27 @@ class ConnectionGuard:
         limit = self.header_timeout_s if kind == "timeout" else self.max_connections
         suffix = f" ({held} more since the last such line)" if held else ""
         log.warning(message + suffix, limit)
+
+
+class GuardCollector(Collector):
+    """The guard's counts in /metrics, read at scrape time."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        guard = self._guard
+        yield GaugeMetricFamily("edgert_http_connections", "Open HTTP connections (socket and TCP)", guard.open)
+        closed = CounterMetricFamily(
+            "edgert_http_connections_closed",
+            "HTTP connections the daemon closed, by reason: no complete request head in time (header_timeout), "
+            "closed for a newcomer at the connection cap (evicted), or refused at the cap with every one busy",
+            labels=["reason"],
+        )
+        closed.add_metric(["header_timeout"], guard.timed_out)
+        closed.add_metric(["evicted"], guard.evicted)
+        closed.add_metric(["refused"], guard.refused)
+        yield closed
 
 
 class GuardedConnection(asyncio.Protocol):

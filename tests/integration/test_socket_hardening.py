@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
 import socket as socketlib
 import time
@@ -66,6 +67,7 @@ def test_a_trickled_request_head_is_cut_at_the_header_deadline(daemon: DaemonPro
         assert closed, "the daemon kept a connection that never finished its request head"
     with daemon.client() as client:
         assert client.get("/health").status_code == 200
+        assert 'edgert_http_connections_closed_total{reason="header_timeout"}' in client.get("/metrics").text
 
 
 def test_a_body_that_never_finishes_gets_408(daemon: DaemonProcess) -> None:
@@ -76,10 +78,14 @@ def test_a_body_that_never_finishes_gets_408(daemon: DaemonProcess) -> None:
             b'Content-Length: 100\r\n\r\n{"messages": '
         )
         raw.settimeout(30)
-        head = raw.recv(4096)
-    assert head.startswith(b"HTTP/1.1 408"), head
-    assert b'"code":"request_timeout"' in head
-    assert b"did not arrive within 2 s" in head
+        reply = b""
+        while b"}}" not in reply:  # head and body may come in two reads
+            chunk = raw.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'"code":"request_timeout"' in reply
+    assert b"did not arrive within 2 s" in reply
 
 
 def test_1100_idle_connections_leave_room_for_a_legitimate_request(tmp_path: Path, tiny_gguf: Path) -> None:
@@ -106,6 +112,11 @@ def test_1100_idle_connections_leave_room_for_a_legitimate_request(tmp_path: Pat
         grown = len(daemon.log()) - log_before
         assert grown < 16_384, daemon.log()[-4000:]
         assert "connection limit (256) reached" in daemon.log()
+        with daemon.client(timeout=15) as client:
+            metrics = client.get("/metrics").text
+        evicted = re.search(r'^edgert_http_connections_closed_total\{reason="evicted"\} (\S+)$', metrics, re.M)
+        assert evicted is not None
+        assert float(evicted.group(1)) >= 1100 - 256
     finally:
         for raw in idle:
             raw.close()
