@@ -89,52 +89,41 @@ def test_a_body_that_never_finishes_gets_408(daemon: DaemonProcess) -> None:
 
 
 def test_1100_idle_connections_leave_room_for_a_legitimate_request(tmp_path: Path, tiny_gguf: Path) -> None:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("this test holds 1,100 sockets open; the hard file limit is lower")
     with file_limit(1024):  # the daemon gets systemd's classic soft limit; 1,100 idle connections exceed it
         daemon = start_daemon(tmp_path, tiny_gguf)
-    idle: list[socketlib.socket] = []
     try:
-        log_before = len(daemon.log())
+        with file_limit(2048):  # this process, the attacker, needs more than 1,024 itself
+            check_slowloris(daemon)
+    finally:
+        assert daemon.stop() == 0, daemon.log()[-4000:]
+
+
+def check_slowloris(daemon: DaemonProcess) -> None:
+    log_before = len(daemon.log())
+    with contextlib.ExitStack() as idle:
         for _ in range(1100):
-            raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-            idle.append(raw)
+            raw = idle.enter_context(socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM))
             raw.settimeout(5)
             try:
                 raw.connect(str(daemon.socket))
                 raw.sendall(b"GET /health HTTP/1.1\r\n")  # half a request head, never finished
             except TimeoutError:
-                break  # the daemon stopped accepting: its backlog is full
+                pytest.fail(f"the daemon stopped accepting connections:\n{daemon.log()[-2000:]}")
             except (BrokenPipeError, ConnectionResetError):
-                continue  # already closed to make room for the next: the defence at work
-        assert len(idle) == 1100
+                continue  # already closed to make room for a newer one: the defence at work
+        # all 1,100 are still open on this side
         with daemon.client(timeout=15) as client:
             assert client.get("/health").status_code == 200
             assert client.post(CHAT, json=HELLO).status_code == 200
-        grown = len(daemon.log()) - log_before
-        assert grown < 16_384, daemon.log()[-4000:]
-        assert "connection limit (256) reached" in daemon.log()
-        with daemon.client(timeout=15) as client:
             metrics = client.get("/metrics").text
-        evicted = re.search(r'^edgert_http_connections_closed_total\{reason="evicted"\} (\S+)$', metrics, re.M)
-        assert evicted is not None
-        assert float(evicted.group(1)) >= 1100 - 256
-    finally:
-        for raw in idle:
-            raw.close()
-        assert daemon.stop() == 0, daemon.log()[-4000:]
-
-
-def test_a_flood_of_malformed_requests_writes_a_line_not_a_flood(daemon: DaemonProcess) -> None:
-    """uvicorn logs one warning per malformed request: 500 of them wrote 26 kB before the rate limit."""
-    before = daemon.log().count("Invalid HTTP request received.")
-    for _ in range(300):
-        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as raw:
-            raw.connect(str(daemon.socket))
-            raw.sendall(b"GARBAGE \x00\x01\r\n\r\n")
-            raw.settimeout(10)
-            assert raw.recv(64).startswith(b"HTTP/1.1 400")
-    assert daemon.log().count("Invalid HTTP request received.") - before <= 2
-    with daemon.client() as client:
-        assert client.get("/health").status_code == 200
+    grown = len(daemon.log()) - log_before
+    assert grown < 16_384, daemon.log()[-4000:]
+    assert "connection limit (256) reached" in daemon.log()
+    evicted = re.search(r'^edgert_http_connections_closed_total\{reason="evicted"\} (\S+)$', metrics, re.M)
+    assert evicted is not None
+    assert float(evicted.group(1)) >= 1100 - 256
 
 
 # ---------------------------------------------------------------- finding 16: deep JSON
