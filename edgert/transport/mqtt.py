@@ -217,15 +217,15 @@ class _Outbox:
 
 
 class _RateLimitedLog:
-    """At most one warning per reason per interval, with the count of those held back:
-    a flood of hostile messages must not become a flood of log lines."""
+    """At most one line per reason per interval, with the count of those held back: a flood
+    of hostile or repeated messages must not become a flood of log lines."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         self.interval_s = interval_s
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def warning(self, reason: str, message: str, *args: object) -> None:
+    def log(self, level: int, reason: str, message: str, *args: object) -> None:
         now = time.monotonic()
         last = self._last.get(reason)
         if last is not None and now - last < self.interval_s:
@@ -234,7 +234,10 @@ class _RateLimitedLog:
         self._last[reason] = now
         held = self._held.pop(reason, 0)
         suffix = f" ({held} more like it in the last {self.interval_s:g} s)" if held else ""
-        log.warning(message + suffix, *args)
+        log.log(level, message + suffix, *args)
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, reason, message, *args)
 
 
 @dataclass
@@ -403,7 +406,10 @@ class MqttTransport:
         if not isinstance(rejected.error, OverloadedError):
             self.counters.bad_payloads += 1
         # Shortened: a refusal may quote the request (an unknown model name), which its sender sizes.
-        log.info("mqtt: request %s refused: %.300s", _printable(rejected.request_id), rejected.error.message)
+        self._drop_log.log(
+            logging.INFO, f"refused:{rejected.error.code}", "mqtt: request %s refused: %.300s",
+            _printable(rejected.request_id), rejected.error.message,
+        )  # fmt: skip
         body = ReplyError(id=rejected.request_id, error=ErrorBody.model_validate(rejected.error.to_dict()))
         self._reply(rejected.route, body, rejected.request_id)
 
@@ -498,7 +504,9 @@ class MqttTransport:
             return False
         self.counters.duplicates += 1
         if entry.final is None:
-            log.info("mqtt: request %s is already running; ignoring the redelivery", rid)
+            self._drop_log.log(
+                logging.INFO, "running", "mqtt: request %s is already running; ignoring the redelivery", rid
+            )
             return True
         now = time.monotonic()
         if entry.resent_at is not None and now - entry.resent_at < self.settings.duplicate_interval_s:
