@@ -246,9 +246,17 @@ class _Limits:
     #: time.monotonic() by which the transfer must be done (set when it starts).
     deadline: float | None = None
     started: float = 0.0
+    #: Bytes of the file on disk at the last check.
+    done: int = 0
+
+    def restart(self, remaining: int) -> None:
+        """The server ignored our Range request: the deadline is for the whole file."""
+        if self.pace is not None:
+            self.deadline = self.started + self.pace.budget_s(remaining)
 
     def check(self, job: Fetch, start: int, done: int) -> None:
         """Between reads: raise when asked to stop, or past the deadline."""
+        self.done = done
         if self.stop is not None and self.stop.is_set():
             raise DownloadCancelledError(
                 f"download of {job.url} stopped at byte {done} of {job.length} because edgert is stopping; "
@@ -284,11 +292,16 @@ def _transfer(
             _check_announced(response, start, job)
             if start == 0 and have:  # a 200 after a Range request: the kept bytes go
                 digests.update(_digests(job))
+                limits.restart(job.length)
             with job.part.open("r+b" if start else "wb", buffering=0) as fh:
                 fh.seek(start)
                 fh.truncate()
                 received = _copy(response, fh, start, job, digests, limits)
                 os.fsync(fh.fileno())
+    except httpx.TimeoutException as exc:
+        if limits.deadline is not None and time.monotonic() >= limits.deadline:
+            limits.check(job, have, max(limits.done, have))  # a silent server past it: "too slow" like a trickle
+        raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
     except httpx.HTTPError as exc:
         raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
     except OSError as exc:

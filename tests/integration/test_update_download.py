@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -78,6 +79,36 @@ def test_a_trickling_registry_is_cut_off_as_too_slow_and_the_part_resumes(
         fetched = download.fetch(http, blob_job(host, tmp_path, blob), pace=pace)
     assert fetched.resumed_from == kept
     assert job.part.read_bytes() == blob
+
+
+def test_a_registry_that_goes_silent_is_cut_off_at_the_deadline_not_the_read_timeout(tmp_path: Path) -> None:
+    """Headers and a few bytes, then nothing: the deadline (3 s) ends it, not the 60 s per-read timeout."""
+    blob = os.urandom(2_000_000)
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob) + blob[:1000])
+            done.wait(60)  # silent, connection open
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    job = download.Fetch(
+        url=f"http://127.0.0.1:{listener.getsockname()[1]}/blob.bin",
+        part=tmp_path / "blob.bin.part",
+        length=len(blob),
+        hashes={"sha256": hashlib.sha256(blob).hexdigest()},
+    )
+    try:
+        with download.client(60) as http, pytest.raises(DownloadTooSlowError, match="too slow"):
+            download.fetch(http, job, pace=download.Pace(min_bytes_per_s=1_000_000, slack_s=1.0))
+    finally:
+        done.set()
+        listener.close()
+    assert part_bytes(job.part) == 1000
 
 
 def test_a_download_stops_between_reads_when_asked_and_keeps_its_part(
