@@ -126,6 +126,20 @@ def check_slowloris(daemon: DaemonProcess) -> None:
     assert float(evicted.group(1)) >= 1100 - 256
 
 
+def test_a_flood_of_malformed_requests_writes_a_line_not_a_flood(daemon: DaemonProcess) -> None:
+    """uvicorn logs one warning per malformed request: 500 of them wrote 26 kB before the rate limit."""
+    before = daemon.log().count("Invalid HTTP request received.")
+    for _ in range(300):
+        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as raw:
+            raw.connect(str(daemon.socket))
+            raw.sendall(b"GARBAGE \x00\x01\r\n\r\n")
+            raw.settimeout(10)
+            assert raw.recv(64).startswith(b"HTTP/1.1 400")
+    assert daemon.log().count("Invalid HTTP request received.") - before <= 2
+    with daemon.client() as client:
+        assert client.get("/health").status_code == 200
+
+
 # ---------------------------------------------------------------- finding 16: deep JSON
 def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
