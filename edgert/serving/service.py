@@ -101,24 +101,6 @@ class InferenceService:
             if runtime is self.runtime:
                 return runtime.scheduler.submit(request)
 
-    def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> GenerationRequest:
-        self.check_model(body.model)
-        self.check_prompt_size(body)
-        return self._prepare_on(self.runtime, body, request_id)
-
-    def prepare_completion(self, body: CompletionRequest, request_id: str) -> GenerationRequest:
-        self.check_model(body.model)
-        self.check_prompt_size(body)
-        return self._prepare_on(self.runtime, body, request_id)
-
-    def prepare(self, body: ChatCompletionRequest | CompletionRequest, request_id: str) -> GenerationRequest:
-        if isinstance(body, ChatCompletionRequest):
-            return self.prepare_chat(body, request_id)
-        return self.prepare_completion(body, request_id)
-
-    def submit(self, request: GenerationRequest) -> TokenStream:
-        return self.runtime.scheduler.submit(request)
-
     def _prepare_on(
         self, runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, request_id: str
     ) -> GenerationRequest:

@@ -248,6 +248,25 @@ class _Counters:
     dropped: int = 0
 
 
+class _Running:
+    """A request between admission and its final reply; cancellable before its tokens exist too."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.stream: TokenStream | None = None
+        self.cancelled = False
+
+    def attach(self, stream: TokenStream) -> None:
+        self.stream = stream
+        if self.cancelled:  # cancelled while its prompt was being tokenized
+            stream.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+
 class _RejectedError(Exception):
     """A request that gets an error reply instead of running."""
 
@@ -293,7 +312,7 @@ class MqttTransport:
             if self.settings.group is not None or "{group}" not in topic_filter
         ]
         self._drop_log = _RateLimitedLog()
-        self._running: dict[tuple[str, str], tuple[TokenStream, asyncio.Task[None]]] = {}
+        self._running: dict[tuple[str, str], _Running] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.link = MqttLink(self.settings, f"edgert-{self.device_id}", self, will=self._status("offline"))
         self._link_task: asyncio.Task[None] | None = None
@@ -308,12 +327,12 @@ class MqttTransport:
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Let running requests finish (up to the timeout), flush replies, say offline, disconnect."""
-        running = [task for _, task in self._running.values()]
+        running = [entry.task for entry in self._running.values() if entry.task is not None]
         if running:
             log.info("mqtt: draining %d running request(s)", len(running))
             _, pending = await asyncio.wait(running, timeout=drain_timeout_s)
-            for stream, _task in list(self._running.values()):
-                stream.cancel()
+            for entry in list(self._running.values()):
+                entry.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
         deadline = time.monotonic() + CLOSE_FLUSH_S
@@ -526,15 +545,18 @@ class MqttTransport:
         return service
 
     def _admit(self, key: tuple[str, str], body: MqttChatRequest, route: Route) -> None:
+        """The cheap checks here, on the loop; rendering and tokenizing in ``_respond``, on a worker thread."""
         try:
             service = self._service()
-            stream = service.submit(service.prepare_chat(body, body.id))
+            service.check_model(body.model)
+            service.check_prompt_size(body)
         except EdgertError as exc:
             raise _RejectedError(exc, body.id, route) from None
         self.counters.requests += 1
         entry = self.cache.start(key)
-        task = asyncio.create_task(self._respond(key, body, route, entry, stream, service.model_id))
-        self._running[key] = (stream, task)
+        running = _Running()
+        running.task = asyncio.create_task(self._respond(key, body, route, entry, service, running))
+        self._running[key] = running
 
     async def _respond(
         self,
@@ -542,13 +564,17 @@ class MqttTransport:
         body: MqttChatRequest,
         route: Route,
         entry: _CacheEntry,
-        stream: TokenStream,
-        model: str,
+        service: InferenceService,
+        running: _Running,
     ) -> None:
         request_id.set(body.id)
+        model = service.model_id
         seq = 0
         parts: list[str] = []
+        stream: TokenStream | None = None
         try:
+            stream = await service.generate(body, body.id)
+            running.attach(stream)
             async for chunk in stream:
                 if body.stream:
                     self._reply(route, ReplyChunk(id=body.id, seq=seq, delta=chunk.text), body.id)
@@ -560,7 +586,8 @@ class MqttTransport:
             self._reply(route, ReplyError(id=body.id, seq=seq, error=ErrorBody.model_validate(exc.to_dict())), body.id)
             return
         finally:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             self._running.pop(key, None)
         result = stream.result
         assert result is not None
@@ -592,7 +619,7 @@ class MqttTransport:
             return
         running = self._running.get((reply_topic, command.id))
         if running is not None:
-            running[0].cancel()
+            running.cancel()
         log.info("mqtt: cancel %s: %s", _printable(command.id), "cancelled" if running else "no such running request")
 
     async def _nudge(self, hook: UpdateNudge) -> None:

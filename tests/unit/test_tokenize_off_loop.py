@@ -1,4 +1,4 @@
-"""Finding 11 of issue 13: prompts are rendered and tokenized off the event loop, huge ones not at all.
+"""Finding 11 of issue 13: prompts are rendered and tokenized off the event loop (HTTP and MQTT), huge ones not at all.
 
 The HTTP app runs in-process (httpx's ASGI transport) on the real tiny GGUF, with a spy around the
 runtime's prompt builders: which thread runs them, and whether they run.
@@ -110,3 +110,31 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(
     assert error["message"].startswith(f"{field}: ")
     assert f"holds {N_CTX} tokens" in error["message"]
     assert calls == [], "an oversized prompt was tokenized"
+
+
+def test_mqtt_requests_are_tokenized_on_a_worker_thread(runtime: Runtime, calls: list[tuple[str, int]]) -> None:
+    """The MQTT transport admits on the loop (cheap checks only) and tokenizes in the request's task."""
+    from edgert.transport.mqtt import MqttTransport
+    from edgert.transport.mqtt_link import Incoming, Outgoing
+
+    service = InferenceService(runtime, Limits(default_timeout_s=60, max_tokens_cap=4))
+    service.ready = True
+    state = ApiState(metrics=Metrics(service.stats), max_body_bytes=8 * 1_048_576, service=service)
+    settings = load_settings(mqtt={"broker": "127.0.0.1:1", "device_id": "dev-1"})
+    sent: list[Outgoing] = []
+
+    async def run() -> int:
+        transport = MqttTransport(settings, state)
+        transport._send = sent.append  # type: ignore[method-assign]  # no broker: keep what would go out
+        payload = b'{"id": "r1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
+        transport._on_request(Incoming("edgert/v1/dev-1/chat", payload, "edgert/v1/dev-1/reply/c1", None))
+        assert calls == [], "the prompt was tokenized while the message was being admitted"
+        while transport._running:
+            await asyncio.sleep(0.01)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert [name for name, _ in calls] == ["chat"]
+    assert all(thread != loop_thread for _, thread in calls), "the prompt was tokenized on the event loop"
+    assert sent, "no reply was produced"
+    assert b'"finish_reason"' in sent[-1].payload
