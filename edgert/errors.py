@@ -27,6 +27,7 @@ so every transport converts errors the same way, in one place::
     ├── ConfigError                 settings or catalog are invalid   (500)
     ├── UpdateError                 the device update path failed     (500)
     │   ├── UpdateBusyError             another update holds the lock (409)
+    │   ├── UpdateStateError            the update state file is unreadable or too new (500)
     │   ├── RegistryUnavailableError    the registry host cannot be reached (502)
     │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
     │   ├── TargetNotFoundError         the signed metadata does not list it (404)
@@ -186,6 +187,14 @@ class UpdateError(EdgertError):
     """The device update path (check, download, stage, activate, commit) could not finish."""
 
     code = "update_failed"
+    #: Failure class counted in ``edgert_update_failures_total{reason=...}`` and named in ``last_error``
+    #: (one of :class:`edgert.update.failures.FailureReason`); the raising adapter may be more precise.
+    reason: str = "update"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class UpdateBusyError(UpdateError):
@@ -193,6 +202,14 @@ class UpdateBusyError(UpdateError):
 
     http_status = 409
     code = "update_in_progress"
+    reason = "busy"
+
+
+class UpdateStateError(UpdateError):
+    """The update state file is unreadable, or was written by a newer edgert: updates stay off."""
+
+    code = "update_state_invalid"
+    reason = "state"
 
 
 class RegistryUnavailableError(UpdateError):
@@ -200,6 +217,7 @@ class RegistryUnavailableError(UpdateError):
 
     http_status = 502
     code = "registry_unavailable"
+    reason = "unreachable"
 
 
 class UntrustedMetadataError(UpdateError):
@@ -207,6 +225,7 @@ class UntrustedMetadataError(UpdateError):
 
     http_status = 502
     code = "metadata_untrusted"
+    reason = "metadata"
 
 
 class TargetNotFoundError(UpdateError):
@@ -214,6 +233,7 @@ class TargetNotFoundError(UpdateError):
 
     http_status = 404
     code = "target_not_found"
+    reason = "target_not_found"
 
 
 class HookVetoError(UpdateError):
@@ -221,6 +241,7 @@ class HookVetoError(UpdateError):
 
     http_status = 409
     code = "hook_veto"
+    reason = "hook"
 
 
 class HookUnsafeError(HookVetoError):
@@ -233,6 +254,7 @@ class HealthCheckError(UpdateError):
     """The new model did not load, or did not answer its probe generation in time."""
 
     code = "health_check_failed"
+    reason = "health_check"
 
 
 class RegistryError(EdgertError):

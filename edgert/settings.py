@@ -262,6 +262,13 @@ class UpdateSettings(BaseModel):
     check_jitter_s: float = Field(
         300.0, ge=0, description="Random extra delay (0..jitter s) added to each check so a fleet spreads out."
     )
+    retry_initial_s: float = Field(
+        60.0,
+        ge=1,
+        le=86400,
+        description="After a failed update round the next one comes this much later, doubling with each failure "
+        "in a row up to check_interval_s (a nudge runs one at once).",
+    )
     max_target_bytes: int = Field(
         32 * 1024**3, gt=0, description="Refuse any model file larger than this, whatever the metadata says."
     )

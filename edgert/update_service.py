@@ -3,24 +3,60 @@
 Imported by :mod:`edgert.daemon` only when ``update.registry_url`` is set, so a device
 that takes no updates never loads python-tuf, securesystemslib, cryptography or
 httpx (about 18 MiB of resident memory on a kiosk).
+
+The loop is supervised and survives every failed round; each failure is named by its
+reason class, kept in memory (``/update/status`` shows it even when the disk is too
+full to record it), counted in ``edgert_update_failures_total{reason=...}`` and sent in
+the MQTT deploy report. An unreadable update state does not stop the daemon: the file
+is moved aside, the last committed model (the ``current`` link) or the configured one
+is served, and updates stay off, loudly, until an operator repairs or removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgert.api.mqtt_schemas import DeployState
+from edgert.errors import UpdateError, UpdateStateError
 from edgert.model_switch import ServingModelSwitch
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
-from edgert.update.loop import run_update_loop
-from edgert.update.orchestrator import Updater
+from edgert.update import failures
+from edgert.update.loop import RoundReport, Supervisor, run_update_loop
+from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater
 from edgert.update.state import Phase
+from edgert.update.switch import ModelSwitch
+
+log = logging.getLogger(__name__)
+
+#: a loop that died is started again after this long (it survives failed rounds by itself; this is for bugs)
+RESTART_DELAY_S = 5.0
+
+
+class LoopRecord:
+    """What the running daemon knows of its update rounds, beyond the state file (which may be unwritable)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.last_round: str | None = None
+        #: ``<reason>: <message>`` of the latest round when it failed; None after a round that did not
+        self.last_error: str | None = None
+        self.last_failure_reason: str | None = None
+        self.failures: dict[str, int] = dict.fromkeys(failures.FailureReason, 0)
+
+    def add(self, report: RoundReport) -> None:
+        self.rounds += 1
+        self.last_round = report.outcome
+        self.last_error = report.error
+        if report.reason is not None:
+            self.last_failure_reason = report.reason
+            self.failures[report.reason] = self.failures.get(report.reason, 0) + 1
 
 
 class UpdateService:
@@ -31,10 +67,49 @@ class UpdateService:
         self.updater = Updater(settings)
         #: set by `POST /update/check` and the MQTT cmd topic: run an update round now
         self.nudge = asyncio.Event()
-        metrics.register(_UpdateCollector(self.updater))
+        self.record = LoopRecord()
+        #: why updates are off (the state file is unreadable or too new), else None
+        self.disabled: str | None = None
+        self._supervisor: Supervisor | None = None
+        self._check_state()
+        metrics.register(_UpdateCollector(self))
+
+    def _check_state(self) -> None:
+        """A state file this edgert cannot use must not keep the daemon from serving (issue 13, finding 7)."""
+        store = self.updater.store
+        try:
+            store.load()
+        except UpdateStateError as exc:
+            problem = exc.message
+            moved = store.set_aside_unreadable()
+            if moved is not None:
+                problem = f"{problem}; moved to {moved}"
+            self.disabled = failures.message_of(UpdateStateError(problem))
+            self.record.add(RoundReport(f"failed (state): {self.disabled}", "state", f"state: {self.disabled}"))
+            log.error("UPDATES ARE OFF: %s", self.disabled)  # noqa: TRY400 - one loud line, not a traceback
 
     def status(self) -> dict[str, object]:
-        return self.updater.status().model_dump(mode="json")
+        try:
+            data: dict[str, object] = self.updater.status().model_dump(mode="json")
+        except UpdateError as exc:  # e.g. the state file went bad while running
+            data = {"phase": None, "current": None, "previous": None, "pending": None, "blocklist": []}
+            data["last_error"] = failures.describe(exc)
+        if self.record.last_error is not None:
+            # the latest round's failure, even when the disk was too full to record it in the state file
+            data["last_error"] = self.record.last_error
+        data["disabled"] = self.disabled
+        data["loop"] = {
+            "running": self._supervisor is not None and self._supervisor.running,
+            "restarts": self.loop_restarts,
+            "rounds": self.record.rounds,
+            "last_round": self.record.last_round,
+            "last_failure_reason": self.record.last_failure_reason,
+        }
+        return data
+
+    @property
+    def loop_restarts(self) -> int:
+        return self._supervisor.restarts if self._supervisor is not None else 0
 
     def stop(self) -> None:
         """The daemon is stopping: a download in progress ends between two reads (its ``.part`` kept).
@@ -42,64 +117,142 @@ class UpdateService:
         Whatever else a round is doing, its daemon thread does not keep the process alive.
         """
         self.updater.stop.set()
+        if self._supervisor is not None:
+            self._supervisor.stop()
 
     def initial_model(self) -> str | None:
         """The release the update path committed, if it is on disk (a file or a folder)."""
+        if self.disabled is not None:
+            return self._linked_model()
         current = self.updater.current_path()
         return str(current) if current is not None and current.exists() else None
+
+    def _linked_model(self) -> str | None:
+        """Without a readable state, the ``current`` link is the record of the last commit (kept in versions/)."""
+        link = self.settings.models_dir / CURRENT_LINK
+        versions = (self.settings.models_dir / VERSIONS_DIR).resolve()
+        try:
+            target = link.resolve(strict=True)
+        except OSError:
+            return None
+        if target.parent != versions:
+            log.error("%s points outside %s: not served", link, versions)
+            return None
+        log.warning("serving the last committed model %s (from %s)", target.name, link)
+        return str(target)
 
     def start(
         self, service: InferenceService, publish_deploy: Callable[[DeployState], None] | None, device_id: str
     ) -> asyncio.Task[None]:
         loop = asyncio.get_running_loop()
-        updater = self.updater
-        updater.switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
+        switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
 
-        def report(outcome: str) -> None:
+        def publish(report: RoundReport) -> None:
             if publish_deploy is not None:
-                publish_deploy(deploy_state(updater, outcome, device_id=device_id))
+                publish_deploy(self.deploy_state(report, device_id=device_id))
 
-        return asyncio.create_task(run_update_loop(updater, nudge=self.nudge, on_round=report))
+        return self.start_loop(switch, publish)
 
+    def start_loop(
+        self, switch: ModelSwitch, on_round: Callable[[RoundReport], None] | None = None
+    ) -> asyncio.Task[None]:
+        """The supervised loop (or, with updates off, a task that answers each nudge with the reason)."""
+        self.updater.switch = switch
 
-def deploy_state(updater: Updater, outcome: str, *, device_id: str) -> DeployState:
-    state = updater.status()
-    return DeployState(
-        device_id=device_id,
-        phase=state.phase.value,
-        current=state.current.key if state.current else None,
-        previous=state.previous.key if state.previous else None,
-        pending=state.pending.key if state.pending else None,
-        blocklist=state.blocklist,
-        last_check=state.last_check,
-        last_error=state.last_error,
-        last_round=outcome,
-        ts=time.time(),
-    )
+        def round_done(report: RoundReport) -> None:
+            self.record.add(report)
+            if on_round is not None:
+                on_round(report)
+
+        if self.disabled is not None:
+            if on_round is not None:
+                on_round(RoundReport(f"failed (state): {self.disabled}", "state", f"state: {self.disabled}"))
+            return asyncio.create_task(self._refuse_nudges(), name="edgert-update-off")
+
+        self._supervisor = Supervisor(
+            lambda: run_update_loop(self.updater, nudge=self.nudge, on_round=round_done),
+            name="edgert-update-loop",
+            restart_delay_s=RESTART_DELAY_S,
+        )
+        return self._supervisor.start()
+
+    async def _refuse_nudges(self) -> None:
+        while True:
+            await self.nudge.wait()
+            self.nudge.clear()
+            log.error("update check not run: UPDATES ARE OFF: %s", self.disabled)
+
+    def deploy_state(self, report: RoundReport, *, device_id: str) -> DeployState:
+        try:
+            state = self.updater.status()
+        except UpdateError as exc:
+            return DeployState(
+                device_id=device_id,
+                phase="disabled",
+                last_error=report.error or failures.describe(exc),
+                last_round=report.outcome,
+                ts=time.time(),
+            )
+        return DeployState(
+            device_id=device_id,
+            phase=state.phase.value,
+            current=state.current.key if state.current else None,
+            previous=state.previous.key if state.previous else None,
+            pending=state.pending.key if state.pending else None,
+            blocklist=state.blocklist,
+            last_check=state.last_check,
+            last_error=report.error or state.last_error,
+            last_round=report.outcome,
+            ts=time.time(),
+        )
 
 
 class _UpdateCollector(Collector):
-    """Deployment state in /metrics, read from the update path's state file at scrape time."""
+    """Deployment state and the loop's failures in /metrics, read at scrape time."""
 
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    def __init__(self, service: UpdateService) -> None:
+        self._service = service
 
-    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
-        state = self._updater.status()
-        phase = GaugeMetricFamily("edgert_update_phase", "Current phase of the model update path", labels=["phase"])
-        for candidate in Phase:
-            phase.add_metric([candidate.value], 1.0 if state.phase is candidate else 0.0)
-        yield phase
-        releases = InfoMetricFamily("edgert_update_release", "Committed and pending model releases")
-        releases.add_metric(
-            [],
-            {
-                "current": state.current.key if state.current else "",
-                "previous": state.previous.key if state.previous else "",
-                "pending": state.pending.key if state.pending else "",
-            },
+    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily | CounterMetricFamily]:
+        service = self._service
+        yield from _state_metrics(service.updater)
+        failed = CounterMetricFamily(
+            "edgert_update_failures",
+            "Update rounds that failed, by reason class (see edgert.update.failures)",
+            labels=["reason"],
         )
-        yield releases
+        for reason, count in sorted(service.record.failures.items()):
+            failed.add_metric([reason], float(count))
+        yield failed
         yield GaugeMetricFamily(
-            "edgert_update_blocklisted", "Releases blocklisted on this device", len(state.blocklist)
+            "edgert_update_disabled",
+            "1 when updates are off because the update state is unreadable or too new (see /update/status)",
+            1.0 if service.disabled is not None else 0.0,
         )
+        yield CounterMetricFamily(
+            "edgert_update_loop_restarts",
+            "Times the update loop's task died and was started again (a bug: see the log)",
+            float(service.loop_restarts),
+        )
+
+
+def _state_metrics(updater: Updater) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+    try:
+        state = updater.status()
+    except UpdateError:
+        return  # unreadable: edgert_update_disabled says so, and /update/status why
+    phase = GaugeMetricFamily("edgert_update_phase", "Current phase of the model update path", labels=["phase"])
+    for candidate in Phase:
+        phase.add_metric([candidate.value], 1.0 if state.phase is candidate else 0.0)
+    yield phase
+    releases = InfoMetricFamily("edgert_update_release", "Committed and pending model releases")
+    releases.add_metric(
+        [],
+        {
+            "current": state.current.key if state.current else "",
+            "previous": state.previous.key if state.previous else "",
+            "pending": state.pending.key if state.pending else "",
+        },
+    )
+    yield releases
+    yield GaugeMetricFamily("edgert_update_blocklisted", "Releases blocklisted on this device", len(state.blocklist))

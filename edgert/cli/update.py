@@ -6,7 +6,8 @@ under the update lock; a running daemon's background loop uses the same code.
 commits (see :class:`edgert.model_switch.RuntimeModelSwitch`).
 
 stdout carries the result (``--json`` for scripts), stderr the logs and the
-progress bar. Errors print one ``error: …`` line and exit with a code from
+progress bar. Errors print one ``error: <reason>: …`` line (the failure class of
+:mod:`edgert.update.failures`) and exit with a code from
 :mod:`edgert.cli.exitcodes`; a rollback after a failed health check exits 1.
 """
 
@@ -28,6 +29,7 @@ from edgert.cli import exitcodes
 from edgert.errors import EdgertError
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.settings import load_settings
+from edgert.update import failures
 from edgert.update.orchestrator import ApplyResult, Updater
 
 app = typer.Typer(
@@ -122,8 +124,14 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except EdgertError as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        # one line, named by its failure class, URLs without credentials: what a hostile registry causes too
+        generic = failures.reason_of(exc) is failures.FailureReason.UPDATE
+        typer.echo(f"error: {failures.message_of(exc) if generic else failures.describe(exc)}", err=True)
         raise typer.Exit(exitcodes.for_error(exc)) from None
+    except Exception as exc:  # a bug: still one line (its traceback at debug level), never a raw dump
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        typer.echo(f"error: {failures.describe(exc)} (unexpected: please report it)", err=True)
+        raise typer.Exit(exitcodes.FAILURE) from None
 
 
 class _Bar:

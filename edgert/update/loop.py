@@ -5,18 +5,31 @@ an :class:`asyncio.Event`; MQTT only ever *triggers* a check, trust comes from T
 Each round runs :meth:`Updater.apply` in a worker thread: it blocks on the network,
 the disk and model loading, and must never stall the event loop that serves
 requests. Cancelling the loop does not interrupt a round already running in its
-thread; that round is crash-safe like any other and finishes on its own.
+thread; that round is crash-safe like any other. The thread is a daemon thread
+(:func:`~edgert.update.detached.in_daemon_thread`), so a round still running when
+the daemon stops never keeps the process alive; ``Updater.stop`` ends its download.
+
+The loop survives every failure of a round: it is named by its reason class
+(:mod:`edgert.update.failures`), logged (with its traceback when edgert did not
+expect it), handed to ``on_round``, and the next round comes after a backoff
+(``update.retry_initial_s``, doubling up to ``update.check_interval_s``) or at the
+next nudge. The loop's task is supervised as well (:class:`Supervisor`): a
+``while True`` guarded by ``except EdgertError`` was a dead loop waiting for the
+first ``OSError`` (issue 13, finding 2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from edgert.errors import EdgertError, UpdateBusyError
+from edgert.log import scrub_urls
+from edgert.update import failures
 from edgert.update.detached import in_daemon_thread
 from edgert.update.orchestrator import ApplyResult, Updater
 
@@ -28,33 +41,144 @@ def next_delay(interval_s: float, jitter_s: float, rng: random.Random) -> float:
     return interval_s + rng.uniform(0.0, jitter_s)
 
 
+def backoff_delay(failed: int, *, initial_s: float, cap_s: float, jitter_s: float, rng: random.Random) -> float:
+    """Seconds to the round after ``failed`` failed rounds in a row: initial, doubling, at most ``cap_s``;
+    plus 0..jitter so a fleet whose registry failed at once does not come back in step."""
+    return min(cap_s, initial_s * 2.0 ** min(failed - 1, 32)) + rng.uniform(0.0, jitter_s)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """One round's outcome as the daemon reports it (``/update/status``, metrics, the MQTT deploy topic)."""
+
+    #: one line: "committed m@2", "up-to-date -", "failed (signature): …"
+    outcome: str
+    #: the failure class when the round failed (a FailureReason value), else None
+    reason: str | None = None
+    #: ``<reason>: <message>`` when the round failed, else None
+    error: str | None = None
+
+
+def _run_round(updater: Updater) -> RoundReport:
+    """Wrapped for the worker thread: every exception becomes a report (a bug is logged with its traceback)."""
+    try:
+        result: ApplyResult = updater.apply()
+    except UpdateBusyError:
+        return RoundReport("skipped: another update is running")
+    except Exception as exc:
+        reason, message = failures.reason_of(exc), failures.message_of(exc)
+        if isinstance(exc, EdgertError):
+            log.warning("update round failed (%s): %s", reason, message)
+        else:
+            log.exception("update round failed (%s): %s", reason, message)  # a bug: keep its traceback
+        return RoundReport(f"failed ({reason}): {message}", reason, f"{reason}: {message}")
+    outcome = f"{result.outcome} {result.release or '-'}"
+    log.info("update round: %s (%s)", outcome, scrub_urls(result.detail))
+    if result.outcome == "rolled-back":
+        return RoundReport(outcome, failures.FailureReason.HEALTH_CHECK, f"health_check: {result.detail}")
+    return RoundReport(outcome)
+
+
 async def run_update_loop(
     updater: Updater,
     *,
     nudge: asyncio.Event,
     rng: random.Random | None = None,
-    on_round: Callable[[str], None] | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
 ) -> None:
-    """Run until cancelled. Failures are logged and retried at the next round.
+    """Run until cancelled; no failure of a round ends it.
 
-    ``on_round`` gets a one-line outcome after every round (the daemon reports deploy state with it).
+    ``on_round`` gets every round's :class:`RoundReport` (the daemon records and publishes it);
+    an exception it raises is logged, never the end of the loop.
     """
     rng = rng or random.Random()  # noqa: S311 - spreading check times, not a secret
     config = updater.config
+    failed = 0
     while True:
         nudge.clear()  # a nudge that arrives during this round triggers the next one at once
         try:
-            result: ApplyResult = await in_daemon_thread(updater.apply, name="edgert-update")
-            outcome = f"{result.outcome} {result.release or '-'}"
-            log.info("update round: %s (%s)", outcome, result.detail)
-        except UpdateBusyError:
-            outcome = "skipped: another update is running"
-            log.info("update round %s", outcome)
-        except EdgertError as exc:
-            outcome = f"failed: {exc}"
-            log.warning("update round %s", outcome)
+            report = await in_daemon_thread(lambda: _run_round(updater), name="edgert-update")
+        except Exception as exc:  # _run_round reports everything; this is a last guard for the thread hand-off
+            log.exception("update round failed outside the update path")
+            reason = failures.reason_of(exc)
+            report = RoundReport(f"failed ({reason}): {failures.message_of(exc)}", reason, failures.describe(exc))
         if on_round is not None:
-            on_round(outcome)
-        delay = next_delay(config.check_interval_s, config.check_jitter_s, rng)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(nudge.wait(), delay)
+            try:
+                on_round(report)
+            except Exception:
+                log.exception("reporting the update round failed")
+        failed = failed + 1 if report.reason is not None else 0
+        if failed:
+            delay = backoff_delay(
+                failed, initial_s=config.retry_initial_s, cap_s=config.check_interval_s, jitter_s=0.0, rng=rng
+            )
+            log.info("next update round in %.0f s (or at the next nudge)", delay)
+        else:
+            delay = next_delay(config.check_interval_s, config.check_jitter_s, rng)
+        await _nudged_or_after(nudge, delay)
+
+
+async def _nudged_or_after(nudge: asyncio.Event, delay_s: float) -> None:
+    """Wait for a nudge, at most ``delay_s``. Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel
+    that arrives as the nudge does, and the daemon's stop would leave the loop running another round."""
+    waiter = asyncio.ensure_future(nudge.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=delay_s)
+    finally:
+        waiter.cancel()
+
+
+class Supervisor:
+    """Keeps one background task running: when it ends by anything but a cancel, log why and start it again.
+
+    The restart waits ``restart_delay_s`` so a task that dies at once cannot spin the event loop.
+    """
+
+    def __init__(
+        self,
+        body: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        name: str,
+        restart_delay_s: float = 5.0,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self._body = body
+        self._name = name
+        self._restart_delay_s = restart_delay_s
+        self._on_restart = on_restart
+        self._stopped = False
+        self.task: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> asyncio.Task[None]:
+        self._stopped = False
+        self.task = asyncio.create_task(self._body(), name=self._name)
+        self.task.add_done_callback(self._ended)
+        return self.task
+
+    def stop(self) -> None:
+        """Cancel the task for good (the daemon is stopping)."""
+        self._stopped = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopped or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("%s died; restarting it in %g s", self._name, self._restart_delay_s, exc_info=error)
+        else:
+            log.error("%s ended; restarting it in %g s", self._name, self._restart_delay_s)
+        self.restarts += 1
+        if self._on_restart is not None:
+            self._on_restart()
+        asyncio.get_running_loop().call_later(self._restart_delay_s, self._restart)
+
+    def _restart(self) -> None:
+        if not self._stopped:
+            self.start()

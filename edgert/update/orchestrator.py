@@ -41,6 +41,7 @@ import fcntl
 import logging
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -68,7 +69,7 @@ from edgert.errors import (
 from edgert.gguf_file import validate_gguf
 from edgert.onnx_folder import validate_onnx_folder
 from edgert.settings import Settings
-from edgert.update import download, publisher_signature
+from edgert.update import download, failures, publisher_signature
 from edgert.update.hooks import HookEvent, HookRunner
 from edgert.update.manifest import member_target_path, model_target_path, pointer_mismatch
 from edgert.update.registry import RegistryClient, SignedTarget
@@ -166,14 +167,14 @@ class Updater:
 
     def check(self) -> CheckResult:
         """Refresh the signed metadata and say what this device would install."""
-        with self._locked() as state:
+        with self._round("checking for an update") as state:
             self._recover(state)
             result, _ = self._check(state, pin_version=None)
             return result
 
     def apply(self, *, pin_version: str | None = None) -> ApplyResult:
         """Bring the device to what its channel offers (or ``pin_version``), finishing interrupted work first."""
-        with self._locked() as state:
+        with self._round("applying an update") as state:
             self._recover(state)
             fetched = download.Fetched(0, 0)
             if state.phase is Phase.IDLE:
@@ -190,7 +191,7 @@ class Updater:
 
     def rollback(self) -> ApplyResult:
         """Return to the previous release kept on disk, and blocklist the current one."""
-        with self._locked() as state:
+        with self._round("rolling back") as state:
             self._recover(state)
             if state.phase is not Phase.IDLE:
                 raise UpdateError(f"an update is in phase {state.phase}; run `edgert update apply` to finish it")
@@ -475,6 +476,12 @@ class Updater:
         except EdgertError as exc:
             switch.release()
             return self._roll_back(state, f"{release.key} failed its health check: {exc}", fetched)
+        except OSError:
+            # Not the model's verdict (a TimeoutError of a wait on the event loop, an I/O error): free the
+            # candidate and fail the round; the next one retries the activation, bounded by
+            # max_activation_attempts like an activation a crash interrupted.
+            switch.release()
+            raise
         state.phase = Phase.COMMITTING
         self.store.save(state)
         switch.swap()
@@ -597,9 +604,48 @@ class Updater:
     # ------------------------------------------------------------------ helpers
 
     @contextlib.contextmanager
+    def _round(self, doing: str) -> Iterator[UpdateState]:
+        """One locked run of the update path; its failure is recorded in the state and named by its class.
+
+        The boundary of the update path: OS and subprocess errors leave as UpdateErrors
+        (:func:`failures.converted`), so every caller sees edgert errors (a bug excepted).
+        """
+        try:
+            with self._locked() as state:
+                try:
+                    yield state
+                except Exception as exc:
+                    error = failures.converted(exc, doing)
+                    self._record_failure(state, error)
+                    if error is exc:
+                        raise
+                    raise error from exc
+        except (OSError, subprocess.SubprocessError) as exc:  # taking the lock, reading the state
+            raise failures.converted(exc, doing) from exc
+
+    def _record_failure(self, state: UpdateState, exc: BaseException) -> None:
+        """``last_error`` and a history line, saved if the disk lets us (the daemon also keeps it in memory)."""
+        reason, message = failures.reason_of(exc), failures.message_of(exc)
+        state.last_error = f"{reason}: {message}"
+        state.remember(f"{_now()} failed ({reason}): {message}")
+        try:
+            self.store.save(state)
+        except OSError as save_error:
+            log.warning("could not record the failed update round in %s: %s", self.store.path, save_error)
+
+    @contextlib.contextmanager
     def _locked(self) -> Iterator[UpdateState]:
         self.update_dir.mkdir(parents=True, exist_ok=True)
-        with (self.update_dir / "lock").open("a") as lock:
+        path = self.update_dir / "lock"
+        try:
+            lock_file = path.open("a")
+        except OSError as exc:
+            raise UpdateError(
+                f"cannot open the update lock {path}: {exc.strerror or exc} (left by `sudo edgert update apply`? "
+                "it must belong to the user edgert runs as)",
+                reason=failures.FailureReason.LOCK,
+            ) from exc
+        with lock_file as lock:
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

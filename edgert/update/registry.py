@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
+import urllib3
 from pydantic import ValidationError
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
@@ -39,6 +40,7 @@ from edgert.errors import (
     UntrustedMetadataError,
     UpdateError,
 )
+from edgert.update.failures import FailureReason, reason_of
 from edgert.update.manifest import CHANNELS_KEY, CHANNELS_TARGET, MODEL_KEY, Channels, ModelMeta
 
 USER_AGENT: Final = f"edgert/{__version__}"
@@ -131,16 +133,56 @@ def _model_meta(info: TargetFile) -> ModelMeta | None:
 
 @contextmanager
 def _converted(doing: str) -> Iterator[None]:
-    """python-tuf's exceptions -> edgert's, by class (never by message)."""
+    """python-tuf's exceptions -> edgert's, by class (never by message), each named by its failure class.
+
+    python-tuf wraps a failed request in its DownloadError, but a response cut off
+    mid-body surfaces from its urllib3 fetcher as urllib3's own ProtocolError.
+    """
     try:
         yield
+    except tuf_errors.DownloadLengthMismatchError as exc:
+        # More bytes than python-tuf accepts for that metadata: a hostile or broken host, not an outage.
+        raise UntrustedMetadataError(
+            f"metadata larger than python-tuf accepts while {doing}: {_describe(exc)}", reason=FailureReason.OVERSIZED
+        ) from None
+    except tuf_errors.SlowRetrievalError as exc:
+        raise RegistryUnavailableError(
+            f"registry too slow while {doing}: {_describe(exc)}", reason=FailureReason.DEADLINE
+        ) from None
     except tuf_errors.DownloadError as exc:
-        raise RegistryUnavailableError(f"registry unreachable while {doing}: {_describe(exc)}") from None
+        dropped = isinstance(_root_cause(exc), urllib3.exceptions.ProtocolError)
+        what = "connection dropped" if dropped else "registry unreachable"
+        reason = FailureReason.CONNECTION_DROPPED if dropped else FailureReason.UNREACHABLE
+        raise RegistryUnavailableError(f"{what} while {doing}: {_describe(exc)}", reason=reason) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise RegistryUnavailableError(
+            f"connection dropped while {doing}: {_describe(exc)}", reason=FailureReason.CONNECTION_DROPPED
+        ) from None
     except tuf_errors.RepositoryError as exc:
         # Bad signature, expired, rolled-back version, snapshot/targets mismatch, bad length or hash.
-        raise UntrustedMetadataError(f"signed metadata rejected while {doing}: {_describe(exc)}") from None
+        raise UntrustedMetadataError(
+            f"signed metadata rejected while {doing}: {_describe(exc)}", reason=_METADATA_REASONS.get(type(exc))
+        ) from None
     except OSError as exc:
-        raise UpdateError(f"metadata cache error while {doing}: {exc}") from None
+        raise UpdateError(f"metadata cache error while {doing}: {exc}", reason=reason_of(exc)) from None
+
+
+#: python-tuf's verdicts on metadata; any other RepositoryError (malformed, inconsistent) is "metadata"
+_METADATA_REASONS: Final[dict[type[Exception], str]] = {
+    tuf_errors.UnsignedMetadataError: FailureReason.SIGNATURE,
+    tuf_errors.BadVersionNumberError: FailureReason.ROLLBACK,
+    tuf_errors.EqualVersionNumberError: FailureReason.ROLLBACK,
+    tuf_errors.ExpiredMetadataError: FailureReason.EXPIRED,
+    tuf_errors.LengthOrHashMismatchError: FailureReason.HASH_LENGTH,
+}
+
+
+def _root_cause(exc: BaseException) -> BaseException | None:
+    """What a python-tuf DownloadError wraps: the fetcher's error, or the reason urllib3 gave up retrying."""
+    cause = exc.__cause__
+    if isinstance(cause, urllib3.exceptions.MaxRetryError):
+        return cause.reason
+    return cause
 
 
 def _describe(exc: Exception) -> str:

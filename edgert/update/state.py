@@ -22,18 +22,21 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgert import store
-from edgert.errors import UpdateError
+from edgert.errors import UpdateStateError
+from edgert.log import scrub_urls
 from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_paths, version_key
 
 STATE_FILE: Final = "state.json"
+#: ``state.json.corrupt-<UTC time>``: an unreadable state file, moved aside
+CORRUPT_SUFFIX: Final = ".corrupt-"
 SCHEMA: Final = 1
 #: Entries kept in the state's history list (the newest last).
 HISTORY_LIMIT: Final = 20
@@ -91,9 +94,14 @@ class Release(BaseModel):
 
 
 class UpdateState(BaseModel):
-    """Everything the update path remembers between runs."""
+    """Everything the update path remembers between runs.
 
-    model_config = ConfigDict(extra="forbid")
+    ``last_error`` and ``history`` are shown by ``/update/status`` and the MQTT deploy
+    report: whoever sets them, URLs in them lose their credentials and query
+    (validated on assignment too).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     schema_version: int = SCHEMA
     phase: Phase = Phase.IDLE
@@ -114,6 +122,16 @@ class UpdateState(BaseModel):
 
     def remember(self, line: str) -> None:
         self.history = [*self.history, line][-HISTORY_LIMIT:]
+
+    @field_validator("last_error", mode="after")
+    @classmethod
+    def _scrub_error(cls, value: str | None) -> str | None:
+        return scrub_urls(value) if value is not None else None
+
+    @field_validator("history", mode="after")
+    @classmethod
+    def _scrub_history(cls, value: list[str]) -> list[str]:
+        return [scrub_urls(line) for line in value]
 
 
 def blocklist_key(model_id: str, version: str) -> str:
@@ -241,7 +259,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class StateStore:
-    """``<state_dir>/update/state.json``, written atomically on every change."""
+    """``<state_dir>/update/state.json``, written atomically on every change.
+
+    An unreadable file (truncated, not JSON, not this schema) is moved aside by the
+    daemon (:meth:`quarantine`) so it can start and serve its committed model; while
+    a quarantined file is there and no new state, :meth:`load` keeps refusing: a fresh,
+    empty state would forget the blocklist and reinstall a release that was rolled
+    back. A state written by a newer edgert is refused but left in place (the newer
+    version may run here again).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -251,11 +277,56 @@ class StateStore:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
+            quarantined = self.quarantined()
+            if quarantined:
+                raise UpdateStateError(
+                    f"updates are off: the unreadable update state was moved to {quarantined[-1]}; "
+                    f"repair it back to {self.path}, or delete it to start afresh (forgetting the blocklist)"
+                ) from None
             return UpdateState()
         try:
-            return UpdateState.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as exc:
-            raise UpdateError(f"update state {self.path} is unreadable ({exc}); move it aside to reset") from None
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise UpdateStateError(f"update state {self.path} is unreadable ({exc})") from None
+        if self._newer():
+            raise UpdateStateError(
+                f"update state {self.path} was written by a newer edgert (schema {data['schema_version']}, this "
+                f"one reads {SCHEMA}): updates are off until that version runs again or the file is removed"
+            )
+        try:
+            return UpdateState.model_validate(data)
+        except ValidationError as exc:
+            problem = f"{exc.error_count()} invalid fields, first: {exc.errors()[0]['loc']}"
+            raise UpdateStateError(f"update state {self.path} is unreadable ({problem})") from None
+
+    def set_aside_unreadable(self) -> Path | None:
+        """Quarantine the state file if it cannot be read; leave it if it is fine, missing or a newer edgert's."""
+        try:
+            self.load()
+        except UpdateStateError:
+            if self.path.is_file() and not self._newer():
+                return self.quarantine()
+        return None
+
+    def _newer(self) -> bool:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        written_by = data.get("schema_version") if isinstance(data, dict) else None
+        return isinstance(written_by, int) and written_by > SCHEMA
+
+    def quarantined(self) -> list[Path]:
+        """State files moved aside as unreadable, oldest first."""
+        return sorted(self.directory.glob(f"{STATE_FILE}{CORRUPT_SUFFIX}*"))
+
+    def quarantine(self) -> Path:
+        """Move an unreadable state file aside as ``state.json.corrupt-<UTC time>`` (kept for a post-mortem)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.path.with_name(f"{STATE_FILE}{CORRUPT_SUFFIX}{stamp}")
+        self.path.replace(target)
+        store.fsync_dir(self.directory)
+        return target
 
     def save(self, state: UpdateState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

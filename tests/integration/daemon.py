@@ -48,7 +48,7 @@ def daemon_env(state_dir: Path, **settings: str) -> dict[str, str]:
 
 def start_daemon(
     workdir: Path,
-    model: Path | str,
+    model: Path | str | None,
     *,
     extra_args: tuple[str, ...] = (),
     wait_ready: bool = True,
@@ -61,10 +61,12 @@ def start_daemon(
     defaults.update(settings)
     env = daemon_env(workdir / "state", **defaults)
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "edgert", "serve", "--socket", str(socket), "--model", str(model), *extra_args]
+    # model None: no --model, the daemon picks its own (the committed release, else settings.model)
+    chosen = ["--model", str(model)] if model is not None else []
+    cmd = [sys.executable, "-m", "edgert", "serve", "--socket", str(socket), *chosen, *extra_args]
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir, text=True)
-    daemon = DaemonProcess(proc, socket, log_path, Path(model))
+    daemon = DaemonProcess(proc, socket, log_path, Path(model or ""))
     if wait_ready:
         wait_until_ready(daemon)
     return daemon

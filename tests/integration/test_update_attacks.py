@@ -8,8 +8,11 @@ attacks; the downloader's signed-length cap and streaming hashes catch the rest.
 
 from __future__ import annotations
 
+import gc
 import http.server
+import logging
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,11 +22,26 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Targets
 
-from edgert.errors import IntegrityError, TargetNotFoundError, UntrustedMetadataError
+from edgert.errors import (
+    DownloadError,
+    IntegrityError,
+    RegistryUnavailableError,
+    TargetNotFoundError,
+    UntrustedMetadataError,
+    UpdateError,
+)
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.update.orchestrator import Updater
 from edgert.update.state import Phase
-from tests.integration.update_support import MODEL_ID, Fleet, device_settings, make_variant
+from tests.integration.hostile_registry import HostileRegistry, Mode
+from tests.integration.update_support import (
+    MODEL_ID,
+    Fleet,
+    device_env,
+    device_settings,
+    edgert_cmd,
+    make_variant,
+)
 
 
 @pytest.fixture
@@ -47,6 +65,13 @@ def release_v2(fleet: Fleet, tmp_path: Path, **publish: object) -> None:
     fleet.release("2.0.0", make_variant(fleet.model, tmp_path / "v2.gguf", general_name="v2"), **publish)
 
 
+def assert_failure_recorded(device: Updater, reason: str) -> None:
+    """The round's failure is named by its reason class in ``last_error`` and in the history."""
+    state = device.status()
+    assert state.last_error is not None and state.last_error.startswith(f"{reason}: "), state.last_error
+    assert f"failed ({reason}): " in state.history[-1], state.history
+
+
 def assert_still_on_v1(device: Updater, tmp_path: Path) -> None:
     state = device.status()
     assert state.phase is Phase.IDLE
@@ -65,6 +90,7 @@ def test_tampered_target_bytes(tmp_path: Path, fleet: Fleet, device: Updater) ->
     target.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         device.apply()
+    assert_failure_recorded(device, "hash_length")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -76,6 +102,7 @@ def test_targets_signed_by_a_wrong_key(tmp_path: Path, fleet: Fleet, device: Upd
     md.to_file(str(path))
     with pytest.raises(UntrustedMetadataError, match="signed metadata rejected"):
         device.apply()
+    assert_failure_recorded(device, "signature")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -86,6 +113,7 @@ def test_rollback_to_older_metadata(tmp_path: Path, fleet: Fleet, device: Update
     fleet.serve(old_site)  # the attacker replays the older, validly signed publication
     with pytest.raises(UntrustedMetadataError, match="BadVersionNumberError"):
         device.apply()
+    assert_failure_recorded(device, "rollback")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -93,6 +121,7 @@ def test_freeze_with_an_expired_timestamp(tmp_path: Path, fleet: Fleet, device: 
     release_v2(fleet, tmp_path, now=datetime.now(UTC) - timedelta(days=3))
     with pytest.raises(UntrustedMetadataError, match="ExpiredMetadataError"):
         device.apply()
+    assert_failure_recorded(device, "expired")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -103,6 +132,7 @@ def test_mix_and_match_metadata(tmp_path: Path, fleet: Fleet, device: Updater) -
     (fleet.site / "metadata" / "2.targets.json").write_bytes(old_targets)
     with pytest.raises(UntrustedMetadataError, match="Expected targets v2, got v1"):
         device.apply()
+    assert_failure_recorded(device, "rollback")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -112,6 +142,7 @@ def test_truncated_target(tmp_path: Path, fleet: Fleet, device: Updater) -> None
     target.write_bytes(target.read_bytes()[:500_000])
     with pytest.raises(IntegrityError, match="signed length"):
         device.apply()
+    assert_failure_recorded(device, "hash_length")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -122,6 +153,7 @@ def test_arbitrary_target_not_in_metadata(tmp_path: Path, fleet: Fleet, device: 
     (evil / "model.gguf").write_bytes(fleet.model.read_bytes())
     with pytest.raises(TargetNotFoundError, match="not in the registry's signed targets"):
         device.apply(pin_version="6.6.6")
+    assert_failure_recorded(device, "target_not_found")
     assert_still_on_v1(device, tmp_path)
 
 
@@ -161,5 +193,95 @@ def test_endless_data_is_cut_at_the_signed_length(tmp_path: Path, fleet: Fleet, 
     finally:
         server.shutdown()
         server.server_close()
+    assert_failure_recorded(device, "hash_length")
     assert_still_on_v1(device, tmp_path)
     assert not list((tmp_path / "device" / "models" / "versions").glob("*.part"))
+
+
+@pytest.fixture
+def hostile(fleet: Fleet) -> Iterator[HostileRegistry]:
+    with HostileRegistry(fleet.site) as host:
+        yield host
+    # python-tuf's urllib3 fetcher returns a connection broken mid-body to its pool, which only the
+    # garbage collector closes (a ResourceWarning): collect it here, in the test that caused it.
+    gc.collect()
+
+
+def hostile_device(tmp_path: Path, fleet: Fleet, hostile: HostileRegistry) -> Updater:
+    """The device of the ``device`` fixture (same state, same trusted metadata), its metadata now from ``hostile``."""
+    settings = device_settings(
+        tmp_path / "device", fleet, registry_url=hostile.url, targets_url=f"{fleet.host.url}targets/"
+    )
+    return Updater(settings)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    ("mode", "error", "reason", "message"),
+    [
+        ("truncate", RegistryUnavailableError, "connection_dropped", "connection dropped"),
+        ("drop", RegistryUnavailableError, "connection_dropped", "connection dropped"),
+        ("oversized", UntrustedMetadataError, "oversized", "larger than python-tuf accepts"),
+    ],
+)
+def test_mangled_metadata_response_is_named_and_recorded(
+    tmp_path: Path,
+    fleet: Fleet,
+    device: Updater,
+    hostile: HostileRegistry,
+    mode: Mode,
+    error: type[UpdateError],
+    reason: str,
+    message: str,
+) -> None:
+    release_v2(fleet, tmp_path)
+    hostile.mode = mode
+    with pytest.raises(error, match=message) as raised:
+        hostile_device(tmp_path, fleet, hostile).apply()
+    assert raised.value.reason == reason
+    assert any(path.endswith("/timestamp.json") for path in hostile.requests)
+    assert_failure_recorded(device, reason)
+    assert_still_on_v1(device, tmp_path)
+
+
+def test_cli_names_a_truncated_metadata_response_in_one_line(
+    tmp_path: Path, fleet: Fleet, device: Updater, hostile: HostileRegistry
+) -> None:
+    release_v2(fleet, tmp_path)
+    hostile.mode = "truncate"
+    env = device_env(tmp_path / "device", fleet, registry_url=hostile.url, targets_url=f"{fleet.host.url}targets/")
+    proc = subprocess.run(
+        edgert_cmd("update", "apply"), env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: connection_dropped: ")
+    assert_failure_recorded(device, "connection_dropped")
+    assert_still_on_v1(device, tmp_path)
+
+
+def test_credentials_in_urls_never_reach_the_state_or_the_log(
+    tmp_path: Path, fleet: Fleet, device: Updater, hostile: HostileRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    release_v2(fleet, tmp_path)
+    port = fleet.host.url.rstrip("/").rpartition(":")[2]
+    settings = device_settings(
+        tmp_path / "device",
+        fleet,
+        registry_url=hostile.url.replace("http://", "http://edgert:s3cret@"),
+        # a pre-signed style URL: the token is in the query (and makes every target URL a 403 here)
+        targets_url=f"http://edgert:s3cret@127.0.0.1:{port}/targets/?token=t0ken&x=",
+    )
+    switch = RuntimeModelSwitch(settings)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edgert"), pytest.raises(DownloadError, match="HTTP 403"):
+            Updater(settings, switch).apply()
+    finally:
+        switch.close()
+    recorded = device.status().model_dump_json()
+    assert "127.0.0.1" in recorded  # the failure is recorded, with the host it concerns
+    for secret in ("s3cret", "t0ken"):
+        assert secret not in recorded
+        assert secret not in caplog.text

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.daemon import DaemonProcess, start_daemon
+from tests.integration.hostile_registry import HostileRegistry
 from tests.integration.mosquitto import Broker
 from tests.integration.update_support import MODEL_ID, Fleet, broken_model, device_update, make_variant
 
@@ -168,3 +169,140 @@ def test_deploy_state_is_retained_on_the_mqtt_deploy_topic(tmp_path: Path, fleet
     finally:
         assert daemon.stop() == 0, daemon.log()
         broker.stop()
+
+
+def metric_samples(daemon: DaemonProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with daemon.client() as client:
+        text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def failures_counted(daemon: DaemonProcess, reason: str) -> float:
+    return metric_samples(daemon).get(("edgert_update_failures_total", (("reason", reason),)), 0.0)
+
+
+def wait_failures(daemon: DaemonProcess, reason: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while failures_counted(daemon, reason) < count:
+        assert time.monotonic() < deadline, f"{reason} not counted {count}x: {update_status(daemon)}\n{daemon.log()}"
+        time.sleep(0.1)
+
+
+def retained_deploy(broker: Broker, device_id: str) -> dict[str, object]:
+    out = subprocess.run(
+        ["mosquitto_sub", "-p", str(broker.port), "-t", f"edgert/v1/{device_id}/deploy", "-C", "1", "-W", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return dict(json.loads(out))
+
+
+def test_daemon_names_counts_and_reports_each_hostile_registry_failure_then_recovers(
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path
+) -> None:
+    """Issue 13, findings 2 and 4 (and 15: credentials in the registry URLs never show)."""
+    (tmp_path / "device").mkdir()
+    fleet.release("1.0.0")
+    broker = Broker(tmp_path / "broker").start()
+    with HostileRegistry(fleet.site) as hostile:
+        hostile.mode = "truncate"
+        update = device_update(
+            fleet,
+            registry_url=hostile.url.replace("http://", "http://edgert:s3cret@"),
+            targets_url=fleet.host.url.replace("http://", "http://edgert:s3cret@") + "targets/",
+        )
+        settings = {f"update__{key}": str(value) for key, value in update.items()}
+        daemon = start_daemon(
+            tmp_path / "device", tiny_gguf, **settings, **broker.daemon_settings(mqtt__device_id="kiosk-9")
+        )
+        try:
+            wait_failures(daemon, "connection_dropped", 1)
+            status = update_status(daemon)
+            assert str(status["last_error"]).startswith("connection_dropped: connection dropped while refreshing")
+            assert status["loop"]["running"] is True  # type: ignore[index]
+            assert any("failed (connection_dropped)" in line for line in status["history"])  # type: ignore[attr-defined]
+
+            hostile.mode = "drop"  # python-tuf's message for this one carries the whole URL
+            with daemon.client() as client:
+                assert client.post("/update/check").status_code == 202
+            wait_failures(daemon, "connection_dropped", 2)
+            deploy = retained_deploy(broker, "kiosk-9")
+            assert str(deploy["last_round"]).startswith("failed (connection_dropped): ")
+            assert str(deploy["last_error"]).startswith("connection_dropped: ")
+            assert "/metadata/timestamp.json" in str(deploy["last_error"])  # the URL, without its userinfo
+            deploy_text = json.dumps(deploy)
+
+            hostile.mode = "oversized"
+            with daemon.client() as client:
+                assert client.post("/update/check").status_code == 202
+            wait_failures(daemon, "oversized", 1)
+
+            hostile.mode = None
+            with daemon.client() as client:
+                assert client.post("/update/check").status_code == 202
+            state = wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
+            assert failures_counted(daemon, "connection_dropped") == 2
+            assert failures_counted(daemon, "oversized") == 1
+            assert state["loop"]["last_round"] == f"committed {MODEL_ID}@1.0.0"  # type: ignore[index]
+            for shown in (json.dumps(state), deploy_text, daemon.log()):
+                assert "s3cret" not in shown
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+            broker.stop()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "newer"])
+def test_daemon_starts_on_a_bad_update_state_serving_the_committed_model_with_updates_off(
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path, damage: str
+) -> None:
+    """Issue 13, finding 7: a truncated state.json (or a newer edgert's) no longer keeps the daemon down."""
+    (tmp_path / "device").mkdir()
+    fleet.release("1.0.0")
+    daemon = start_device(tmp_path, fleet, tiny_gguf)
+    try:
+        wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    update_dir = tmp_path / "device" / "state" / "update"
+    state_file = update_dir / "state.json"
+    if damage == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[:100])
+    else:
+        state_file.write_text(state_file.read_text().replace('"schema_version": 1', '"schema_version": 99'))
+    fleet.release("2.0.0", make_variant(tiny_gguf, tmp_path / "v2.gguf", general_name="tiny v2"))
+
+    settings = {f"update__{key}": str(value) for key, value in device_update(fleet).items()}
+    daemon = start_daemon(tmp_path / "device", None, **settings)  # no --model: it picks the committed one
+    try:
+        assert "1.0.0" in served_model(daemon)
+        status = update_status(daemon)
+        assert status["disabled"], status
+        assert str(status["last_error"]).startswith("state: ")
+        if damage == "truncated":
+            assert "moved to" in str(status["disabled"])
+            (quarantined,) = update_dir.glob("state.json.corrupt-*")
+            assert quarantined.stat().st_size == 100
+            assert not state_file.exists()
+        else:
+            assert "newer edgert" in str(status["disabled"])
+            assert state_file.exists()  # left for the newer version
+        samples = metric_samples(daemon)
+        assert samples[("edgert_update_disabled", ())] == 1.0
+        assert samples[("edgert_update_failures_total", (("reason", "state"),))] == 1.0
+        with daemon.client() as client:
+            assert client.post("/update/check").status_code == 202
+        deadline = time.monotonic() + 30
+        while "update check not run: UPDATES ARE OFF" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert "ERROR" in daemon.log() and "UPDATES ARE OFF" in daemon.log()
+        assert "1.0.0" in served_model(daemon)
+        assert not list((tmp_path / "device" / "state" / "models" / "versions").glob("*2.0.0*"))
+    finally:
+        assert daemon.stop() == 0, daemon.log()

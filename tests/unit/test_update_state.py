@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgert.errors import UpdateError
+from edgert.errors import UpdateError, UpdateStateError
 from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_path
 from edgert.update.state import (
     Phase,
@@ -115,3 +115,36 @@ def test_state_store_round_trip_and_unreadable_file(tmp_path: Path) -> None:
     store.path.write_text("{not json")
     with pytest.raises(UpdateError, match="unreadable"):
         store.load()
+
+
+def test_unreadable_state_is_quarantined_and_updates_stay_off_until_an_operator_acts(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "update")
+    store.save(UpdateState(blocklist=["m@2"]))
+    store.path.write_bytes(store.path.read_bytes()[:20])  # truncated mid-write by a full disk or a power cut
+    moved = store.set_aside_unreadable()
+    assert moved is not None and moved.name.startswith("state.json.corrupt-")
+    assert not store.path.exists()
+    # a fresh, empty state would forget the blocklist: refused while the quarantined file is there
+    with pytest.raises(UpdateStateError, match=r"moved to .*state\.json\.corrupt-"):
+        store.load()
+    moved.unlink()
+    assert store.load() == UpdateState()
+
+
+def test_state_of_a_newer_edgert_is_refused_and_left_in_place(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "update")
+    store.save(UpdateState())
+    store.path.write_text(store.path.read_text().replace('"schema_version": 1', '"schema_version": 7'))
+    with pytest.raises(UpdateStateError, match="newer edgert"):
+        store.load()
+    assert store.set_aside_unreadable() is None
+    assert store.path.exists()
+
+
+def test_credentials_and_queries_in_urls_never_enter_the_state() -> None:
+    state = UpdateState()
+    state.last_error = "download of https://edgert:s3cret@cdn.example/m.gguf?X-Sig=t0ken interrupted"
+    state.remember("downloading from https://edgert:s3cret@cdn.example/m.gguf?X-Sig=t0ken")
+    dumped = state.model_dump_json()
+    assert "cdn.example/m.gguf" in dumped
+    assert "s3cret" not in dumped and "t0ken" not in dumped
