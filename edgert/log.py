@@ -55,7 +55,8 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        # last guard for what we do not word ourselves (httpx's "HTTP Request: GET <url>", a settings dump)
+        return scrub_urls(json.dumps(line, default=str))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -67,7 +68,7 @@ class ConsoleFormatter(logging.Formatter):
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return scrub_urls(text)  # as in JsonFormatter
 
 
 def setup(level: str = "info", *, json_lines: bool = False) -> None:
