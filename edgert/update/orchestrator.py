@@ -612,20 +612,23 @@ class Updater:
         """
         try:
             with self._locked() as state:
+                before = state.last_error
                 try:
                     yield state
                 except Exception as exc:
                     error = failures.converted(exc, doing)
-                    self._record_failure(state, error)
+                    # a step that gave up on the release already said why, with its context: keep that
+                    said = state.last_error if state.last_error != before else None
+                    self._record_failure(state, error, said)
                     if error is exc:
                         raise
                     raise error from exc
         except (OSError, subprocess.SubprocessError) as exc:  # taking the lock, reading the state
             raise failures.converted(exc, doing) from exc
 
-    def _record_failure(self, state: UpdateState, exc: BaseException) -> None:
+    def _record_failure(self, state: UpdateState, exc: BaseException, said: str | None) -> None:
         """``last_error`` and a history line, saved if the disk lets us (the daemon also keeps it in memory)."""
-        reason, message = failures.reason_of(exc), failures.message_of(exc)
+        reason, message = failures.reason_of(exc), said or failures.message_of(exc)
         state.last_error = f"{reason}: {message}"
         state.remember(f"{_now()} failed ({reason}): {message}")
         try:
