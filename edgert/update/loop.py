@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from edgert.errors import EdgertError, UpdateBusyError
+from edgert.errors import DownloadCancelledError, EdgertError, UpdateBusyError
 from edgert.log import scrub_urls
 from edgert.update import failures
 from edgert.update.detached import in_daemon_thread
@@ -65,6 +65,8 @@ def _run_round(updater: Updater) -> RoundReport:
         result: ApplyResult = updater.apply()
     except UpdateBusyError:
         return RoundReport("skipped: another update is running")
+    except DownloadCancelledError:
+        return RoundReport("stopped: edgert is stopping (the download resumes at the next start)")
     except Exception as exc:
         reason, message = failures.reason_of(exc), failures.message_of(exc)
         if isinstance(exc, EdgertError):

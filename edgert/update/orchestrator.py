@@ -629,6 +629,8 @@ class Updater:
     def _record_failure(self, state: UpdateState, exc: BaseException, said: str | None) -> None:
         """``last_error`` and a history line, saved if the disk lets us (the daemon also keeps it in memory)."""
         reason, message = failures.reason_of(exc), said or failures.message_of(exc)
+        if reason is failures.FailureReason.CANCELLED:
+            return  # edgert is stopping: not a failure, and the phase says where the next start resumes
         state.last_error = f"{reason}: {message}"
         state.remember(f"{_now()} failed ({reason}): {message}")
         try:
