@@ -183,7 +183,9 @@ class Daemon:
         finally:
             watchdog.cancel()
             if updates is not None:
-                updates.cancel()  # a round already running in its thread finishes on its own (crash-safe)
+                updates.cancel()  # a round already running in its daemon thread cannot keep us alive (crash-safe)
+            if self.updates is not None:
+                self.updates.stop()  # and a download in it ends between two reads, its .part kept
             self.state.stopping = True
             if mqtt is not None:  # drain its requests, publish offline status, disconnect
                 await mqtt.stop(self.settings.serve.drain_timeout_s)
