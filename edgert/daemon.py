@@ -106,7 +106,7 @@ class Daemon:
             from edgert.update_service import UpdateService  # noqa: PLC0415 - only when configured
 
             self.updates = UpdateService(settings, self.state.metrics.registry)
-            self.state.on_update_check = self.updates.nudge.set
+            self.state.on_update_check = self.updates.request_check
             self.state.update_status = self.updates.status
 
     def _stats(self) -> tuple[SchedulerStats, int]:
@@ -268,7 +268,7 @@ class Daemon:
         from edgert.transport.mqtt import MqttTransport  # noqa: PLC0415 - only when configured
 
         transport = MqttTransport(
-            self.settings, self.state, on_update_check=self.updates.nudge.set if self.updates else None
+            self.settings, self.state, on_update_check=self.updates.request_check if self.updates else None
         )
         await transport.start()
         return transport

@@ -28,6 +28,7 @@ so every transport converts errors the same way, in one place::
     ├── UpdateError                 the device update path failed     (500)
     │   ├── UpdateBusyError             another update holds the lock (409)
     │   ├── UpdateStateError            the update state file is unreadable or too new (500)
+    │   │   └── UpdatesDisabledError        a check was asked for while updates are off for that (409)
     │   ├── RegistryUnavailableError    the registry host cannot be reached (502)
     │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
     │   ├── TargetNotFoundError         the signed metadata does not list it (404)
@@ -210,6 +211,13 @@ class UpdateStateError(UpdateError):
 
     code = "update_state_invalid"
     reason = "state"
+
+
+class UpdatesDisabledError(UpdateStateError):
+    """An update check was asked for while updates are off (the state file is unusable)."""
+
+    http_status = 409
+    code = "updates_disabled"
 
 
 class RegistryUnavailableError(UpdateError):

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgert.api.mqtt_schemas import DeployState
-from edgert.errors import UpdateError, UpdateStateError
+from edgert.errors import UpdateError, UpdatesDisabledError, UpdateStateError
 from edgert.model_switch import ServingModelSwitch
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
@@ -107,6 +107,17 @@ class UpdateService:
         }
         return data
 
+    def request_check(self) -> None:
+        """Run an update round now (`POST /update/check`, the MQTT ``update_check`` command).
+
+        While updates are off the asker gets the reason instead of a check that never runs.
+        """
+        if self.disabled is not None:
+            raise UpdatesDisabledError(
+                f"updates are off: {self.disabled}; repair or remove the state file, then restart edgert"
+            )
+        self.nudge.set()
+
     @property
     def loop_restarts(self) -> int:
         return self._supervisor.restarts if self._supervisor is not None else 0
@@ -143,7 +154,7 @@ class UpdateService:
 
     def start(
         self, service: InferenceService, publish_deploy: Callable[[DeployState], None] | None, device_id: str
-    ) -> asyncio.Task[None]:
+    ) -> asyncio.Task[None] | None:
         loop = asyncio.get_running_loop()
         switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
 
@@ -155,8 +166,8 @@ class UpdateService:
 
     def start_loop(
         self, switch: ModelSwitch, on_round: Callable[[RoundReport], None] | None = None
-    ) -> asyncio.Task[None]:
-        """The supervised loop (or, with updates off, a task that answers each nudge with the reason)."""
+    ) -> asyncio.Task[None] | None:
+        """The supervised loop; None with updates off (:meth:`request_check` then answers with the reason)."""
         self.updater.switch = switch
 
         def round_done(report: RoundReport) -> None:
@@ -167,7 +178,7 @@ class UpdateService:
         if self.disabled is not None:
             if on_round is not None:
                 on_round(RoundReport(f"failed (state): {self.disabled}", "state", f"state: {self.disabled}"))
-            return asyncio.create_task(self._refuse_nudges(), name="edgert-update-off")
+            return None
 
         self._supervisor = Supervisor(
             lambda: run_update_loop(self.updater, nudge=self.nudge, on_round=round_done),
@@ -175,12 +186,6 @@ class UpdateService:
             restart_delay_s=RESTART_DELAY_S,
         )
         return self._supervisor.start()
-
-    async def _refuse_nudges(self) -> None:
-        while True:
-            await self.nudge.wait()
-            self.nudge.clear()
-            log.error("update check not run: UPDATES ARE OFF: %s", self.disabled)
 
     def deploy_state(self, report: RoundReport, *, device_id: str) -> DeployState:
         try:

@@ -627,6 +627,8 @@ class MqttTransport:
             outcome = hook()
             if outcome is not None:
                 await outcome
+        except EdgertError as exc:  # e.g. updates are off: the reason, in one line
+            log.warning("mqtt: update check not run: %s", exc.message)
         except Exception:
             log.exception("mqtt: the update check hook failed")
 

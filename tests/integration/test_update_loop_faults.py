@@ -120,6 +120,7 @@ def test_update_loop_survives_a_failed_round_and_the_next_nudge_installs(
         switch = FlakySwitch(settings)
         switch.timeouts = 1 if fault is switch_timeout else 0
         task = updates.start_loop(switch)
+        assert task is not None
         try:
             await wait_for(lambda: failures(metrics).get(reason, 0) >= 1, f"a failure counted as {reason}")
             status = updates.status()
