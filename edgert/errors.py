@@ -11,7 +11,8 @@ so every transport converts errors the same way, in one place::
     │   ├── PayloadTooLargeError        413  payload_too_large
     │   ├── RequestTimeoutError         408  request_timeout
     │   ├── UnauthorizedError           401  invalid_api_key
-    │   └── UnsupportedMediaTypeError   415  unsupported_media_type
+    │   ├── UnsupportedMediaTypeError   415  unsupported_media_type
+    │   └── ClientDisconnectedError     499  client_closed_request (nobody reads it; counted in metrics)
     ├── OverloadedError             no room right now, retry later    (503, Retry-After)
     ├── DeadlineExceededError       the request ran out of time       (504)
     ├── ModelError                  the model file or its load failed (500)
@@ -25,12 +26,14 @@ so every transport converts errors the same way, in one place::
     │   └── DownloadCancelledError      stopped between reads: edgert is stopping (503)
     ├── InsufficientStorageError    not enough disk for a download    (507)
     ├── ConfigError                 settings or catalog are invalid   (500)
+    │   └── SocketInUseError            a live daemon already serves on the socket path
     ├── UpdateError                 the device update path failed     (500)
     │   ├── UpdateBusyError             another update holds the lock (409)
     │   ├── UpdateStateError            the update state file is unreadable or too new (500)
     │   │   └── UpdatesDisabledError        a check was asked for while updates are off for that (409)
     │   ├── RegistryUnavailableError    the registry host cannot be reached (502)
     │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
+    │   │   └── PublisherSignatureError     no publisher (model-signing) bundle, or it does not verify
     │   ├── TargetNotFoundError         the signed metadata does not list it (404)
     │   ├── HookVetoError               a firmware hook refused or timed out (409)
     │   │   └── HookUnsafeError             a hook (or its directory) others could have planted
@@ -39,6 +42,11 @@ so every transport converts errors the same way, in one place::
         └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
 
 Only adapter modules see third-party exceptions; they raise these instead.
+
+Every error class lives here, so each is found in one place. The exceptions a module raises and
+catches itself, that never leave it (``_RejectedError`` and ``_DroppedError`` in transport/mqtt.py
+carry a refusal to the reply path; parsers' ``_DefectError``, ``_TemplateError``,
+``_RangeNotSatisfiableError``), are control flow, not errors: they stay private where they are used.
 """
 
 from __future__ import annotations
@@ -108,6 +116,13 @@ class UnsupportedMediaTypeError(ClientError):
 
     http_status = 415
     code = "unsupported_media_type"
+
+
+class ClientDisconnectedError(ClientError):
+    """The client went away before its answer: the generation is cancelled; 499 as nginx counts it."""
+
+    http_status = 499
+    code = "client_closed_request"
 
 
 class OverloadedError(EdgertError):
@@ -184,6 +199,12 @@ class ConfigError(EdgertError):
     code = "config_invalid"
 
 
+class SocketInUseError(ConfigError):
+    """Another live edgert daemon already serves on the configured socket path."""
+
+    code = "socket_in_use"
+
+
 class UpdateError(EdgertError):
     """The device update path (check, download, stage, activate, commit) could not finish."""
 
@@ -234,6 +255,10 @@ class UntrustedMetadataError(UpdateError):
     http_status = 502
     code = "metadata_untrusted"
     reason = "metadata"
+
+
+class PublisherSignatureError(UntrustedMetadataError):
+    """The release has no publisher bundle, or its bundle does not verify with the configured key."""
 
 
 class TargetNotFoundError(UpdateError):

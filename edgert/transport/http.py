@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): routes translate HTTP <-> api.schemas.
 
 Bodies are parsed by hand so each failure gets its own status: malformed JSON is
-a 400, a body that does not match the schema a 422 naming the field, a body
-over the limit a 413 (checked before it is read). Every error uses OpenAI's
+a 400, a body that does not match the schema a 400 naming the field (the same
+answer MQTT gives, from :mod:`.shared`), a body over the limit a 413 (checked
+before it is read). Every error uses OpenAI's
 error shape ``{"error": {"message", "type", "param", "code"}}``.
 
 A client that disconnects cancels its generation: streaming responses notice when
@@ -46,26 +47,27 @@ from edgert.api.schemas import (
     Completion,
     CompletionRequest,
     ModelList,
-    PromptTokensDetails,
     TextChoice,
-    Usage,
     new_id,
     now,
 )
 from edgert.errors import (
     BadRequestError,
+    ClientDisconnectedError,
     EdgertError,
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
+    UpdateError,
 )
 from edgert.log import request_id
 from edgert.serving.metrics import CONTENT_TYPE, Metrics
 from edgert.serving.scheduler import Finished, TextChunk, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.transport.connections import over_tcp
+from edgert.transport.shared import invalid_body, not_ready, serving, usage
 
 log = logging.getLogger("edgert.http")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -84,6 +86,8 @@ class ApiState:
     #: wired by the daemon when a registry is configured
     on_update_check: Callable[[], None] | None = None
     update_status: Callable[[], dict[str, Any]] | None = None
+    #: runs `edgert update check|apply|rollback` as a round of the daemon's update loop (action, pinned version)
+    update_run: Callable[[str, str | None], Awaitable[dict[str, Any]]] | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -225,7 +229,7 @@ async def _parse(request: Request, model: type[BodyT], max_depth: int, body_time
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise invalid_body(exc) from None
 
 
 def nesting_exceeds(data: object, limit: int) -> bool:
@@ -242,19 +246,6 @@ def nesting_exceeds(data: object, limit: int) -> bool:
     return False
 
 
-class _UnprocessableError(EdgertError):
-    http_status = 422
-    code = "invalid_value"
-    kind = "invalid_request_error"
-
-
-def _validation_error(exc: ValidationError) -> EdgertError:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return _UnprocessableError(f"{where}: {first['msg']}{more}", param=where)
-
-
 async def _until_disconnected(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -265,12 +256,8 @@ async def _until_disconnected(request: Request) -> None:
 T = TypeVar("T")
 
 
-class _ClientGoneError(Exception):
-    pass
-
-
 async def _or_disconnect(request: Request, work: Awaitable[T], stream: TokenStream) -> T:
-    """Await ``work``; if the client goes away first, cancel the generation and raise _ClientGoneError."""
+    """Await ``work``; if the client goes away first, cancel the generation and raise ClientDisconnectedError."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -279,18 +266,9 @@ async def _or_disconnect(request: Request, work: Awaitable[T], stream: TokenStre
             return task.result()
         stream.cancel()
         task.cancel()
-        raise _ClientGoneError
+        raise ClientDisconnectedError("the client closed the connection")
     finally:
         watcher.cancel()
-
-
-def _usage(result: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
-    )
 
 
 def _sse(model: BaseModel) -> bytes:
@@ -356,17 +334,13 @@ def create_app(state: ApiState) -> FastAPI:
     async def on_edgert_error(_request: Request, exc: EdgertError) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(_ClientGoneError)
-    async def on_client_gone(_request: Request, _exc: _ClientGoneError) -> Response:
+    @app.exception_handler(ClientDisconnectedError)
+    async def on_client_gone(_request: Request, _exc: ClientDisconnectedError) -> Response:
         # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
         return Response(status_code=499)
 
     def service() -> InferenceService:
-        if state.stopping:
-            raise OverloadedError("the daemon is shutting down", retry_after_s=5)
-        if state.service is None or not state.service.ready:
-            raise OverloadedError("the model is still loading", retry_after_s=2)
-        return state.service
+        return serving(state)
 
     def _apply_headers(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
         priority = request.headers.get("x-edgert-priority")
@@ -389,11 +363,10 @@ def create_app(state: ApiState) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        svc = state.service
-        if svc is None or not svc.ready or state.stopping:
-            status = "stopping" if state.stopping else "loading"
+        status = not_ready(state)
+        if status is not None:
             return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": svc.model_id})
+        return JSONResponse({"status": "ready", "model": serving(state).model_id})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -411,6 +384,28 @@ def create_app(state: ApiState) -> FastAPI:
         if state.update_status is None:
             raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
         return await asyncio.to_thread(state.update_status)
+
+    # `edgert update check|apply|rollback` while this daemon runs: it stays the only driver of the update path.
+    # The reply is the round's outcome; an error also names its failure class ("reason") for the CLI's line.
+    async def update_round(action: str, version: str | None = None) -> Any:
+        if state.update_run is None:
+            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
+        try:
+            return await state.update_run(action, version)
+        except UpdateError as exc:
+            return JSONResponse({"error": {**exc.to_dict(), "reason": exc.reason}}, status_code=exc.http_status)
+
+    @app.get("/update/offer")
+    async def update_offer() -> Any:
+        return await update_round("check")
+
+    @app.post("/update/apply")
+    async def update_apply(version: str | None = None) -> Any:
+        return await update_round("apply", version)
+
+    @app.post("/update/rollback")
+    async def update_rollback() -> Any:
+        return await update_round("rollback")
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -459,7 +454,7 @@ def create_app(state: ApiState) -> FastAPI:
                         created=now(),
                         model=svc.model_id,
                         choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=result.reason)],
-                        usage=_usage(result),
+                        usage=usage(result),
                     ).model_dump()
                 )
             return JSONResponse(
@@ -468,7 +463,7 @@ def create_app(state: ApiState) -> FastAPI:
                     created=now(),
                     model=svc.model_id,
                     choices=[TextChoice(text=text, finish_reason=result.reason)],
-                    usage=_usage(result),
+                    usage=usage(result),
                 ).model_dump()
             )
         # Wait for the first chunk before sending headers, so an error that happens before
@@ -530,13 +525,13 @@ def create_app(state: ApiState) -> FastAPI:
             metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
             yield chunk(None if chat else "", result)
             if include_usage:
-                usage = _usage(result)
+                totals = usage(result)
                 if chat:
                     yield _sse(
-                        ChatCompletionChunk(id=ident, created=created, model=svc.model_id, choices=[], usage=usage)
+                        ChatCompletionChunk(id=ident, created=created, model=svc.model_id, choices=[], usage=totals)
                     )
                 else:
-                    yield _sse(Completion(id=ident, created=created, model=svc.model_id, choices=[], usage=usage))
+                    yield _sse(Completion(id=ident, created=created, model=svc.model_id, choices=[], usage=totals))
             yield b"data: [DONE]\n\n"
         finally:
             tokens.cancel()  # a client that went away mid-stream frees its sequence at once

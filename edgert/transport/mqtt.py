@@ -43,7 +43,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 from pydantic import BaseModel, ValidationError
@@ -66,10 +66,8 @@ from edgert.api.mqtt_schemas import (
     Topics,
     in_reply_space,
 )
-from edgert.api.schemas import PromptTokensDetails, Usage
 from edgert.errors import BadRequestError, EdgertError, OverloadedError, PayloadTooLargeError
 from edgert.log import request_id
-from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import Finished, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
@@ -83,17 +81,9 @@ from edgert.transport.mqtt_link import (
     topic_matches,
     valid_topic,
 )
+from edgert.transport.shared import ServingState, invalid_body, serving, usage
 
 log = logging.getLogger("edgert.mqtt")
-
-
-class ServingState(Protocol):
-    """What the daemon shares with every transport (``transport.http.ApiState`` fits)."""
-
-    metrics: Metrics
-    service: InferenceService | None
-    stopping: bool
-    started: float
 
 
 UpdateNudge = Callable[[], Awaitable[None] | None]
@@ -510,9 +500,7 @@ class MqttTransport:
         try:
             return MqttChatRequest.model_validate(data), route
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise _RejectedError(BadRequestError(f"{where}: {first['msg']}", param=where), rid, route) from None
+            raise _RejectedError(invalid_body(exc), rid, route) from None
         except EdgertError as exc:  # the schema's own checks (n, logprobs, stop) raise edgert errors
             raise _RejectedError(exc, rid, route) from None
 
@@ -536,18 +524,10 @@ class MqttTransport:
         self._send(entry.final, resent=True)
         return True
 
-    def _service(self) -> InferenceService:
-        if self.state.stopping:
-            raise OverloadedError("the daemon is shutting down", retry_after_s=5)
-        service = self.state.service
-        if service is None or not service.ready:
-            raise OverloadedError("the model is still loading", retry_after_s=2)
-        return service
-
     def _admit(self, key: tuple[str, str], body: MqttChatRequest, route: Route) -> None:
         """The cheap checks here, on the loop; rendering and tokenizing in ``_respond``, on a worker thread."""
         try:
-            service = self._service()
+            service = serving(self.state)
             service.check_model(body.model)
             service.check_prompt_size(body)
         except EdgertError as exc:
@@ -731,12 +711,7 @@ def _final(
         model=model,
         device_id=device_id,
         finish_reason=result.reason,
-        usage=Usage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.prompt_tokens + result.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
-        ),
+        usage=usage(result),
         content=content,
         error=ErrorBody.model_validate(result.error.to_dict()) if result.error is not None else None,
         timings=Timings(ttft_s=result.ttft_s, total_s=result.total_s),

@@ -17,11 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgert.errors import ConfigError
-
-
-class SocketInUseError(ConfigError):
-    code = "socket_in_use"
+from edgert.errors import ConfigError, SocketInUseError
 
 
 def _live(path: Path) -> bool:

@@ -38,7 +38,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from edgert.errors import ConfigError, UntrustedMetadataError
+from edgert.errors import ConfigError
+
+# Defined with every other error in edgert.errors; re-exported because callers catch it by this module.
+from edgert.errors import PublisherSignatureError as PublisherSignatureError  # noqa: PLC0414
 from edgert.update.manifest import MODEL_FILE, SIGNATURE_SUFFIX
 
 if TYPE_CHECKING:
@@ -46,10 +49,6 @@ if TYPE_CHECKING:
 
 #: A key-signed bundle is about 1.5 KB; anything far larger is not one.
 MAX_BUNDLE_BYTES: Final = 1 << 20
-
-
-class PublisherSignatureError(UntrustedMetadataError):
-    """The release has no publisher bundle, or its bundle does not verify with the configured key."""
 
 
 def signature_target_path(model_target: str) -> str:
