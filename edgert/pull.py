@@ -2,9 +2,14 @@
 
 Steps, each a small function below::
 
-    plan (where from, how many bytes, which hash)  ->  disk-space check
-      ->  download into <name>.part (HTTP Range resume, size cap, SHA-256 while streaming)
-      ->  verify size + hash  ->  validate GGUF  ->  atomic rename into place
+    plan (where from, exact size or a cap, which hash)  ->  disk-space check
+      ->  download.fetch into <name>.part  ->  validate GGUF  ->  atomic rename into place
+
+The bytes go through :func:`edgert.update.download.fetch`, the updater's downloader
+(HTTP Range resume, size cap, SHA-256 while streaming, fsync): one download path for
+both. What stays here is pull's own: the catalog lookup, the plan (which URL, which
+pin), the lock against a second pull, the disk check with the catalog's size estimate
+and the install.
 
 Hugging Face sources take three things from huggingface_hub: the endpoint
 (``HF_ENDPOINT``), offline mode (``HF_HUB_OFFLINE``) and the token. The metadata
@@ -19,23 +24,21 @@ catalog's sha256, by a ``sha256`` the caller gives, or at least by https all the
 way (redirects included); an unpinned file over plain http could be swapped in
 transit and is refused.
 
-Only this module sees httpx exceptions; it raises edgert errors. URLs appear in
-messages without user:password or query (:func:`edgert.log.display_url`).
+Only this module and the downloader see httpx exceptions; they raise edgert errors. URLs
+appear in messages without user:password or query (:func:`edgert.log.display_url`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol, TextIO
+from typing import Final, TextIO
 from urllib.parse import urlsplit
 
 import httpx
@@ -50,6 +53,7 @@ from edgert.errors import (
 )
 from edgert.gguf_file import check_matches_spec, validate_gguf
 from edgert.log import display_url, scrub_urls
+from edgert.update import download
 
 #: Called with (bytes on disk so far, expected total or None when unknown).
 ProgressCallback = Callable[[int, int | None], None]
@@ -58,13 +62,11 @@ ProgressCallback = Callable[[int, int | None], None]
 UNPINNED_SIZE_SLACK: Final = 0.10
 #: Keep this much free beyond the download so the device can still write logs and state.
 DISK_RESERVE_BYTES: Final = 64 * 1024 * 1024
-CHUNK_BYTES: Final = 1 << 20
 TIMEOUT: Final = httpx.Timeout(connect=30.0, read=60.0, write=60.0, pool=30.0)
 USER_AGENT: Final = f"edgert/{__version__}"
 
 _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT_RE: Final = re.compile(r"^[0-9a-f]{40}$")
-_CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,21 +126,16 @@ def pull_model(
         return _install_embedded(spec, models_dir, force=force)
     models_dir.mkdir(parents=True, exist_ok=True)
     part = store.part_path(target)
+    headers = {"User-Agent": USER_AGENT}
     with (
         _exclusive(part, spec),
-        httpx.Client(timeout=TIMEOUT, transport=transport, headers={"User-Agent": USER_AGENT}) as client,
+        download.client(TIMEOUT, env_proxies=True, headers=headers, transport=transport) as client,
     ):
         plan = _plan(client, spec, url, sha256, hf_endpoint)
-        resumed_from = _usable_part_size(part, plan)
-        _check_disk_space(models_dir, plan, resumed_from, spec)
-        try:
-            fetched = _download(client, plan, part, resumed_from, progress)
-            _verify(spec, plan, part, fetched.sha256)
-        except (IntegrityError, ModelFileError):
-            part.unlink(missing_ok=True)  # these bytes can never become the right file
-            raise
+        _check_disk_space(models_dir, plan, _kept_bytes(part, plan), spec)
+        fetched = _download(client, spec, plan, part, progress)
         store.install_file(part, target)
-    return PullResult(spec, target, fetched.sha256, fetched.received, fetched.start)
+    return PullResult(spec, target, fetched.sha256, fetched.received, fetched.resumed_from)
 
 
 def _install_embedded(spec: ModelSpec, models_dir: Path, *, force: bool) -> PullResult:
@@ -359,20 +356,18 @@ def _host(url: str) -> str:
 # --------------------------------------------------------------------------- disk
 
 
-def _usable_part_size(part: Path, plan: _Plan) -> int:
-    """Bytes of an earlier attempt worth keeping; a .part larger than the file can be is discarded."""
+def _kept_bytes(part: Path, plan: _Plan) -> int:
+    """Bytes of an earlier attempt the download will keep (a .part larger than the file can be is not)."""
     try:
         size = part.stat().st_size
     except FileNotFoundError:
         return 0
     limit = plan.exact_size if plan.exact_size is not None else plan.max_size
-    if size > limit:
-        part.unlink()
-        return 0
-    return size
+    return size if size <= limit else 0
 
 
 def _check_disk_space(models_dir: Path, plan: _Plan, have: int, spec: ModelSpec) -> None:
+    """Before the first byte, with the catalog's size when the file's exact size is unknown."""
     expected = plan.exact_size if plan.exact_size is not None else spec.size_bytes
     needed = max(0, expected - have) + DISK_RESERVE_BYTES
     free = shutil.disk_usage(models_dir).free
@@ -391,156 +386,27 @@ def _mib(n: int) -> int:
 # --------------------------------------------------------------------------- download
 
 
-class _Digest(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-    def hexdigest(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    #: Offset the transfer started at: the kept .part bytes, or 0 when the server ignored Range.
-    start: int
-    #: Bytes received in this call.
-    received: int
-    sha256: str
-
-
-def _download(client: httpx.Client, plan: _Plan, part: Path, have: int, progress: ProgressCallback | None) -> _Fetched:
-    """Fetch the rest of the file into ``part``, hashing every byte of it on the way."""
-    # Hash the kept bytes before asking for more: hashing a multi-GB .part takes seconds,
-    # which an open response would spend idle (and a server might time it out).
-    digest = _hash_prefix(part, have)
-    if plan.exact_size is not None and have == plan.exact_size:
-        return _Fetched(have, 0, digest.hexdigest())  # received earlier, died before verifying
+def _download(
+    client: httpx.Client, spec: ModelSpec, plan: _Plan, part: Path, progress: ProgressCallback | None
+) -> download.Fetched:
+    """Fetch and verify the bytes through the updater's downloader, then check the GGUF against the entry."""
+    job = download.Fetch(
+        url=plan.url,
+        part=part,
+        length=plan.exact_size,
+        hashes={"sha256": plan.sha256} if plan.sha256 is not None else {},
+        max_length=plan.max_size,
+        headers=plan.headers,
+        https_only=plan.https_only,
+        require_sha256=plan.sha256 is not None,  # the plan refused an unpinned file not on https (finding 13)
+        pin="pinned",
+    )
     try:
-        return _fetch(client, plan, part, have, digest, progress)
-    except _RangeNotSatisfiableError:
-        # Only possible for an unpinned file whose .part already holds all of it (or more): start over.
-        part.unlink(missing_ok=True)
-        return _fetch(client, plan, part, 0, hashlib.sha256(), progress)
-
-
-class _RangeNotSatisfiableError(Exception):
-    """HTTP 416 to our Range request."""
-
-
-def _fetch(
-    client: httpx.Client, plan: _Plan, part: Path, have: int, digest: _Digest, progress: ProgressCallback | None
-) -> _Fetched:
-    headers = {**plan.headers, "Accept-Encoding": "identity"}  # a compressed body would defeat Range
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        with client.stream("GET", plan.url, headers=headers, follow_redirects=True) as response:
-            if plan.https_only and response.url.scheme != "https":
-                raise IntegrityError(
-                    f"{_host(plan.url)} redirected to {display_url(str(response.url))}: an unpinned download "
-                    "must stay on https; pass --sha256 to allow it"
-                )
-            start = _response_start(response, have, plan.url)
-            total = _response_total(response, start, plan)
-            if start != have:
-                digest = hashlib.sha256()  # the server ignored Range: the kept bytes are dropped
-            with part.open("r+b" if start else "wb") as fh:
-                fh.seek(start)
-                fh.truncate()
-                received = _copy_body(
-                    response, fh=fh, digest=digest, start=start, total=total, plan=plan, progress=progress
-                )
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise DownloadError(
-            f"download from {_host(plan.url)} failed: {scrub_urls(str(exc))}; run the same command again to resume"
-        ) from None
+        fetched = download.fetch(client, job, reserve_bytes=DISK_RESERVE_BYTES, progress=progress)
+        check_matches_spec(validate_gguf(part), spec)
+    except ModelFileError:
+        part.unlink(missing_ok=True)  # these bytes can never become the right file
+        raise
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise InsufficientStorageError(
-                f"the disk holding {part} filled up; free some space and run the same command again to resume"
-            ) from None
         raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
-    return _Fetched(start, received, digest.hexdigest())
-
-
-def _hash_prefix(part: Path, length: int) -> _Digest:
-    digest = hashlib.sha256()
-    if length:
-        with part.open("rb") as fh:
-            while chunk := fh.read(min(CHUNK_BYTES, length - fh.tell())):
-                digest.update(chunk)
-    return digest
-
-
-def _response_start(response: httpx.Response, have: int, url: str) -> int:
-    """Offset the body starts at: ``have`` for a 206 that honours our Range, 0 for a full 200."""
-    if response.status_code == 200:
-        return 0  # also what a server that ignores Range sends: we start over
-    if response.status_code == 206 and have:
-        match = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
-        if match and int(match.group(1)) == have:
-            return have
-        raise DownloadError(
-            f"{_host(url)} answered Range bytes={have}- with Content-Range {response.headers.get('Content-Range')!r}"
-        )
-    if response.status_code == 416 and have:
-        raise _RangeNotSatisfiableError
-    raise DownloadError(f"{_host(url)} answered HTTP {response.status_code} for {display_url(url)}")
-
-
-def _response_total(response: httpx.Response, start: int, plan: _Plan) -> int | None:
-    """The full file size the server announces, checked against what the catalog allows."""
-    total: int | None = None
-    match = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
-    if match and match.group(3) != "*":
-        total = int(match.group(3))
-    elif (length := _int_or_none(response.headers.get("Content-Length"))) is not None:
-        total = start + length
-    if total is not None:
-        if total > plan.max_size:
-            raise IntegrityError(
-                f"{_host(plan.url)} offers {total} bytes, more than the {plan.max_size} the catalog allows"
-            )
-        if plan.exact_size is not None and total != plan.exact_size:
-            raise IntegrityError(
-                f"{_host(plan.url)} offers {total} bytes, the catalog expects exactly {plan.exact_size}"
-            )
-    return total if total is not None else plan.exact_size
-
-
-def _copy_body(
-    response: httpx.Response,
-    *,
-    fh: BinaryIO,
-    digest: _Digest,
-    start: int,
-    total: int | None,
-    plan: _Plan,
-    progress: ProgressCallback | None,
-) -> int:
-    done = start
-    if progress is not None:
-        progress(done, total)
-    for chunk in response.iter_bytes(CHUNK_BYTES):
-        done += len(chunk)
-        if done > plan.max_size:  # the server lied about its length, or sent none
-            raise IntegrityError(f"{_host(plan.url)} sent more than the {plan.max_size} bytes the catalog allows")
-        fh.write(chunk)
-        digest.update(chunk)
-        if progress is not None:
-            progress(done, total)
-    return done - start
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def _verify(spec: ModelSpec, plan: _Plan, part: Path, actual_sha: str) -> None:
-    size = part.stat().st_size
-    if plan.exact_size is not None and size != plan.exact_size:
-        raise DownloadError(
-            f"download of {spec.id} stopped at {size} of {plan.exact_size} bytes; run the same command again to resume"
-        )
-    if plan.sha256 is not None and actual_sha != plan.sha256:
-        raise IntegrityError(
-            f"model {spec.id}: sha256 mismatch: expected {plan.sha256}, actual {actual_sha}; "
-            "the partial download was deleted"
-        )
-    check_matches_spec(validate_gguf(part), spec)
+    return fetched

@@ -1,35 +1,44 @@
-"""Fetch one signed target into ``<file>.part``: resumable, capped, hash-verified.
+"""Fetch one file into ``<file>.part``: resumable, capped, hash-verified. The one downloader.
 
-The signed length and hashes come from verified TUF metadata, so this module
-trusts nothing the server says:
+Both the updater (a signed target: exact length and hashes from verified TUF metadata)
+and ``edgert models pull`` (a catalog model: an exact pinned length, or only a maximum,
+and a sha256 when one is pinned) download through :func:`fetch`. It trusts nothing the
+server says:
 
-* never more bytes than the signed length — a larger ``Content-Length`` or
-  ``Content-Range`` is refused before the body, and a body that keeps coming
-  (no length, or a lying one) is cut at the signed length ("endless data");
+* never more bytes than the exact length (or the maximum) — a larger ``Content-Length`` or
+  ``Content-Range`` is refused before the body, and a body that keeps coming (no length,
+  or a lying one) is cut there ("endless data");
 * an HTTP ``Range`` request resumes an earlier ``.part``; a server that ignores it
-  (200 instead of 206) restarts from zero, truncating the file;
-* SHA-256 (and SHA-512 when signed) while streaming, over every byte including
-  the resumed prefix, then fsync; the caller renames the verified ``.part`` into place;
-* free space is checked against the signed length before the first byte;
-* an overall deadline (:class:`Pace`: slack + remaining signed bytes / a minimum
-  throughput) cuts a registry that trickles bytes just fast enough to dodge the per-read
-  timeout (1 KiB every 0.5 s once held the update lock for good): "too slow", ``.part`` kept;
+  (200 instead of 206) restarts from zero, truncating the file; a 416 for a file of
+  unknown length (its ``.part`` may already hold all of it) starts over once;
+* SHA-256 (and SHA-512 when given) while streaming, over every byte including the
+  resumed prefix, then fsync; the caller renames the verified ``.part`` into place.
+  sha256 is required unless the caller says the file has no pin (``require_sha256``; pull
+  allows that only for https-only downloads or catalog entries without a hash, finding 13);
+  ``https_only`` refuses a redirect off https;
+* free space is checked against the exact length before the first byte;
+* an overall deadline (:class:`Pace`: slack + remaining bytes / a minimum throughput)
+  cuts a registry that trickles bytes just fast enough to dodge the per-read timeout
+  (1 KiB every 0.5 s once held the update lock for good): "too slow", ``.part`` kept;
 * a ``stop`` event, checked between reads, ends a download when the daemon stops
   (DownloadCancelledError, ``.part`` kept for the next start).
 
 How it keeps up with the network (measured in ``benchmarks/update_download.py``):
 :func:`client`'s connections take up to ``READ_BYTES`` per socket read (httpcore asks
-for 64 KiB), each buffer is written at once, unbuffered, and handed to a second thread
-that hashes it (hashlib releases the GIL for large buffers, so hashing overlaps the next
-read and write). After a ``kill -9`` the resume fetches again what was in flight: the
-client's part (its kernel receive queue, one unwritten read) measured 0.1 to 0.5 MiB with
-the kernel's receive-buffer autotuning; the rest sat in the server's send buffer. Capping
-``SO_RCVBUF`` (``receive_buffer_bytes``) did not shrink that, and caps throughput at about
-buffer / RTT, so it is off by default.
+for 64 KiB; :mod:`edgert.update.download_http` does this through httpcore's public
+network-backend API), each buffer is written at once, unbuffered, and handed to a second
+thread that hashes it (hashlib releases the GIL for large buffers, so hashing overlaps
+the next read and write). After a ``kill -9`` the resume fetches again what was in
+flight: the client's part (its kernel receive queue, one unwritten read) measured 0.1 to
+0.5 MiB with the kernel's receive-buffer autotuning; the rest sat in the server's send
+buffer. Capping ``SO_RCVBUF`` (``receive_buffer_bytes``) did not shrink that, and caps
+throughput at about buffer / RTT, so it is off by default.
 
 A connection that drops keeps the ``.part`` (DownloadError: run again to resume);
-bytes that can never become the signed file (IntegrityError) are deleted.
-Only this module sees httpx exceptions.
+bytes that can never become the expected file (IntegrityError) are deleted.
+Only this module and :mod:`edgert.update.download_http` see httpx exceptions.
+Over 400 lines on purpose: every rule a downloaded byte passes is here, in the order it applies. URLs appear
+in messages without user:password or query (:func:`edgert.log.display_url`).
 """
 
 from __future__ import annotations
@@ -40,16 +49,13 @@ import os
 import queue
 import re
 import shutil
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol
+from typing import BinaryIO, Final, Protocol
 
-import httpcore
 import httpx
 
 from edgert.errors import (
@@ -59,14 +65,28 @@ from edgert.errors import (
     InsufficientStorageError,
     IntegrityError,
 )
+from edgert.log import display_url, scrub_urls
+from edgert.update.download_http import READ_BYTES, client
+
+__all__ = [
+    "CHUNK_BYTES",
+    "HASH_QUEUE_BUFFERS",
+    "READ_BYTES",
+    "SUPPORTED_HASHES",
+    "Fetch",
+    "Fetched",
+    "Pace",
+    "Progress",
+    "check_free_space",
+    "client",
+    "fetch",
+]
 
 CHUNK_BYTES: Final = 1 << 20
-#: Most bytes taken from the socket per read by :func:`client`'s connections.
-READ_BYTES: Final = 1 << 20
 #: Buffers waiting for the hashing thread before the network loop waits for it
 #: (memory: at most this many reads of up to READ_BYTES).
 HASH_QUEUE_BUFFERS: Final = 16
-#: Hash algorithms checked when the metadata lists them; sha256 is required upstream.
+#: Hash algorithms checked when the metadata lists them; sha256 is always computed.
 SUPPORTED_HASHES: Final = ("sha256", "sha512")
 _CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -76,7 +96,8 @@ class _Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
-#: Called with (bytes of the file on disk so far, signed length).
+#: Called with (bytes of the file on disk so far, expected total: the exact length, else what the
+#: server announced, else the maximum).
 Progress = Callable[[int, int], None]
 
 
@@ -84,8 +105,32 @@ Progress = Callable[[int, int], None]
 class Fetch:
     url: str
     part: Path
-    length: int
+    #: The file's exact length (signed, or pinned); None when only ``max_length`` bounds it.
+    length: int | None
+    #: Digests the file must have, by algorithm (lower-case hex).
     hashes: Mapping[str, str]
+    #: Most bytes accepted when ``length`` is None.
+    max_length: int | None = None
+    #: Extra request headers (a Hub token).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Refuse a response reached over anything but https (redirects included): for a file with no
+    #: pinned hash, the transport is its only integrity check.
+    https_only: bool = False
+    #: False only for a file nobody pinned a sha256 for (then the computed one is returned).
+    require_sha256: bool = True
+    #: Whose word the length and hashes are, as an adjective for messages ("the signed length").
+    pin: str = "signed"
+
+    def __post_init__(self) -> None:
+        if self.length is None and self.max_length is None:
+            raise ValueError("a download needs an exact length or a maximum")
+
+    @property
+    def cap(self) -> int:
+        """Never more bytes than this."""
+        cap = self.length if self.length is not None else self.max_length
+        assert cap is not None  # __post_init__
+        return cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,82 +153,8 @@ class Fetched:
     resumed_from: int
     #: Bytes received over the network by this call.
     received: int
-
-
-def client(
-    timeout: httpx.Timeout | float, *, follow_redirects: bool = True, receive_buffer_bytes: int | None = None
-) -> httpx.Client:
-    """An HTTP client for :func:`fetch` with large reads; ``receive_buffer_bytes`` sets ``SO_RCVBUF``
-    (None: the kernel's autotuning; a cap also limits throughput to about twice the cap per RTT)."""
-    transport = _Transport(receive_buffer_bytes)
-    return httpx.Client(timeout=timeout, follow_redirects=follow_redirects, transport=transport)
-
-
-class _Transport(httpx.HTTPTransport):
-    """httpx's transport over a network backend that reads up to ``READ_BYTES`` per call.
-
-    httpcore asks its stream for 64 KiB at a time; taking what the socket holds, up to
-    ``READ_BYTES``, cuts the per-buffer Python work (parse, write, queue) by up to 16x on
-    fast links. httpx does not take a network backend, so the pool is rebuilt with one
-    (same settings as httpx's defaults). Over TLS a read usually returns one record (16 KiB) at most.
-    """
-
-    def __init__(self, receive_buffer_bytes: int | None) -> None:
-        options = [] if receive_buffer_bytes is None else [(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)]
-        super().__init__(socket_options=options)
-        # Fails loudly (tests) if httpx stops keeping its pool here, instead of silently losing the reads.
-        assert isinstance(self._pool, httpcore.ConnectionPool), "httpx.HTTPTransport._pool moved"
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=httpx.Limits().max_connections,
-            socket_options=options,
-            network_backend=_LargeReads(httpcore.SyncBackend()),
-        )
-
-
-class _LargeReads(httpcore.NetworkBackend):
-    def __init__(self, backend: httpcore.NetworkBackend) -> None:
-        self._backend = backend
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        return _LargeReadStream(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
-    ) -> httpcore.NetworkStream:
-        return _LargeReadStream(self._backend.connect_unix_socket(path, timeout, socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._backend.sleep(seconds)
-
-
-class _LargeReadStream(httpcore.NetworkStream):
-    def __init__(self, stream: httpcore.NetworkStream) -> None:
-        self._stream = stream
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max(max_bytes, READ_BYTES), timeout)
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, timeout)
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        return _LargeReadStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._stream.get_extra_info(info)
+    #: SHA-256 of the verified file (hex).
+    sha256: str = ""
 
 
 def fetch(
@@ -201,19 +172,20 @@ def fetch(
     reads, ends it (DownloadCancelledError). Both keep the ``.part`` for a later resume.
     """
     have = _usable(job)
-    check_free_space(job.part.parent, job.length - have, reserve_bytes)
+    if job.length is not None:  # of a file of unknown length the caller checks with its own estimate
+        check_free_space(job.part.parent, job.length - have, reserve_bytes)
     digests = _digests(job)
     _hash_prefix(job.part, have, digests)
     received = 0
     start = have
-    if have < job.length:
+    if job.length is None or have < job.length:
         try:
-            start, received = _transfer(client, job, have, digests, _Limits(progress, pace, stop))
+            start, received = _transfer_or_restart(client, job, have, digests, _Limits(progress, pace, stop))
         except IntegrityError:
-            job.part.unlink(missing_ok=True)  # these bytes can never become the signed file
+            job.part.unlink(missing_ok=True)  # these bytes can never become the expected file
             raise
     _verify(job, digests)
-    return Fetched(resumed_from=start, received=received)
+    return Fetched(resumed_from=start, received=received, sha256=digests["sha256"].hexdigest())
 
 
 def check_free_space(directory: Path, needed: int, reserve_bytes: int) -> None:
@@ -230,7 +202,7 @@ def _usable(job: Fetch) -> int:
         size = job.part.stat().st_size
     except FileNotFoundError:
         return 0
-    if size > job.length:  # cannot be a prefix of the signed file
+    if size > job.cap:  # cannot be a prefix of the expected file
         job.part.unlink()
         return 0
     return size
@@ -257,87 +229,130 @@ class _Limits:
     def check(self, job: Fetch, start: int, done: int) -> None:
         """Between reads: raise when asked to stop, or past the deadline."""
         self.done = done
+        url = display_url(job.url)
         if self.stop is not None and self.stop.is_set():
             raise DownloadCancelledError(
-                f"download of {job.url} stopped at byte {done} of {job.length} because edgert is stopping; "
+                f"download of {url} stopped at byte {done} of {job.cap} because edgert is stopping; "
                 "the next attempt resumes"
             )
         if self.deadline is not None and self.pace is not None and time.monotonic() > self.deadline:
             elapsed = time.monotonic() - self.started
             raise DownloadTooSlowError(
-                f"download of {job.url} too slow: {done - start} bytes in {elapsed:.0f} s, short of the "
-                f"{job.length - start} needed at update.download_min_bytes_per_s={self.pace.min_bytes_per_s} "
-                f"(+{self.pace.slack_s:g} s slack); {done} of {job.length} bytes kept, the next attempt resumes"
+                f"download of {url} too slow: {done - start} bytes in {elapsed:.0f} s, short of the "
+                f"{job.cap - start} needed at update.download_min_bytes_per_s={self.pace.min_bytes_per_s} "
+                f"(+{self.pace.slack_s:g} s slack); {done} of {job.cap} bytes kept, the next attempt resumes"
             )
+
+
+class _RangeNotSatisfiableError(Exception):
+    """HTTP 416 to our Range request for a file of unknown length."""
+
+
+def _transfer_or_restart(
+    client: httpx.Client, job: Fetch, have: int, digests: dict[str, _Hash], limits: _Limits
+) -> tuple[int, int]:
+    try:
+        return _transfer(client, job, have, digests, limits)
+    except _RangeNotSatisfiableError:
+        # Without an exact length a .part holding the whole file looks unfinished: start over, once.
+        job.part.unlink(missing_ok=True)
+        digests.update(_digests(job))
+        return _transfer(client, job, 0, digests, limits)
 
 
 def _transfer(
     client: httpx.Client, job: Fetch, have: int, digests: dict[str, _Hash], limits: _Limits
 ) -> tuple[int, int]:
-    headers = {"Accept-Encoding": "identity"}
+    headers = {**job.headers, "Accept-Encoding": "identity"}  # a compressed body would defeat Range
     if have:
         headers["Range"] = f"bytes={have}-"
     limits.check(job, have, have)
     timeout = client.timeout
     limits.started = time.monotonic()
     if limits.pace is not None:
-        budget = limits.pace.budget_s(job.length - have)
+        budget = limits.pace.budget_s(job.cap - have)
         limits.deadline = limits.started + budget
         # A silent server is cut by the deadline too, not only after the per-read timeout.
         read = budget if timeout.read is None else min(timeout.read, budget)
         timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
+    url = display_url(job.url)
     try:
         with client.stream("GET", job.url, headers=headers, timeout=timeout) as response:
+            _check_scheme(response, job)
             start = _start_of(response, have, job)
-            _check_announced(response, start, job)
+            total = _check_announced(response, start, job)
             if start == 0 and have:  # a 200 after a Range request: the kept bytes go
                 digests.update(_digests(job))
-                limits.restart(job.length)
+                limits.restart(job.cap)
             with job.part.open("r+b" if start else "wb", buffering=0) as fh:
                 fh.seek(start)
                 fh.truncate()
-                received = _copy(response, fh, start, job, digests, limits)
+                received = _copy(response, fh, start, job, digests, limits, total)
                 os.fsync(fh.fileno())
     except httpx.TimeoutException as exc:
         if limits.deadline is not None and time.monotonic() >= limits.deadline:
             limits.check(job, have, max(limits.done, have))  # a silent server past it: "too slow" like a trickle
-        raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
+        raise DownloadError(f"download of {url} interrupted ({_text(exc)}); the next attempt resumes") from None
     except httpx.HTTPError as exc:
-        raise DownloadError(f"download of {job.url} interrupted ({exc}); the next attempt resumes") from None
+        raise DownloadError(f"download of {url} interrupted ({_text(exc)}); the next attempt resumes") from None
+    except httpx.InvalidURL as exc:
+        raise DownloadError(f"cannot download {url}: {_text(exc)}") from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:  # someone else filled the volume after our free-space check
             raise InsufficientStorageError(f"{job.part.parent} is full ({exc.strerror})") from None
         raise
     done = start + received
-    if done < job.length:
-        raise DownloadError(f"{job.url}: the connection ended at byte {done} of {job.length}; the next attempt resumes")
+    if job.length is not None and done < job.length:
+        raise DownloadError(f"{url}: the connection ended at byte {done} of {job.length}; the next attempt resumes")
     return start, received
 
 
+def _text(exc: Exception) -> str:
+    return scrub_urls(str(exc)) or type(exc).__name__
+
+
+def _check_scheme(response: httpx.Response, job: Fetch) -> None:
+    if job.https_only and response.url.scheme != "https":
+        raise IntegrityError(
+            f"{display_url(job.url)} redirected to {display_url(str(response.url))}: a download without a "
+            "pinned sha256 must stay on https"
+        )
+
+
 def _start_of(response: httpx.Response, have: int, job: Fetch) -> int:
+    url = display_url(job.url)
     if response.status_code == 200:
         return 0
     if response.status_code == 206 and have:
         match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
         if match and int(match.group(1)) == have:
             return have
-        raise DownloadError(f"{job.url}: bad Content-Range {response.headers.get('Content-Range')!r}")
-    if response.status_code == 416:
+        raise DownloadError(f"{url}: bad Content-Range {response.headers.get('Content-Range')!r}")
+    if response.status_code == 416 and have:
+        if job.length is None:
+            raise _RangeNotSatisfiableError
         # Our .part is no prefix of what the server has: drop it, the next attempt starts over.
         job.part.unlink(missing_ok=True)
-    raise DownloadError(f"{job.url}: HTTP {response.status_code}")
+    raise DownloadError(f"{url}: the server answered HTTP {response.status_code}")
 
 
-def _check_announced(response: httpx.Response, start: int, job: Fetch) -> None:
-    """Refuse before reading the body when the server announces a size other than the signed one."""
+def _check_announced(response: httpx.Response, start: int, job: Fetch) -> int | None:
+    """Refuse before reading the body when the server announces a size other than expected; return it."""
     total: int | None = None
     match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
     if match and match.group(3) != "*":
         total = int(match.group(3))
     elif "Content-Length" in response.headers and "Content-Range" not in response.headers:
         total = start + int(response.headers["Content-Length"])
-    if total is not None and total != job.length:
-        raise IntegrityError(f"{job.url}: the server offers {total} bytes, the signed length is {job.length}")
+    if total is not None and job.length is not None and total != job.length:
+        raise IntegrityError(
+            f"{display_url(job.url)}: the server offers {total} bytes, the {job.pin} length is {job.length}"
+        )
+    if total is not None and total > job.cap:
+        raise IntegrityError(
+            f"{display_url(job.url)}: the server offers {total} bytes, more than the {job.cap} allowed"
+        )
+    return total
 
 
 def _copy(
@@ -347,26 +362,33 @@ def _copy(
     job: Fetch,
     digests: dict[str, _Hash],
     limits: _Limits,
+    announced: int | None,
 ) -> int:
     done = start
+    cap = job.cap
+    total = job.length or announced or cap  # what the progress callback is told
     hasher = _Hasher(digests)
     try:
         # iter_raw: the transport's own buffers as they arrive, no re-chunking copy (we asked for
         # identity encoding; a server that compresses anyway fails the hash check).
         for chunk in response.iter_raw():
-            if done + len(chunk) > job.length:
-                # Endless data: write nothing past the signed length, and stop reading.
-                _write_all(fh, chunk[: job.length - done])
-                raise IntegrityError(f"{job.url}: the server sent more than the signed {job.length} bytes")
+            if done + len(chunk) > cap:
+                # Endless data: write nothing past the cap, and stop reading.
+                _write_all(fh, chunk[: cap - done])
+                raise IntegrityError(f"{display_url(job.url)}: the server sent more than the {_cap_text(job)} bytes")
             _write_all(fh, chunk)
             hasher.update(chunk)
             done += len(chunk)
             if limits.progress is not None:
-                limits.progress(done, job.length)
+                limits.progress(done, total)
             limits.check(job, start, done)
     finally:
         hasher.close()
     return done - start
+
+
+def _cap_text(job: Fetch) -> str:
+    return f"{job.pin} {job.length}" if job.length is not None else f"{job.cap} allowed"
 
 
 def _write_all(fh: BinaryIO, data: bytes) -> None:
@@ -402,7 +424,9 @@ class _Hasher:
 def _digests(job: Fetch) -> dict[str, _Hash]:
     wanted = [name for name in job.hashes if name in SUPPORTED_HASHES]
     if "sha256" not in wanted:
-        raise IntegrityError(f"{job.url}: no sha256 in the signed metadata")
+        if job.require_sha256:
+            raise IntegrityError(f"{display_url(job.url)}: no sha256 in the {job.pin} metadata")
+        wanted.append("sha256")  # computed for the caller, checked against nothing
     return {name: hashlib.new(name) for name in wanted}
 
 
@@ -417,13 +441,20 @@ def _hash_prefix(part: Path, length: int, digests: dict[str, _Hash]) -> None:
 
 
 def _verify(job: Fetch, digests: dict[str, _Hash]) -> None:
-    """Length and every supported signed hash, computed while streaming; delete the file when wrong."""
+    """Length and every given hash, computed while streaming; delete the file when wrong."""
     size = job.part.stat().st_size
-    bad = [name for name, digest in digests.items() if digest.hexdigest() != job.hashes[name]]
-    if size != job.length or bad:
+    problems = (
+        [] if job.length is None or size == job.length else [f"{size} bytes, the {job.pin} length is {job.length}"]
+    )
+    for name, expected in job.hashes.items():
+        actual = digests[name].hexdigest() if name in digests else None
+        if actual is not None and actual != expected:
+            problems.append(f"{name} mismatch: expected {expected}, actual {actual}")
+    if problems:
         job.part.unlink(missing_ok=True)
-        what = f"{size} bytes (signed {job.length})" if size != job.length else f"{', '.join(bad)} mismatch"
-        raise IntegrityError(f"{job.url}: downloaded file does not match the signed metadata: {what}")
+        raise IntegrityError(
+            f"{display_url(job.url)}: downloaded file does not match the {job.pin} metadata: {'; '.join(problems)}"
+        )
 
 
 def _mib(n: int) -> int:

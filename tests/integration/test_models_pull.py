@@ -23,7 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -40,6 +42,7 @@ from edgert.errors import (
 )
 from edgert.pull import pull_model
 from edgert.settings import load_settings
+from edgert.update import download
 from tests.integration.http_host import make_traversable, worker_user
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -412,6 +415,65 @@ def test_an_interrupted_pull_keeps_its_part_and_the_next_pull_resumes(env: Env) 
     assert (second.status, second.range, second.body_bytes) == (206, f"bytes={kept}-", len(env.tiny) - kept)
 
 
+# Issue 14: pull had a download loop of its own beside the updater's; the bytes now go through download.fetch.
+
+
+@dataclass
+class FetchSpy:
+    """Records every call of the updater's ``download.fetch`` (the real one runs) and how it ended."""
+
+    calls: list[tuple[download.Fetch, BaseException | None]] = field(default_factory=list)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = download.fetch
+
+        def fetch(client: httpx.Client, job: download.Fetch, **kwargs: Any) -> download.Fetched:
+            try:
+                fetched = real(client, job, **kwargs)
+            except BaseException as exc:
+                self.calls.append((job, exc))
+                raise
+            self.calls.append((job, None))
+            return fetched
+
+        monkeypatch.setattr(download, "fetch", fetch)
+
+
+def test_pull_resumes_and_refuses_a_hash_mismatch_through_the_updaters_downloader(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = FetchSpy()
+    spy.install(monkeypatch)
+    spec = env.spec("tiny-url:f16")
+    env.models_dir.mkdir(parents=True)
+    part = env.models_dir / "tiny-url.f16.gguf.part"
+    target = env.models_dir / "tiny-url.f16.gguf"
+    part.write_bytes(env.tiny[:700_000])
+
+    result = pull_model(spec, env.models_dir)
+
+    assert (result.resumed_from, result.downloaded_bytes, result.sha256) == (
+        700_000,
+        len(env.tiny) - 700_000,
+        _sha(env.tiny),
+    )
+    [(job, error)] = spy.calls
+    assert (job.part, job.length, dict(job.hashes), error) == (part, len(env.tiny), {"sha256": _sha(env.tiny)}, None)
+    assert target.read_bytes() == env.tiny
+
+    # The same resume over a kept prefix with one wrong byte: refused by the shared hash check, nothing replaced.
+    spy.calls.clear()
+    part.write_bytes(_flip_last_byte(env.tiny[:700_000]))
+    with pytest.raises(IntegrityError, match=f"sha256 mismatch: expected {_sha(env.tiny)}, actual ") as caught:
+        pull_model(spec, env.models_dir, force=True)
+    [(job, error)] = spy.calls
+    assert error is caught.value
+    assert not part.exists()
+    assert target.read_bytes() == env.tiny
+    resumed = [(r.status, r.range) for r in env.nginx.requests(expect=2)]
+    assert resumed == [(206, "bytes=700000-"), (206, "bytes=700000-")]
+
+
 def test_a_complete_part_is_verified_and_installed_without_a_request(env: Env) -> None:
     env.models_dir.mkdir(parents=True)
     (env.models_dir / "tiny-url.f16.gguf.part").write_bytes(env.tiny)
@@ -482,7 +544,7 @@ def test_tampered_bytes_raise_integrity_error_and_install_nothing(env: Env) -> N
 def test_a_server_offering_more_bytes_than_pinned_is_refused(env: Env) -> None:
     with pytest.raises(
         IntegrityError,
-        match=rf"offers {len(env.tiny) + 4096} bytes, more than the {len(env.tiny)} the catalog allows",
+        match=rf"offers {len(env.tiny) + 4096} bytes, the pinned length is {len(env.tiny)}$",
     ):
         pull_model(env.spec("tiny-bigger:f16"), env.models_dir)
     assert list(env.models_dir.iterdir()) == []
