@@ -127,8 +127,13 @@ class MqttRequester:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def send(self, topic: str, body: dict[str, Any], *, request_id: str | None = None) -> PendingReply:
-        """Publish one chat request (QoS 1); the returned PendingReply yields its replies."""
+    def send(
+        self, topic: str, body: dict[str, Any], *, request_id: str | None = None, acked_within_s: float | None = None
+    ) -> PendingReply:
+        """Publish one chat request (QoS 1); the returned PendingReply yields its replies.
+
+        With ``acked_within_s``, return only once the broker acknowledged it (PUBACK: it holds the
+        request, for an offline device too), TimeoutError when it did not in that time."""
         rid = request_id or str(body.get("id") or uuid.uuid4().hex)
         payload = dict(body, id=rid)
         pending = self.expect(rid)
@@ -136,7 +141,11 @@ class MqttRequester:
         # reply_to in the payload too: a 3.1.1 device never sees MQTT 5 properties.
         payload["reply_to"] = reply_topic
         props = publish_properties(rid.encode(), reply_topic) if self.settings.protocol == "5" else None
-        self._client.publish(topic, json.dumps(payload).encode(), qos=QOS, properties=props)
+        sent = self._client.publish(topic, json.dumps(payload).encode(), qos=QOS, properties=props)
+        if acked_within_s is not None:
+            sent.wait_for_publish(acked_within_s)
+            if not sent.is_published():
+                raise TimeoutError(f"the broker did not acknowledge request {rid} within {acked_within_s:g} s")
         return pending
 
     def reply_topic(self, request_topic: str) -> str:

@@ -188,38 +188,53 @@ def test_mqtt311_client_gets_replies_on_reply_to(broker: Broker, client: MqttReq
 
 def test_mosquitto_pub_and_sub_interop(broker: Broker, client: MqttRequester) -> None:
     def subscriber(topic: str, *args: str) -> subprocess.Popen[str]:
-        cmd = ["mosquitto_sub", *broker.cli_args(), *args, "-q", "1", "-t", topic, "-C", "1", "-W", "20"]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        """mosquitto_sub, once the broker acknowledged its subscription: ``-d`` prints the SUBACK,
+        ``stdbuf -oL`` makes it print at once instead of when the pipe's buffer fills."""
+        cmd = ["stdbuf", "-oL", "mosquitto_sub", *broker.cli_args(), "-d", *args, "-q", "1", "-t", topic]
+        proc = subprocess.Popen(
+            [*cmd, "-C", "1", "-W", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        while "received SUBACK" not in (line := proc.stdout.readline()):
+            assert line, "mosquitto_sub ended before its subscription was acknowledged"
+        return proc
+
+    def received(proc: subprocess.Popen[str]) -> tuple[str, str]:
+        """The message mosquitto_sub printed (its -d lines left out), and its stderr."""
+        assert proc.stdout is not None and proc.stderr is not None
+        with proc:  # closes the pipes and waits
+            out = proc.stdout.read()  # to its exit: -C 1 (the message) or -W 20 (none came)
+            err = proc.stderr.read()
+        message = [line for line in out.splitlines() if not line.startswith(("Client ", "Subscribed "))]
+        return "\n".join(message), err
 
     def publish(*args: str) -> None:
         subprocess.run(["mosquitto_pub", *broker.cli_args(), "-q", "1", "-t", DEV_A.req, *args], check=True)
 
     # MQTT 3.1.1 both ways: the reply topic rides in the payload (within the device's reply space).
     sub311 = subscriber("edgert/v1/dev-a/reply/interop-311", "-V", "mqttv311")
-    time.sleep(0.3)  # mosquitto_sub has no "subscribed" signal
     publish(
         "-V", "mqttv311", "-m", json.dumps(chat(4, id="interop-311", reply_to="edgert/v1/dev-a/reply/interop-311"))
     )  # fmt: skip
-    out, err = sub311.communicate(timeout=25)
+    out, err = received(sub311)
     final = ReplyFinal.model_validate_json(out)
     assert final.id == "interop-311", err
 
     # MQTT 5: Response Topic + Correlation Data properties, echoed back.
     sub5 = subscriber("edgert/v1/dev-a/reply/interop-5", "-V", "5", "-F", "%D|%p")
-    time.sleep(0.3)
     publish(
         "-V", "5", "-D", "publish", "response-topic", "edgert/v1/dev-a/reply/interop-5",
         "-D", "publish", "correlation-data", "corr-42",
         "-m", json.dumps(chat(4, id="interop-5")),
     )  # fmt: skip
-    out, err = sub5.communicate(timeout=25)
+    out, err = received(sub5)
     correlation, _, payload = out.strip().partition("|")
     assert correlation == "corr-42", err
     assert ReplyFinal.model_validate_json(payload).id == "interop-5"
 
     # The retained status is readable by any client.
     status = subscriber(DEV_A.status)
-    out, _ = status.communicate(timeout=25)
+    out, _ = received(status)
     assert DeviceStatus.model_validate_json(out).state == "online"
 
 
@@ -346,8 +361,8 @@ def test_last_will_then_request_sent_while_down_is_answered_after_start(
     device.stop(signal.SIGKILL)
     assert wait_status(watcher, "dev-e", "offline").reason == "connection lost"  # the broker's last will
 
-    pending = technician.send("edgert/v1/dev-e/req", chat(5, id="while-down"))
-    time.sleep(0.2)
+    # Acknowledged by the broker: it is queued in dev-e's persistent session before dev-e returns.
+    pending = technician.send("edgert/v1/dev-e/req", chat(5, id="while-down"), acked_within_s=10)
     restarted = start_daemon(tmp_path, tiny_gguf, **broker.daemon_settings(mqtt__device_id="dev-e"))
     try:
         [final] = collect(pending.replies(20))
@@ -370,7 +385,7 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, tiny_gguf: Path
             first = next(replies)[1]
             broker.stop()
             stopped_at = time.perf_counter()
-            time.sleep(0.3)
+            wait_for(lambda: "link to 127.0.0.1" in device.log(), 10, "dev-f to notice the broker is gone")
             broker.start()
             rest = list(replies)
     finally:

@@ -11,6 +11,7 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,9 +34,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
-    proc = start_daemon(
-        tmp_path_factory.mktemp("agree"), tiny_gguf, **broker.daemon_settings(mqtt__device_id="dev-agree")
-    )
+    settings: dict[str, Any] = broker.daemon_settings(mqtt__device_id="dev-agree")  # Any: start_daemon's **settings
+    proc = start_daemon(tmp_path_factory.mktemp("agree"), tiny_gguf, **settings)
     try:
         wait_online(broker, "dev-agree")
     except BaseException:
