@@ -87,16 +87,22 @@ def test_daemon_updates_under_live_traffic_without_a_failed_request(
                         failures.append(f"{response.status_code}: {lines[-3:]}")
                     completed += 1
 
+        def wait_completed(count: int) -> None:
+            deadline = time.monotonic() + 60
+            while completed < count:
+                assert time.monotonic() < deadline, f"{completed} of {count} requests done: {failures}"
+                time.sleep(0.02)
+
         workers = [threading.Thread(target=traffic) for _ in range(3)]
         for worker in workers:
             worker.start()
-        time.sleep(0.3)
+        wait_completed(3)  # traffic flows before the update starts
         fleet.release("2.0.0", make_variant(tiny_gguf, tmp_path / "v2.gguf", general_name="tiny v2"))
         with daemon.client() as client:
             assert client.post("/update/check").status_code == 202
         state = wait_for_current(daemon, f"{MODEL_ID}@2.0.0")
         wait_served(daemon, "2.0.0")
-        time.sleep(0.3)  # traffic continues on the new model for a moment
+        wait_completed(completed + 3)  # traffic continues on the new model
         stop.set()
         for worker in workers:
             worker.join(30)
