@@ -9,37 +9,9 @@ starts a generator per request (the whole prompt is fed at once), then steps eve
 generator one token per scheduler step, round-robin, and releases it when the request ends,
 is cancelled or runs out of time. Nothing here is thread-safe; one thread drives it.
 
-Concurrency: measured, not assumed
-----------------------------------
-onnxruntime-genai 0.18 offers two ways to serve several requests at once. Measured by driving
-the library directly on the tiny Gemma 3 fixture (``tests/fixtures/tiny-gemma3-onnx``),
-onnxruntime 1.32, CPU, 2 cores shared with other work, greedy, 128 new tokens per request
-(tok/s, aggregate over the streams):
-
-=================================================  ============  =============
-way                                                1 stream      4 streams
-=================================================  ============  =============
-generator per request, round-robin, 1 thread       7,156         6,078
-generator per request, round-robin, 2 threads      4,706         3,684
-``og.Engine``, equal prompt lengths, 1 thread      25,302        61,650
-``og.Engine``, different prompt lengths            every request fails (GroupQueryAttention:
-                                                   "seqlens_k[0] = 18 is too small for
-                                                   sequence_length 26")
-=================================================  ============  =============
-
-The ``og.Engine`` batches, but only correctly for models exported with paged attention
-(``--extra_options use_paged_attention=true``), and the 0.18 builder refuses that for CPU
-("PagedAttention requires CUDA with FP16/BF16 or WebGPU with FP16"). On a normal (GQA)
-export it pads a mixed batch wrongly and every request fails, and real requests do not share
-one prompt length. (Part of its lead on this tiny model is likely fewer Python <-> library calls:
-one ``run`` call returns many tokens.) So edgert uses one generator per request: always correct, greedy output
-identical to running alone (tested), and each request keeps its own sampling parameters and
-JSON guidance. Its cost is one forward pass per token per request (no batching across
-requests) — fine for the edge's handful of concurrent users; a CUDA / WebGPU device with a
-paged export is where an Engine-based backend would pay off. ``generate_next_token`` holds
-the GIL, which is why the scheduler calls it from its engine thread, never the event loop.
-Tiny models are dominated by per-call overhead, so one intra-op thread is fastest there;
-``LoadOptions.n_threads`` sets it (``session_options.intra_op_num_threads``) for real ones.
+Concurrency: one generator per request, not ``og.Engine`` (on a normal GQA export it pads a mixed
+batch wrongly; paged attention needs CUDA or WebGPU). ``generate_next_token`` holds the GIL, so only
+the engine thread calls it. The measurements: docs/adr/0001-onnx-generator-per-request.md.
 
 Mapping of :class:`SamplingParams`: ``temperature == 0`` is greedy (``do_sample=False``);
 otherwise ``temperature``, ``top_p``, ``top_k`` (0 = no top-k), ``random_seed`` (``seed``;
