@@ -294,15 +294,8 @@ class Daemon:
 
 def _freeze_startup_objects() -> None:
     """Move everything built so far (modules, classes, the app's routes and schemas) out of the
-    cyclic GC's reach.
-
-    Those objects live as long as the process, yet every full collection -- triggered by the
-    garbage each streamed token leaves (coroutines, futures, dicts) -- walked all of them again,
-    on the CPU that llama.cpp's threads need (~14 % of the event loop's samples under a stream,
-    gone after; benchmarks/RESULTS.md). Runtimes are created after this, so a model switch can
-    still collect the one it replaces. No collection first: it found ~20 objects and cost ~25 ms
-    of cold start.
-    """
+    cyclic GC's reach; runtimes are created after this, so a switch can still collect the one it
+    replaces. Why and the measurements: docs/adr/0002-gc-freeze-startup-objects.md."""
     gc.freeze()
 
 
