@@ -1,4 +1,5 @@
-"""Serving over MQTT: requests in, replies, status and telemetry out (paho lives in :mod:`.mqtt_link`).
+"""Serving over MQTT: requests in, replies, status and telemetry out (paho lives in :mod:`.mqtt_link`,
+the reply cache and outbox in :mod:`.mqtt_delivery`).
 
 Topics and payloads are in :mod:`edgert.api.mqtt_schemas`. Requests reach the
 same :class:`~edgert.serving.service.InferenceService` as the socket API, so the
@@ -31,6 +32,9 @@ own broker credentials. So a reply topic must lie in the configured reply space
 (``mqtt.reply_topics``, never a ``$`` topic or a device topic under ``edgert/v1/``),
 and topic and Correlation Data are capped. A request without a safe reply topic is
 dropped with a rate-limited log line and ``edgert_mqtt_dropped_total{reason}``.
+
+Over ~400 lines on purpose: one class, the request/reply protocol, read top to bottom; what stands
+alone is in :mod:`.mqtt_link` (paho) and :mod:`.mqtt_delivery` (reply cache, outbox).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +74,7 @@ from edgert.log import request_id
 from edgert.serving.scheduler import Finished, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
+from edgert.transport.mqtt_delivery import CacheEntry, Outbox, RateLimitedLog, ReplyCache
 from edgert.transport.mqtt_link import (
     CLOSE_FLUSH_S,
     Incoming,
@@ -87,147 +91,6 @@ log = logging.getLogger("edgert.mqtt")
 
 
 UpdateNudge = Callable[[], Awaitable[None] | None]
-
-
-@dataclass
-class _CacheEntry:
-    #: the final reply, once the request has finished
-    final: Outgoing | None = None
-    nbytes: int = 0
-    #: monotonic time the final was last resent to a redelivery
-    resent_at: float | None = None
-
-
-def _key_bytes(key: tuple[str, str]) -> int:
-    return len(key[0].encode()) + len(key[1].encode())
-
-
-class ReplyCache:
-    """Recent request keys -> the final reply they produced; bounded in entries and in bytes.
-
-    A key is (reply topic, request id): two clients that both number their requests
-    from 1 never collide. Only the final message is kept (topic, Correlation Data and
-    key counted), never the chunks of a stream: a redelivery gets the outcome, not a
-    second copy of the whole stream. Only requests that ran are cached; a refusal
-    (overloaded) is not, so a retry with the same id after ``retry_after`` does run.
-    """
-
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: OrderedDict[tuple[str, str], _CacheEntry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple[str, str]) -> _CacheEntry | None:
-        return self._entries.get(key)
-
-    def start(self, key: tuple[str, str]) -> _CacheEntry:
-        self.forget(key)
-        entry = _CacheEntry(nbytes=_key_bytes(key))
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
-        self._evict()
-        return entry
-
-    def finish(self, key: tuple[str, str], entry: _CacheEntry, final: Outgoing) -> None:
-        if self._entries.get(key) is not entry:
-            return  # evicted or replaced meanwhile
-        entry.final = final
-        entry.nbytes += final.size()
-        self.nbytes += final.size()
-        self._entries.move_to_end(key)
-        self._evict()
-
-    def forget(self, key: tuple[str, str]) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.nbytes -= entry.nbytes
-
-    def _evict(self) -> None:
-        # Oldest finished entries go first; running ones are bounded by the scheduler's queue.
-        for key in list(self._entries):
-            if len(self._entries) <= self.max_entries and self.nbytes <= self.max_bytes:
-                return
-            if self._entries[key].final is not None:
-                self.forget(key)
-
-
-class _Outbox:
-    """Replies waiting for room in paho's window, bounded in messages and in bytes.
-
-    Resent duplicates wait in their own queue and are the first to go when the bounds
-    are reached; a resent duplicate never pushes out a first reply (it is dropped itself).
-    """
-
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._first: deque[Outgoing] = deque()
-        self._resent: deque[Outgoing] = deque()
-
-    def __len__(self) -> int:
-        return len(self._first) + len(self._resent)
-
-    def _full(self, extra: int) -> bool:
-        return len(self) + 1 > self.max_messages or self.nbytes + extra > self.max_bytes
-
-    def put(self, out: Outgoing, *, resent: bool = False) -> int:
-        """Queue ``out``; how many queued replies were dropped to make room (1 if ``out`` itself was)."""
-        size = out.size()
-        dropped = 0
-        if resent:
-            if self._full(size):
-                return 1
-            self._resent.append(out)
-        else:
-            while self._full(size) and (self._resent or self._first):
-                victim = self._resent.popleft() if self._resent else self._first.popleft()
-                self.nbytes -= victim.size()
-                dropped += 1
-            self._first.append(out)
-        self.nbytes += size
-        return dropped
-
-    def pop(self) -> Outgoing | None:
-        queue = self._first or self._resent
-        if not queue:
-            return None
-        out = queue.popleft()
-        self.nbytes -= out.size()
-        return out
-
-    def push_back(self, out: Outgoing) -> None:
-        """Put back what paho could not take after all (it goes out first next time)."""
-        self._first.appendleft(out)
-        self.nbytes += out.size()
-
-
-class _RateLimitedLog:
-    """At most one line per reason per interval, with the count of those held back: a flood
-    of hostile or repeated messages must not become a flood of log lines."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def log(self, level: int, reason: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(reason)
-        if last is not None and now - last < self.interval_s:
-            self._held[reason] = self._held.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        held = self._held.pop(reason, 0)
-        suffix = f" ({held} more like it in the last {self.interval_s:g} s)" if held else ""
-        log.log(level, message + suffix, *args)
-
-    def warning(self, reason: str, message: str, *args: object) -> None:
-        self.log(logging.WARNING, reason, message, *args)
 
 
 @dataclass
@@ -295,13 +158,13 @@ class MqttTransport:
         self.on_update_check = on_update_check
         self.counters = _Counters()
         self.cache = ReplyCache(self.settings.dedupe_entries, self.settings.dedupe_bytes)
-        self._outbox = _Outbox(self.settings.reply_buffer_messages, self.settings.reply_buffer_bytes)
+        self._outbox = Outbox(self.settings.reply_buffer_messages, self.settings.reply_buffer_bytes)
         self._reply_filters = [
             topic_filter.replace("{device}", self.device_id).replace("{group}", self.settings.group or "")
             for topic_filter in self.settings.reply_topics
             if self.settings.group is not None or "{group}" not in topic_filter
         ]
-        self._drop_log = _RateLimitedLog()
+        self._drop_log = RateLimitedLog()
         self._running: dict[tuple[str, str], _Running] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.link = MqttLink(self.settings, f"edgert-{self.device_id}", self, will=self._status("offline"))
@@ -543,7 +406,7 @@ class MqttTransport:
         key: tuple[str, str],
         body: MqttChatRequest,
         route: Route,
-        entry: _CacheEntry,
+        entry: CacheEntry,
         service: InferenceService,
         running: _Running,
     ) -> None:

@@ -35,8 +35,8 @@ from edgert.api.mqtt_schemas import (
     schema_markdown,
 )
 from edgert.settings import MqttSettings
-from edgert.transport.mqtt import ReplyCache
 from edgert.transport.mqtt_client import MqttRequester, Reply
+from edgert.transport.mqtt_delivery import ReplyCache
 from edgert.transport.mqtt_link import Outgoing, backoff_delays
 from tests.integration.daemon import DaemonProcess, start_daemon, wait_until_ready
 from tests.integration.mosquitto import Broker, make_tls
