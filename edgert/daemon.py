@@ -108,6 +108,7 @@ class Daemon:
             self.updates = UpdateService(settings, self.state.metrics.registry)
             self.state.on_update_check = self.updates.request_check
             self.state.update_status = self.updates.status
+            self.state.update_run = self.updates.run
 
     def _stats(self) -> tuple[SchedulerStats, int]:
         service = self.state.service

@@ -10,14 +10,21 @@ full to record it), counted in ``edgert_update_failures_total{reason=...}`` and 
 the MQTT deploy report. An unreadable update state does not stop the daemon: the file
 is moved aside, the last committed model (the ``current`` link) or the configured one
 is served, and updates stay off, loudly, until an operator repairs or removes it.
+
+While the daemon runs it is the only driver of the update path (issue 14): it keeps the
+update lock of its state directory, and ``edgert update check|apply|rollback`` reach it
+over the socket (:meth:`UpdateService.run`), as jobs on its loop's queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -28,7 +35,7 @@ from edgert.model_switch import ServingModelSwitch
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
 from edgert.update import failures
-from edgert.update.loop import RoundReport, Supervisor, run_update_loop
+from edgert.update.loop import Job, RoundReport, Supervisor, run_update_loop
 from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater
 from edgert.update.state import Phase
 from edgert.update.switch import ModelSwitch
@@ -64,14 +71,20 @@ class UpdateService:
 
     def __init__(self, settings: Settings, metrics: CollectorRegistry) -> None:
         self.settings = settings
-        self.updater = Updater(settings)
+        self.updater = Updater(settings, keep_lock=True)
         #: set by `POST /update/check` and the MQTT cmd topic: run an update round now
         self.nudge = asyncio.Event()
+        #: rounds `edgert update …` asked for over the socket, run by the loop between its own
+        self.jobs: asyncio.Queue[Job[Any]] = asyncio.Queue()
         self.record = LoopRecord()
         #: why updates are off (the state file is unreadable or too new), else None
         self.disabled: str | None = None
         self._supervisor: Supervisor | None = None
         self._check_state()
+        # The state directory is this daemon's from now on; a lock that cannot be had yet (a CLI's apply
+        # running, an unusable lock file) is taken by the first round that can.
+        with contextlib.suppress(UpdateError):
+            self.updater.hold_lock()
         metrics.register(_UpdateCollector(self))
 
     def _check_state(self) -> None:
@@ -118,6 +131,31 @@ class UpdateService:
             )
         self.nudge.set()
 
+    async def run(self, action: str, version: str | None = None) -> dict[str, Any]:
+        """Run ``action`` as a round of the daemon's loop and return its outcome (the CLI's thin-client path).
+
+        A failure is raised as an UpdateError naming its failure class (``reason``), so the CLI can print
+        the same ``error: <reason>: …`` line as when it runs the updater itself.
+        """
+        if self.disabled is not None:
+            raise UpdatesDisabledError(
+                f"updates are off: {self.disabled}; repair or remove the state file, then restart edgert"
+            )
+        if self._supervisor is None or not self._supervisor.running:
+            raise UpdateError("the daemon's update loop is not running (see /update/status and the log)")
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.jobs.put_nowait(Job(_WORK[action](version), done, reported=action != "check"))
+        try:
+            result = await done
+        except UpdateError:
+            raise
+        except Exception as exc:  # keep its failure class: the caller names it
+            raise UpdateError(failures.message_of(exc), reason=failures.reason_of(exc)) from exc
+        data = asdict(result)
+        if action == "check":
+            data["offered"] = result.offered.key if result.offered else None
+        return data
+
     @property
     def loop_restarts(self) -> int:
         return self._supervisor.restarts if self._supervisor is not None else 0
@@ -130,6 +168,7 @@ class UpdateService:
         self.updater.stop.set()
         if self._supervisor is not None:
             self._supervisor.stop()
+        self.updater.release_lock()
 
     def initial_model(self) -> str | None:
         """The release the update path committed, if it is on disk (a file or a folder)."""
@@ -181,7 +220,7 @@ class UpdateService:
             return None
 
         self._supervisor = Supervisor(
-            lambda: run_update_loop(self.updater, nudge=self.nudge, on_round=round_done),
+            lambda: run_update_loop(self.updater, nudge=self.nudge, on_round=round_done, jobs=self.jobs),
             name="edgert-update-loop",
             restart_delay_s=RESTART_DELAY_S,
         )
@@ -210,6 +249,26 @@ class UpdateService:
             last_round=report.outcome,
             ts=time.time(),
         )
+
+
+def _check(_version: str | None) -> Callable[[Updater], object]:
+    return lambda updater: updater.check()
+
+
+def _apply(version: str | None) -> Callable[[Updater], object]:
+    return lambda updater: updater.apply(pin_version=version)
+
+
+def _rollback(_version: str | None) -> Callable[[Updater], object]:
+    return lambda updater: updater.rollback()
+
+
+#: what `edgert update …` asks the daemon to do (GET /update/offer, POST /update/apply, POST /update/rollback)
+_WORK: dict[str, Callable[[str | None], Callable[[Updater], object]]] = {
+    "check": _check,
+    "apply": _apply,
+    "rollback": _rollback,
+}
 
 
 class _UpdateCollector(Collector):

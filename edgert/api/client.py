@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import httpx
@@ -18,3 +19,14 @@ def async_unix_client(socket_path: Path, *, timeout: float = 300.0) -> httpx.Asy
     return httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(socket_path)), base_url=BASE_URL, timeout=timeout
     )
+
+
+def answers(socket_path: Path) -> bool:
+    """Something accepts connections on ``socket_path`` (a raw connect: httpx leaks a socket when one is refused)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            return False
+    return True

@@ -16,6 +16,11 @@ expect it), handed to ``on_round``, and the next round comes after a backoff
 next nudge. The loop's task is supervised as well (:class:`Supervisor`): a
 ``while True`` guarded by ``except EdgertError`` was a dead loop waiting for the
 first ``OSError`` (issue 13, finding 2).
+
+While a daemon runs it is the only driver of the update path (issue 14): ``edgert update
+check|apply|rollback`` reach it over the socket as :class:`Job` s on the loop's queue. A job runs
+between two timed rounds, never beside one, and hands its outcome back to the caller; an apply or
+a rollback is reported like a timed round (``on_round``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from edgert.errors import DownloadCancelledError, EdgertError, UpdateBusyError
 from edgert.log import scrub_urls
@@ -34,6 +39,18 @@ from edgert.update.detached import in_daemon_thread
 from edgert.update.orchestrator import ApplyResult, Updater
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Generic[T]):
+    """A round asked for over the socket: ``work`` runs in the loop's worker thread, its outcome goes to ``done``."""
+
+    work: Callable[[Updater], T]
+    done: asyncio.Future[T]
+    #: an apply or a rollback: reported through ``on_round`` like a timed round (a check is not)
+    reported: bool = True
 
 
 def next_delay(interval_s: float, jitter_s: float, rng: random.Random) -> float:
@@ -62,18 +79,28 @@ class RoundReport:
 def _run_round(updater: Updater) -> RoundReport:
     """Wrapped for the worker thread: every exception becomes a report (a bug is logged with its traceback)."""
     try:
-        result: ApplyResult = updater.apply()
-    except UpdateBusyError:
+        result = updater.apply()
+    except Exception as exc:  # noqa: BLE001 - reported (a bug with its traceback): the loop never dies of a round
+        return failed_report(exc)
+    return result_report(result)
+
+
+def failed_report(exc: BaseException) -> RoundReport:
+    """A round that raised, as it is reported (logged here: a bug with its traceback)."""
+    if isinstance(exc, UpdateBusyError):
         return RoundReport("skipped: another update is running")
-    except DownloadCancelledError:
+    if isinstance(exc, DownloadCancelledError):
         return RoundReport("stopped: edgert is stopping (the download resumes at the next start)")
-    except Exception as exc:
-        reason, message = failures.reason_of(exc), failures.message_of(exc)
-        if isinstance(exc, EdgertError):
-            log.warning("update round failed (%s): %s", reason, message)
-        else:
-            log.exception("update round failed (%s): %s", reason, message)  # a bug: keep its traceback
-        return RoundReport(f"failed ({reason}): {message}", reason, f"{reason}: {message}")
+    reason, message = failures.reason_of(exc), failures.message_of(exc)
+    if isinstance(exc, EdgertError):
+        log.warning("update round failed (%s): %s", reason, message)
+    else:
+        log.error("update round failed (%s): %s", reason, message, exc_info=exc)  # a bug: keep its traceback
+    return RoundReport(f"failed ({reason}): {message}", reason, f"{reason}: {message}")
+
+
+def result_report(result: ApplyResult) -> RoundReport:
+    """A round that finished (committed, up to date, rolled back), as it is reported."""
     outcome = f"{result.outcome} {result.release or '-'}"
     log.info("update round: %s (%s)", outcome, scrub_urls(result.detail))
     if result.outcome == "rolled-back":
@@ -87,11 +114,13 @@ async def run_update_loop(
     nudge: asyncio.Event,
     rng: random.Random | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    jobs: asyncio.Queue[Job[Any]] | None = None,
 ) -> None:
     """Run until cancelled; no failure of a round ends it.
 
     ``on_round`` gets every round's :class:`RoundReport` (the daemon records and publishes it);
-    an exception it raises is logged, never the end of the loop.
+    an exception it raises is logged, never the end of the loop. ``jobs`` are run while the loop
+    waits for its next round (see the module docstring).
     """
     rng = rng or random.Random()  # noqa: S311 - spreading check times, not a secret
     config = updater.config
@@ -104,11 +133,7 @@ async def run_update_loop(
             log.exception("update round failed outside the update path")
             reason = failures.reason_of(exc)
             report = RoundReport(f"failed ({reason}): {failures.message_of(exc)}", reason, failures.describe(exc))
-        if on_round is not None:
-            try:
-                on_round(report)
-            except Exception:
-                log.exception("reporting the update round failed")
+        _report(on_round, report)
         failed = failed + 1 if report.reason is not None else 0
         if failed:
             delay = backoff_delay(
@@ -117,17 +142,60 @@ async def run_update_loop(
             log.info("next update round in %.0f s (or at the next nudge)", delay)
         else:
             delay = next_delay(config.check_interval_s, config.check_jitter_s, rng)
-        await _nudged_or_after(nudge, delay)
+        deadline = asyncio.get_running_loop().time() + delay
+        while (job := await _nudged_or_after(nudge, deadline, jobs)) is not None:
+            await _run_job(updater, job, on_round)
 
 
-async def _nudged_or_after(nudge: asyncio.Event, delay_s: float) -> None:
-    """Wait for a nudge, at most ``delay_s``. Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel
-    that arrives as the nudge does, and the daemon's stop would leave the loop running another round."""
-    waiter = asyncio.ensure_future(nudge.wait())
+def _report(on_round: Callable[[RoundReport], None] | None, report: RoundReport) -> None:
+    if on_round is not None:
+        try:
+            on_round(report)
+        except Exception:
+            log.exception("reporting the update round failed")
+
+
+async def _run_job(updater: Updater, job: Job[Any], on_round: Callable[[RoundReport], None] | None) -> None:
+    """Run a job in the worker thread and settle its future with what it returned or raised."""
     try:
-        await asyncio.wait({waiter}, timeout=delay_s)
+        result = await in_daemon_thread(lambda: job.work(updater), name="edgert-update")
+    except asyncio.CancelledError:
+        job.done.cancel()  # the daemon is stopping: the caller's connection ends too
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported, and handed to the caller who asked for the round
+        if job.reported:
+            _report(on_round, failed_report(exc))
+        if not job.done.done():  # the caller may have gone away
+            job.done.set_exception(exc)
+        return
+    if job.reported and isinstance(result, ApplyResult):
+        _report(on_round, result_report(result))
+    if not job.done.done():
+        job.done.set_result(result)
+
+
+async def _nudged_or_after(
+    nudge: asyncio.Event, deadline: float, jobs: asyncio.Queue[Job[Any]] | None
+) -> Job[Any] | None:
+    """Wait for a nudge (None), a job (returned) or the loop time ``deadline`` (None). Not ``asyncio.wait_for``:
+    on Python 3.11 it swallows a cancel that arrives as the nudge does, and the daemon's stop would leave the
+    loop running another round."""
+    if jobs is not None and not jobs.empty():
+        return jobs.get_nowait()
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(nudge.wait())}
+    taking = asyncio.ensure_future(jobs.get()) if jobs is not None else None
+    if taking is not None:
+        waiters.add(taking)
+    try:
+        await asyncio.wait(
+            waiters, timeout=max(0.0, deadline - asyncio.get_running_loop().time()), return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        waiter.cancel()
+        for waiter in waiters:
+            waiter.cancel()
+    if taking is not None and taking.done() and not taking.cancelled():
+        return taking.result()
+    return None
 
 
 class Supervisor:

@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TextIO
 
 import httpx
 import psutil
@@ -140,6 +140,7 @@ class Updater:
         switch: ModelSwitch | None = None,
         *,
         progress: download.Progress | None = None,
+        keep_lock: bool = False,
     ) -> None:
         self.settings = settings
         self.config = settings.update
@@ -154,6 +155,12 @@ class Updater:
         #: ``.part`` kept for the next start (DownloadCancelledError).
         self.stop = threading.Event()
         self.pace = download.Pace(self.config.download_min_bytes_per_s, self.config.download_deadline_slack_s)
+        #: The daemon keeps the update lock from its first round to its exit (:meth:`hold_lock`): a CLI that
+        #: finds it held and no socket answering refuses instead of driving the update beside the daemon.
+        self.keep_lock = keep_lock
+        self._held: TextIO | None = None
+        #: one round at a time within this process (the file lock is per process once held)
+        self._round_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
 
@@ -638,8 +645,37 @@ class Updater:
         except OSError as save_error:
             log.warning("could not record the failed update round in %s: %s", self.store.path, save_error)
 
+    def hold_lock(self) -> None:
+        """Take the update lock now and keep it (``keep_lock``); UpdateError when it cannot be had yet."""
+        with self._locked():
+            pass
+
+    def release_lock(self) -> None:
+        """Give up a lock kept by :meth:`hold_lock` (the daemon is stopping; its exit would release it too)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[UpdateState]:
+        if not self._round_lock.acquire(blocking=False):
+            raise UpdateBusyError("another update is running on this device")
+        try:
+            if self._held is not None:
+                yield self.store.load()
+                return
+            with contextlib.ExitStack() as stack:
+                lock = self._take_lock()
+                if self.keep_lock:
+                    self._held = lock
+                else:
+                    stack.enter_context(lock)
+                yield self.store.load()
+        finally:
+            self._round_lock.release()
+
+    def _take_lock(self) -> TextIO:
+        """``<state_dir>/update/lock``, flocked: only one process drives the update path of a state directory."""
         self.update_dir.mkdir(parents=True, exist_ok=True)
         path = self.update_dir / "lock"
         try:
@@ -650,12 +686,12 @@ class Updater:
                 "it must belong to the user edgert runs as)",
                 reason=failures.FailureReason.LOCK,
             ) from exc
-        with lock_file as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UpdateBusyError("another update is running on this device") from None
-            yield self.store.load()
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise UpdateBusyError("another update is running on this device") from None
+        return lock_file
 
     def _switch(self) -> ModelSwitch:
         if self.switch is None:

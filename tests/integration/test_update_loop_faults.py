@@ -130,9 +130,11 @@ def test_update_loop_survives_a_failed_round_and_the_next_nudge_installs(
 
             repair()
             updates.nudge.set()
-            await wait_for(lambda: _current(updates) == f"{MODEL_ID}@1.0.0", "the next round to install 1.0.0")
+            # the round's report, not the state file: the commit is saved a moment before the round returns
+            committed = f"committed {MODEL_ID}@1.0.0"
+            await wait_for(lambda: updates.status()["loop"]["last_round"] == committed, "the next round to install")  # type: ignore[index]
+            assert _current(updates) == f"{MODEL_ID}@1.0.0"
             assert failures(metrics)[reason] == 1
-            assert updates.status()["loop"]["last_round"] == f"committed {MODEL_ID}@1.0.0"  # type: ignore[index]
         finally:
             updates.stop()
             await asyncio.gather(task, return_exceptions=True)
