@@ -11,6 +11,7 @@ so every transport converts errors the same way, in one place::
     │   ├── PayloadTooLargeError        413  payload_too_large
     │   ├── RequestTimeoutError         408  request_timeout
     │   ├── UnauthorizedError           401  invalid_api_key
+    │   ├── ForbiddenError              403  forbidden
     │   ├── UnsupportedMediaTypeError   415  unsupported_media_type
     │   └── ClientDisconnectedError     499  client_closed_request (nobody reads it; counted in metrics)
     ├── OverloadedError             no room right now, retry later    (503, Retry-After)
@@ -109,6 +110,14 @@ class UnauthorizedError(ClientError):
 
     http_status = 401
     code = "invalid_api_key"
+
+
+class ForbiddenError(ClientError):
+    """The caller may use the socket, but not for this: e.g. installing or rolling back a model as a kiosk app."""
+
+    http_status = 403
+    code = "forbidden"
+    kind = "permission_error"
 
 
 class UnsupportedMediaTypeError(ClientError):

@@ -26,8 +26,10 @@ log lines on a device's small disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
@@ -164,6 +166,8 @@ class GuardedConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.closed = False
         self.tcp = False
+        #: the uid of the process at the other end of a Unix socket connection (SO_PEERCRED), else None
+        self.peer_uid: int | None = None
         #: requests of this connection in progress (pipelining may overlap the end of one and the start of the next)
         self.active = 0
 
@@ -171,6 +175,10 @@ class GuardedConnection(asyncio.Protocol):
         self._transport = transport
         sock = transport.get_extra_info("socket")
         self.tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+            with contextlib.suppress(OSError):
+                credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                _pid, self.peer_uid, _gid = struct.unpack("3i", credentials)
         self._inner.connection_made(transport)
         self.guard.opened(self)
 
@@ -211,6 +219,12 @@ def over_tcp(scope: Scope) -> bool:
     if conn is not None:
         return conn.tcp
     return scope.get("server") is not None  # no guard (an in-process test): uvicorn sets no address for a Unix socket
+
+
+def peer_uid() -> int | None:
+    """The uid of the local process that sent the current request over the Unix socket; None over TCP or unknown."""
+    conn = _connection.get()
+    return conn.peer_uid if conn is not None and not conn.tcp else None
 
 
 class TrackRequests:

@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -55,6 +56,7 @@ from edgert.errors import (
     BadRequestError,
     ClientDisconnectedError,
     EdgertError,
+    ForbiddenError,
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
@@ -66,7 +68,7 @@ from edgert.log import request_id
 from edgert.serving.metrics import CONTENT_TYPE, Metrics
 from edgert.serving.scheduler import Finished, TextChunk, TokenStream
 from edgert.serving.service import InferenceService
-from edgert.transport.connections import over_tcp
+from edgert.transport.connections import over_tcp, peer_uid
 from edgert.transport.shared import invalid_body, not_ready, serving, usage
 
 log = logging.getLogger("edgert.http")
@@ -390,6 +392,10 @@ def create_app(state: ApiState) -> FastAPI:
     async def update_round(action: str, version: str | None = None) -> Any:
         if state.update_run is None:
             raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
+        if action != "check" and peer_uid() not in {0, os.getuid()}:
+            # what `edgert update apply|rollback` did on the state directory before: the daemon's user or root
+            # only, never a kiosk app that may merely use the socket, nor anyone over TCP
+            raise ForbiddenError(f"only root or the daemon's user may {action} model updates (edgert update {action})")
         try:
             return await state.update_run(action, version)
         except UpdateError as exc:
