@@ -1,10 +1,17 @@
-"""Verified update download vs curl on loopback, and bytes re-fetched after a kill mid-download.
+"""Verified download (updater and ``models pull``) vs curl on loopback, and bytes re-fetched after a kill.
 
-Serves a random file (default 1 GiB) from nginx on 127.0.0.1 and compares:
+Serves a random file (default 1 GiB) from nginx on 127.0.0.1 and compares, interleaved in one run:
 
-* ``curl -o <file>`` (no verification) with
-* ``edgert.update.download.fetch`` over ``download.client()`` (signed-length cap,
-  streaming SHA-256 on a second thread, 1 MiB socket reads, fsync),
+* ``curl -o <file>`` (no verification), and the same followed by fsync (durable, as edgert is), with
+* ``edgert.update.download.fetch`` over ``download.client()`` (length cap, streaming SHA-256 on a
+  second thread, 1 MiB socket reads through httpcore's public network-backend API, fsync) — the one
+  downloader of both the updater and ``edgert models pull``;
+* ``--plain``: the same fetch over a plain ``httpx.Client`` (httpcore's 64 KiB reads), i.e. what
+  dropping the large-read transport would cost;
+* ``--baseline-src DIR``: the fetch of another source tree (e.g. ``git archive`` of an earlier commit
+  unpacked in DIR), to compare before and after a change in the same run.
+
+Every fetch runs in a fresh subprocess (the same for each variant) and is timed there, imports excluded.
 
 then kills a fetch subprocess with SIGKILL halfway, resumes it, and sums the body
 bytes nginx sent for both attempts (its access log) to get the bytes fetched twice.
@@ -16,11 +23,8 @@ into the client's part and the server's. The kills are repeated for each
 autotuning), optionally with a client slower than the link (``--slow-ms`` of sleep
 per buffer, as a slow disk or a busy CPU would make it).
 
-    .venv/bin/python benchmarks/update_download.py [--size-mib 1024] [--runs 5] [--before]
-        [--kills 3] [--kill-rcvbuf 0 --kill-rcvbuf 262144] [--slow-ms 0]
-
-``--before`` also times the download path as it was before the large reads and the
-hashing thread (a plain ``httpx.Client``: 64 KiB reads, hashing inline), interleaved.
+    .venv/bin/python benchmarks/update_download.py [--size-mib 1024] [--runs 5] [--plain]
+        [--baseline-src DIR] [--kills 3] [--kill-rcvbuf 0 --kill-rcvbuf 262144] [--slow-ms 0]
 
 Needs nginx (``apt-get install -y nginx``) and curl. Uses a temporary directory
 on the same filesystem as ``--workdir`` (default: a new one under /tmp).
@@ -39,12 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 # Run from the repository root: the nginx helper lives with the integration tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgert.update import download
 from tests.integration.http_host import NginxHost
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import sys
@@ -83,34 +86,35 @@ def time_curl(url: str, out: Path) -> tuple[float, float]:
     return exited, durable
 
 
-class InlineHasher:
-    """The hashing of the earlier download path: in the network loop, no thread."""
+TIMED = """
+import resource, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import httpx
+from edgert.update import download
+url, part, size, sha, plain = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "plain"
+started = time.perf_counter()
+with httpx.Client(timeout=60) if plain else download.client(60) as client:
+    download.fetch(client, download.Fetch(url, part, size, {"sha256": sha}))
+elapsed = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(elapsed, usage.ru_utime + usage.ru_stime)
+"""
 
-    def __init__(self, digests: dict) -> None:
-        self._digests = list(digests.values())
 
-    def update(self, chunk: bytes) -> None:
-        for digest in self._digests:
-            digest.update(chunk)
-
-    def close(self) -> None:
-        pass
-
-
-def time_fetch(url: str, part: Path, size: int, sha: str, *, before: bool = False) -> float:
+def time_fetch(url: str, part: Path, size: int, sha: str, *, src: Path = REPO, plain: bool = False) -> float:
+    """Seconds for one verified, fsynced fetch by the code in ``src``, timed in a fresh process."""
     part.unlink(missing_ok=True)
-    threaded = download._Hasher
-    if before:
-        download._Hasher = InlineHasher
-    try:
-        started = time.perf_counter()
-        with httpx.Client(timeout=60) if before else download.client(60) as client:
-            download.fetch(client, download.Fetch(url, part, size, {"sha256": sha}))
-        elapsed = time.perf_counter() - started
-    finally:
-        download._Hasher = threaded
+    args = [str(src), url, str(part), str(size), sha, "plain" if plain else "large"]
+    out = subprocess.run([sys.executable, "-c", TIMED, *args], check=True, capture_output=True, text=True).stdout
     part.unlink()
-    return elapsed
+    elapsed, cpu = out.split()
+    CPU_SECONDS.setdefault((str(src), plain), []).append(float(cpu))  # the process's user + system time
+    return float(elapsed)
+
+
+#: CPU seconds (user + system, imports included) of each fetch process, by (source tree, plain).
+CPU_SECONDS: dict[tuple[str, bool], list[float]] = {}
 
 
 def body_bytes_sent(log: str, path: str) -> list[int]:
@@ -162,7 +166,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--before", action="store_true", help="also time the earlier download path")
+    parser.add_argument("--plain", action="store_true", help="also time the fetch over a plain httpx.Client")
+    parser.add_argument("--baseline-src", type=Path, help="also time the fetch of the edgert tree in this folder")
     parser.add_argument("--kill-rcvbuf", type=int, action="append", help="SO_RCVBUF for the kills (0: autotuning)")
     parser.add_argument("--slow-ms", type=float, default=0, help="client sleep per buffer in the kills")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -174,17 +179,25 @@ def main() -> None:
     sha = make_file(www / "blob", size)
     with NginxHost(www, work / "nginx") as host:
         url = host.url + "blob"
-        curls, durables, ourses, befores = [], [], [], []
-        for _ in range(args.runs):  # interleaved, each after a sync: neither pays the other's writeback
-            os.sync()
+        curls, durables, ourses, plains, baselines = [], [], [], [], []
+
+        def curl_run() -> None:
             exited, durable = time_curl(url, work / "curl.out")
             curls.append(exited)
             durables.append(durable)
-            os.sync()
-            ourses.append(time_fetch(url, work / "blob.part", size, sha))
-            if args.before:
+
+        variants = [curl_run, lambda: ourses.append(time_fetch(url, work / "blob.part", size, sha))]
+        if args.plain:
+            variants.append(lambda: plains.append(time_fetch(url, work / "blob.part", size, sha, plain=True)))
+        if args.baseline_src:
+            src = args.baseline_src.resolve()
+            variants.append(lambda: baselines.append(time_fetch(url, work / "blob.part", size, sha, src=src)))
+        for run in range(args.runs):
+            # Interleaved, each after a sync (none pays another's writeback), the order rotated each run
+            # so that none always follows the same neighbour.
+            for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
                 os.sync()
-                befores.append(time_fetch(url, work / "blob.part", size, sha, before=True))
+                variant()
         curl, durable, ours = (statistics.median(x) for x in (curls, durables, ourses))
         kills = {
             rcvbuf: [
@@ -200,11 +213,25 @@ def main() -> None:
     print(f"edgert fetch (sha256 + fsync): {ours:6.2f} s  {mib / ours:7.0f} MiB/s")
     print(f"curl -o + fsync (durable):     {durable:6.2f} s  {mib / durable:7.0f} MiB/s")
     print(f"ratio edgert/curl throughput:  {curl / ours:.2f}x (vs curl + fsync: {durable / ours:.2f}x)")
-    if befores:
-        before = statistics.median(befores)
-        print(
-            f"earlier path (64 KiB reads, inline hash): {before:6.2f} s  {mib / before:7.0f} MiB/s  ratio {curl / before:.2f}x"
-        )
+    for name, times in (("plain httpx.Client (64 KiB reads)", plains), (f"baseline {args.baseline_src}", baselines)):
+        if times:
+            other = statistics.median(times)
+            print(
+                f"{name}: {other:6.2f} s  {mib / other:7.0f} MiB/s  "
+                f"ratio {curl / other:.2f}x (vs curl + fsync: {durable / other:.2f}x)"
+            )
+    # Ratios within each run (curl and the fetches ran back to back) cancel load that drifts between runs.
+    for name, times in (("edgert", ourses), ("plain", plains), ("baseline", baselines)):
+        if times:
+            paired = sorted(d / t for d, t in zip(durables, times, strict=True))
+            print(
+                f"per-run {name}/(curl + fsync): median {statistics.median(paired):.2f}x, "
+                f"range {paired[0]:.2f}-{paired[-1]:.2f}x; seconds {' '.join(f'{t:.2f}' for t in times)}"
+            )
+    print(f"curl + fsync seconds: {' '.join(f'{t:.2f}' for t in durables)}")
+    for (src, plain), cpu in CPU_SECONDS.items():
+        name = "plain" if plain else ("edgert" if src == str(REPO) else "baseline")
+        print(f"CPU seconds (user + system) of {name}: median {statistics.median(cpu):.2f}")
     for rcvbuf, results in kills.items():
         client = f"SO_RCVBUF {rcvbuf >> 10} KiB" if rcvbuf else "receive buffer autotuned"
         slow = f", client sleeps {args.slow_ms} ms per buffer" if args.slow_ms else ""
