@@ -35,10 +35,11 @@ from starlette.types import ASGIApp
 
 from edgert import __version__
 from edgert.errors import EdgertError
+from edgert.identity import ReleaseIdentity
 from edgert.log import redact
-from edgert.runtime import Runtime, open_runtime
+from edgert.runtime import open_runtime
+from edgert.serving.host import ModelHost, probe
 from edgert.serving.metrics import Metrics
-from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
 from edgert.transport.connections import (
@@ -93,9 +94,10 @@ class Daemon:
         self.settings = settings
         self.model = model
         self.notifier = sdnotify.SystemdNotifier()
-        self.runtime: Runtime | None = None
+        #: the one owner of loaded models: everything else asks it (issue 14)
+        self.host = ModelHost()
         self.state = ApiState(
-            metrics=Metrics(self._stats),
+            metrics=Metrics(self.host.stats, lambda: self.host.served),
             max_body_bytes=settings.serve.max_body_bytes,
             max_json_depth=settings.serve.max_json_depth,
             body_timeout_s=settings.serve.body_timeout_s,
@@ -109,10 +111,6 @@ class Daemon:
             self.state.on_update_check = self.updates.request_check
             self.state.update_status = self.updates.status
             self.state.update_run = self.updates.run
-
-    def _stats(self) -> tuple[SchedulerStats, int]:
-        service = self.state.service
-        return service.stats() if service is not None else (SchedulerStats(), 1)
 
     def _notify(self, message: str) -> None:
         if self.settings.notify_socket:
@@ -190,9 +188,7 @@ class Daemon:
             self.state.stopping = True
             if mqtt is not None:  # drain its requests, publish offline status, disconnect
                 await mqtt.stop(self.settings.serve.drain_timeout_s)
-            serving_runtime = self.state.service.runtime if self.state.service else self.runtime
-            if serving_runtime is not None:
-                await asyncio.to_thread(serving_runtime.close)
+            await asyncio.to_thread(self.host.close_all)
             log.info("stopped")
 
     def _start_updates(self, mqtt: MqttTransport | None) -> asyncio.Task[None] | None:
@@ -201,47 +197,43 @@ class Daemon:
         if self.updates is None or service is None or not service.ready:
             return None
         if mqtt is None:
-            return self.updates.start(service, None, "")
-        return self.updates.start(service, mqtt.publish_deploy, mqtt.device_id)
+            return self.updates.start(self.host, None, "")
+        return self.updates.start(self.host, mqtt.publish_deploy, mqtt.device_id)
 
-    def _initial_model(self) -> str | None:
-        """An explicit --model wins; else the release the update path committed; else settings.model."""
+    def _initial_model(self) -> tuple[str | None, ReleaseIdentity | None]:
+        """An explicit --model wins; else the release the update path committed (and who it is); else
+        settings.model."""
         if self.model is not None or self.updates is None:
-            return self.model
-        return self.updates.initial_model()
+            return self.model, None
+        return self.updates.initial_model() or (None, None)
 
     async def _load_and_probe(self, server: _Server) -> None:
+        model, release = self._initial_model()
         try:
-            runtime = await asyncio.to_thread(open_runtime, self.settings, self._initial_model())
+            runtime = await asyncio.to_thread(open_runtime, self.settings, model)
         except EdgertError as exc:
             log.error("cannot load the model: %s", exc.message)  # noqa: TRY400 - one clear line, no traceback
             self.exit_code = 1
             server.should_exit = True
             return
-        self.runtime = runtime
+        self.host.serve(runtime, release)
         service = InferenceService(
-            runtime,
+            self.host,
             Limits(
                 default_timeout_s=self.settings.serve.request_timeout_s,
                 max_tokens_cap=self.settings.serve.max_tokens_cap,
                 prompt_length_factor=self.settings.serve.prompt_length_factor,
             ),
         )
-        self.state.metrics.model.info(
-            {"id": runtime.model_id, "path": str(runtime.path), "architecture": runtime.architecture}
-        )
         self.state.service = service
         started = time.perf_counter()
-        probe = runtime.request(
-            runtime.chat_prompt([{"role": "user", "content": self.settings.serve.probe_prompt}]), max_tokens=2
-        )
         try:
             if self.settings.engine.warm_prefixes:
                 cached = await runtime.warm_prefixes(self.settings.engine.warm_prefixes)
                 log.info("prefix cache warm: %d entries", cached)
-            await runtime.scheduler.submit(probe).collect()
+            await probe(runtime, self.settings.serve.probe_prompt, self.settings.engine.load_timeout_s)
         except EdgertError as exc:
-            log.error("the probe generation failed: %s", exc.message)  # noqa: TRY400
+            log.error("not ready: %s", exc.message)  # noqa: TRY400
             self.exit_code = 1
             server.should_exit = True
             return
@@ -249,7 +241,7 @@ class Daemon:
         self._notify("READY=1")
         log.info(
             "ready: %s",
-            runtime.model_id,
+            service.model_id,
             extra={
                 "fields": {
                     "load_s": round(runtime.load_seconds, 3),
@@ -282,11 +274,7 @@ class Daemon:
         interval = usec / 1_000_000
         while True:
             await asyncio.sleep(interval / 3)
-            service = self.state.service
-            if service is None:
-                self._notify("WATCHDOG=1")  # still loading: the load itself has its own timeout
-                continue
-            stall = service.stall(time.monotonic(), interval)
+            stall = self.host.stall(time.monotonic(), interval)  # None while loading: the load has its own timeout
             if stall is None:
                 self._notify("WATCHDOG=1")
             else:

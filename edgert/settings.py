@@ -328,7 +328,8 @@ class MqttSettings(BaseModel):
         min_length=1,
         max_length=128,
         pattern=r"^[^/+#\s]+$",
-        description="This device's topic segment and client id; unset = update.device_id, else the host name.",
+        description="This device's topic segment and client id; unset = update.device_id, else /etc/machine-id, "
+        "else the host name.",
     )
     group: str | None = Field(
         None,

@@ -31,12 +31,13 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgert.api.mqtt_schemas import DeployState
 from edgert.errors import UpdateError, UpdatesDisabledError, UpdateStateError
+from edgert.identity import ReleaseIdentity
 from edgert.model_switch import ServingModelSwitch
-from edgert.serving.service import InferenceService
+from edgert.serving.host import ModelHost
 from edgert.settings import Settings
 from edgert.update import failures
 from edgert.update.loop import Job, RoundReport, Supervisor, run_update_loop
-from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater
+from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater, release_identity
 from edgert.update.state import Phase
 from edgert.update.switch import ModelSwitch
 
@@ -170,12 +171,16 @@ class UpdateService:
             self._supervisor.stop()
         self.updater.release_lock()
 
-    def initial_model(self) -> str | None:
-        """The release the update path committed, if it is on disk (a file or a folder)."""
+    def initial_model(self) -> tuple[str, ReleaseIdentity | None] | None:
+        """The release the update path committed, if it is on disk (a file or a folder), and who it is."""
         if self.disabled is not None:
-            return self._linked_model()
-        current = self.updater.current_path()
-        return str(current) if current is not None and current.exists() else None
+            linked = self._linked_model()
+            return (linked, None) if linked is not None else None  # no readable state: no signed identity
+        state = self.updater.store.load()
+        if state.current is None:
+            return None
+        current = self.updater.versions_dir / state.current.file_name
+        return (str(current), release_identity(state.current)) if current.exists() else None
 
     def _linked_model(self) -> str | None:
         """Without a readable state, the ``current`` link is the record of the last commit (kept in versions/)."""
@@ -192,10 +197,10 @@ class UpdateService:
         return str(target)
 
     def start(
-        self, service: InferenceService, publish_deploy: Callable[[DeployState], None] | None, device_id: str
+        self, host: ModelHost, publish_deploy: Callable[[DeployState], None] | None, device_id: str
     ) -> asyncio.Task[None] | None:
         loop = asyncio.get_running_loop()
-        switch = ServingModelSwitch(self.settings, service, loop, self.settings.serve.drain_timeout_s)
+        switch = ServingModelSwitch(self.settings, host, loop, self.settings.serve.drain_timeout_s)
 
         def publish(report: RoundReport) -> None:
             if publish_deploy is not None:

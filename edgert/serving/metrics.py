@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from edgert import __version__
+from edgert.serving.host import ServedModel
 from edgert.serving.scheduler import SchedulerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,8 +55,24 @@ class _EngineCollector(Collector):
         yield finished
 
 
+class _ModelCollector(Collector):
+    """``edgert_model_info`` asked of the model host at scrape time, so it follows every swap and rollback."""
+
+    def __init__(self, served: Callable[[], ServedModel | None]) -> None:
+        self._served = served
+
+    def collect(self) -> Iterator[InfoMetricFamily]:
+        served = self._served()
+        if served is not None:
+            yield InfoMetricFamily("edgert_model", "The model being served", value=served.labels())
+
+
 class Metrics:
-    def __init__(self, stats: Callable[[], tuple[SchedulerStats, int]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], tuple[SchedulerStats, int]],
+        served: Callable[[], ServedModel | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._started = time.monotonic()
         self.requests = Counter(
@@ -79,12 +96,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self.model = Info("edgert_model", "The model being served", registry=self.registry)
         self.build = Info("edgert_build", "edgert build", registry=self.registry)
         self.build.info({"version": __version__})
         uptime = Gauge("edgert_uptime_seconds", "Seconds since the daemon started", registry=self.registry)
         uptime.set_function(lambda: time.monotonic() - self._started)
         self.registry.register(_EngineCollector(stats))
+        self.registry.register(_ModelCollector(served))
 
     def observe_finish(self, ttft_s: float | None, total_s: float, completion_tokens: int) -> None:
         if ttft_s is not None:

@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -142,6 +142,8 @@ class TokenStream:
         self._seq: _Sequence | None = None
         self.result: Finished | None = None
         self.produced_text = False
+        #: called on the event loop when the request's end arrives, read or not (the model host counts requests)
+        self.on_finished: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         """Stop generating; takes effect before the next decode step."""
@@ -198,6 +200,8 @@ def _deliver(items: list[tuple[TokenStream, TextChunk | Finished]]) -> None:
     """On the event loop: hand each stream its items, in order."""
     for stream, item in items:
         stream._queue.put_nowait(item)
+        if isinstance(item, Finished) and stream.on_finished is not None:
+            stream.on_finished()
 
 
 @dataclass(eq=False, slots=True)

@@ -24,6 +24,7 @@ from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCa
 from edgert.engine.base import SamplingParams
 from edgert.errors import ModelNotFoundError, OverloadedError, PromptTooLongError
 from edgert.runtime import Runtime
+from edgert.serving.host import ModelHost, ServedModel, SwitchStep
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
 
 
@@ -36,34 +37,51 @@ class Limits:
 
 
 class InferenceService:
-    def __init__(self, runtime: Runtime, limits: Limits) -> None:
-        self.runtime = runtime
+    """Requests on whichever model the :class:`~edgert.serving.host.ModelHost` serves; it holds no model itself."""
+
+    def __init__(self, host: ModelHost, limits: Limits) -> None:
+        self.host = host
         self.limits = limits
         self.created = int(time.time())
-        self.ready = False
-        #: while a model switch has drained and unloaded the serving model: what it does, and how long it may take
-        self.switch_step: SwitchStep | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime = self.host.serving
+        if runtime is None:
+            raise OverloadedError("the model is being swapped", retry_after_s=2)
+        return runtime
+
+    @property
+    def ready(self) -> bool:
+        return self.host.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.host.ready = value
+
+    @property
+    def switch_step(self) -> SwitchStep | None:
+        return self.host.switch_step
+
+    @property
+    def served(self) -> ServedModel:
+        served = self.host.served
+        if served is None:
+            raise OverloadedError("the model is still loading", retry_after_s=2)
+        return served
 
     @property
     def model_id(self) -> str:
-        return self.runtime.model_id
+        return self.served.id
 
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.model_id, created=self.created)]
 
     def stats(self) -> tuple[SchedulerStats, int]:
-        return self.runtime.scheduler.stats, self.runtime.scheduler.kv_cells
+        return self.host.stats()
 
     def stall(self, now: float, interval_s: float) -> str | None:
-        """Why systemd's watchdog should not be pinged now; None while serving (or a model switch) progresses.
-
-        While a switch has unloaded the serving model, its engine thread is gone: liveness then comes
-        from the switch's own step (see :class:`SwitchStep`), never from the closed engine.
-        """
-        step = self.switch_step
-        if step is not None:
-            return step.stall(now, interval_s)
-        return _engine_stall(self.runtime, now, interval_s, "the engine")
+        return self.host.stall(now, interval_s)
 
     def check_model(self, name: str | None) -> str:
         if name in (None, "", "default", self.model_id):
@@ -98,8 +116,10 @@ class InferenceService:
                 raise OverloadedError("the model is being swapped", retry_after_s=2)
             # Back on the loop, where a model swap also runs: if one happened meanwhile, these tokens
             # belong to the old model's vocabulary; tokenize again for the new one.
-            if runtime is self.runtime:
-                return runtime.scheduler.submit(request)
+            if runtime is self.host.serving:
+                stream = runtime.scheduler.submit(request)
+                self.host.hold(runtime, stream)  # a retired model closes when its last request ends
+                return stream
 
     def _prepare_on(
         self, runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, request_id: str
@@ -149,29 +169,3 @@ class InferenceService:
             request_id=request_id,
             ignore_eos=body.ignore_eos,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class SwitchStep:
-    """A step of a model switch during which no engine serves, for the daemon's watchdog.
-
-    Liveness then comes from the switch: a step bounded by its own timeout counts as alive until
-    ``deadline``; a step that waits with a candidate engine loaded counts as alive while that
-    engine's thread shows progress.
-    """
-
-    what: str
-    deadline: float | None = None
-    engine: Runtime | None = None
-
-    def stall(self, now: float, interval_s: float) -> str | None:
-        """Why this step looks stuck; None while it is alive."""
-        if self.engine is not None:
-            return _engine_stall(self.engine, now, interval_s, f"{self.what}: the candidate engine")
-        assert self.deadline is not None
-        return None if now < self.deadline else f"{self.what}: overran its time limit by {now - self.deadline:.1f} s"
-
-
-def _engine_stall(runtime: Runtime, now: float, interval_s: float, what: str) -> str | None:
-    stalled = now - runtime.scheduler.stats.last_progress
-    return None if stalled < interval_s else f"{what} made no progress for {stalled:.1f} s"

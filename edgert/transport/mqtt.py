@@ -172,6 +172,8 @@ class MqttTransport:
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        if self.state.service is not None:
+            self.state.service.host.on_serve(self._model_changed)
         self._link_task = asyncio.create_task(self.link.run(), name="edgert-mqtt-link")
         if self.settings.telemetry_interval_s > 0:
             self._spawn(self._telemetry_loop())
@@ -217,6 +219,11 @@ class MqttTransport:
             log.info("mqtt: new broker session (requests published while offline, if any, were not kept)")
         self.link.publish(self._status("online"), track=False)
         self._pump()
+
+    def _model_changed(self, _served: object) -> None:
+        """A swap or rollback: the retained status names the model now served (called on the event loop)."""
+        if self.link.connected:
+            self.link.publish(self._status("online"), track=False)
 
     def link_down(self) -> None:
         """Nothing to do: replies wait in the outbox and paho keeps its unacknowledged ones."""
@@ -484,7 +491,7 @@ class MqttTransport:
             reason=reason if state == "online" else (reason or "connection lost"),
             group=self.settings.group,
             model=_model_ref(service) if service is not None else None,
-            backend=service.runtime.backend_name if service is not None else None,
+            backend=service.host.served.backend if service is not None and service.host.served else None,
             edgert_version=__version__,
             protocol=self.settings.protocol,
             uptime_s=round(time.monotonic() - self.state.started, 3),
@@ -581,12 +588,12 @@ def _final(
     )
 
 
-def _model_ref(service: InferenceService) -> ModelRef:
-    runtime = service.runtime
-    # The update path installs files as versions/<model-id>@<version>.gguf behind a symlink.
-    name = runtime.path.resolve().name
-    version = name.removesuffix(".gguf").rpartition("@")[2] if "@" in name else None
-    return ModelRef(id=service.model_id, file=runtime.path.name, quant=runtime.quant, version=version)
+def _model_ref(service: InferenceService) -> ModelRef | None:
+    # Who is served comes from the model host (the signed release after a swap), never from a file name.
+    served = service.host.served
+    if served is None:
+        return None
+    return ModelRef(id=served.id, file=served.file, quant=served.quant, version=served.version)
 
 
 def _readings() -> tuple[MemoryReading, float | None]:

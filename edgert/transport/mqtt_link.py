@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgert import device
 from edgert.settings import MqttSettings, Settings
 
 log = logging.getLogger("edgert.mqtt")
@@ -81,9 +82,8 @@ class Incoming:
 
 
 def resolve_device_id(settings: Settings) -> str:
-    """``mqtt.device_id``, else ``update.device_id``, else the host name (made topic-safe)."""
-    chosen = settings.mqtt.device_id or settings.update.device_id or socket.gethostname()
-    return "".join("_" if ch in "/+#" or ch.isspace() else ch for ch in chosen) or "edgert"
+    """``mqtt.device_id``, else the id the update path uses (:mod:`edgert.device`)."""
+    return device.resolve_device_id(settings.mqtt.device_id, settings.update.device_id)
 
 
 def valid_topic(topic: str) -> bool:

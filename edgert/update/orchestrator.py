@@ -40,7 +40,6 @@ import contextlib
 import fcntl
 import logging
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -54,6 +53,7 @@ import httpx
 import psutil
 
 from edgert import __version__, store
+from edgert.device import resolve_device_id
 from edgert.errors import (
     DownloadError,
     EdgertError,
@@ -67,6 +67,7 @@ from edgert.errors import (
     UpdateError,
 )
 from edgert.gguf_file import validate_gguf
+from edgert.identity import ReleaseIdentity
 from edgert.onnx_folder import validate_onnx_folder
 from edgert.settings import Settings
 from edgert.update import download, failures, publisher_signature
@@ -91,7 +92,6 @@ log = logging.getLogger(__name__)
 
 CURRENT_LINK: Final = "current.gguf"
 VERSIONS_DIR: Final = "versions"
-MACHINE_ID: Final = Path("/etc/machine-id")
 
 Outcome = Literal["up-to-date", "committed", "rolled-back", "rolled-back-manually"]
 
@@ -115,15 +115,10 @@ class ApplyResult:
     downloaded_bytes: int = 0
 
 
-def resolve_device_id(configured: str | None) -> str:
-    """``update.device_id``, else the systemd machine id, else the host name."""
-    if configured:
-        return configured
-    with contextlib.suppress(OSError):
-        machine_id = MACHINE_ID.read_text().strip()
-        if machine_id:
-            return machine_id
-    return socket.gethostname()
+def release_identity(release: Release) -> ReleaseIdentity:
+    """Who ``release`` is, for the serving side: from its signed metadata, never from a file name."""
+    sha256 = release.hashes.get("sha256")
+    return ReleaseIdentity(release.meta.model_id, release.meta.version, f"sha256:{sha256}" if sha256 else None)
 
 
 def version_file_name(model_id: str, version: str, *, folder: bool = False) -> str:
@@ -150,7 +145,7 @@ class Updater:
         self.versions_dir = settings.models_dir / VERSIONS_DIR
         self.store = StateStore(self.update_dir)
         self.hooks = HookRunner(self.config.hooks_dir, timeout_s=self.config.hook_timeout_s)
-        self.device_id = resolve_device_id(self.config.device_id)
+        self.device_id = resolve_device_id(self.config.device_id)  # the same id MQTT uses (edgert.device)
         #: Set when the process stops (SIGTERM): a download in progress ends between two reads, its
         #: ``.part`` kept for the next start (DownloadCancelledError).
         self.stop = threading.Event()
@@ -207,7 +202,7 @@ class Updater:
                 raise UpdateError("no previous model version is kept on this device")
             switch = self._switch()
             try:
-                switch.load_beside(self._file(previous))
+                switch.load_beside(self._file(previous), release_identity(previous))
                 switch.probe(self.config.health_check_timeout_s)
             except EdgertError:
                 switch.release()
@@ -475,7 +470,7 @@ class Updater:
         state.activation_attempts += 1
         self.store.save(state)
         try:
-            switch.load_beside(path)
+            switch.load_beside(path, release_identity(release))
             state.phase = Phase.HEALTH_CHECK
             self.store.save(state)
             switch.probe(self.config.health_check_timeout_s)

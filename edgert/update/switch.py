@@ -3,13 +3,16 @@
 The update path never touches the engine: it asks a :class:`ModelSwitch` to
 load the new model beside the serving one, to prove it answers, and to swap.
 The serving side implements it (the scheduler, wired by the daemon); the CLI
-and the tests use :class:`edgert.model_switch.RuntimeModelSwitch`.
+and the tests use :class:`edgert.model_switch.RuntimeModelSwitch`. Both keep their models in
+one :class:`edgert.serving.host.ModelHost`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Protocol
+
+from edgert.identity import ReleaseIdentity
 
 
 class ModelSwitch(Protocol):
@@ -21,8 +24,11 @@ class ModelSwitch(Protocol):
     model keeps serving throughout.
     """
 
-    def load_beside(self, path: Path) -> None:
-        """Load ``path`` as the candidate while the current model keeps serving."""
+    def load_beside(self, path: Path, release: ReleaseIdentity) -> None:
+        """Load ``path`` as the candidate while the current model keeps serving.
+
+        ``release`` is who it is: after ``swap`` the served model reports it (never its file name).
+        """
 
     def probe(self, timeout_s: float) -> None:
         """Run one short real generation on the candidate; raise HealthCheckError if it fails or is late."""
@@ -31,4 +37,5 @@ class ModelSwitch(Protocol):
         """Make the candidate the serving model; the old one stays loaded until ``release``."""
 
     def release(self) -> None:
-        """Free whichever model is not serving: the old one after ``swap``, else the candidate."""
+        """Free whichever model is not serving: the old one after ``swap`` (once its last request ends),
+        else the candidate."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgert.api.mqtt_schemas import ReplyError, ReplyFinal, Topics
 from edgert.runtime import open_runtime
+from edgert.serving.host import ModelHost
 from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
@@ -80,7 +81,7 @@ def test_resent_duplicates_never_evict_first_replies(tmp_path: Path, tiny_gguf: 
     broker = Broker(tmp_path / "broker").start()
     settings = _settings(tmp_path, broker.port, reply_buffer_messages=60)
     runtime = open_runtime(settings, str(tiny_gguf))
-    service = InferenceService(runtime, Limits(default_timeout_s=60, max_tokens_cap=4096))
+    service = InferenceService(ModelHost.serving_runtime(runtime), Limits(default_timeout_s=60, max_tokens_cap=4096))
     service.ready = True
 
     async def scenario(requester: MqttRequester) -> list[ReplyFinal | ReplyError]:

@@ -50,8 +50,14 @@ def wait_for_current(daemon: DaemonProcess, key: str, timeout: float = 60) -> di
 
 
 def served_model(daemon: DaemonProcess) -> str:
+    """``<model-id>@<version>``: the id ``/v1/models`` reports and the version in ``edgert_model_info``."""
     with daemon.client() as client:
-        return str(client.get("/v1/models").json()["data"][0]["id"])
+        model_id = str(client.get("/v1/models").json()["data"][0]["id"])
+        text = client.get("/metrics").text
+    (info,) = (
+        s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == "edgert_model_info"
+    )
+    return f"{model_id}@{info['version']}"
 
 
 def wait_served(daemon: DaemonProcess, version: str, timeout: float = 30) -> None:

@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from edgert.identity import ReleaseIdentity
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.update import state as state_module
 from edgert.update_service import UpdateService
@@ -42,11 +43,11 @@ class FlakySwitch(RuntimeModelSwitch):
 
     timeouts = 1
 
-    def load_beside(self, path: Path) -> None:
+    def load_beside(self, path: Path, release: ReleaseIdentity | None = None) -> None:
         if self.timeouts:
             self.timeouts -= 1
             raise TimeoutError
-        super().load_beside(path)
+        super().load_beside(path, release)
 
 
 def failures(registry: CollectorRegistry) -> dict[str, float]:

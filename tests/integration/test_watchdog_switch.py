@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.daemon import DaemonProcess, start_daemon
 from tests.integration.update_support import MODEL_ID, Fleet, device_update, make_variant, write_hook
@@ -45,9 +46,19 @@ def current_version(daemon: DaemonProcess) -> str | None:
 
 
 def served_model(daemon: DaemonProcess) -> str:
+    """``<model-id>@<version>`` as served (``/v1/models``' id, ``edgert_model_info``'s version); "" while none is."""
     with daemon.client() as client:
         response = client.get("/v1/models")
-    return str(response.json()["data"][0]["id"]) if response.status_code == 200 else ""
+        text = client.get("/metrics").text
+    if response.status_code != 200:
+        return ""
+    versions = [
+        s.labels["version"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "edgert_model_info"
+    ]
+    return f"{response.json()['data'][0]['id']}@{versions[0]}"
 
 
 def test_watchdog_keeps_pinging_while_a_drain_and_swap_holds_the_model_unloaded(

@@ -19,6 +19,7 @@ import pytest
 from edgert import model_switch
 from edgert.model_switch import ServingModelSwitch
 from edgert.runtime import Runtime, open_runtime
+from edgert.serving.host import ModelHost
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import load_settings
 
@@ -34,7 +35,7 @@ def test_a_slow_candidate_load_keeps_the_watchdog_fed(
         serve={"model_swap": "drain"},
     )
     serving = open_runtime(settings, str(tiny_gguf))
-    service = InferenceService(serving, Limits(default_timeout_s=30, max_tokens_cap=8))
+    service = InferenceService(ModelHost.serving_runtime(serving), Limits(default_timeout_s=30, max_tokens_cap=8))
     service.ready = True
     loading, go_on = threading.Event(), threading.Event()
 
@@ -46,7 +47,7 @@ def test_a_slow_candidate_load_keeps_the_watchdog_fed(
     monkeypatch.setattr(model_switch, "open_runtime", slow_open)
 
     async def scenario() -> None:
-        switch = ServingModelSwitch(settings, service, asyncio.get_running_loop(), drain_timeout_s=5)
+        switch = ServingModelSwitch(settings, service.host, asyncio.get_running_loop(), drain_timeout_s=5)
         load = asyncio.ensure_future(asyncio.to_thread(switch.load_beside, tiny_gguf))
         while not loading.is_set():
             assert not load.done(), load.exception()

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from edgert.runtime import Runtime, open_runtime
+from edgert.serving.host import ModelHost
 from edgert.serving.metrics import Metrics
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import load_settings
@@ -54,7 +55,7 @@ def calls(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
 
 def post(runtime: Runtime, path: str, body: dict[str, object]) -> tuple[httpx.Response, int]:
     """POST to an in-process app; returns the response and the event loop's thread id."""
-    service = InferenceService(runtime, Limits(default_timeout_s=60, max_tokens_cap=4))
+    service = InferenceService(ModelHost.serving_runtime(runtime), Limits(default_timeout_s=60, max_tokens_cap=4))
     service.ready = True
     state = ApiState(metrics=Metrics(service.stats), max_body_bytes=8 * 1_048_576, service=service)
 
@@ -117,7 +118,7 @@ def test_mqtt_requests_are_tokenized_on_a_worker_thread(runtime: Runtime, calls:
     from edgert.transport.mqtt import MqttTransport
     from edgert.transport.mqtt_link import Incoming, Outgoing
 
-    service = InferenceService(runtime, Limits(default_timeout_s=60, max_tokens_cap=4))
+    service = InferenceService(ModelHost.serving_runtime(runtime), Limits(default_timeout_s=60, max_tokens_cap=4))
     service.ready = True
     state = ApiState(metrics=Metrics(service.stats), max_body_bytes=8 * 1_048_576, service=service)
     settings = load_settings(mqtt={"broker": "127.0.0.1:1", "device_id": "dev-1"})
