@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from edgert.engine.base import SamplingParams
-from edgert.runtime import Runtime, open_runtime
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import load_settings
 
 PROMPTS = [

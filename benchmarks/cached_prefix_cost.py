@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgert.runtime import Runtime, open_runtime
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import Settings
 
 STORY = "Once upon a time, in a small village by the sea, there lived"

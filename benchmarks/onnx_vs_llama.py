@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Single-stream and 4-concurrent tok/s: the onnxruntime-genai backend vs llama.cpp, through edgert.
 
-Both models run in this process through ``edgert.runtime.open_runtime`` (the same scheduler,
+Both models run in this process through ``edgert.serving.runtime.open_runtime`` (the same scheduler,
 admission and token stream the daemon uses), greedy, ``ignore_eos`` so every request generates
 exactly ``--tokens`` tokens. The systems are measured alternately, round by round (the order
 rotates), so a CPU shared with other work hurts both alike; medians are reported.
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from edgert.engine.base import SamplingParams
-from edgert.runtime import Runtime, open_runtime
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,9 +37,9 @@ from edgert import __version__
 from edgert.errors import EdgertError
 from edgert.identity import ReleaseIdentity
 from edgert.log import redact
-from edgert.runtime import open_runtime
 from edgert.serving.host import ModelHost, probe
 from edgert.serving.metrics import Metrics
+from edgert.serving.runtime import open_runtime
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings
 from edgert.transport.connections import (

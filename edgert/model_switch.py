@@ -1,7 +1,7 @@
 """A :class:`~edgert.update.switch.ModelSwitch` on the real engine, for processes without a daemon.
 
 ``edgert update apply`` (and the integration tests) activate a new model with
-this: the candidate is loaded through :func:`edgert.runtime.open_runtime` exactly
+this: the candidate is loaded through :func:`edgert.serving.runtime.open_runtime` exactly
 as ``edgert serve`` would load it, and must answer one short greedy generation
 in time. It lives outside :mod:`edgert.update` so the update path never imports
 the engine; the daemon wires its scheduler-backed switch the same way.
@@ -19,8 +19,8 @@ import psutil
 
 from edgert.errors import EdgertError, HealthCheckError
 from edgert.identity import ReleaseIdentity
-from edgert.runtime import Runtime, open_runtime
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep, probe
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import Settings
 
 log = logging.getLogger("edgert.model_switch")

@@ -31,7 +31,7 @@ from edgert.cli.exitcodes import for_error
 from edgert.engine.base import SamplingParams
 from edgert.engine.llama import reference_generate
 from edgert.errors import EdgertError
-from edgert.runtime import Runtime, load_options, open_runtime, resolve
+from edgert.serving.runtime import Runtime, load_options, open_runtime, resolve
 from edgert.settings import load_settings
 
 BENCH_PROMPT = (

@@ -12,7 +12,7 @@ import typer
 from edgert.cli import exitcodes
 from edgert.engine.base import SamplingParams
 from edgert.errors import EdgertError
-from edgert.runtime import Runtime, open_runtime
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.scheduler import Finished, GenerationRequest
 from edgert.settings import load_settings
 

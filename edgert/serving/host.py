@@ -25,7 +25,7 @@ from typing import Final
 from edgert.engine.base import SamplingParams
 from edgert.errors import HealthCheckError
 from edgert.identity import ReleaseIdentity
-from edgert.runtime import Runtime
+from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import SchedulerStats, TokenStream
 
 log = logging.getLogger("edgert.serving.host")

@@ -23,8 +23,8 @@ from typing import Literal
 from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingFields
 from edgert.engine.base import SamplingParams
 from edgert.errors import ModelNotFoundError, OverloadedError, PromptTooLongError
-from edgert.runtime import Runtime
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep
+from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from edgert.engine.base import SamplingParams
 from edgert.engine.llama import reference_generate
-from edgert.runtime import load_options, open_runtime
+from edgert.serving.runtime import load_options, open_runtime
 from edgert.settings import load_settings
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgert.api.mqtt_schemas import ReplyError, ReplyFinal, Topics
-from edgert.runtime import open_runtime
 from edgert.serving.host import ModelHost
 from edgert.serving.metrics import Metrics
+from edgert.serving.runtime import open_runtime
 from edgert.serving.scheduler import SchedulerStats
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import Settings

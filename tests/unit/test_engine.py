@@ -21,7 +21,7 @@ from edgert.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from edgert.runtime import Runtime, load_options, open_runtime
+from edgert.serving.runtime import Runtime, load_options, open_runtime
 from edgert.serving.scheduler import Priority, TokenStream
 from edgert.settings import load_settings
 

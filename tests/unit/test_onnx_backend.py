@@ -342,7 +342,7 @@ def greedy_until_eog(backend: OnnxBackend, case: dict[str, Any]) -> str:
 
 
 def test_runtime_serves_the_folder_concurrently(tmp_path: Path, backend: OnnxBackend) -> None:
-    from edgert.runtime import open_runtime
+    from edgert.serving.runtime import open_runtime
     from edgert.settings import load_settings
 
     engine = {"n_ctx": 2048, "n_parallel": 4, "n_threads": 1, "n_threads_batch": 1}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgert.engine.base import SamplingParams
-from edgert.runtime import Runtime, open_runtime
 from edgert.serving.prefix_cache import PrefixCache, common_prefix
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.scheduler import Finished
 from edgert.settings import load_settings
 

@@ -1,6 +1,6 @@
 """Finding 3 of issue 13, the load itself: while a drain-and-swap loads the candidate, liveness is the switch's.
 
-The candidate's load is held open by wrapping :func:`edgert.runtime.open_runtime` (the one thing a
+The candidate's load is held open by wrapping :func:`edgert.serving.runtime.open_runtime` (the one thing a
 test cannot make slow on a 1.6 MB model); everything else is the real switch on the real tiny GGUF.
 The daemon's watchdog pings exactly when ``InferenceService.stall`` returns None, so that is what is
 asked here, at moments well past the closed engine's last sign of life.
@@ -18,8 +18,8 @@ import pytest
 
 from edgert import model_switch
 from edgert.model_switch import ServingModelSwitch
-from edgert.runtime import Runtime, open_runtime
 from edgert.serving.host import ModelHost
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import load_settings
 

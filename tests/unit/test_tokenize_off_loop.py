@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from edgert.runtime import Runtime, open_runtime
 from edgert.serving.host import ModelHost
 from edgert.serving.metrics import Metrics
+from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.service import InferenceService, Limits
 from edgert.settings import load_settings
 from edgert.transport.http import ApiState, create_app

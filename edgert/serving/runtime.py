@@ -29,7 +29,7 @@ from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, Sch
 from edgert.settings import EngineSettings, Settings
 from edgert.store import available_ids, resolve_model
 
-log = logging.getLogger("edgert.runtime")
+log = logging.getLogger("edgert.serving.runtime")
 
 
 def default_threads() -> int:
