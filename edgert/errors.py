@@ -32,6 +32,7 @@ so every transport converts errors the same way, in one place::
     │   ├── UpdateBusyError             another update holds the lock (409)
     │   ├── UpdateStateError            the update state file is unreadable or too new (500)
     │   │   └── UpdatesDisabledError        a check was asked for while updates are off for that (409)
+    │   ├── IllegalTransitionError      a step asked for a phase change the state machine forbids (500: a bug)
     │   ├── RegistryUnavailableError    the registry host cannot be reached (502)
     │   ├── UntrustedMetadataError      signed metadata failed TUF verification (502)
     │   │   └── PublisherSignatureError     no publisher (model-signing) bundle, or it does not verify
@@ -248,6 +249,12 @@ class UpdatesDisabledError(UpdateStateError):
 
     http_status = 409
     code = "updates_disabled"
+
+
+class IllegalTransitionError(UpdateError):
+    """An update step tried a phase change that :data:`edgert.update.state.TRANSITIONS` forbids (a bug)."""
+
+    code = "illegal_transition"
 
 
 class RegistryUnavailableError(UpdateError):

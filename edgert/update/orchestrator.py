@@ -1,6 +1,7 @@
 """Drives one device update: registry.fetch -> verify -> stage -> activate -> healthcheck -> commit | rollback.
 
-Each step persists its phase (:mod:`edgert.update.state`) before it starts, under
+Each step persists its phase before it starts (the phase changes are the pure transitions of
+:mod:`edgert.update.state`, which refuse an illegal move; this module acts and saves), under
 an exclusive file lock, so ``kill -9`` anywhere leaves a state that the next run
 finishes: it resumes the download, continues a staged file, retries an
 interrupted activation (bounded), or completes a commit or rollback that began.
@@ -81,10 +82,21 @@ from edgert.update.state import (
     Release,
     StateStore,
     UpdateState,
+    abandoned,
+    begin_activation,
+    begin_commit,
+    begin_health_check,
+    begin_rollback,
     blocklist_key,
     choose_target,
+    committed,
     incompatibility,
+    manual_rollback,
     recovery_for,
+    retry_activation,
+    rolled_back,
+    staged,
+    start_download,
 )
 from edgert.update.switch import ModelSwitch
 
@@ -207,11 +219,9 @@ class Updater:
             except EdgertError:
                 switch.release()
                 raise
-            state.blocklist = sorted({*state.blocklist, bad.key})
-            state.current, state.previous = previous, None
-            state.remember(f"{_now()} manual rollback {bad.key} -> {previous.key}")
+            moved = manual_rollback(state, now=_now())
             self._point_current(previous)
-            self.store.save(state)
+            self._move(state, moved)
             switch.swap()
             switch.release()
             self._remove(bad)
@@ -278,9 +288,7 @@ class Updater:
     # ------------------------------------------------------------------ download
 
     def _download(self, state: UpdateState, release: Release, target: SignedTarget) -> download.Fetched:
-        state.phase, state.pending, state.activation_attempts = Phase.DOWNLOADING, release, 0
-        state.remember(f"{_now()} downloading {release.key}")
-        self.store.save(state)
+        self._move(state, start_download(state, release, now=_now()))
         try:
             self._hook(HookEvent.PRE_DOWNLOAD, release, state)
         except HookVetoError as exc:
@@ -430,11 +438,8 @@ class Updater:
     def _staged(self, state: UpdateState, release: Release) -> None:
         # Its identity now, so a later deletion can tell the file is still this release's own.
         identity = store.file_id(self._file(release))
-        state.pending = release.model_copy(update={"file_id": str(identity) if identity else None})
-        state.phase = Phase.STAGED
-        files = f", {len(release.members)} files" if release.is_folder else ""
-        state.remember(f"{_now()} verified {release.key} ({release.length} bytes{files})")
-        self.store.save(state)
+        installed = release.model_copy(update={"file_id": str(identity) if identity else None})
+        self._move(state, staged(state, installed, now=_now()))
 
     # ------------------------------------------------------------------ stage, activate, commit
 
@@ -466,13 +471,10 @@ class Updater:
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)
         switch = self._switch()
-        state.phase = Phase.ACTIVATING
-        state.activation_attempts += 1
-        self.store.save(state)
+        self._move(state, begin_activation(state))
         try:
             switch.load_beside(path, release_identity(release))
-            state.phase = Phase.HEALTH_CHECK
-            self.store.save(state)
+            self._move(state, begin_health_check(state))
             switch.probe(self.config.health_check_timeout_s)
             self._hook(HookEvent.HEALTH_CHECK, release, state)
         except EdgertError as exc:
@@ -484,8 +486,7 @@ class Updater:
             # max_activation_attempts like an activation a crash interrupted.
             switch.release()
             raise
-        state.phase = Phase.COMMITTING
-        self.store.save(state)
+        self._move(state, begin_commit(state))
         switch.swap()
         self._finish_commit(state)
         switch.release()
@@ -544,11 +545,7 @@ class Updater:
         release = state.pending
         assert release is not None
         self._point_current(release)
-        state.previous = state.current if state.current and state.current.key != release.key else state.previous
-        state.current, state.pending = release, None
-        state.phase, state.activation_attempts, state.last_error = Phase.IDLE, 0, None
-        state.remember(f"{_now()} committed {release.key}")
-        self.store.save(state)
+        self._move(state, committed(state, now=_now()))
         log.info("committed %s", release.key)
         self._collect_garbage(state)
         self._hook(HookEvent.ON_COMMIT, release, state)
@@ -556,9 +553,7 @@ class Updater:
     def _roll_back(self, state: UpdateState, reason: str, fetched: download.Fetched | None = None) -> ApplyResult:
         release = state.pending
         assert release is not None
-        state.phase, state.rollback_reason = Phase.ROLLING_BACK, reason
-        state.blocklist = sorted({*state.blocklist, release.key})
-        self.store.save(state)
+        self._move(state, begin_rollback(state, reason))
         self._finish_rollback(state)
         fetched = fetched or download.Fetched(0, 0)
         return ApplyResult("rolled-back", release.key, reason, fetched.resumed_from, fetched.received)
@@ -567,19 +562,14 @@ class Updater:
         release, reason = state.pending, state.rollback_reason or "rollback"
         if release is not None and release.key not in {_key(state.current), _key(state.previous)}:
             self._remove(release)
-        state.pending, state.phase, state.activation_attempts = None, Phase.IDLE, 0
-        state.rollback_reason, state.last_error = None, reason
-        state.remember(f"{_now()} rolled back: {reason}")
-        self.store.save(state)
+        self._move(state, rolled_back(state, now=_now()))
         log.warning("rolled back: %s", reason)
         if release is not None:
             self._hook(HookEvent.ON_ROLLBACK, release, state, reason=reason)
 
     def _abandon(self, state: UpdateState, reason: str) -> None:
         """Stop an update that was never activated: nothing to roll back, nothing blocklisted."""
-        state.pending, state.phase, state.activation_attempts, state.last_error = None, Phase.IDLE, 0, reason
-        state.remember(f"{_now()} abandoned: {reason}")
-        self.store.save(state)
+        self._move(state, abandoned(state, reason, now=_now()))
         log.warning("%s", reason)
 
     # ------------------------------------------------------------------ recovery
@@ -596,14 +586,22 @@ class Updater:
             attempts = state.activation_attempts
             self._roll_back(state, f"the process died during {attempts} activations of {_key(state.pending)}")
         elif action is Recovery.RETRY_ACTIVATION:
-            state.phase = Phase.STAGED  # the file was verified and renamed before activation began
-            self.store.save(state)
+            self._move(state, retry_activation(state))  # the file was verified and renamed before activation began
         if state.phase is Phase.STAGED and state.pending and not self._present(state.pending):
             self._abandon(state, f"staged file of {state.pending.key} is missing")
         if state.phase is Phase.IDLE and state.current is not None:
             self._point_current(state.current)  # repair the link after a crash between state and link
 
     # ------------------------------------------------------------------ helpers
+
+    def _move(self, state: UpdateState, moved: UpdateState) -> None:
+        """Save the state a transition (:mod:`edgert.update.state`) returned, as the round's one state object.
+
+        The round's ``state`` is updated in place: its failure handling (:meth:`_round`) records on it.
+        """
+        for name in UpdateState.model_fields:
+            setattr(state, name, getattr(moved, name))
+        self.store.save(state)
 
     @contextlib.contextmanager
     def _round(self, doing: str) -> Iterator[UpdateState]:

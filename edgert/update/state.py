@@ -12,6 +12,14 @@ from its staging folder: members verified before the crash are hashed again, not
 fetched), a staged file or folder is re-checked and continues, an interrupted activation is retried until
 ``max_activation_attempts`` and then rolled back, and a commit or rollback that
 began is finished. Nothing in this module does I/O except :class:`StateStore`.
+
+Every phase change is one pure function below (:func:`start_download` … :func:`rolled_back`):
+it takes the state and returns the next one, and refuses a move :data:`TRANSITIONS` does not
+list with :class:`~edgert.errors.IllegalTransitionError`. The orchestrator acts (downloads,
+loads, swaps) and saves what these functions return; it never sets a phase itself.
+
+Over ~400 lines on purpose: the persisted model, the pure decisions and every transition are the
+rules of the update path, read in one place; the I/O lives elsewhere (StateStore is its one file).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgert import store
-from edgert.errors import UpdateStateError
+from edgert.errors import IllegalTransitionError, UpdateStateError
 from edgert.log import scrub_urls
 from edgert.update.manifest import ChannelPointer, ModelMeta, model_target_paths, version_key
 
@@ -240,6 +248,163 @@ _RESUME: Final = {
     Phase.STAGED: Recovery.CONTINUE_STAGED,
     Phase.COMMITTING: Recovery.FINISH_COMMIT,
 }
+
+
+# --------------------------------------------------------------------------- transitions
+
+#: Every phase change the update path may make; anything else is a bug (IllegalTransitionError).
+TRANSITIONS: Final[dict[Phase, frozenset[Phase]]] = {
+    Phase.IDLE: frozenset({Phase.DOWNLOADING}),
+    # staged once verified; idle when abandoned (veto, bytes that never verify, no room, the channel moved on)
+    Phase.DOWNLOADING: frozenset({Phase.STAGED, Phase.IDLE}),
+    # rolling back when the file is not a loadable model; idle when abandoned (veto, bad publisher signature)
+    Phase.STAGED: frozenset({Phase.ACTIVATING, Phase.ROLLING_BACK, Phase.IDLE}),
+    # staged again: an interrupted activation is retried (bounded by max_activation_attempts)
+    Phase.ACTIVATING: frozenset({Phase.HEALTH_CHECK, Phase.ROLLING_BACK, Phase.STAGED}),
+    Phase.HEALTH_CHECK: frozenset({Phase.COMMITTING, Phase.ROLLING_BACK, Phase.STAGED}),
+    Phase.COMMITTING: frozenset({Phase.IDLE}),
+    Phase.ROLLING_BACK: frozenset({Phase.IDLE}),
+}
+
+
+def check_move(source: Phase, target: Phase) -> None:
+    """Refuse a phase change that :data:`TRANSITIONS` does not list."""
+    if target not in TRANSITIONS[source]:
+        raise IllegalTransitionError(f"the update path cannot go from {source} to {target}")
+
+
+def _moved(
+    state: UpdateState, sources: frozenset[Phase], target: Phase, line: str | None = None, **changes: object
+) -> UpdateState:
+    """``state`` moved to ``target``: only from one of the step's ``sources``, and only along :data:`TRANSITIONS`."""
+    if state.phase not in sources:
+        raise IllegalTransitionError(f"the update path cannot go from {state.phase} to {target} this way")
+    check_move(state.phase, target)
+    moved = state.model_copy(update={"phase": target, **changes})
+    if line is not None:
+        moved.history = [*state.history, line][-HISTORY_LIMIT:]
+    return UpdateState.model_validate(moved.model_dump())  # validated: no illegal value slips in by the copy
+
+
+_IDLE: Final = frozenset({Phase.IDLE})
+_DOWNLOADING: Final = frozenset({Phase.DOWNLOADING})
+_STAGED: Final = frozenset({Phase.STAGED})
+_ACTIVATING: Final = frozenset({Phase.ACTIVATING})
+_HEALTH_CHECK: Final = frozenset({Phase.HEALTH_CHECK})
+#: a model being loaded or probed
+_LOADING: Final = frozenset({Phase.ACTIVATING, Phase.HEALTH_CHECK})
+_COMMITTING: Final = frozenset({Phase.COMMITTING})
+_ROLLING_BACK: Final = frozenset({Phase.ROLLING_BACK})
+
+
+def _pending(state: UpdateState) -> Release:
+    if state.pending is None:
+        raise IllegalTransitionError(f"phase {state.phase} without a pending release")
+    return state.pending
+
+
+def start_download(state: UpdateState, release: Release, *, now: str) -> UpdateState:
+    """idle -> downloading ``release`` (the activation count starts afresh)."""
+    return _moved(
+        state, _IDLE, Phase.DOWNLOADING, f"{now} downloading {release.key}", pending=release, activation_attempts=0
+    )
+
+
+def staged(state: UpdateState, release: Release, *, now: str) -> UpdateState:
+    """downloading -> staged: ``release`` (with its installed file's identity) is verified under its final name."""
+    files = f", {len(release.members)} files" if release.is_folder else ""
+    return _moved(
+        state,
+        _DOWNLOADING,
+        Phase.STAGED,
+        f"{now} verified {release.key} ({release.length} bytes{files})",
+        pending=release,
+    )
+
+
+def begin_activation(state: UpdateState) -> UpdateState:
+    """staged -> activating: one more attempt counted before the model is loaded (a crash while loading counts)."""
+    _pending(state)
+    return _moved(state, _STAGED, Phase.ACTIVATING, activation_attempts=state.activation_attempts + 1)
+
+
+def begin_health_check(state: UpdateState) -> UpdateState:
+    """activating -> health_check: loaded beside the serving model, now probed."""
+    return _moved(state, _ACTIVATING, Phase.HEALTH_CHECK)
+
+
+def retry_activation(state: UpdateState) -> UpdateState:
+    """activating | health_check -> staged: the process died while activating; the verified file stays."""
+    return _moved(state, _LOADING, Phase.STAGED)
+
+
+def begin_commit(state: UpdateState) -> UpdateState:
+    """health_check -> committing: the new model passed; the swap and the commit come next."""
+    return _moved(state, _HEALTH_CHECK, Phase.COMMITTING)
+
+
+def committed(state: UpdateState, *, now: str) -> UpdateState:
+    """committing -> idle: the pending release is current, the one before it kept as previous."""
+    release = _pending(state)
+    previous = state.current if state.current and state.current.key != release.key else state.previous
+    return _moved(
+        state,
+        _COMMITTING,
+        Phase.IDLE,
+        f"{now} committed {release.key}",
+        current=release,
+        previous=previous,
+        pending=None,
+        activation_attempts=0,
+        last_error=None,
+    )
+
+
+def begin_rollback(state: UpdateState, reason: str) -> UpdateState:
+    """staged | activating | health_check -> rolling_back: the pending release is blocklisted on this device."""
+    release = _pending(state)
+    blocklist = sorted({*state.blocklist, release.key})
+    return _moved(state, _STAGED | _LOADING, Phase.ROLLING_BACK, rollback_reason=reason, blocklist=blocklist)
+
+
+def rolled_back(state: UpdateState, *, now: str) -> UpdateState:
+    """rolling_back -> idle: nothing pending, the reason kept as ``last_error``."""
+    reason = state.rollback_reason or "rollback"
+    return _moved(
+        state,
+        _ROLLING_BACK,
+        Phase.IDLE,
+        f"{now} rolled back: {reason}",
+        pending=None,
+        activation_attempts=0,
+        rollback_reason=None,
+        last_error=reason,
+    )
+
+
+def abandoned(state: UpdateState, reason: str, *, now: str) -> UpdateState:
+    """downloading | staged -> idle: an update never activated stops; nothing to roll back, nothing blocklisted."""
+    return _moved(
+        state,
+        _DOWNLOADING | _STAGED,
+        Phase.IDLE,
+        f"{now} abandoned: {reason}",
+        pending=None,
+        activation_attempts=0,
+        last_error=reason,
+    )
+
+
+def manual_rollback(state: UpdateState, *, now: str) -> UpdateState:
+    """idle -> idle: the previous release becomes current again and the current one is blocklisted."""
+    if state.phase is not Phase.IDLE or state.previous is None or state.current is None:
+        raise IllegalTransitionError(f"a manual rollback needs phase idle and a previous release ({state.phase})")
+    previous, bad = state.previous, state.current
+    moved = state.model_copy(
+        update={"blocklist": sorted({*state.blocklist, bad.key}), "current": previous, "previous": None}
+    )
+    moved.history = [*state.history, f"{now} manual rollback {bad.key} -> {previous.key}"][-HISTORY_LIMIT:]
+    return UpdateState.model_validate(moved.model_dump())
 
 
 # --------------------------------------------------------------------------- persistence
