@@ -229,16 +229,15 @@ class _Limits:
     def check(self, job: Fetch, start: int, done: int) -> None:
         """Between reads: raise when asked to stop, or past the deadline."""
         self.done = done
-        url = display_url(job.url)
         if self.stop is not None and self.stop.is_set():
             raise DownloadCancelledError(
-                f"download of {url} stopped at byte {done} of {job.cap} because edgert is stopping; "
+                f"download of {display_url(job.url)} stopped at byte {done} of {job.cap} because edgert is stopping; "
                 "the next attempt resumes"
             )
         if self.deadline is not None and self.pace is not None and time.monotonic() > self.deadline:
             elapsed = time.monotonic() - self.started
             raise DownloadTooSlowError(
-                f"download of {url} too slow: {done - start} bytes in {elapsed:.0f} s, short of the "
+                f"download of {display_url(job.url)} too slow: {done - start} bytes in {elapsed:.0f} s, short of the "
                 f"{job.cap - start} needed at update.download_min_bytes_per_s={self.pace.min_bytes_per_s} "
                 f"(+{self.pace.slack_s:g} s slack); {done} of {job.cap} bytes kept, the next attempt resumes"
             )
