@@ -29,7 +29,9 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, cast
@@ -40,6 +42,10 @@ from edgert.gguf_file import sha256_file
 from edgert.settings import Settings
 
 PART_SUFFIX: Final = ".part"
+#: Signed releases installed by the update path (see :func:`version_name`).
+VERSIONS_DIR: Final = "versions"
+#: ``current.gguf -> versions/<name>``: the committed release, file or folder (the name kept for existing installs)
+CURRENT_LINK: Final = "current.gguf"
 GGUF_SUFFIX: Final = ".gguf"
 #: A folder release's suffix under ``versions/``: no folder name can equal a GGUF's (``m@1.gguf`` is the
 #: GGUF of ``m@1`` and would be the folder of version ``1.gguf``) or its ``.part``.
@@ -280,3 +286,45 @@ def _check_assembled(spec: ModelSpec, path: Path) -> None:
 
 def _package(spec: ModelSpec) -> str:
     return spec.source.package if isinstance(spec.source, PyPISource) else spec.id
+
+
+# --------------------------------------------------------------------------- the update path's layout
+
+
+def staging_path(versions_dir: Path, name: str) -> Path:
+    """Where the folder release ``name`` is assembled until every member has verified (hidden: never served)."""
+    return versions_dir / f".{name}.staging"
+
+
+def point_current(models_dir: Path, name: str) -> None:
+    """``current.gguf`` -> ``versions/<name>``, replaced atomically (symlink + rename + dir fsync)."""
+    link = models_dir / CURRENT_LINK
+    relative = f"{VERSIONS_DIR}/{name}"
+    if link.is_symlink() and str(link.readlink()) == relative:
+        return
+    tmp = link.with_name(f".{CURRENT_LINK}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(relative)
+    tmp.replace(link)
+    fsync_dir(link.parent)
+
+
+def discard(path: Path) -> None:
+    """Delete a file or a whole folder; a folder first leaves its name in one rename (crash-safe)."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name.lstrip('.')}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.replace(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def collect_garbage(versions_dir: Path, keep: Iterable[str]) -> list[Path]:
+    """Delete everything in ``versions_dir`` but the names in ``keep`` (stray partial downloads too); say what went."""
+    kept = set(keep)
+    removed = [path for path in sorted(versions_dir.iterdir()) if path.name not in kept]
+    for path in removed:
+        discard(path)
+    fsync_dir(versions_dir)
+    return removed

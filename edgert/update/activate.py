@@ -1,0 +1,128 @@
+"""Step 3 of an update round: validate the staged release, load it beside the serving model, probe it, swap.
+
+Then commit (``current`` link, GC of older releases, the ``on-commit`` hook) or roll back and
+blocklist it. The old model keeps serving until the new one has loaded and passed its probe and
+the ``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from edgert.errors import (
+    EdgertError,
+    HookVetoError,
+    ModelFileError,
+)
+from edgert.gguf_file import validate_gguf
+from edgert.onnx_folder import validate_onnx_folder
+from edgert.update import download, publisher_signature
+from edgert.update.core import key_of, release_identity, utc_now
+from edgert.update.fetch import Fetching
+from edgert.update.hooks import HookEvent
+from edgert.update.state import (
+    Phase,
+    UpdateState,
+    begin_activation,
+    begin_commit,
+    begin_health_check,
+    begin_rollback,
+    committed,
+    rolled_back,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["up-to-date", "committed", "rolled-back", "rolled-back-manually"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    outcome: Outcome
+    release: str | None
+    detail: str
+    resumed_from: int = 0
+    downloaded_bytes: int = 0
+
+
+class Activating(Fetching):
+    """Stage, activate, health-check, then commit or roll back."""
+
+    def _stage_and_activate(self, state: UpdateState, fetched: download.Fetched) -> ApplyResult:
+        release = state.pending
+        assert release is not None and state.phase is Phase.STAGED
+        path = self._file(release)
+        # A folder's publisher signature was verified on its staging folder, before the rename.
+        if self.config.publisher_public_key is not None and not release.is_folder:
+            try:
+                self._verify_publisher(release, path, self.config.publisher_public_key)
+            except publisher_signature.PublisherSignatureError as exc:
+                self._abandon(state, f"{release.key} refused before staging: {exc}")
+                self._remove(release)
+                raise
+        try:
+            if release.is_folder:
+                validate_onnx_folder(path)
+            else:
+                validate_gguf(path)
+        except ModelFileError as exc:
+            what = "ONNX Runtime GenAI folder" if release.is_folder else "GGUF"
+            return self._roll_back(state, f"{release.key} is not a loadable {what}: {exc}", fetched)
+        try:
+            self._hook(HookEvent.PRE_INSTALL, release, state)
+        except HookVetoError as exc:
+            self._abandon(state, f"pre-install hook vetoed {release.key}: {exc}")
+            self._remove(release)
+            raise
+        self._hook(HookEvent.POST_INSTALL, release, state)
+        switch = self._switch()
+        self._move(state, begin_activation(state))
+        try:
+            switch.load_beside(path, release_identity(release))
+            self._move(state, begin_health_check(state))
+            switch.probe(self.config.health_check_timeout_s)
+            self._hook(HookEvent.HEALTH_CHECK, release, state)
+        except EdgertError as exc:
+            switch.release()
+            return self._roll_back(state, f"{release.key} failed its health check: {exc}", fetched)
+        except OSError:
+            # Not the model's verdict (a TimeoutError of a wait on the event loop, an I/O error): free the
+            # candidate and fail the round; the next one retries the activation, bounded by
+            # max_activation_attempts like an activation a crash interrupted.
+            switch.release()
+            raise
+        self._move(state, begin_commit(state))
+        switch.swap()
+        self._finish_commit(state)
+        switch.release()
+        return ApplyResult(
+            "committed", release.key, "installed, health-checked and serving", fetched.resumed_from, fetched.received
+        )
+
+    def _finish_commit(self, state: UpdateState) -> None:
+        release = state.pending
+        assert release is not None
+        self._point_current(release)
+        self._move(state, committed(state, now=utc_now()))
+        log.info("committed %s", release.key)
+        self._collect_garbage(state)
+        self._hook(HookEvent.ON_COMMIT, release, state)
+
+    def _roll_back(self, state: UpdateState, reason: str, fetched: download.Fetched | None = None) -> ApplyResult:
+        release = state.pending
+        assert release is not None
+        self._move(state, begin_rollback(state, reason))
+        self._finish_rollback(state)
+        fetched = fetched or download.Fetched(0, 0)
+        return ApplyResult("rolled-back", release.key, reason, fetched.resumed_from, fetched.received)
+
+    def _finish_rollback(self, state: UpdateState) -> None:
+        release, reason = state.pending, state.rollback_reason or "rollback"
+        if release is not None and release.key not in {key_of(state.current), key_of(state.previous)}:
+            self._remove(release)
+        self._move(state, rolled_back(state, now=utc_now()))
+        log.warning("rolled back: %s", reason)
+        if release is not None:
+            self._hook(HookEvent.ON_ROLLBACK, release, state, reason=reason)
