@@ -92,6 +92,7 @@ def test_a_proxy_named_in_the_environment_is_used_only_when_asked(
         download.fetch(client, _job(target, tmp_path))
     assert seen == [target]
     (tmp_path / "blob.part").unlink()
-    with download.client(10) as client, pytest.raises(DownloadError, match="interrupted"):  # the updater goes direct, as before
+    # The updater's client goes direct, as before.
+    with download.client(10) as client, pytest.raises(DownloadError, match="interrupted"):
         download.fetch(client, _job(target, tmp_path))
     assert seen == [target]
