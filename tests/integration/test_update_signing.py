@@ -21,6 +21,7 @@ from tuf.api.metadata import TargetFile
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.update.orchestrator import Updater
 from edgert.update.publisher_signature import PublisherSignatureError
+from edgert.update.registry import RegistryClient
 from edgert.update.state import Phase
 from tests.integration.update_support import (
     MODEL_ID,
@@ -98,10 +99,22 @@ def test_signed_release_installs_and_upgrades(tmp_path: Path, fleet: Fleet, publ
     assert os.readlink(tmp_path / "device" / "models" / "current.gguf") == f"versions/{V1_FILE}"
 
 
-def test_signed_upgrade_in_process(tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], device: Updater) -> None:
+def test_signed_upgrade_in_process(
+    tmp_path: Path, fleet: Fleet, publisher: tuple[Path, Path], device: Updater, monkeypatch: pytest.MonkeyPatch
+) -> None:
     release_v2(fleet, tmp_path, publisher[0])
+    refreshed: list[object] = []
+    real_refresh = RegistryClient.refresh
+
+    def counting_refresh(client: RegistryClient) -> None:
+        refreshed.append(client)
+        real_refresh(client)
+
+    monkeypatch.setattr(RegistryClient, "refresh", counting_refresh)
     result = device.apply()
     assert result.outcome == "committed" and result.release == "tiny-gemma4:f16@2.0.0"
+    # one registry client per round: the publisher-signature check uses the metadata the check refreshed
+    assert len(refreshed) == 1
 
 
 def test_release_without_bundle_is_refused(tmp_path: Path, fleet: Fleet, device: Updater) -> None:
