@@ -215,7 +215,10 @@ def test_metrics_parse_and_move(daemon: DaemonProcess) -> None:
     assert after["edgert_time_to_first_token_seconds_count"] > before.get("edgert_time_to_first_token_seconds_count", 0)
     assert after["edgert_uptime_seconds"] > 0
     architecture = "gemma4" if daemon.model.suffix == ".gguf" else "gemma3_text"
-    assert f"edgert_model_info{{architecture={architecture},id={daemon.model.name}" in ",".join(after)
+    (info,) = (name for name in after if name.startswith("edgert_model_info{"))
+    assert f"{{architecture={architecture}," in info
+    assert f",id={daemon.model.name},modalities=text," in info  # no registry release: no version, no digest
+    assert ",version=}" in info
 
 
 def test_second_daemon_on_the_same_socket_refuses(daemon: DaemonProcess, tiny_gguf: Path) -> None:
