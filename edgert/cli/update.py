@@ -192,8 +192,9 @@ def _local(settings: Settings, work: Callable[[], T]) -> T:
     except UpdateBusyError:
         raise _CommandError(
             f"the update state in {settings.state_dir / 'update'} is held by another edgert process (a daemon "
-            f"still starting or on another socket, or another update); no daemon answers on {settings.serve.socket}"
-            ": run this command with that daemon's serve.socket, or retry when the other update is done",
+            f"still starting or on another socket, or another update); no daemon answers on {settings.serve.socket} "
+            "(or this user may not connect to it): run this command with that daemon's serve.socket, "
+            "or retry when the other update is done",
             exitcodes.BUSY,
         ) from None
 
