@@ -208,8 +208,8 @@ class Daemon:
         return self.updates.initial_model() or (None, None)
 
     async def _load_and_probe(self, server: _Server) -> None:
-        model, release = self._initial_model()
         try:
+            model, release = self._initial_model()
             runtime = await asyncio.to_thread(open_runtime, self.settings, model)
         except EdgertError as exc:
             log.error("cannot load the model: %s", exc.message)  # noqa: TRY400 - one clear line, no traceback

@@ -112,7 +112,7 @@ def test_daemon_installs_a_folder_release_and_serves_it_on_the_socket(
             model = client.get("/v1/models").json()["data"][0]["id"]
             body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
             reply = client.post(CHAT, json=body)
-        assert model == V2
+        assert model == MODEL_ID  # the signed release's id, not its folder's versioned name (issue 14)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] > 0
         assert reply.json()["choices"][0]["message"]["content"]
