@@ -113,6 +113,10 @@ def test_cli_apply_while_a_daemon_runs_is_done_by_the_daemon(tmp_path: Path, fle
         status = cli(workdir, fleet, daemon.socket, "status", "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["current"]["meta"]["version"] == "3.0.0"
+        text = cli(workdir, fleet, daemon.socket, "status")
+        assert text.returncode == 0, text.stderr
+        assert f"current:   {MODEL_ID}@3.0.0" in text.stdout.splitlines(), text.stdout
+        assert f"previous:  {MODEL_ID}@2.0.0" in text.stdout.splitlines(), text.stdout
         check = cli(workdir, fleet, daemon.socket, "check", "--json")
         assert check.returncode == 0, check.stderr
         assert json.loads(check.stdout)["offered"] is None
