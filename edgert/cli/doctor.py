@@ -28,19 +28,9 @@ from edgert.catalog import PACKAGED_CATALOG, Catalog, ModelSpec, load_catalog
 from edgert.cli import exitcodes
 from edgert.engine.base import BackendCapabilities
 from edgert.errors import ConfigError
-from edgert.hardware import (
-    MIB,
-    FitChoice,
-    Hardware,
-    MemoryNeed,
-    Problem,
-    choose_model,
-    detect,
-    kv_is_lean,
-    memory_need,
-    parse_system_info,
-)
+from edgert.hardware import MIB, Hardware, Problem, detect, parse_system_info
 from edgert.log import scrub_urls
+from edgert.memory_fit import FitChoice, MemoryNeed, choose_model, kv_is_lean, memory_need
 from edgert.settings import Settings, config_file_path, ignored_local_config, load_settings
 from edgert.store import available_ids
 

@@ -22,7 +22,8 @@ from edgert.engine.base import BackendCapabilities, LoadOptions, SamplingParams,
 from edgert.engine.llama import LlamaBackend, capabilities
 from edgert.errors import ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
-from edgert.hardware import choose_model, detect
+from edgert.hardware import detect
+from edgert.memory_fit import choose_model
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig

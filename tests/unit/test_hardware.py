@@ -10,20 +10,8 @@ import pytest
 
 from edgert.catalog import Catalog, load_catalog
 from edgert.engine.base import BackendCapabilities
-from edgert.hardware import (
-    CpuInfo,
-    GpuInfo,
-    Hardware,
-    cgroup_memory_limit_mib,
-    choose_model,
-    detect,
-    memory_budget,
-    memory_need,
-    parse_system_info,
-    quant_bits,
-    rank,
-    simd_flags,
-)
+from edgert.hardware import CpuInfo, GpuInfo, Hardware, cgroup_memory_limit_mib, detect, parse_system_info, simd_flags
+from edgert.memory_fit import choose_model, memory_budget, memory_need, quant_bits, rank
 from edgert.settings import EngineSettings
 
 GIB = 1024
