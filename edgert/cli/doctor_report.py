@@ -1,0 +1,264 @@
+"""What ``edgert doctor`` finds: the frozen :class:`Report` and the checks that fill its problems.
+
+:func:`build_report` gathers settings, build, hardware and the model choice into one value and
+runs every check (state dir, model, fit, engine settings, disk); it prints nothing, so
+:mod:`edgert.cli.doctor_output` can render the same report as tables or JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edgert.catalog import Catalog, ModelSpec
+from edgert.engine.base import BackendCapabilities
+from edgert.hardware import MIB, Hardware, Problem
+from edgert.memory_fit import FitChoice, MemoryNeed, choose_model, kv_is_lean, memory_need
+from edgert.settings import Settings
+from edgert.store import available_ids
+
+ModelSource = Literal["auto", "catalog", "path"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What ``edgert serve`` would load with these settings."""
+
+    source: ModelSource
+    #: catalog id or file path; None when ``auto`` finds nothing
+    name: str | None
+    spec: ModelSpec | None
+    path: Path | None
+    installed: bool
+    need: MemoryNeed | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    settings: Settings
+    config_file: Path | None
+    caps: BackendCapabilities
+    hw: Hardware
+    served: ServedModel
+    #: the best installed model (what ``model = "auto"`` serves)
+    auto: FitChoice
+    #: the best model in the whole catalog (what to pull)
+    recommended: FitChoice
+    installed: frozenset[str]
+    disk_free_mib: int | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(problem.severity == "error" for problem in self.problems)
+
+
+# --------------------------------------------------------------------------- gathering
+
+
+def build_report(
+    settings: Settings,
+    catalog: Catalog,
+    caps: BackendCapabilities,
+    hw: Hardware,
+    config_file: Path | None,
+    *,
+    load_problem: Problem | None = None,
+    config_problem: Problem | None = None,
+) -> Report:
+    installed = available_ids(settings.models_dir, catalog)
+    auto = choose_model(catalog, hw, settings.engine, installed=set(installed))
+    recommended = choose_model(catalog, hw, settings.engine)
+    served = _served_model(settings, catalog, auto, installed)
+    writable_base = _existing_ancestor(settings.state_dir)
+    disk_free = shutil.disk_usage(writable_base).free // MIB if writable_base.is_dir() else None
+    problems = [
+        *([load_problem] if load_problem else []),
+        *([config_problem] if config_problem else []),
+        *hw.problems,
+        *_state_dir_problems(settings.state_dir, writable_base),
+        *_model_problems(settings, served, auto, recommended, hw),
+        *_engine_problems(settings, hw, served),
+        *_disk_problems(recommended, installed, disk_free),
+        _onnx_note(),
+    ]
+    return Report(
+        settings=settings,
+        config_file=config_file,
+        caps=caps,
+        hw=hw,
+        served=served,
+        auto=auto,
+        recommended=recommended,
+        installed=installed,
+        disk_free_mib=disk_free,
+        problems=tuple(problems),
+    )
+
+
+def _served_model(settings: Settings, catalog: Catalog, auto: FitChoice, installed: frozenset[str]) -> ServedModel:
+    name = settings.model
+    if name == "auto":
+        spec = auto.chosen
+        need = memory_need(spec, settings.engine) if spec else None
+        return ServedModel("auto", spec.id if spec else None, spec, None, spec is not None, need)
+    spec = next((s for s in catalog if s.id == name), None)
+    if spec is not None:
+        need = memory_need(spec, settings.engine)
+        return ServedModel("catalog", name, spec, None, spec.id in installed, need)
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        return ServedModel("path", name, None, path, path.is_file(), None)
+    return ServedModel("catalog", name, None, None, installed=False, need=None)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".gguf") or os.sep in name or name.startswith("~")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _state_dir_problems(state_dir: Path, existing: Path) -> list[Problem]:
+    hint = "set EDGERT_STATE_DIR (or state_dir in the config file) to a writable directory"
+    if not existing.is_dir():
+        return [Problem("error", f"state dir {state_dir}: {existing} is not a directory", hint)]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Problem("error", f"state dir {state_dir} is not writable by this user ({existing})", hint)]
+    if existing != state_dir:
+        return [Problem("info", f"state dir {state_dir} does not exist yet; edgert will create it")]
+    return []
+
+
+def _model_problems(
+    settings: Settings, served: ServedModel, auto: FitChoice, recommended: FitChoice, hw: Hardware
+) -> list[Problem]:
+    best = recommended.chosen
+    pull_best = f"edgert models pull {best.id}" if best else "lower engine.n_ctx; no catalog model fits"
+    if served.source == "auto" and served.spec is None:
+        return [Problem("error", "model = auto, but no installed catalog model fits this machine", pull_best)]
+    if served.source == "path":
+        if served.installed:
+            return [Problem("info", f"model {served.name} is a file outside the catalog: memory not checked")]
+        return [Problem("error", f"model file {served.path} does not exist", "fix model in the config")]
+    if served.spec is None:
+        return [
+            Problem(
+                "error",
+                f"configured model {served.name!r} is not in the catalog ({settings.catalog or 'packaged'})",
+                "edgert models list shows the ids; or set EDGERT_MODEL=auto",
+            )
+        ]
+    problems = []
+    if not served.installed:
+        problems.append(
+            Problem("error", f"model {served.spec.id} is not installed", f"edgert models pull {served.spec.id}")
+        )
+    problems.extend(_fit_problems(served, auto, recommended, hw))
+    return problems
+
+
+def _fit_problems(served: ServedModel, auto: FitChoice, recommended: FitChoice, hw: Hardware) -> list[Problem]:
+    assert served.spec is not None and served.need is not None  # callers checked
+    need, budget = served.need.total_mib, recommended.budget
+    problems = []
+    if need > budget.budget_mib:
+        smaller = auto.chosen or recommended.chosen
+        problems.append(
+            Problem(
+                "warning",
+                f"model {served.spec.id} needs {need} MiB but the {budget.kind} budget is "
+                f"{budget.budget_mib} MiB: expect swapping or an out-of-memory kill",
+                f"use {smaller.id} or lower engine.n_ctx" if smaller else "lower engine.n_ctx",
+            )
+        )
+    if budget.kind != "vram" and need > hw.ram_available_mib:
+        problems.append(
+            Problem(
+                "info",
+                f"only {hw.ram_available_mib} MiB of RAM is available right now; {served.spec.id} needs "
+                f"{need} MiB (a running edgert serve already holds its model in that figure)",
+            )
+        )
+    return problems
+
+
+def _engine_problems(settings: Settings, hw: Hardware, served: ServedModel) -> list[Problem]:
+    engine = settings.engine
+    problems = []
+    if engine.kv_cache_type != "f16" and not engine.flash_attn:
+        problems.append(
+            Problem(
+                "error",
+                f"kv_cache_type {engine.kv_cache_type} needs flash attention: llama.cpp refuses a quantized "
+                "V cache without it",
+                "set engine.flash_attn = true or engine.kv_cache_type = 'f16'",
+            )
+        )
+    if not kv_is_lean(engine):
+        extra = f" (+{served.need.kv_extra_mib} MiB for {served.name})" if served.need else ""
+        problems.append(
+            Problem(
+                "warning",
+                f"KV cache is not lean (flash_attn={engine.flash_attn}, swa_full={engine.swa_full}): "
+                f"about 3x the KV memory at 8k context{extra}",
+                "set engine.flash_attn = true and engine.swa_full = false",
+            )
+        )
+    if served.spec is not None and engine.n_ctx > served.spec.context_length:
+        problems.append(
+            Problem(
+                "warning",
+                f"n_ctx {engine.n_ctx} exceeds the trained context of {served.spec.id} ({served.spec.context_length})",
+                f"set engine.n_ctx <= {served.spec.context_length}",
+            )
+        )
+    for field in ("n_threads", "n_threads_batch"):
+        value = getattr(engine, field)
+        if value is not None and value > hw.cpu.logical_cores:
+            problems.append(
+                Problem(
+                    "warning",
+                    f"engine.{field} = {value} exceeds the {hw.cpu.logical_cores} logical cores: "
+                    "oversubscribed threads slow decoding down",
+                    f"unset it (defaults to the {hw.cpu.physical_cores} physical cores)",
+                )
+            )
+    return problems
+
+
+def _disk_problems(recommended: FitChoice, installed: frozenset[str], disk_free_mib: int | None) -> list[Problem]:
+    best = recommended.chosen
+    if best is None or best.id in installed or disk_free_mib is None:
+        return []
+    size_mib = best.size_bytes // MIB
+    if size_mib <= disk_free_mib:
+        return []
+    return [
+        Problem(
+            "warning",
+            f"the recommended model {best.id} ({size_mib} MiB) does not fit the {disk_free_mib} MiB "
+            "free under the state dir",
+            "free disk space or point EDGERT_STATE_DIR at a larger volume",
+        )
+    ]
+
+
+def _onnx_note() -> Problem:
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        state = "onnxruntime-genai is not installed (pip install 'edgert[onnx]')"
+    else:
+        state = f"onnxruntime-genai {importlib.metadata.version('onnxruntime-genai')} serves ONNX model folders"
+    return Problem(
+        "info",
+        f"ONNX backend: {state}; its 0.18 model builder does not support the per-layer embeddings of "
+        "Gemma 4 E2B/E4B, so those run on llama.cpp [GGUF only]",
+    )
