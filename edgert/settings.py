@@ -1,5 +1,8 @@
 """The one configuration model: TOML file + ``EDGERT_*`` environment variables.
 
+Longer than ~400 lines on purpose: it is the one configuration model, every setting a typed field
+with its limit and description beside it, and splitting it would scatter that single list.
+
 This is the only module that reads ``os.environ``. Precedence, highest first:
 constructor arguments (CLI flags) > ``EDGERT_*`` env vars > TOML file > defaults.
 Nested groups use ``__`` in env names: ``EDGERT_ENGINE__N_CTX=8192``.
