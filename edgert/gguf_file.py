@@ -1,5 +1,8 @@
 """Check a GGUF file before anything tries to load it.
 
+Just over ~400 lines as one module on purpose: it is one header parser whose steps share a private
+cursor and defect type, and splitting it would turn those internals into a cross-module API.
+
 llama.cpp reacts to a truncated or foreign file with an abort or a vague
 "failed to load model"; this module answers the same question in well under a
 second with one precise line: ``<path>: <defect>``.

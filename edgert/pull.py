@@ -1,5 +1,9 @@
 """Download a catalog model into the models directory: resumable, bounded, verified.
 
+Just over ~400 lines as one module on purpose: it is the one pull flow drawn below, and its Hugging
+Face step stays here because the import contract lets only this module (and the operator registry)
+import huggingface_hub.
+
 Steps, each a small function below::
 
     plan (where from, exact size or a cap, which hash)  ->  disk-space check
