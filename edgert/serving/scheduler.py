@@ -11,23 +11,25 @@ cancelled and expired sequences leave at once and free their slot and KV cells.
 Tokens travel back to the event loop through :class:`TokenStream` (an async
 iterator) via ``loop.call_soon_threadsafe``; nothing on the engine thread waits
 for a client.
+
+This module owns the queue, the slots, the KV budget and the step loop; admission and the
+loop stay together (~420 lines) because both change that state under one lock. Beside it:
+request and result types (:mod:`.request`), the stream and per-step outbox (:mod:`.stream`),
+per-request engine state (:mod:`.sequence`), limits and counters (:mod:`.scheduler_config`),
+the prefix cache's KV bookkeeping (:mod:`.prefix_kv`). Transports import the names from here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import heapq
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Literal
 
-from edgert.engine.base import Backend, BatchToken, Sampler, SamplingParams, SequenceBackend, SequenceHandle
+from edgert.engine.base import Backend, BatchToken, SequenceBackend
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -36,212 +38,14 @@ from edgert.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from edgert.serving.prefix_cache import Match, PrefixCache, PrefixEntry, PrefixStore
+from edgert.serving.prefix_kv import PrefixKV
+from edgert.serving.request import Finished, FinishReason, GenerationRequest, Priority, TextChunk
+from edgert.serving.scheduler_config import SchedulerConfig, SchedulerStats
+from edgert.serving.sequence import SequenceState, slot_of
+from edgert.serving.stream import Outbox, TokenStream
 from edgert.serving.tokens import TextAssembler
 
 log = logging.getLogger("edgert.scheduler")
-
-FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
-
-
-class Priority(IntEnum):
-    """Lower runs first: a kiosk user waiting beats a batch job."""
-
-    INTERACTIVE = 0
-    BATCH = 1
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    prompt: tuple[int, ...]
-    sampling: SamplingParams
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    priority: Priority = Priority.INTERACTIVE
-    #: absolute ``time.monotonic()`` instant, or None for no deadline
-    deadline: float | None = None
-    request_id: str = ""
-    #: keep generating past end-of-generation tokens (benchmarks need fixed lengths)
-    ignore_eos: bool = False
-    #: only compute the prompt's KV and keep it as a cached prefix (start-up warming)
-    prefill_only: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class TextChunk:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    #: seconds from submit to the first generated token; None when none was generated
-    ttft_s: float | None
-    #: seconds from submit to finish
-    total_s: float
-    error: EdgertError | None = None
-    #: prompt tokens taken from the prefix cache instead of being computed
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    n_slots: int
-    #: the most positions one request may use (prompt + generated)
-    n_ctx: int
-    n_batch: int
-    prefill_chunk: int
-    #: KV cells admission may reserve in all; 0 = n_ctx (one unified pool)
-    kv_cells: int = 0
-    #: each sequence has its own KV cells (llama.cpp kv_unified off)
-    private_kv: bool = False
-    max_queue: int = 64
-    #: Retry-After hint given when the queue is full
-    retry_after_s: float = 1.0
-    #: sequence ids (beyond the slots) that hold cached prefixes; empty = no prefix cache
-    prefix_seqs: tuple[int, ...] = ()
-    prefix_min_tokens: int = 32
-    prefix_max_tokens: int = 0
-    #: where exact prefixes are persisted, or None
-    prefix_store: PrefixStore | None = None
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """Counters read by /metrics and telemetry; written only by the engine thread."""
-
-    queue_depth: int = 0
-    active: int = 0
-    kv_reserved: int = 0
-    steps: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=dict)
-    rejected: int = 0
-    prefix_hits: int = 0
-    prefix_misses: int = 0
-    prefix_tokens_reused: int = 0
-    prefix_entries: int = 0
-    last_progress: float = field(default_factory=time.monotonic)
-
-
-class TokenStream:
-    """What a transport iterates: text chunks, then :attr:`result`.
-
-    Iteration raises the request's error instead when it failed before any text
-    was produced (deadline in the queue, engine failure), so a transport can still
-    answer with a proper status.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, scheduler: Scheduler) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[TextChunk | Finished] = asyncio.Queue()
-        self._scheduler = scheduler
-        self._seq: _Sequence | None = None
-        self.result: Finished | None = None
-        self.produced_text = False
-        #: called on the event loop when the request's end arrives, read or not (the model host counts requests)
-        self.on_finished: Callable[[], None] | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; takes effect before the next decode step."""
-        if self.result is None and self._seq is not None:
-            self._scheduler.cancel(self._seq)
-
-    def __aiter__(self) -> AsyncIterator[TextChunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[TextChunk]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, Finished):
-                self.result = item
-                if item.error is not None and not self.produced_text:
-                    raise item.error
-                return
-            self.produced_text = True
-            yield item
-
-    async def collect(self) -> tuple[str, Finished]:
-        parts = [chunk.text async for chunk in self]
-        assert self.result is not None
-        return "".join(parts), self.result
-
-
-class _Outbox:
-    """What one engine step produced, handed to each event loop in one call.
-
-    One wake-up of the event loop per step instead of one per token: on a 2-core
-    device every context switch is time taken from llama.cpp's compute threads.
-    """
-
-    def __init__(self) -> None:
-        self._items: list[tuple[TokenStream, TextChunk | Finished]] = []
-
-    def put(self, stream: TokenStream, item: TextChunk | Finished) -> None:
-        self._items.append((stream, item))
-
-    def flush(self) -> None:
-        if not self._items:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, TextChunk | Finished]]] = {}
-        for stream, item in self._items:
-            by_loop.setdefault(stream._loop, []).append((stream, item))
-        self._items = []
-        for loop, items in by_loop.items():
-            # RuntimeError: that event loop is gone (process shutting down), so nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[TokenStream, TextChunk | Finished]]) -> None:
-    """On the event loop: hand each stream its items, in order."""
-    for stream, item in items:
-        stream._queue.put_nowait(item)
-        if isinstance(item, Finished) and stream.on_finished is not None:
-            stream.on_finished()
-
-
-@dataclass(eq=False, slots=True)
-class _Sequence:
-    request: GenerationRequest
-    stream: TokenStream
-    submitted: float
-    order: int
-    slot: int = -1
-    sampler: Sampler | None = None
-    #: the generator of a SequenceBackend (onnxruntime-genai)
-    handle: SequenceHandle | None = None
-    assembler: TextAssembler | None = None
-    prompt_fed: int = 0
-    n_past: int = 0
-    last_token: int = -1
-    generated: int = 0
-    first_token_at: float | None = None
-    cancelled: bool = False
-    #: KV cells this sequence holds alone (prompt + max_tokens, less what it shares with a prefix entry)
-    reserve: int = 0
-    cached: int = 0
-    #: the prefix cache entry whose cells this sequence shares (pinned while it runs)
-    shared: PrefixEntry | None = None
-    #: take a prefix snapshot when the prefill reaches this many tokens
-    snapshot_at: int | None = None
-    snapshot_exact: bool = False
-
-
-def _slot_of(seq: _Sequence) -> int:
-    return seq.slot
-
-
-@dataclass(frozen=True, slots=True)
-class _PrefixPlan:
-    match: Match
-    #: tokens to take from the entry (the last prompt token is always computed)
-    reuse: int
-    #: False when the sliding window no longer holds the positions the reuse needs
-    usable: bool
 
 
 class Scheduler:
@@ -262,8 +66,8 @@ class Scheduler:
         self._info = backend.info
         self._config = config
         self._cv = threading.Condition()
-        self._pending: list[tuple[int, int, _Sequence]] = []
-        self._active: list[_Sequence] = []
+        self._pending: list[tuple[int, int, SequenceState]] = []
+        self._active: list[SequenceState] = []
         # A min-heap: the lowest free slot first, so running sequences keep low, adjacent ids.
         # With private per-sequence KV (kv_unified off) llama.cpp puts tokens of several
         # sequences into one micro-batch only when their ids are consecutive and in order.
@@ -271,20 +75,9 @@ class Scheduler:
         self._order = itertools.count()
         self._running = False
         self._thread: threading.Thread | None = None
-        self._outbox = _Outbox()
-        #: private KV: exact entries whose stream copy llama.cpp runs at the next decode, saved after it
-        self._unsaved: list[PrefixEntry] = []
+        self._outbox = Outbox()
         self.stats = SchedulerStats()
-        self._prefix = (
-            PrefixCache(
-                list(config.prefix_seqs),
-                min_tokens=config.prefix_min_tokens,
-                max_tokens=config.prefix_max_tokens,
-                n_swa=self._info.n_swa,
-            )
-            if config.prefix_seqs
-            else None
-        )
+        self._prefix = PrefixKV(self._backend, config, self.stats, self.kv_cells) if config.prefix_seqs else None
 
     @property
     def config(self) -> SchedulerConfig:
@@ -302,7 +95,8 @@ class Scheduler:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._load_saved_prefixes()
+        if self._prefix is not None:
+            self._prefix.load_saved()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="edgert-engine", daemon=True)
         self._thread.start()
@@ -333,10 +127,10 @@ class Scheduler:
                 f"the prompt has {len(request.prompt)} tokens but the context holds {self._config.n_ctx}; shorten it",
                 param="messages",
             )
-        stream = TokenStream(loop, self)
-        seq = _Sequence(request, stream, time.monotonic(), next(self._order))
+        stream = TokenStream(loop)
+        seq = SequenceState(request, stream, time.monotonic(), next(self._order))
         seq.reserve = min(len(request.prompt) + request.max_tokens, self._config.n_ctx)
-        stream._seq = seq
+        stream._cancel = functools.partial(self.cancel, seq)
         with self._cv:
             if not self._running:
                 raise OverloadedError("the engine is shutting down", retry_after_s=self._config.retry_after_s)
@@ -351,7 +145,7 @@ class Scheduler:
             self._cv.notify()
         return stream
 
-    def cancel(self, seq: _Sequence) -> None:
+    def cancel(self, seq: SequenceState) -> None:
         with self._cv:
             seq.cancelled = True
             self._cv.notify()
@@ -376,7 +170,7 @@ class Scheduler:
         self._expire_queued(now)
         while self._pending and self._free_slots:
             _, _, seq = self._pending[0]
-            plan = self._plan_prefix(seq)
+            plan = self._prefix.plan(seq) if self._prefix is not None else None
             shared, reuse = (plan.match.entry, plan.reuse) if plan is not None and plan.usable else (None, 0)
             # Cells taken from a cached prefix are shared, not copied: count them once, in the entry.
             need = seq.reserve - reuse
@@ -391,9 +185,17 @@ class Scheduler:
             seq.reserve = need
             self.stats.kv_reserved += need
             self._active.append(seq)
-            self._attach_prefix(seq, plan, now)
+            if self._prefix is not None and self._prefix.attach(seq, plan):
+                self._finish(seq, "stop", now)
         self.stats.queue_depth = len(self._pending)
         self.stats.active = len(self._active)
+
+    def _make_room(self, need: int) -> bool:
+        """True when ``need`` more KV cells fit, evicting cached prefixes if that is what it takes."""
+        while self.stats.kv_reserved + need > self.kv_cells:
+            if self._prefix is None or not self._prefix.evict_lru():
+                return False
+        return True
 
     # ------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -445,12 +247,12 @@ class Scheduler:
                 error = DeadlineExceededError("the request's deadline passed during generation")
                 self._finish(seq, "deadline", now, error)
 
-    def _build_batch(self) -> tuple[list[BatchToken], list[tuple[int, _Sequence]]]:
+    def _build_batch(self) -> tuple[list[BatchToken], list[tuple[int, SequenceState]]]:
         batch: list[BatchToken] = []
-        samples: list[tuple[int, _Sequence]] = []
+        samples: list[tuple[int, SequenceState]] = []
         # Private KV: sequences in slot order, each one's tokens together (see _free_slots);
         # a unified pool takes any order, and prompts are fed oldest first.
-        running = sorted(self._active, key=_slot_of) if self._config.private_kv else self._active
+        running = sorted(self._active, key=slot_of) if self._config.private_kv else self._active
         budget = self._config.n_batch - sum(1 for seq in running if seq.prompt_fed == len(seq.request.prompt))
         for seq in running:
             prompt = seq.request.prompt
@@ -478,7 +280,7 @@ class Scheduler:
 
     def _step(self) -> None:
         batch, samples = self._build_batch()
-        unsaved, self._unsaved = self._unsaved, []
+        unsaved = self._prefix.take_unsaved() if self._prefix is not None else []
         try:
             self._backend.decode(batch)
         except EdgertError as exc:
@@ -487,7 +289,8 @@ class Scheduler:
                 self._finish(seq, "error", now, exc)
             return
         if unsaved:
-            self._persist_copied(unsaved)
+            assert self._prefix is not None
+            self._prefix.persist_copied(unsaved)
         self.stats.steps += 1
         fed: dict[int, int] = {}
         for token in batch:
@@ -499,7 +302,10 @@ class Scheduler:
                 self.stats.prompt_tokens += count
             seq.n_past += count
             if seq.snapshot_at is not None and seq.prompt_fed >= seq.snapshot_at:
-                self._snapshot(seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact, owner=seq)
+                assert self._prefix is not None  # only the prefix cache plans snapshots
+                self._prefix.snapshot(
+                    seq.slot, seq.request.prompt[: seq.snapshot_at], exact=seq.snapshot_exact, owner=seq
+                )
                 seq.snapshot_at = None
         now = time.monotonic()
         for batch_index, seq in samples:
@@ -527,7 +333,7 @@ class Scheduler:
         # event loop (streaming, disconnects, new requests) only gets it every switch interval.
         time.sleep(0)
 
-    def _on_logits(self, seq: _Sequence, batch_index: int, now: float) -> None:
+    def _on_logits(self, seq: SequenceState, batch_index: int, now: float) -> None:
         backend = self._backend
         if seq.request.prefill_only:
             self._finish(seq, "stop", now)
@@ -543,7 +349,7 @@ class Scheduler:
         token = backend.sample(seq.sampler, batch_index)
         self._on_token(seq, token, backend.token_bytes(token), now)
 
-    def _on_token(self, seq: _Sequence, token: int, piece: bytes, now: float) -> None:
+    def _on_token(self, seq: SequenceState, token: int, piece: bytes, now: float) -> None:
         """The same for both backends: end of generation, stop strings, limits, streaming."""
         assert seq.assembler is not None
         if seq.first_token_at is None:
@@ -565,7 +371,7 @@ class Scheduler:
         else:
             seq.last_token = token
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, now: float, error: EdgertError | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: FinishReason, now: float, error: EdgertError | None = None) -> None:
         if seq.assembler is not None and reason != "stop":
             tail = seq.assembler.flush()
             if tail:
@@ -589,7 +395,7 @@ class Scheduler:
             self.stats.active = len(self._active)
         self._emit_finish(seq, reason, now, error)
 
-    def _emit_finish(self, seq: _Sequence, reason: FinishReason, now: float, error: EdgertError | None) -> None:
+    def _emit_finish(self, seq: SequenceState, reason: FinishReason, now: float, error: EdgertError | None) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         ttft = seq.first_token_at - seq.submitted if seq.first_token_at is not None else None
         self._outbox.put(
@@ -605,177 +411,10 @@ class Scheduler:
             ),
         )
 
-    # --------------------------------------------------------- prefix cache
-    def _make_room(self, need: int) -> bool:
-        """True when ``need`` more KV cells fit, evicting cached prefixes if that is what it takes."""
-        while self.stats.kv_reserved + need > self.kv_cells:
-            victim = self._prefix.lru() if self._prefix is not None else None
-            if victim is None:
-                return False
-            self._evict(victim)
-        return True
-
-    def _plan_prefix(self, seq: _Sequence) -> _PrefixPlan | None:
-        """The cached prefix a queued sequence would start from, if any (decided before admission)."""
-        cache = self._prefix
-        if cache is None or seq.request.prefill_only:
-            return None
-        prompt = seq.request.prompt
-        match = cache.best_match(prompt)
-        if match is None or match.common < cache.min_tokens:
-            return None
-        reuse = min(match.common, len(prompt) - 1)  # the last prompt token always yields the first logits
-        usable = cache.usable(match, reuse, self._backend.seq_pos_min(match.entry.seq))
-        return _PrefixPlan(match, reuse, usable)
-
-    def _attach_prefix(self, seq: _Sequence, plan: _PrefixPlan | None, now: float) -> None:
-        """Give a newly admitted sequence its planned cached prefix, and plan a snapshot."""
-        cache = self._prefix
-        if cache is None:
-            return
-        prompt = seq.request.prompt
-        if seq.request.prefill_only:
-            if cache.has_exact(prompt):
-                seq.prompt_fed = seq.n_past = len(prompt)
-                self._finish(seq, "stop", now)
-            else:
-                seq.snapshot_at, seq.snapshot_exact = len(prompt), True
-            return
-        if plan is not None and plan.usable:
-            entry, reuse = plan.match.entry, plan.reuse
-            self._copy_prefix(entry.seq, seq.slot, reuse)
-            seq.prompt_fed = seq.n_past = seq.cached = reuse
-            seq.shared = entry  # pinned by _admit
-            cache.touch(entry)
-            self.stats.prefix_hits += 1
-            self.stats.prefix_tokens_reused += reuse
-            if reuse < len(entry) and not cache.has_exact(prompt[:reuse]):
-                # the shared part ends inside this entry: keep exactly the shared part
-                self._snapshot(entry.seq, prompt[:reuse], exact=True)
-            return
-        if plan is not None:
-            if not cache.has_exact(prompt[: plan.reuse]):
-                seq.snapshot_at, seq.snapshot_exact = plan.reuse, True
-        elif len(prompt) - 1 >= cache.min_tokens:
-            seq.snapshot_at, seq.snapshot_exact = len(prompt) - 1, False
-        self.stats.prefix_misses += 1
-
-    def _snapshot(
-        self, source_seq: int, tokens: tuple[int, ...], *, exact: bool, owner: _Sequence | None = None
-    ) -> None:
-        """Copy positions [0, len(tokens)) of ``source_seq`` into a cache entry (cells are shared, not copied).
-
-        With ``owner`` (the running sequence that computed the cells) the cells move from the
-        owner's reservation to the entry, which the owner then shares; otherwise they are counted anew.
-        """
-        cache = self._prefix
-        if cache is None or len(tokens) > cache.max_tokens:
-            return
-        need = len(tokens)
-        while not cache.free_seqs or cache.tokens_held + need > cache.max_tokens:
-            victim = cache.lru()
-            if victim is None or (victim.exact and not exact):
-                return  # a mere candidate never pushes out a proven shared prefix
-            self._evict(victim)
-        transfer = owner is not None and owner.shared is None and owner.reserve >= need
-        if not transfer and self.stats.kv_reserved + need > self.kv_cells:
-            return
-        seq_id = cache.take_seq()
-        assert seq_id is not None
-        self._copy_prefix(source_seq, seq_id, need)
-        entry = cache.add(tokens, seq_id, exact=exact)
-        if transfer:
-            assert owner is not None
-            owner.reserve -= need
-            owner.shared = entry
-            entry.users += 1
-        else:
-            self.stats.kv_reserved += need
-        self.stats.prefix_entries = len(cache.entries)
-        store = self._config.prefix_store
-        if exact and store is not None:
-            if self._config.private_kv:
-                self._unsaved.append(entry)
-            else:
-                self._persist(store, entry)
-
-    def _copy_prefix(self, source_seq: int, target_seq: int, n_tokens: int) -> None:
-        """Positions [0, n_tokens) of ``source_seq`` into the empty ``target_seq``.
-
-        One KV pool: the cells get one more sequence tag, nothing moves. Private KV: llama.cpp
-        copies only whole sequence streams, so the whole source is copied and the tail dropped;
-        the data moves at the start of the next decode (saving such an entry waits for that).
-        """
-        backend = self._backend
-        if not self._config.private_kv:
-            backend.seq_copy(source_seq, target_seq, 0, n_tokens)
-            return
-        backend.seq_copy(source_seq, target_seq)
-        backend.seq_remove(target_seq, n_tokens)
-
-    def _persist_copied(self, entries: list[PrefixEntry]) -> None:
-        """Save entries whose (private KV) stream copy the decode just made, if still cached."""
-        store, cache = self._config.prefix_store, self._prefix
-        if store is None or cache is None:
-            return
-        for entry in entries:
-            if entry in cache.entries:
-                self._persist(store, entry)
-
-    def _persist(self, store: PrefixStore, entry: PrefixEntry) -> None:
-        path = store.path_for(entry.tokens)
-        tmp = path.with_suffix(".tmp")
-        try:
-            store.directory.mkdir(parents=True, exist_ok=True)
-            self._backend.save_seq_state(entry.seq, tmp, list(entry.tokens))
-            tmp.replace(path)
-        except (OSError, EdgertError) as exc:
-            log.warning("could not persist a cached prefix to %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    def _evict(self, entry: PrefixEntry) -> None:
-        assert self._prefix is not None
-        assert entry.users == 0, "a prefix entry in use cannot be evicted"
-        self._backend.seq_remove(entry.seq)
-        self._prefix.drop(entry)
-        self.stats.kv_reserved -= len(entry)
-        self.stats.prefix_entries = len(self._prefix.entries)
-        store = self._config.prefix_store
-        if entry.exact and store is not None:
-            with contextlib.suppress(OSError):
-                store.path_for(entry.tokens).unlink()
-
-    def _load_saved_prefixes(self) -> None:
-        """Restore persisted prefixes (newest first) before the engine thread starts."""
-        cache, store = self._prefix, self._config.prefix_store
-        if cache is None or store is None:
-            return
-        for path in store.saved():
-            seq_id = cache.take_seq()
-            if seq_id is None:
-                break
-            try:
-                tokens = tuple(self._backend.load_seq_state(seq_id, path, cache.max_tokens))
-            except EdgertError as exc:
-                tokens = ()
-                log.warning("ignoring cached prefix %s: %s", path.name, exc)
-            room = cache.tokens_held + len(tokens) <= cache.max_tokens
-            if not tokens or not store.verify(path, tokens) or not room:
-                self._backend.seq_remove(seq_id)
-                cache.free_seqs.append(seq_id)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            cache.add(tokens, seq_id, exact=True)
-            self.stats.kv_reserved += len(tokens)
-        self.stats.prefix_entries = len(cache.entries)
-        if cache.entries:
-            log.info("restored %d cached prefixes from %s", len(cache.entries), store.directory)
-
 
 __all__ = [
     "EngineError",
+    "FinishReason",
     "Finished",
     "GenerationRequest",
     "Priority",

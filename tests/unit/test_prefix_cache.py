@@ -202,7 +202,7 @@ def test_a_shared_cached_prefix_is_counted_once_when_admitting(tmp_path: Path, t
         assert all(r.cached_tokens > 250 for r in results)
         assert rt.scheduler.stats.kv_reserved == sum(
             len(e)
-            for e in rt.scheduler._prefix.entries  # type: ignore[union-attr]
+            for e in rt.scheduler._prefix.cache.entries  # type: ignore[union-attr]
         )
     finally:
         rt.close()
