@@ -32,7 +32,9 @@ from edgert.cli import exitcodes
 from edgert.errors import EdgertError, RegistryError
 from edgert.log import display_url, scrub_urls
 from edgert.registry import hub
-from edgert.registry.repository import Registry, RegistryStatus, parse_duration
+from edgert.registry.config import parse_duration
+from edgert.registry.repository import Registry
+from edgert.registry.status import RegistryStatus
 
 app = typer.Typer(
     name="registry",

@@ -17,7 +17,7 @@ uploads the large (LFS/Xet) blobs first, then sends the commit, and a Hub commit
 moves the branch in one step, so a device reading ``resolve/<revision>`` sees the
 old publication or the new one, never a timestamp naming files that are not there.
 The operations are also listed targets first, then versioned metadata, then
-``root.json``, and ``timestamp.json`` last, the order :func:`~edgert.registry.repository.mirror`
+``root.json``, and ``timestamp.json`` last, the order :func:`~edgert.registry.site.mirror`
 copies in, so a server that applied them one by one would still be safe.
 Unchanged files are skipped by huggingface_hub (same blob id) and old versions
 are never deleted: a device in the middle of an update may still read them.

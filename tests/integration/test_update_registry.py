@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from edgert.cli import exitcodes
 from edgert.cli.registry import app
 from edgert.errors import RegistryError
-from edgert.registry import repository
+from edgert.registry import publish, status
 from edgert.registry.repository import Registry
 from edgert.update.orchestrator import Updater
 from tests.integration.http_host import NginxHost
@@ -276,8 +276,8 @@ def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
     assert code == 0 and "targets metadata" not in err
     assert f"targets metadata: {size} bytes, 0.0 % of the 5000000 devices accept" in out
 
-    # The real limit is python-tuf's 5 MB; lowered so one small registry reaches it.
-    monkeypatch.setattr(repository, "TARGETS_MAX_LENGTH", int(size / 0.85))
+    # The real limit is python-tuf's 5 MB; lowered so one small registry reaches it (status reports it...
+    monkeypatch.setattr(status, "TARGETS_MAX_LENGTH", int(size / 0.85))
     code, out, err = cli("status", "-d", str(registry.directory), "--json")
     assert code == 0
     assert f"warning: targets metadata is {size} bytes, 85 % of the" in err
@@ -285,7 +285,7 @@ def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
     assert json.loads(out)["targets_bytes"] == size
 
     registry.add(tiny_gguf, model_id=MODEL_ID, version="2.0.0")
-    monkeypatch.setattr(repository, "TARGETS_MAX_LENGTH", size + 10)
+    monkeypatch.setattr(publish, "TARGETS_MAX_LENGTH", size + 10)  # ... publish enforces it)
     code, _, err = cli("publish", "-d", str(registry.directory))
     assert code == exitcodes.FAILURE
     assert "over the" in err and "devices accept" in err
@@ -293,7 +293,7 @@ def test_status_warns_near_the_targets_size_limit_and_publish_refuses_past_it(
 
 
 def test_targets_limit_is_python_tufs() -> None:
-    assert repository.TARGETS_MAX_LENGTH == UpdaterConfig().targets_max_length == 5_000_000
+    assert publish.TARGETS_MAX_LENGTH == status.TARGETS_MAX_LENGTH == UpdaterConfig().targets_max_length == 5_000_000
 
 
 def test_publish_repairs_files_an_older_edgert_wrote_0600(tmp_path: Path, tiny_gguf: Path) -> None:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from edgert.cli import exitcodes
 from edgert.cli.registry import app
 from edgert.errors import ModelFileError, RegistryError
-from edgert.registry.repository import Registry, folder_members
+from edgert.registry.repository import Registry
+from edgert.registry.staging import folder_members
 from edgert.update import publisher_signature
 from edgert.update.manifest import MODEL_KEY, ModelMeta, model_target_path
 from edgert.update.publisher_signature import PublisherSignatureError
