@@ -1,20 +1,14 @@
-"""llama.cpp backend on llama-cpp-python's low-level (ctypes) API.
+"""The llama.cpp backend: one model, one multi-sequence context, its samplers and their JSON grammars.
 
-The only module that imports ``llama_cpp``. It owns one model, one context with
-``n_seq_max`` sequence slots in a unified KV cache (so a shared prompt prefix can
-be copied between sequences without moving data), and one reusable
-``llama_batch``. It converts every llama.cpp failure into an edgert error.
-
-llama.cpp reports the real reason for a failed load only through its log, so a
-log callback keeps the recent lines and load errors quote them.
+It owns one model, one context with ``n_seq_max`` sequence slots in a unified KV cache
+(so a shared prompt prefix can be copied between sequences without moving data), and
+one reusable ``llama_batch``. It converts every llama.cpp failure into an edgert error.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import functools
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,78 +17,16 @@ import numpy as np
 from llama_cpp import llama_grammar
 
 from edgert.engine.base import (
-    BackendCapabilities,
     BatchToken,
     LoadOptions,
     ModelInfo,
     Sampler,
     SamplingParams,
 )
+from edgert.engine.llama.process import ensure_initialised, log_reason
 from edgert.errors import BadRequestError, EngineError, ModelLoadError
 
-_GGML_LOG_WARN = 3
-_GGML_LOG_ERROR = 4
-_GGML_LOG_CONT = 5
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids
-
-
-class _LlamaLog:
-    """Keeps llama.cpp's recent log lines; prints nothing unless asked."""
-
-    def __init__(self) -> None:
-        self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=200)
-        self.echo = False
-        self._level = 0
-        self._lock = threading.Lock()
-        self.callback = llama_cpp.llama_log_callback(self._on_log)
-
-    def _on_log(self, level: int, text: bytes, _user_data: Any) -> None:
-        if level != _GGML_LOG_CONT:
-            self._level = level
-        message = text.decode("utf-8", errors="replace")
-        with self._lock:
-            self.lines.append((self._level, message))
-        if self.echo:
-            print(message, end="", flush=True)
-
-    def mark(self) -> int:
-        with self._lock:
-            self.lines.clear()
-            return 0
-
-    def errors_since_mark(self) -> str:
-        with self._lock:
-            interesting = [msg.strip() for level, msg in self.lines if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR)]
-        return "; ".join(line for line in interesting if line)[-600:]
-
-
-_log: _LlamaLog | None = None
-_init_lock = threading.Lock()
-
-
-def _ensure_initialised() -> _LlamaLog:
-    global _log  # noqa: PLW0603 - llama.cpp's backend and log hook are process-wide by nature
-    with _init_lock:
-        if _log is None:
-            _log = _LlamaLog()
-            llama_cpp.llama_log_set(_log.callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-        return _log
-
-
-def set_verbose(verbose: bool) -> None:
-    """Mirror llama.cpp's log to stdout (``--verbose``)."""
-    _ensure_initialised().echo = verbose
-
-
-def capabilities() -> BackendCapabilities:
-    _ensure_initialised()
-    return BackendCapabilities(
-        name="llama.cpp",
-        version=llama_cpp.__version__,
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
-        system_info=llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip(),
-    )
 
 
 class LlamaSampler:
@@ -132,7 +64,7 @@ class LlamaBackend:
     """One model + one multi-sequence context, driven from a single thread."""
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
-        log = _ensure_initialised()
+        log = ensure_initialised()
         self._model: Any = None
         self._ctx: Any = None
         self._batch: Any = None
@@ -158,7 +90,7 @@ class LlamaBackend:
         params.use_mmap = options.use_mmap
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            raise ModelLoadError(f"{path}: llama.cpp could not load the model: {self._log_reason()}")
+            raise ModelLoadError(f"{path}: llama.cpp could not load the model: {log_reason()}")
         return model
 
     def _new_context(self, path: Path, options: LoadOptions) -> Any:
@@ -183,13 +115,8 @@ class LlamaBackend:
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
-            raise ModelLoadError(f"{path}: llama.cpp could not create a context: {self._log_reason()}")
+            raise ModelLoadError(f"{path}: llama.cpp could not create a context: {log_reason()}")
         return ctx
-
-    @staticmethod
-    def _log_reason() -> str:
-        assert _log is not None
-        return _log.errors_since_mark() or "no reason given in llama.cpp's log"
 
     def _meta(self, key: str) -> str | None:
         size = 256
@@ -373,66 +300,6 @@ class LlamaBackend:
         if self._model is not None:
             llama_cpp.llama_model_free(self._model)
             self._model = None
-
-
-# ------------------------------------------------------------ reference runs
-class ReferenceRun:
-    """Greedy tokens and timings from llama-cpp-python's own high-level ``Llama`` class.
-
-    The baseline that parity tests and ``edgert bench`` compare the engine against.
-    """
-
-    def __init__(self, tokens: list[int], ttft_s: float, decode_s: float, load_s: float) -> None:
-        self.tokens = tokens
-        self.ttft_s = ttft_s
-        #: seconds from the first to the last generated token
-        self.decode_s = decode_s
-        self.load_s = load_s
-
-    @property
-    def decode_tok_s(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else 0.0
-
-
-def reference_generate(
-    path: Path, options: LoadOptions, prompt: list[int], max_tokens: int, *, ignore_eos: bool = False
-) -> ReferenceRun:
-    """Greedy generation with a plain ``llama_cpp.Llama`` (one sequence, same threads and context)."""
-    import time  # noqa: PLC0415 - only the reference path needs wall-clock timing
-
-    _ensure_initialised()
-    started = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=options.n_ctx,
-        n_batch=options.n_batch,
-        n_ubatch=options.n_ubatch,
-        n_threads=options.n_threads,
-        n_threads_batch=options.n_threads_batch,
-        n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers >= 0 else -1,
-        flash_attn=options.flash_attn,
-        swa_full=options.swa_full,
-        use_mmap=options.use_mmap,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - started
-    try:
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        first = last = t0
-        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            now = time.perf_counter()
-            if not tokens:
-                first = now
-            last = now
-            if not ignore_eos and llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                break
-            tokens.append(int(token))
-            if len(tokens) >= max_tokens:
-                break
-        return ReferenceRun(tokens, first - t0, last - first, load_s)
-    finally:
-        llm.close()
 
 
 @functools.lru_cache(maxsize=32)
