@@ -1,13 +1,11 @@
-"""The OpenAI-compatible HTTP API (FastAPI): routes translate HTTP <-> api.schemas.
+"""The OpenAI-compatible HTTP API (FastAPI): the app, its middleware and its error answers.
 
-Bodies are parsed by hand so each failure gets its own status: malformed JSON is
-a 400, a body that does not match the schema a 400 naming the field (the same
-answer MQTT gives, from :mod:`.shared`), a body over the limit a 413 (checked
-before it is read). Every error uses OpenAI's
-error shape ``{"error": {"message", "type", "param", "code"}}``.
-
-A client that disconnects cancels its generation: streaming responses notice when
-a write fails, non-streaming ones watch the connection while they wait.
+:func:`create_app` composes the routers of :mod:`edgert.transport.routes` (generation, models,
+health/readiness/metrics, the update driver) with what every request passes through: the request
+context (id, access log, metrics), the body limit (413 before a body is read) and, on the optional
+TCP listener, :class:`TcpPolicy`. Every error uses OpenAI's error shape
+``{"error": {"message", "type", "param", "code"}}`` with the status its class in
+:mod:`edgert.errors` names.
 
 The optional TCP listener is open to anything that can reach the port, a kiosk's own
 browser included, so requests that arrive over TCP (never those on the Unix socket,
@@ -20,77 +18,56 @@ bearer token when one is configured.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
-import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, SecretStr, ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgert.api.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionRequest,
-    ModelList,
-    TextChoice,
-    new_id,
-    now,
-)
 from edgert.errors import (
     BadRequestError,
     ClientDisconnectedError,
     EdgertError,
-    ForbiddenError,
     OverloadedError,
     PayloadTooLargeError,
-    RequestTimeoutError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
-    UpdateError,
 )
 from edgert.log import request_id
-from edgert.serving.metrics import CONTENT_TYPE, Metrics
-from edgert.serving.scheduler import Finished, TextChunk, TokenStream
-from edgert.serving.service import InferenceService
-from edgert.transport.connections import over_tcp, peer_uid
-from edgert.transport.shared import invalid_body, not_ready, serving, usage
+from edgert.serving.metrics import Metrics
+from edgert.transport.connections import over_tcp
+from edgert.transport.routes import completions, health, models, update
+from edgert.transport.shared import ApiState
+
+__all__ = ["ApiState", "BodyLimit", "RequestContext", "TcpGuard", "TcpPolicy", "create_app", "is_loopback"]
 
 log = logging.getLogger("edgert.http")
-BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
-@dataclass
-class ApiState:
-    """What the routes need; the daemon fills ``service`` once the model is loaded."""
+def create_app(state: ApiState) -> FastAPI:
+    app = FastAPI(title="edgert", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestContext, metrics=state.metrics)
+    app.add_exception_handler(EdgertError, _on_edgert_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnectedError, _on_client_gone)  # type: ignore[arg-type]
+    for routes in (completions, models, health, update):
+        app.include_router(routes.router(state))
+    return app
 
-    metrics: Metrics
-    max_body_bytes: int
-    max_json_depth: int = 64
-    body_timeout_s: float = 30.0
-    service: InferenceService | None = None
-    stopping: bool = False
-    #: wired by the daemon when a registry is configured
-    on_update_check: Callable[[], None] | None = None
-    update_status: Callable[[], dict[str, Any]] | None = None
-    #: runs `edgert update check|apply|rollback` as a round of the daemon's update loop (action, pinned version)
-    update_run: Callable[[str, str | None], Awaitable[dict[str, Any]]] | None = None
-    started: float = field(default_factory=time.monotonic)
+
+async def _on_edgert_error(_request: Request, exc: EdgertError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_client_gone(_request: Request, _exc: ClientDisconnectedError) -> Response:
+    # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
+    return Response(status_code=499)
 
 
 def error_response(error: EdgertError) -> JSONResponse:
@@ -210,73 +187,6 @@ class TcpGuard:
         await self.app(scope, receive, send)
 
 
-async def _parse(request: Request, model: type[BodyT], max_depth: int, body_timeout_s: float) -> BodyT:
-    try:  # the connection guard's head deadline ends where the body starts; this bounds the body
-        raw = await asyncio.wait_for(request.body(), body_timeout_s)
-    except TimeoutError:
-        raise RequestTimeoutError(f"the request body did not arrive within {body_timeout_s:g} s") from None
-    too_deep = BadRequestError(f"request body nests arrays/objects deeper than {max_depth} levels")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:  # the parser recurses per level: ~1,000 '[' were a 500 with a traceback
-        raise too_deep from None
-    if not isinstance(data, dict):
-        raise BadRequestError("request body must be a JSON object")
-    # Below the parser's own limit, depth still costs recursion later (validation, a JSON schema turned
-    # into a grammar), so bodies deeper than any real request are refused here, by an iterative walk.
-    if nesting_exceeds(data, max_depth):
-        raise too_deep
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_body(exc) from None
-
-
-def nesting_exceeds(data: object, limit: int) -> bool:
-    """Does ``data`` (parsed JSON) nest lists/dicts more than ``limit`` levels deep? No recursion."""
-    stack: list[tuple[object, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        for child in children:
-            if isinstance(child, dict | list):
-                if depth >= limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
-
-
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-T = TypeVar("T")
-
-
-async def _or_disconnect(request: Request, work: Awaitable[T], stream: TokenStream) -> T:
-    """Await ``work``; if the client goes away first, cancel the generation and raise ClientDisconnectedError."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        stream.cancel()
-        task.cancel()
-        raise ClientDisconnectedError("the client closed the connection")
-    finally:
-        watcher.cancel()
-
-
-def _sse(model: BaseModel) -> bytes:
-    return b"data: " + model.model_dump_json(exclude_none=False).encode() + b"\n\n"
-
-
 class RequestContext:
     """Request id, metrics and the access log as a pure ASGI middleware.
 
@@ -324,242 +234,6 @@ class RequestContext:
                     status,
                     extra={"fields": {"request_id": rid, "ms": round((time.perf_counter() - started) * 1000, 1)}},
                 )
-
-
-def create_app(state: ApiState) -> FastAPI:
-    app = FastAPI(title="edgert", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = state.metrics
-
-    app.add_middleware(RequestContext, metrics=metrics)
-
-    @app.exception_handler(EdgertError)
-    async def on_edgert_error(_request: Request, exc: EdgertError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(ClientDisconnectedError)
-    async def on_client_gone(_request: Request, _exc: ClientDisconnectedError) -> Response:
-        # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
-        return Response(status_code=499)
-
-    def service() -> InferenceService:
-        return serving(state)
-
-    def _apply_headers(request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
-        priority = request.headers.get("x-edgert-priority")
-        if priority is not None:
-            if priority not in ("interactive", "batch"):
-                raise BadRequestError("X-Edgert-Priority must be 'interactive' or 'batch'", param="priority")
-            body.priority = priority  # type: ignore[assignment]
-        timeout = request.headers.get("x-edgert-timeout")
-        if timeout is not None:
-            try:
-                body.timeout = float(timeout)
-            except ValueError:
-                raise BadRequestError("X-Edgert-Timeout must be a number of seconds", param="timeout") from None
-            if not 0 < body.timeout <= 86400:
-                raise BadRequestError("X-Edgert-Timeout must be within (0, 86400] seconds", param="timeout")
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "uptime_s": round(time.monotonic() - state.started, 3)}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        status = not_ready(state)
-        if status is not None:
-            return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": serving(state).model_id})
-
-    @app.get("/metrics")
-    async def metrics_route() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.post("/update/check", status_code=202)
-    async def update_check() -> dict[str, str]:
-        if state.on_update_check is None:
-            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
-        state.on_update_check()
-        return {"status": "update check scheduled"}
-
-    @app.get("/update/status")
-    async def update_status() -> dict[str, Any]:
-        if state.update_status is None:
-            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
-        return await asyncio.to_thread(state.update_status)
-
-    # `edgert update check|apply|rollback` while this daemon runs: it stays the only driver of the update path.
-    # The reply is the round's outcome; an error also names its failure class ("reason") for the CLI's line.
-    async def update_round(action: str, version: str | None = None) -> Any:
-        if state.update_run is None:
-            raise BadRequestError("this daemon has no model registry configured (update.registry_url)")
-        if action != "check" and peer_uid() not in {0, os.getuid()}:
-            # what `edgert update apply|rollback` did on the state directory before: the daemon's user or root
-            # only, never a kiosk app that may merely use the socket, nor anyone over TCP
-            raise ForbiddenError(f"only root or the daemon's user may {action} model updates (edgert update {action})")
-        try:
-            return await state.update_run(action, version)
-        except UpdateError as exc:
-            return JSONResponse({"error": {**exc.to_dict(), "reason": exc.reason}}, status_code=exc.http_status)
-
-    @app.get("/update/offer")
-    async def update_offer() -> Any:
-        return await update_round("check")
-
-    @app.post("/update/apply")
-    async def update_apply(version: str | None = None) -> Any:
-        return await update_round("apply", version)
-
-    @app.post("/update/rollback")
-    async def update_rollback() -> Any:
-        return await update_round("rollback")
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=service().models())
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> Any:
-        svc = service()
-        svc.check_model(model_id)
-        return svc.models()[0]
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await _complete(request, ChatCompletionRequest)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _complete(request, CompletionRequest)
-
-    async def _complete(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
-        svc = service()
-        body = await _parse(request, kind, state.max_json_depth, state.body_timeout_s)
-        _apply_headers(request, body)
-        tokens = await svc.generate(body, request_id.get())
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chat = isinstance(body, ChatCompletionRequest)
-        return await _respond(request, svc, tokens, body.stream, chat=chat, include_usage=include_usage)
-
-    async def _respond(
-        request: Request,
-        svc: InferenceService,
-        tokens: TokenStream,
-        stream: bool,
-        *,
-        chat: bool,
-        include_usage: bool,
-    ) -> Response:
-        ident = new_id("chatcmpl" if chat else "cmpl")
-        if not stream:
-            text, result = await _or_disconnect(request, tokens.collect(), tokens)
-            metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
-            if chat:
-                return JSONResponse(
-                    ChatCompletion(
-                        id=ident,
-                        created=now(),
-                        model=svc.model_id,
-                        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=result.reason)],
-                        usage=usage(result),
-                    ).model_dump()
-                )
-            return JSONResponse(
-                Completion(
-                    id=ident,
-                    created=now(),
-                    model=svc.model_id,
-                    choices=[TextChoice(text=text, finish_reason=result.reason)],
-                    usage=usage(result),
-                ).model_dump()
-            )
-        # Wait for the first chunk before sending headers, so an error that happens before
-        # any text (deadline in the queue, engine failure) still gets its own status code.
-        iterator = tokens.__aiter__()
-        first = await _or_disconnect(request, _first(iterator), tokens)
-        return StreamingResponse(
-            _stream_events(svc, tokens, iterator, first, ident, chat=chat, include_usage=include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def _stream_events(
-        svc: InferenceService,
-        tokens: TokenStream,
-        iterator: AsyncIterator[TextChunk],
-        first: TextChunk | None,
-        ident: str,
-        *,
-        chat: bool,
-        include_usage: bool,
-    ) -> AsyncIterator[bytes]:
-        created = now()
-
-        def chunk(text: str | None, finish: Finished | None = None, *, role: bool = False) -> bytes:
-            reason = finish.reason if finish else None
-            if chat:
-                delta = ChatDelta(role="assistant" if role else None, content=text)
-                return _sse(
-                    ChatCompletionChunk(
-                        id=ident,
-                        created=created,
-                        model=svc.model_id,
-                        choices=[ChatChunkChoice(delta=delta, finish_reason=reason)],
-                    )
-                )
-            return _sse(
-                Completion(
-                    id=ident,
-                    created=created,
-                    model=svc.model_id,
-                    choices=[TextChoice(text=text or "", finish_reason=reason)],
-                )
-            )
-
-        try:
-            if chat:
-                yield chunk("" if first is None else first.text, role=True)
-            elif first is not None:
-                yield chunk(first.text)
-            if first is not None:
-                # The hot path: one SSE event per token, so the constant JSON around the text is
-                # rendered once (by the same pydantic models) instead of once per token.
-                head, tail = _split_template(chunk(_SENTINEL))
-                async for item in iterator:
-                    yield head + json.dumps(item.text, ensure_ascii=False).encode() + tail
-            result = tokens.result
-            assert result is not None
-            metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
-            yield chunk(None if chat else "", result)
-            if include_usage:
-                totals = usage(result)
-                if chat:
-                    yield _sse(
-                        ChatCompletionChunk(id=ident, created=created, model=svc.model_id, choices=[], usage=totals)
-                    )
-                else:
-                    yield _sse(Completion(id=ident, created=created, model=svc.model_id, choices=[], usage=totals))
-            yield b"data: [DONE]\n\n"
-        finally:
-            tokens.cancel()  # a client that went away mid-stream frees its sequence at once
-
-    return app
-
-
-_SENTINEL = "\u2063edgert-text\u2063"
-
-
-def _split_template(event: bytes) -> tuple[bytes, bytes]:
-    """An SSE event rendered with ``_SENTINEL`` as its text -> the bytes before and after the text."""
-    head, _, tail = event.partition(json.dumps(_SENTINEL, ensure_ascii=False).encode())
-    assert tail, "the sentinel must appear in the rendered event"
-    return head, tail
-
-
-async def _first(iterator: AsyncIterator[TextChunk]) -> TextChunk | None:
-    try:
-        return await iterator.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 def with_body_limit(app: FastAPI, limit: int) -> ASGIApp:

@@ -9,11 +9,17 @@ invalid body was a 422 over HTTP and a 400 over MQTT until issue 14):
 - :func:`invalid_body` -- a pydantic :class:`ValidationError` as a 400 ``bad_request`` naming the
   field (OpenAI answers a bad body with 400 ``invalid_request_error``);
 - :func:`usage` -- OpenAI's usage object from a finished generation.
+
+:class:`ApiState` is what the daemon shares with the socket API's routes; MQTT needs only its
+:class:`ServingState` part.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -31,6 +37,24 @@ class ServingState(Protocol):
     service: InferenceService | None
     stopping: bool
     started: float
+
+
+@dataclass
+class ApiState:
+    """What the routes need; the daemon fills ``service`` once the model is loaded."""
+
+    metrics: Metrics
+    max_body_bytes: int
+    max_json_depth: int = 64
+    body_timeout_s: float = 30.0
+    service: InferenceService | None = None
+    stopping: bool = False
+    #: wired by the daemon when a registry is configured
+    on_update_check: Callable[[], None] | None = None
+    update_status: Callable[[], dict[str, Any]] | None = None
+    #: runs `edgert update check|apply|rollback` as a round of the daemon's update loop (action, pinned version)
+    update_run: Callable[[str, str | None], Awaitable[dict[str, Any]]] | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 def not_ready(state: ServingState) -> Literal["stopping", "loading"] | None:
