@@ -17,8 +17,8 @@ import pytest
 from edgert.errors import HookVetoError
 from edgert.serving.metrics import Metrics
 from edgert.serving.scheduler import SchedulerStats
-from edgert.transport import http
 from edgert.transport.http import ApiState, create_app
+from edgert.transport.routes import update as update_routes
 
 
 def ask(
@@ -30,7 +30,7 @@ def ask(
         asked.append((action, version))
         return dict(await run(action, version))
 
-    monkeypatch.setattr(http, "peer_uid", lambda: uid)
+    monkeypatch.setattr(update_routes, "peer_uid", lambda: uid)
     state = ApiState(metrics=Metrics(lambda: (SchedulerStats(), 1)), max_body_bytes=1_048_576, update_run=update_run)
 
     async def scenario() -> httpx.Response:
