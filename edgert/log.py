@@ -118,3 +118,42 @@ def redact(values: Mapping[str, Any]) -> dict[str, Any]:
         else:
             clean[key] = value
     return clean
+
+
+class LogGate:
+    """At most one log line per ``interval_s`` for one kind of event; says how many were held back."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None: stay quiet; else the number of events not logged since the last line."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self.interval_s
+        held, self._held = self._held, 0
+        return held
+
+
+class RateLimitedLog:
+    """At most one line per reason per interval on ``logger``, with the count of those held back: a flood
+    of hostile or repeated messages must not become a flood of log lines on a device's small disk."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._logger = logger
+        self.interval_s = interval_s
+        self._gates: dict[str, LogGate] = {}
+
+    def log(self, level: int, reason: str, message: str, *args: object) -> None:
+        held = self._gates.setdefault(reason, LogGate(self.interval_s)).allow()
+        if held is None:
+            return
+        suffix = f" ({held} more like it in the last {self.interval_s:g} s)" if held else ""
+        self._logger.log(level, message + suffix, *args)
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, reason, message, *args)

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, ClassVar, cast
@@ -40,28 +39,11 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from edgert.log import LogGate
+
 log = logging.getLogger("edgert.http.connections")
 
 _connection: ContextVar[GuardedConnection | None] = ContextVar("edgert_connection", default=None)
-
-
-class LogGate:
-    """At most one log line per ``interval_s`` for one kind of event; says how many were held back."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._next = 0.0
-        self._held = 0
-
-    def allow(self) -> int | None:
-        """None: stay quiet; else the number of events not logged since the last line."""
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return None
-        self._next = now + self.interval_s
-        held, self._held = self._held, 0
-        return held
 
 
 class ConnectionGuard:

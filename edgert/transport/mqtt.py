@@ -70,11 +70,11 @@ from edgert.api.mqtt_schemas import (
     in_reply_space,
 )
 from edgert.errors import BadRequestError, EdgertError, OverloadedError, PayloadTooLargeError
-from edgert.log import request_id
+from edgert.log import RateLimitedLog, request_id
 from edgert.serving.scheduler import Finished, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
-from edgert.transport.mqtt_delivery import CacheEntry, Outbox, RateLimitedLog, ReplyCache
+from edgert.transport.mqtt_delivery import CacheEntry, Outbox, ReplyCache
 from edgert.transport.mqtt_link import (
     CLOSE_FLUSH_S,
     Incoming,
@@ -164,7 +164,7 @@ class MqttTransport:
             for topic_filter in self.settings.reply_topics
             if self.settings.group is not None or "{group}" not in topic_filter
         ]
-        self._drop_log = RateLimitedLog()
+        self._drop_log = RateLimitedLog(log)
         self._running: dict[tuple[str, str], _Running] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.link = MqttLink(self.settings, f"edgert-{self.device_id}", self, will=self._status("offline"))

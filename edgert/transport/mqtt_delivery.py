@@ -1,4 +1,4 @@
-"""What MQTT delivery keeps between messages: the reply cache, the outbox, a rate-limited log.
+"""What MQTT delivery keeps between messages: the reply cache and the outbox.
 
 Plain bookkeeping, bounded in entries and in bytes, with no paho and no serving in it; the
 transport (:mod:`.mqtt`) decides when to use each. Split out of ``mqtt.py`` to keep that module
@@ -8,7 +8,6 @@ about requests and replies.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -132,27 +131,3 @@ class Outbox:
         """Put back what paho could not take after all (it goes out first next time)."""
         self._first.appendleft(out)
         self.nbytes += out.size()
-
-
-class RateLimitedLog:
-    """At most one line per reason per interval, with the count of those held back: a flood
-    of hostile or repeated messages must not become a flood of log lines."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def log(self, level: int, reason: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(reason)
-        if last is not None and now - last < self.interval_s:
-            self._held[reason] = self._held.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        held = self._held.pop(reason, 0)
-        suffix = f" ({held} more like it in the last {self.interval_s:g} s)" if held else ""
-        log.log(level, message + suffix, *args)
-
-    def warning(self, reason: str, message: str, *args: object) -> None:
-        self.log(logging.WARNING, reason, message, *args)

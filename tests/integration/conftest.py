@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgert.model_switch import RuntimeModelSwitch
+from tests.integration.mosquitto import Broker
 from tests.signing_keys import ec_key_pair
 
 
@@ -24,3 +25,11 @@ def switch_closer() -> Iterator[list[RuntimeModelSwitch]]:
 def publisher(tmp_path: Path) -> tuple[Path, Path]:
     """The publisher's (private, public) model-signing key pair."""
     return ec_key_pair(tmp_path, "publisher")
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real mosquitto for one test module (its devices and clients share it)."""
+    broker = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield broker
+    broker.stop()

@@ -111,13 +111,6 @@ def check_stream(replies: list[Reply]) -> ReplyFinal:
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
 def device_a(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, broker: Broker) -> Iterator[DaemonProcess]:
     """Two slots and no queue (so overload is easy to provoke), a 4 KiB message limit, fast telemetry.
 

@@ -130,13 +130,6 @@ def generate(rng: random.Random, n: int, reply_topic: str) -> Case:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
     proc = mqtt_daemon(
         tmp_path_factory.mktemp("dev-z"), tiny_gguf, broker, "dev-z", mqtt__max_message_bytes=str(MAX_MESSAGE)

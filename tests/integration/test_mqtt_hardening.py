@@ -67,13 +67,6 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
     """Default MQTT limits (256 KiB messages, 256-byte topic and Correlation Data caps); a context long
     enough that a 6000-token job outlasts everything the cancel test does meanwhile."""

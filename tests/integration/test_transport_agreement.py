@@ -26,13 +26,6 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path, broker: Broker) -> Iterator[DaemonProcess]:
     settings: dict[str, Any] = broker.daemon_settings(mqtt__device_id="dev-agree")  # Any: start_daemon's **settings
     proc = start_daemon(tmp_path_factory.mktemp("agree"), tiny_gguf, **settings)
