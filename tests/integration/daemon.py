@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from edgert.api.client import unix_client
+from edgert.api.client import answers, unix_client
 
 
 @dataclass
@@ -72,23 +71,12 @@ def start_daemon(
     return daemon
 
 
-def accepts_connections(path: Path) -> bool:
-    """A raw probe: httpx leaks a socket (ResourceWarning) when a Unix connect is refused."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def wait_until_ready(daemon: DaemonProcess, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
-        if accepts_connections(daemon.socket):
+        if answers(daemon.socket):
             try:
                 with daemon.client(timeout=2) as client:
                     if client.get("/ready").status_code == 200:
