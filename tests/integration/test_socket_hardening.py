@@ -185,6 +185,17 @@ def test_deeply_nested_json_is_a_400_not_a_500(daemon: DaemonProcess, path: str,
     assert "Traceback" not in daemon.log()
 
 
+def test_an_integer_longer_than_python_converts_is_a_400_not_a_500(daemon: DaemonProcess) -> None:
+    """json.loads refuses integers over 4,300 digits with a plain ValueError (not a JSONDecodeError)."""
+    body = '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": ' + "9" * 5000 + "}"
+    with daemon.client() as client:
+        response = client.post(CHAT, content=body.encode(), headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith("request body is not valid JSON: ")
+        assert client.post(CHAT, json=HELLO).status_code == 200
+    assert "Traceback" not in daemon.log()
+
+
 # ---------------------------------------------------------------- finding 14: the TCP listener
 @pytest.fixture(scope="module")
 def tcp_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[tuple[DaemonProcess, int]]:

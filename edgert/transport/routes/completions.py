@@ -91,7 +91,7 @@ async def _parse(request: Request, model: type[BodyT], max_depth: int, body_time
     too_deep = BadRequestError(f"request body nests arrays/objects deeper than {max_depth} levels")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # bad JSON, bad UTF-8, and integers longer than Python converts (as over MQTT)
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # the parser recurses per level: ~1,000 '[' were a 500 with a traceback
         raise too_deep from None
