@@ -157,11 +157,6 @@ class FileId:
     def __str__(self) -> str:
         return f"{self.device}:{self.inode}"
 
-    @classmethod
-    def parse(cls, text: str) -> FileId:
-        device, _, inode = text.partition(":")
-        return cls(int(device), int(inode))
-
 
 def file_id(path: Path) -> FileId | None:
     """The identity of what ``path`` names now (not following a symlink), or None when nothing is there."""

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from edgert.log import LogGate
+from edgert.log import LogGate, RateLimitedLog
 
 log = logging.getLogger("edgert.http.connections")
 
@@ -58,7 +58,7 @@ class ConnectionGuard:
         self.timed_out = 0
         self.evicted = 0
         self.refused = 0
-        self._gates = {"timeout": LogGate(), "evict": LogGate(), "refuse": LogGate()}
+        self._log = RateLimitedLog(log)
 
     def protocol(self) -> type[asyncio.Protocol]:
         """The protocol class for ``uvicorn.Config(http=...)``: uvicorn's own, inside the guard."""
@@ -107,12 +107,7 @@ class ConnectionGuard:
         conn.close()
 
     def _note(self, kind: str, message: str) -> None:
-        held = self._gates[kind].allow()
-        if held is None:
-            return
-        limit = self.header_timeout_s if kind == "timeout" else self.max_connections
-        suffix = f" ({held} more since the last such line)" if held else ""
-        log.warning(message + suffix, limit)
+        self._log.warning(kind, message, self.header_timeout_s if kind == "timeout" else self.max_connections)
 
 
 class GuardCollector(Collector):
@@ -262,24 +257,18 @@ UVICORN_PER_REQUEST = (
 )
 
 
-def accept_error_handler(gate: LogGate | None = None) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+def accept_error_handler() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
     """An event-loop exception handler that rate-limits asyncio's 'socket.accept() out of system resource'.
 
     At the file limit asyncio retries the accept every second and reports each failure with a traceback;
     everything else goes to the default handler unchanged.
     """
-    gate = gate or LogGate(30.0)
+    errors = RateLimitedLog(log, 30.0)
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
             loop.default_exception_handler(context)
             return
-        held = gate.allow()
-        if held is not None:
-            log.error(
-                "cannot accept connections: %s%s",
-                context.get("exception"),
-                f" ({held} more since the last such line)" if held else "",
-            )
+        errors.log(logging.ERROR, "accept", "cannot accept connections: %s", context.get("exception"))
 
     return handle

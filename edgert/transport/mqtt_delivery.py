@@ -7,13 +7,10 @@ about requests and replies.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from edgert.transport.mqtt_link import Outgoing
-
-log = logging.getLogger("edgert.mqtt")
 
 
 @dataclass

@@ -136,8 +136,13 @@ class UpdaterCore:
 
     def hold_lock(self) -> None:
         """Take the update lock now and keep it (``keep_lock``); UpdateError when it cannot be had yet."""
-        with self._locked():
-            pass
+        if not self._round_lock.acquire(blocking=False):
+            raise UpdateBusyError("another update is running on this device")
+        try:
+            if self._held is None:
+                self._held = self._take_lock()
+        finally:
+            self._round_lock.release()
 
     def release_lock(self) -> None:
         """Give up a lock kept by :meth:`hold_lock` (the daemon is stopping; its exit would release it too)."""

@@ -210,12 +210,10 @@ class Supervisor:
         *,
         name: str,
         restart_delay_s: float = 5.0,
-        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self._body = body
         self._name = name
         self._restart_delay_s = restart_delay_s
-        self._on_restart = on_restart
         self._stopped = False
         self.task: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -245,8 +243,6 @@ class Supervisor:
         else:
             log.error("%s ended; restarting it in %g s", self._name, self._restart_delay_s)
         self.restarts += 1
-        if self._on_restart is not None:
-            self._on_restart()
         asyncio.get_running_loop().call_later(self._restart_delay_s, self._restart)
 
     def _restart(self) -> None:

@@ -453,7 +453,7 @@ class StateStore:
             data = json.loads(raw)
         except ValueError as exc:
             raise UpdateStateError(f"update state {self.path} is unreadable ({exc})") from None
-        if self._newer():
+        if _written_by_newer(data):
             raise UpdateStateError(
                 f"update state {self.path} was written by a newer edgert (schema {data['schema_version']}, this "
                 f"one reads {SCHEMA}): updates are off until that version runs again or the file is removed"
@@ -469,17 +469,15 @@ class StateStore:
         try:
             self.load()
         except UpdateStateError:
-            if self.path.is_file() and not self._newer():
+            if self.path.is_file() and not self._newer_on_disk():
                 return self.quarantine()
         return None
 
-    def _newer(self) -> bool:
+    def _newer_on_disk(self) -> bool:
         try:
-            data = json.loads(self.path.read_bytes())
+            return _written_by_newer(json.loads(self.path.read_bytes()))
         except (OSError, ValueError):
             return False
-        written_by = data.get("schema_version") if isinstance(data, dict) else None
-        return isinstance(written_by, int) and written_by > SCHEMA
 
     def quarantined(self) -> list[Path]:
         """State files moved aside as unreadable, oldest first."""
@@ -496,3 +494,9 @@ class StateStore:
     def save(self, state: UpdateState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, state.model_dump_json(indent=2).encode() + b"\n")
+
+
+def _written_by_newer(data: object) -> bool:
+    """A state whose schema is newer than this edgert reads (left in place for that version)."""
+    written_by = data.get("schema_version") if isinstance(data, dict) else None
+    return isinstance(written_by, int) and written_by > SCHEMA
