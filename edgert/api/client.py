@@ -24,6 +24,7 @@ def async_unix_client(socket_path: Path, *, timeout: float = 300.0) -> httpx.Asy
 def answers(socket_path: Path) -> bool:
     """Something accepts connections on ``socket_path`` (a raw connect: httpx leaks a socket when one is refused)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a listener whose backlog is full would block a connect indefinitely
     with probe:
         try:
             probe.connect(str(socket_path))
