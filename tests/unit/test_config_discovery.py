@@ -96,6 +96,17 @@ def test_local_file_rules_for_a_non_root_caller(workdir: Path) -> None:
     assert "writable by group or others" in (local_config_refusal(local, euid=NOBODY) or "")
 
 
+def _as_nobody(script: str, *, cwd: Path) -> list[str]:
+    """The command running ``script`` as user nobody: for real (setpriv) when nobody can import edgert from this
+    checkout; else (a checkout under a 0700 directory, e.g. a ``mktemp -d`` clone) as root with the effective uid
+    that edgert's settings ask for reporting nobody."""
+    real = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c"]
+    probe = subprocess.run([*real, "import edgert.settings"], cwd=cwd, capture_output=True, check=False, timeout=60)
+    if probe.returncode == 0:
+        return [*real, script]
+    return [sys.executable, "-c", f"import os; os.geteuid = lambda: {NOBODY}; {script}"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs a real non-root process")
 @pytest.mark.parametrize(("mode", "read"), [(0o644, True), (0o664, False)])
 def test_a_development_run_reads_its_own_safe_file_only(mode: int, read: bool) -> None:
@@ -116,7 +127,7 @@ def test_a_development_run_reads_its_own_safe_file_only(mode: int, read: bool) -
             f"s.SYSTEM_CONFIG = Path({str(work / 'no-system.toml')!r}); print(s.load_settings().log_level)"
         )
         result = subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", script],
+            _as_nobody(script, cwd=work),
             cwd=work,
             env=env,
             capture_output=True,
