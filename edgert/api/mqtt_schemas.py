@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgert.api.schemas import ChatCompletionRequest, FinishReason, Usage
+from edgert.api.schemas import ChatCompletionRequest, FinishReason, ToolCall, ToolCallDelta, Usage
 
 PREFIX = "edgert/v1"
 RequestId = Annotated[str, Field(min_length=1, max_length=200, description="Client-chosen request id; dedupe key")]
@@ -156,12 +156,19 @@ class ErrorBody(BaseModel):
 
 
 class ReplyChunk(BaseModel):
-    """One piece of a streamed reply; chunks arrive in ``seq`` order (0, 1, 2, ...)."""
+    """One piece of a streamed reply; chunks arrive in ``seq`` order (0, 1, 2, ...).
+
+    A chunk carries answer text (``delta``), or thinking (``reasoning``), or a piece of a tool call
+    (``tool_calls``: the first piece of a call has its ``id`` and ``function.name``, the following ones
+    ``function.arguments`` pieces that concatenate to the call's JSON arguments).
+    """
 
     type: Literal["chunk"] = "chunk"
     id: str
     seq: int = Field(ge=0)
-    delta: str
+    delta: str = Field("", description="Answer text ('' in a thinking or tool-call chunk)")
+    reasoning: str | None = Field(None, description="Thinking text (requests with think or reasoning_effort)")
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class Timings(BaseModel):
@@ -180,6 +187,10 @@ class ReplyFinal(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     content: str | None = Field(None, description="The whole reply text (non-streamed requests only)")
+    reasoning_content: str | None = Field(None, description="The whole thinking text (non-streamed requests only)")
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="The calls the model made (non-streamed requests only; finish_reason 'tool_calls')"
+    )
     error: ErrorBody | None = Field(None, description="Why generation stopped early (finish_reason 'error')")
     timings: Timings | None = None
 

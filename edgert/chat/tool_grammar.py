@@ -112,9 +112,9 @@ def tool_call_grammar(
         choices.append(f"{_literal(tool.name)} {_prefix(tool.name)}")
     upper = "" if max_calls is None else str(max_calls)
     head = ["root ::= " + ("thought? " if thought else "") + f"call{{{min_calls},{upper}}}"]
-    head.append(f'call ::= "<|tool_call>call:" ({" | ".join(choices)}) "<tool_call|>"')
+    head.append(f"call ::= {_literal('<|tool_call>call:')} ({' | '.join(choices)}) {_literal('<tool_call|>')}")
     if thought:
-        head.append('thought ::= "<|channel>thought\\n" thought-text "<channel|>"')
+        head.append(f"thought ::= {_literal('<|channel>thought' + chr(10))} thought-text {_literal('<channel|>')}")
         rules.update(_excluding("thought-text", ["<channel|>"]))
     for name in sorted(_with_deps(primitives)):
         rules.update(_excluding("g-str", [STRING_DELIMITER]) if name == "g-str" else {name: _PRIMITIVES[name]})
@@ -499,5 +499,21 @@ def _class_char(c: str) -> str:
     return "\\x5E" if c == "^" else _escape(c, "\\]-[")
 
 
+#: Gemma 4's call and channel markers: the grammar asks for the special token itself (GBNF's ``<|x>``
+#: syntax), never for its text spelled in ordinary tokens -- the model was trained on the token, and a
+#: spelled marker costs a dozen. Not the string delimiter ``<|"|>``: this llama.cpp checks a token
+#: element against a candidate even after the candidate's first characters went to a string's content,
+#: so a string with minLength could accept ``<|"|>`` in apply and then abort the process in accept.
+#: The call and channel markers only follow fixed text or text that may end anywhere, where that
+#: cannot happen.
+_MARKERS = re.compile(r"(<\|tool_call>|<tool_call\|>|<\|channel>|<channel\|>)")
+
+
 def _literal(text: str) -> str:
-    return '"' + "".join(_escape(c, '\\"') for c in text) + '"'
+    parts = []
+    for index, piece in enumerate(_MARKERS.split(text)):
+        if index % 2:
+            parts.append(piece)
+        elif piece:
+            parts.append('"' + "".join(_escape(c, '\\"') for c in piece) + '"')
+    return " ".join(parts) if parts else '""'

@@ -79,6 +79,13 @@ class SamplingParams:
     json_mode: Literal["object", "schema"] | None = None
     #: the JSON Schema as JSON text (hashable, so backends can cache what they compile from it)
     json_schema: str | None = None
+    #: a GBNF grammar (rule ``root``) the output must follow, e.g. Gemma 4 tool calls; not with json_mode
+    grammar: str | None = None
+    #: the grammar applies only from the first of ``grammar_trigger_tokens`` on (tool_choice "auto")
+    grammar_lazy: bool = False
+    grammar_trigger_tokens: tuple[int, ...] = ()
+    #: tokens that may never be sampled (the tool-call opener under tool_choice "none")
+    banned_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

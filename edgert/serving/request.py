@@ -6,7 +6,8 @@ A :class:`GenerationRequest` goes into the scheduler; :class:`TextChunk` items a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
@@ -37,6 +38,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     #: only compute the prompt's KV and keep it as a cached prefix (start-up warming)
     prefill_only: bool = False
+    #: control tokens whose text the output parser needs (``<|tool_call>``...): the engine writes
+    #: their text into the stream; every other control token stays silent, as in plain chat
+    special_pieces: Mapping[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from edgert.errors import ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
 from edgert.hardware import detect
 from edgert.memory_fit import choose_model
+from edgert.serving.chat_plan import GEMMA4_MARKERS
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
@@ -100,8 +101,17 @@ class Runtime:
     default_max_tokens: int
     load_seconds: float
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
-        text = self.formatter.render(messages)
+    #: the model's Gemma 4 control tokens by text (empty for other models): the chat plan's markers
+    special_tokens: dict[str, int] = field(default_factory=dict)
+
+    def chat_prompt(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        enable_thinking: bool = False,
+    ) -> tuple[int, ...]:
+        text = self.formatter.render(messages, tools=tools, enable_thinking=enable_thinking)
         # The template writes BOS itself when the model wants one; never add a second.
         add_bos = self.backend.info.add_bos and not text.startswith(self.backend.info.bos_token)
         return tuple(self.backend.tokenize(text, add_special=add_bos, parse_special=True))
@@ -245,6 +255,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
         backend.close()
         raise
     scheduler.start()
+    special = _control_tokens(backend, GEMMA4_MARKERS) if formatter.family == "gemma4" else {}
     return Runtime(
         model_id=spec.id if spec else path.name,
         spec=spec,
@@ -258,4 +269,15 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
         defaults=sampling_defaults(settings),
         default_max_tokens=settings.sampling.max_tokens,
         load_seconds=time.perf_counter() - started,
+        special_tokens=special,
     )
+
+
+def _control_tokens(backend: LlamaBackend | SequenceBackend, markers: Sequence[str]) -> dict[str, int]:
+    """Each marker that is one token of the vocabulary, by its text."""
+    found = {}
+    for marker in markers:
+        tokens = backend.tokenize(marker, add_special=False, parse_special=True)
+        if len(tokens) == 1:
+            found[marker] = tokens[0]
+    return found

@@ -342,12 +342,14 @@ class Scheduler:
             try:
                 seq.sampler = backend.new_sampler(seq.request.sampling)
             except EdgertError as exc:
-                error = BadRequestError(f"response_format: {exc.message}", param="response_format")
+                field = "tools" if seq.request.sampling.grammar is not None else "response_format"
+                error = BadRequestError(f"{field}: {exc.message}", param=field)
                 self._finish(seq, "error", now, error)
                 return
             seq.assembler = TextAssembler(seq.request.stop)
         token = backend.sample(seq.sampler, batch_index)
-        self._on_token(seq, token, backend.token_bytes(token), now)
+        piece = seq.request.special_pieces.get(token)
+        self._on_token(seq, token, backend.token_bytes(token) if piece is None else piece, now)
 
     def _on_token(self, seq: SequenceState, token: int, piece: bytes, now: float) -> None:
         """The same for both backends: end of generation, stop strings, limits, streaming."""

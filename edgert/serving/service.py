@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingFields
+from edgert.chat.gemma4_output import Gemma4OutputParser
 from edgert.engine.base import SamplingParams
 from edgert.errors import ModelNotFoundError, OverloadedError, PromptTooLongError
+from edgert.serving.chat_output import ChatOutput
+from edgert.serving.chat_plan import ChatPlan, plan_chat
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep
 from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
@@ -95,6 +98,7 @@ class InferenceService:
         """Refuse, without tokenizing, a prompt too long for the context whatever its tokens."""
         if isinstance(body, ChatCompletionRequest):
             field, chars = "messages", sum(len(message.text()) for message in body.messages)
+            chars += sum(len(json.dumps(tool)) for tool in body.tool_dicts() or ())  # declarations render too
         else:
             field, chars = "prompt", len(body.prompt)
         n_ctx = self.runtime.scheduler.config.n_ctx
@@ -111,7 +115,7 @@ class InferenceService:
         self.check_prompt_size(body)
         while True:
             runtime = self.runtime
-            request = await asyncio.to_thread(self._prepare_on, runtime, body, request_id)
+            request, plan = await asyncio.to_thread(self._prepare_on, runtime, body, request_id)
             if not self.ready:
                 raise OverloadedError("the model is being swapped", retry_after_s=2)
             # Back on the loop, where a model swap also runs: if one happened meanwhile, these tokens
@@ -119,16 +123,42 @@ class InferenceService:
             if runtime is self.host.serving:
                 stream = runtime.scheduler.submit(request)
                 self.host.hold(runtime, stream)  # a retired model closes when its last request ends
+                if plan is not None:
+                    parser = Gemma4OutputParser(tools=plan.parse_tools) if plan.parse_gemma4 else None
+                    stream.chat = ChatOutput(parser)
                 return stream
+
+    async def render_chat(self, body: ChatCompletionRequest) -> str:
+        """The prompt text a chat request becomes (llama-server's ``/apply-template``): for checking templates."""
+        self.check_model(body.model)
+        self.check_prompt_size(body)
+        runtime = self.runtime
+
+        def render() -> str:
+            plan = plan_chat(body, runtime.formatter, runtime.special_tokens, runtime.model_id)
+            return runtime.formatter.render(
+                body.message_dicts(), tools=plan.tools, enable_thinking=plan.enable_thinking
+            )
+
+        return await asyncio.to_thread(render)
 
     def _prepare_on(
         self, runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, request_id: str
-    ) -> GenerationRequest:
-        if isinstance(body, ChatCompletionRequest):
-            prompt = runtime.chat_prompt(body.message_dicts())
-        else:
+    ) -> tuple[GenerationRequest, ChatPlan | None]:
+        if isinstance(body, CompletionRequest):
             prompt = runtime.completion_prompt(body.prompt)
-        return self._request(runtime, body, prompt, body.token_limit(), request_id)
+            return self._request(runtime, body, prompt, body.token_limit(), request_id), None
+        plan = plan_chat(body, runtime.formatter, runtime.special_tokens, runtime.model_id)
+        prompt = runtime.chat_prompt(body.message_dicts(), tools=plan.tools, enable_thinking=plan.enable_thinking)
+        request = self._request(runtime, body, prompt, body.token_limit(), request_id)
+        sampling = replace(
+            request.sampling,
+            grammar=plan.grammar,
+            grammar_lazy=plan.grammar_lazy,
+            grammar_trigger_tokens=plan.grammar_trigger_tokens,
+            banned_tokens=plan.banned_tokens,
+        )
+        return replace(request, sampling=sampling, special_pieces=plan.special_pieces), plan
 
     def _request(
         self,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+from edgert.serving.chat_output import ChatOutput
 from edgert.serving.request import Finished, TextChunk
 
 
@@ -31,6 +32,8 @@ class TokenStream:
         self.produced_text = False
         #: called on the event loop when the request's end arrives, read or not (the model host counts requests)
         self.on_finished: Callable[[], None] | None = None
+        #: a chat request's reply as it is parsed (content, thoughts, tool calls); None for text completions
+        self.chat: ChatOutput | None = None
 
     def cancel(self) -> None:
         """Stop generating; takes effect before the next decode step."""

@@ -69,8 +69,10 @@ from edgert.api.mqtt_schemas import (
     Topics,
     in_reply_space,
 )
+from edgert.chat.events import OutputEvent
 from edgert.errors import BadRequestError, EdgertError, OverloadedError, PayloadTooLargeError
 from edgert.log import RateLimitedLog, request_id
+from edgert.serving.chat_output import ChatOutput, chat_delta
 from edgert.serving.scheduler import Finished, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.settings import Settings
@@ -425,12 +427,19 @@ class MqttTransport:
         try:
             stream = await service.generate(body, body.id)
             running.attach(stream)
+            output = stream.chat or ChatOutput()
             async for chunk in stream:
                 if body.stream:
-                    self._reply(route, ReplyChunk(id=body.id, seq=seq, delta=chunk.text), body.id)
-                    seq += 1
+                    for event in output.feed(chunk.text):
+                        seq = self._reply_chunk(route, body.id, seq, event, output)
                 else:
                     parts.append(chunk.text)
+            if body.stream:
+                for event in output.finish():
+                    seq = self._reply_chunk(route, body.id, seq, event, output)
+            else:
+                output.feed("".join(parts))
+                output.finish()
         except EdgertError as exc:  # failed before any text: deadline in the queue, engine failure
             self.cache.forget(key)
             self._reply(route, ReplyError(id=body.id, seq=seq, error=ErrorBody.model_validate(exc.to_dict())), body.id)
@@ -442,8 +451,23 @@ class MqttTransport:
         result = stream.result
         assert result is not None
         self.state.metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
-        final = _final(body, seq, model, self.device_id, result, None if body.stream else "".join(parts))
+        final = _final(body, seq, model, self.device_id, result, output)
         self.cache.finish(key, entry, self._reply(route, final, body.id))
+
+    def _reply_chunk(self, route: Route, request: str, seq: int, event: OutputEvent, output: ChatOutput) -> int:
+        """Publish one event of a streamed reply as a chunk; returns the next chunk's seq."""
+        delta = chat_delta(event, output)
+        if delta is None:
+            return seq
+        chunk = ReplyChunk(
+            id=request,
+            seq=seq,
+            delta=delta.content or "",
+            reasoning=delta.reasoning_content,
+            tool_calls=delta.tool_calls,
+        )
+        self._reply(route, chunk, request)
+        return seq + 1
 
     # ----------------------------------------------------------- commands
     def _on_command(self, incoming: Incoming) -> None:
@@ -573,16 +597,19 @@ def _seq_of(out: Outgoing) -> int:
 
 
 def _final(
-    body: MqttChatRequest, seq: int, model: str, device_id: str, result: Finished, content: str | None
+    body: MqttChatRequest, seq: int, model: str, device_id: str, result: Finished, output: ChatOutput
 ) -> ReplyFinal:
+    whole = not body.stream  # a streamed reply's text went out in its chunks
     return ReplyFinal(
         id=body.id,
         seq=seq,
         model=model,
         device_id=device_id,
-        finish_reason=result.reason,
+        finish_reason=output.finish_reason(result.reason),
         usage=usage(result),
-        content=content,
+        content=output.content if whole else None,
+        reasoning_content=output.reasoning if whole else None,
+        tool_calls=output.tool_calls if whole else None,
         error=ErrorBody.model_validate(result.error.to_dict()) if result.error is not None else None,
         timings=Timings(ttft_s=result.ttft_s, total_s=result.total_s),
     )

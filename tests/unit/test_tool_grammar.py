@@ -321,8 +321,8 @@ def test_strings_may_end_in_a_prefix_of_the_delimiter_but_never_contain_it(model
     assert not accepts(vocab, gbnf, "<|tool_call>call:g{}<tool_call|>")  # undeclared function
 
 
-def accepts(vocab: Any, gbnf: str, text: str, *, lazy: bool = False) -> bool:
-    """Whether llama.cpp's grammar accepts ``text`` to the end; ``lazy``: triggered by the <|tool_call> token."""
+def accepts(vocab: Any, gbnf: str, text: str | list[int], *, lazy: bool = False) -> bool:
+    """Whether llama.cpp's grammar accepts ``text`` (or tokens) to the end; ``lazy``: triggered by <|tool_call>."""
     if lazy:
         triggers = (llama_cpp.llama_token * 1)(TOOL_CALL)
         grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
@@ -333,7 +333,10 @@ def accepts(vocab: Any, gbnf: str, text: str, *, lazy: bool = False) -> bool:
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     candidates = np.zeros(n_vocab, dtype=[("id", "i4"), ("logit", "f4"), ("p", "f4")])
     try:
-        for token in [*tokenize(vocab, text), 1]:  # then <eos>: allowed only once the grammar is complete
+        for token in [
+            *(tokenize(vocab, text) if isinstance(text, str) else text),
+            1,
+        ]:  # then <eos>: allowed only once the grammar is complete
             candidates["id"], candidates["logit"] = np.arange(n_vocab), 0.0
             cur_p = llama_cpp.llama_token_data_array(
                 data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
@@ -482,3 +485,25 @@ def test_unusable_tools_are_refused_naming_the_tool(name: str, schema: Any, says
 def test_two_tools_with_one_name_are_refused() -> None:
     with pytest.raises(BadRequestError, match="share one name"):
         tool_call_grammar([ToolSpec("f", {}), ToolSpec("f", WEATHER)])
+
+
+def test_call_markers_must_be_the_special_tokens_not_their_spelling(model: Any) -> None:
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    gbnf = tool_call_grammar([ToolSpec("f", {})])
+    assert accepts(vocab, gbnf, call_text("{}"))
+    spelled = tokenize(vocab, "<|tool_call>")  # parse_special: the one token
+    as_text = [token for char in "<|tool_call>" for token in tokenize(vocab, char)]  # spelled char by char
+    assert len(spelled) == 1 and len(as_text) > 1
+    rest = tokenize(vocab, "call:f{}<tool_call|>")
+    assert accepts(vocab, gbnf, spelled + rest)
+    assert not accepts(vocab, gbnf, as_text + rest)
+
+
+def test_a_too_short_string_cannot_be_closed_by_the_delimiter_token(model: Any) -> None:
+    """llama.cpp matches a token element mid-token; with the delimiter as a token element this aborted the process."""
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    gbnf = tool_call_grammar(
+        [ToolSpec("f", {"type": "object", "properties": {"s": {"type": "string", "minLength": 2}}})]
+    )
+    assert not accepts(vocab, gbnf, call_text('{s:<|"|>a<|"|>}'))
+    assert accepts(vocab, gbnf, call_text('{s:<|"|>ab<|"|>}'))

@@ -30,34 +30,48 @@ _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids
 
 
 class LlamaSampler:
-    """A llama.cpp sampler chain for one request, or none for plain greedy decoding.
+    """A llama.cpp sampler chain for one request, an optional grammar beside it, or neither.
 
     Plain greedy (temperature 0, no grammar, no penalty) needs no chain: the backend
     takes the argmax of the logits itself, which skips llama.cpp building a candidate
     array of the whole vocabulary (262 144 entries for Gemma) for every token.
+
+    The grammar is kept out of the chain and checked after sampling, as llama.cpp's own
+    common sampler does: the token picked without it is tested alone, and only when the
+    grammar rejects it is the grammar applied to the whole vocabulary and the token
+    picked again. Applying a grammar to 262 144 candidates on every step would cost more
+    than the decode of a small model.
     """
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, grammar: Any = None, banned: tuple[int, ...] = ()) -> None:
         self.handle = handle
+        self.grammar = grammar
+        self.banned = list(banned)
 
     @property
     def plain_greedy(self) -> bool:
-        return self.handle is None
+        return self.handle is None and self.grammar is None
 
     def reset(self) -> None:
-        if self.handle is not None:
-            llama_cpp.llama_sampler_reset(self.handle)
+        for stage in (self.handle, self.grammar):
+            if stage is not None:
+                llama_cpp.llama_sampler_reset(stage)
 
     def close(self) -> None:
-        if self.handle is not None:
-            llama_cpp.llama_sampler_free(self.handle)
-            self.handle = None
+        for stage in (self.handle, self.grammar):
+            if stage is not None:
+                llama_cpp.llama_sampler_free(stage)
+        self.handle = self.grammar = None
 
 
 def _add_stage(chain: Any, stage: Any) -> None:
     if not stage:  # llama.cpp returns NULL for a grammar it cannot parse
         raise EngineError("llama.cpp rejected a sampler stage (invalid grammar?)")
     llama_cpp.llama_sampler_chain_add(chain, stage)
+
+
+#: llama_token_data as numpy sees it, so a candidate array is filled from the logits without a Python loop
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
 class LlamaBackend:
@@ -79,6 +93,7 @@ class LlamaBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._batch_capacity = options.n_batch
         self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self.info = self._read_info(path, options)
@@ -191,31 +206,61 @@ class LlamaBackend:
 
     # -------------------------------------------------------------- sampling
     def new_sampler(self, params: SamplingParams) -> LlamaSampler:
-        if params.temperature <= 0.0 and params.repeat_penalty == 1.0 and params.json_mode is None:
-            return LlamaSampler(None)
+        grammar = self._grammar(params)
+        try:
+            plain = params.temperature <= 0.0 and params.repeat_penalty == 1.0
+            # Greedy with a grammar still needs no chain: the argmax is taken over what the grammar allows.
+            chain = None if plain else self._chain(params)
+        except BaseException:
+            if grammar is not None:
+                llama_cpp.llama_sampler_free(grammar)
+            raise
+        return LlamaSampler(chain, grammar, params.banned_tokens)
+
+    def _grammar(self, params: SamplingParams) -> Any:
+        if params.json_mode is not None:
+            gbnf = json_grammar(params.json_schema if params.json_mode == "schema" else None)
+        elif params.grammar is not None:
+            gbnf = params.grammar
+        else:
+            return None
+        if params.grammar_lazy:
+            tokens = (llama_cpp.llama_token * len(params.grammar_trigger_tokens))(*params.grammar_trigger_tokens)
+            patterns = (ctypes.c_char_p * 0)()
+            grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, gbnf.encode(), b"root", patterns, 0, tokens, len(params.grammar_trigger_tokens)
+            )
+        else:
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+        if not grammar:  # llama.cpp returns NULL for a grammar it cannot parse
+            raise EngineError(f"llama.cpp rejected the grammar: {log_reason()}")
+        return grammar
+
+    def _chain(self, params: SamplingParams) -> Any:
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(chain_params)
-        sampler = LlamaSampler(chain)
         try:
             for stage in self._sampler_stages(params):
                 _add_stage(chain, stage)
         except BaseException:
-            sampler.close()
+            llama_cpp.llama_sampler_free(chain)
             raise
-        return sampler
+        return chain
 
     def _sampler_stages(self, params: SamplingParams) -> list[Any]:
         stages: list[Any] = []
+        if params.banned_tokens:
+            biases = (llama_cpp.llama_logit_bias * len(params.banned_tokens))(
+                *(llama_cpp.llama_logit_bias(token, -np.inf) for token in params.banned_tokens)
+            )
+            stages.append(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
         if params.repeat_penalty != 1.0:
             stages.append(
                 llama_cpp.llama_sampler_init_penalties(
                     self._n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
                 )
             )
-        if params.json_mode is not None:
-            gbnf = json_grammar(params.json_schema if params.json_mode == "schema" else None)
-            stages.append(llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root"))
         if params.temperature <= 0.0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
             return stages
@@ -230,15 +275,62 @@ class LlamaBackend:
         stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return stages
 
+    def _logits(self, batch_index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        if not row:
+            raise EngineError(f"no logits for batch position {batch_index}")
+        return np.ctypeslib.as_array(row, (self._n_vocab,))
+
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         assert isinstance(sampler, LlamaSampler)
+        if sampler.grammar is None and sampler.handle is not None:
+            return int(llama_cpp.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
+        logits = self._logits(batch_index)
+        if sampler.handle is None and sampler.banned:
+            # A chain bans through its logit-bias stage; greedy without one edits this step's logits
+            # (the next decode overwrites them).
+            logits[sampler.banned] = -np.inf
         if sampler.plain_greedy:
-            # The first maximum, as llama.cpp's greedy sampler picks it.
-            row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
-            if not row:
-                raise EngineError(f"no logits for batch position {batch_index}")
-            return int(np.ctypeslib.as_array(row, (self._n_vocab,)).argmax())
-        return int(llama_cpp.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
+            return int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler picks it
+        token = self._pick(sampler, logits, grammar=False)
+        if sampler.grammar is not None and not self._grammar_allows(sampler.grammar, token):
+            token = self._pick(sampler, logits, grammar=True)
+        if sampler.grammar is not None:
+            llama_cpp.llama_sampler_accept(sampler.grammar, token)
+        if sampler.handle is not None:
+            llama_cpp.llama_sampler_accept(sampler.handle, token)
+        return token
+
+    def _pick(self, sampler: LlamaSampler, logits: np.ndarray[Any, np.dtype[np.float32]], *, grammar: bool) -> int:
+        """One token from ``logits`` through the chain (argmax without one), under the grammar or not."""
+        if not grammar and sampler.handle is None:
+            return int(logits.argmax())
+        candidates = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
+        candidates["id"] = self._token_ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self._n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        if grammar:
+            llama_cpp.llama_sampler_apply(sampler.grammar, ctypes.byref(array))
+        if sampler.handle is None:
+            return int(candidates["id"][int(candidates["logit"].argmax())])
+        llama_cpp.llama_sampler_apply(sampler.handle, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise EngineError("the sampler chain selected no token")
+        return int(array.data[array.selected].id)  # samplers may reorder the candidates in place
+
+    def _grammar_allows(self, grammar: Any, token: int) -> bool:
+        single = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        array = llama_cpp.llama_token_data_array(
+            data=single.ctypes.data_as(llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+        return bool(np.isfinite(single["logit"][0]))
 
     # -------------------------------------------------------------- decoding
     def decode(self, batch: list[BatchToken]) -> None:

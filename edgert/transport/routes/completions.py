@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -30,14 +30,17 @@ from edgert.api.schemas import (
     ChatDelta,
     Completion,
     CompletionRequest,
+    FinishReason,
     TextChoice,
     new_id,
     now,
 )
+from edgert.chat.events import ContentDelta, OutputEvent
 from edgert.errors import BadRequestError, ClientDisconnectedError, RequestTimeoutError
 from edgert.log import request_id
+from edgert.serving.chat_output import ChatOutput, chat_delta
 from edgert.serving.metrics import Metrics
-from edgert.serving.scheduler import Finished, TextChunk, TokenStream
+from edgert.serving.scheduler import TextChunk, TokenStream
 from edgert.serving.service import InferenceService
 from edgert.transport.shared import ApiState, invalid_body, serving, usage
 
@@ -54,6 +57,13 @@ def router(state: ApiState) -> APIRouter:
     @routes.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _complete(request, CompletionRequest)
+
+    @routes.post("/apply-template")
+    async def apply_template(request: Request) -> Response:
+        """llama-server's route of the same name: the prompt a chat request renders to, nothing generated."""
+        svc = serving(state)
+        body = await _parse(request, ChatCompletionRequest, state.max_json_depth, state.body_timeout_s)
+        return JSONResponse({"prompt": await svc.render_chat(body)})
 
     async def _complete(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         svc = serving(state)
@@ -165,12 +175,18 @@ async def _respond(
         text, result = await _or_disconnect(request, tokens.collect(), tokens)
         metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
         if chat:
+            output = tokens.chat or ChatOutput()
+            output.feed(text)
+            output.finish()
+            message = AssistantMessage(
+                content=output.content, reasoning_content=output.reasoning, tool_calls=output.tool_calls
+            )
             return JSONResponse(
                 ChatCompletion(
                     id=ident,
                     created=now(),
                     model=svc.model_id,
-                    choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=result.reason)],
+                    choices=[ChatChoice(message=message, finish_reason=output.finish_reason(result.reason))],
                     usage=usage(result),
                 ).model_dump()
             )
@@ -207,8 +223,7 @@ async def _stream_events(
 ) -> AsyncIterator[bytes]:
     created = now()
 
-    def chunk(text: str | None, finish: Finished | None = None, *, role: bool = False) -> bytes:
-        reason = finish.reason if finish else None
+    def chunk(text: str | None, finish: FinishReason | None = None, *, role: bool = False) -> bytes:
         if chat:
             delta = ChatDelta(role="assistant" if role else None, content=text)
             return _sse(
@@ -216,7 +231,7 @@ async def _stream_events(
                     id=ident,
                     created=created,
                     model=svc.model_id,
-                    choices=[ChatChunkChoice(delta=delta, finish_reason=reason)],
+                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
                 )
             )
         return _sse(
@@ -224,25 +239,47 @@ async def _stream_events(
                 id=ident,
                 created=created,
                 model=svc.model_id,
-                choices=[TextChoice(text=text or "", finish_reason=reason)],
+                choices=[TextChoice(text=text or "", finish_reason=finish)],
             )
         )
 
+    def event_chunks(event: OutputEvent, output: ChatOutput) -> Iterator[bytes]:
+        delta = chat_delta(event, output)
+        if delta is not None:
+            choice = ChatChunkChoice(delta=delta)
+            yield _sse(ChatCompletionChunk(id=ident, created=created, model=svc.model_id, choices=[choice]))
+
+    # The hot path: one SSE event per token, so the constant JSON around the text is rendered once
+    # (by the same pydantic models) instead of once per token.
+    head, tail = _split_template(chunk(_SENTINEL))
+    output = tokens.chat or ChatOutput()
+
+    def text_events(text: str) -> Iterator[bytes]:
+        if not chat:
+            yield head + json.dumps(text, ensure_ascii=False).encode() + tail
+            return
+        for event in output.feed(text):
+            if isinstance(event, ContentDelta):
+                yield head + json.dumps(event.text, ensure_ascii=False).encode() + tail
+            else:
+                yield from event_chunks(event, output)
+
     try:
         if chat:
-            yield chunk("" if first is None else first.text, role=True)
-        elif first is not None:
-            yield chunk(first.text)
+            yield chunk("", role=True)
         if first is not None:
-            # The hot path: one SSE event per token, so the constant JSON around the text is
-            # rendered once (by the same pydantic models) instead of once per token.
-            head, tail = _split_template(chunk(_SENTINEL))
+            for event in text_events(first.text):
+                yield event
             async for item in iterator:
-                yield head + json.dumps(item.text, ensure_ascii=False).encode() + tail
+                for event in text_events(item.text):
+                    yield event
+        for tail_event in output.finish() if chat else ():
+            for data in event_chunks(tail_event, output):
+                yield data
         result = tokens.result
         assert result is not None
         metrics.observe_finish(result.ttft_s, result.total_s, result.completion_tokens)
-        yield chunk(None if chat else "", result)
+        yield chunk(None if chat else "", output.finish_reason(result.reason))
         if include_usage:
             totals = usage(result)
             if chat:
