@@ -1,4 +1,10 @@
-"""``edgert run "prompt"``: one reply, streamed to stdout (or one JSON object with ``--json``)."""
+"""``edgert run "prompt"``: one reply, streamed to stdout (or one JSON object with ``--json``).
+
+The prompt goes through the same request preparation as the socket API (chat plan, template,
+sampling defaults), so ``--tools`` behaves as a request with ``tools`` would: a model without tool
+support is refused with the same message. Tool calls print as one JSON line each, once complete;
+thinking (``--think``) goes to stderr so stdout stays the answer.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,19 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+from pydantic import ValidationError
 
+from edgert.api.schemas import ChatCompletionRequest, CompletionRequest
+from edgert.chat.events import ContentDelta, ReasoningDelta, ToolCallEnd
 from edgert.cli import exitcodes
-from edgert.engine.base import SamplingParams
-from edgert.errors import EdgertError
+from edgert.errors import BadRequestError, EdgertError
+from edgert.serving.chat_output import ChatOutput
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.scheduler import Finished, GenerationRequest
+from edgert.serving.service import Limits, chat_output, prepare_request
 from edgert.settings import load_settings
 
 
@@ -31,15 +42,40 @@ def run(
     temperature: float | None = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed for reproducible output."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    tools: Path | None = typer.Option(
+        None,
+        "--tools",
+        help="JSON file with OpenAI tools (a list, or an object with 'tools'); calls print as JSON lines.",
+    ),
+    tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, required, none, or a function name."),
+    think: bool | None = typer.Option(
+        None, "--think/--no-think", help="Thinking mode (Gemma 4); thoughts go to stderr."
+    ),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     config: Path | None = typer.Option(None, "--config", help="Settings file (else EDGERT_CONFIG / defaults)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own log."),
 ) -> None:
-    """Exit codes: 0 ok, 1 failure, 3 model unknown/not installed, 4 model file invalid, 6 bad config."""
+    """Exit codes: 0 ok, 1 failure (a bad --tools file, tools on a model without tool support...), 3 model
+    unknown/not installed, 4 model file invalid, 6 bad config."""
     if prompt == "-":
         prompt = sys.stdin.read()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stop": stop or None}
     try:
+        body: ChatCompletionRequest | CompletionRequest
+        if raw:
+            body = _validated(CompletionRequest, {"prompt": prompt, **fields})
+        else:
+            declared = _read_tools(tools) if tools is not None else None
+            choice: object = tool_choice if tool_choice in ("auto", "required", "none") else _named(tool_choice)
+            chat = {
+                "messages": messages,
+                "tools": declared,
+                "tool_choice": choice if declared else None,
+                "think": think,
+            }
+            body = _validated(ChatCompletionRequest, {**chat, **fields})
         settings = load_settings(config_path=config)
         if verbose:
             from edgert.engine.llama import set_verbose  # noqa: PLC0415 - only needed for --verbose
@@ -49,52 +85,82 @@ def run(
     except EdgertError as exc:
         raise fail(exc) from None
     try:
-        sampling = runtime.defaults
-        if temperature is not None or seed is not None:
-            sampling = SamplingParams(
-                temperature=runtime.defaults.temperature if temperature is None else temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                repeat_penalty=sampling.repeat_penalty,
-                seed=seed,
-            )
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        tokens = runtime.completion_prompt(prompt) if raw else runtime.chat_prompt(messages)
-        request = runtime.request(tokens, sampling=sampling, max_tokens=max_tokens, stop=tuple(stop))
-        text, result = asyncio.run(_generate(runtime, request, stream=not json_output))
+        limits = Limits(default_timeout_s=86400.0, max_tokens_cap=settings.serve.max_tokens_cap)
+        request, plan = prepare_request(runtime, body, limits)
+        output = chat_output(plan) or ChatOutput()
+        result = asyncio.run(_generate(runtime, request, output, stream=not json_output))
     except EdgertError as exc:
         raise fail(exc) from None
     finally:
         runtime.close()
     if json_output:
-        typer.echo(json.dumps(_as_json(runtime, text, result)))
+        typer.echo(json.dumps(_as_json(runtime, output, result)))
     else:
         typer.echo("")
     if result.error is not None:
         raise fail(result.error)
 
 
-async def _generate(runtime: Runtime, request: GenerationRequest, *, stream: bool) -> tuple[str, Finished]:
+def _validated(kind: type[ChatCompletionRequest | CompletionRequest], data: dict[str, Any]) -> Any:
+    try:
+        return kind.model_validate({key: value for key, value in data.items() if value is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BadRequestError(f"{where}: {first['msg']}", param=where) from None
+
+
+def _read_tools(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadRequestError(f"--tools {path}: {exc}", param="tools") from None
+    declared = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(declared, list):
+        raise BadRequestError(f"--tools {path}: expected a list of tools or an object with 'tools'", param="tools")
+    return declared
+
+
+def _named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+async def _generate(runtime: Runtime, request: GenerationRequest, output: ChatOutput, *, stream: bool) -> Finished:
     token_stream = runtime.scheduler.submit(request)
-    parts: list[str] = []
     try:
         async for chunk in token_stream:
-            parts.append(chunk.text)
+            for event in output.feed(chunk.text):
+                if stream:
+                    _print(event, output)
+        for event in output.finish():
             if stream:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                _print(event, output)
     finally:
         token_stream.cancel()
     assert token_stream.result is not None
-    return "".join(parts), token_stream.result
+    return token_stream.result
 
 
-def _as_json(runtime: Runtime, text: str, result: Finished) -> dict[str, object]:
-    return {
+def _print(event: object, output: ChatOutput) -> None:
+    if isinstance(event, ContentDelta):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    elif isinstance(event, ReasoningDelta):
+        sys.stderr.write(event.text)
+        sys.stderr.flush()
+    elif isinstance(event, ToolCallEnd):
+        calls = output.tool_calls or []
+        call = calls[event.index]
+        line = {"type": "tool_call", "id": call.id, "name": call.function.name}
+        sys.stdout.write(json.dumps({**line, "arguments": json.loads(call.function.arguments)}) + "\n")
+        sys.stdout.flush()
+
+
+def _as_json(runtime: Runtime, output: ChatOutput, result: Finished) -> dict[str, object]:
+    reply: dict[str, object] = {
         "model": runtime.model_id,
-        "text": text,
-        "finish_reason": result.reason,
+        "text": output.content or "",
+        "finish_reason": output.finish_reason(result.reason),
         "usage": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
@@ -106,3 +172,8 @@ def _as_json(runtime: Runtime, text: str, result: Finished) -> dict[str, object]
             "total_s": round(result.total_s, 4),
         },
     }
+    if output.reasoning is not None:
+        reply["reasoning_content"] = output.reasoning
+    if output.tool_calls is not None:
+        reply["tool_calls"] = [call.model_dump() for call in output.tool_calls]
+    return reply

@@ -340,6 +340,9 @@ def _piece(stream: Any, token: int) -> bytes:
 
 def _guidance(params: SamplingParams) -> str | None:
     """The llguidance JSON schema for a request's JSON mode, or None."""
+    if params.grammar is not None or params.banned_tokens:
+        # Tool calls are planned for Gemma 4 GGUF templates only; never drop a constraint silently.
+        raise BadRequestError("tools: not supported by the onnxruntime-genai backend", param="tools")
     if params.json_mode is None:
         return None
     if params.json_mode == "object":

@@ -115,7 +115,7 @@ class InferenceService:
         self.check_prompt_size(body)
         while True:
             runtime = self.runtime
-            request, plan = await asyncio.to_thread(self._prepare_on, runtime, body, request_id)
+            request, plan = await asyncio.to_thread(prepare_request, runtime, body, self.limits, request_id)
             if not self.ready:
                 raise OverloadedError("the model is being swapped", retry_after_s=2)
             # Back on the loop, where a model swap also runs: if one happened meanwhile, these tokens
@@ -123,9 +123,7 @@ class InferenceService:
             if runtime is self.host.serving:
                 stream = runtime.scheduler.submit(request)
                 self.host.hold(runtime, stream)  # a retired model closes when its last request ends
-                if plan is not None:
-                    parser = Gemma4OutputParser(tools=plan.parse_tools) if plan.parse_gemma4 else None
-                    stream.chat = ChatOutput(parser)
+                stream.chat = chat_output(plan)
                 return stream
 
     async def render_chat(self, body: ChatCompletionRequest) -> str:
@@ -142,60 +140,70 @@ class InferenceService:
 
         return await asyncio.to_thread(render)
 
-    def _prepare_on(
-        self, runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, request_id: str
-    ) -> tuple[GenerationRequest, ChatPlan | None]:
-        if isinstance(body, CompletionRequest):
-            prompt = runtime.completion_prompt(body.prompt)
-            return self._request(runtime, body, prompt, body.token_limit(), request_id), None
-        plan = plan_chat(body, runtime.formatter, runtime.special_tokens, runtime.model_id)
-        prompt = runtime.chat_prompt(body.message_dicts(), tools=plan.tools, enable_thinking=plan.enable_thinking)
-        request = self._request(runtime, body, prompt, body.token_limit(), request_id)
-        sampling = replace(
-            request.sampling,
-            grammar=plan.grammar,
-            grammar_lazy=plan.grammar_lazy,
-            grammar_trigger_tokens=plan.grammar_trigger_tokens,
-            banned_tokens=plan.banned_tokens,
-        )
-        return replace(request, sampling=sampling, special_pieces=plan.special_pieces), plan
 
-    def _request(
-        self,
-        runtime: Runtime,
-        body: SamplingFields,
-        prompt: tuple[int, ...],
-        max_tokens: int | None,
-        request_id: str,
-    ) -> GenerationRequest:
-        defaults = runtime.defaults
-        fmt = body.response_format
-        json_mode: Literal["object", "schema"] | None = None
-        json_schema = None
-        if fmt is not None and fmt.type == "json_object":
-            json_mode = "object"
-        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
-            json_mode = "schema" if fmt.json_schema.schema_ else "object"
-            json_schema = json.dumps(fmt.json_schema.schema_, sort_keys=True) if fmt.json_schema.schema_ else None
-        sampling = SamplingParams(
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
-            top_k=defaults.top_k if body.top_k is None else body.top_k,
-            min_p=defaults.min_p if body.min_p is None else body.min_p,
-            repeat_penalty=defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
-            seed=body.seed,
-            json_mode=json_mode,
-            json_schema=json_schema,
-        )
-        limit = min(max_tokens or runtime.default_max_tokens, self.limits.max_tokens_cap)
-        timeout = body.timeout or self.limits.default_timeout_s
-        return runtime.request(
-            prompt,
-            sampling=sampling,
-            max_tokens=limit,
-            stop=body.stop_strings(),
-            priority=Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE,
-            deadline=time.monotonic() + timeout,
-            request_id=request_id,
-            ignore_eos=body.ignore_eos,
-        )
+def prepare_request(
+    runtime: Runtime, body: ChatCompletionRequest | CompletionRequest, limits: Limits, request_id: str = ""
+) -> tuple[GenerationRequest, ChatPlan | None]:
+    """A validated API body -> the engine request (tokenized; the caller's thread) and, for chat, its plan."""
+    if isinstance(body, CompletionRequest):
+        prompt = runtime.completion_prompt(body.prompt)
+        return _request(runtime, body, prompt, body.token_limit(), limits, request_id), None
+    plan = plan_chat(body, runtime.formatter, runtime.special_tokens, runtime.model_id)
+    prompt = runtime.chat_prompt(body.message_dicts(), tools=plan.tools, enable_thinking=plan.enable_thinking)
+    request = _request(runtime, body, prompt, body.token_limit(), limits, request_id)
+    sampling = replace(
+        request.sampling,
+        grammar=plan.grammar,
+        grammar_lazy=plan.grammar_lazy,
+        grammar_trigger_tokens=plan.grammar_trigger_tokens,
+        banned_tokens=plan.banned_tokens,
+    )
+    return replace(request, sampling=sampling, special_pieces=plan.special_pieces), plan
+
+
+def chat_output(plan: ChatPlan | None) -> ChatOutput | None:
+    """What reads a chat reply back out of the text: Gemma 4's parser, or plain text; None for completions."""
+    if plan is None:
+        return None
+    return ChatOutput(Gemma4OutputParser(tools=plan.parse_tools) if plan.parse_gemma4 else None)
+
+
+def _request(
+    runtime: Runtime,
+    body: SamplingFields,
+    prompt: tuple[int, ...],
+    max_tokens: int | None,
+    limits: Limits,
+    request_id: str,
+) -> GenerationRequest:
+    defaults = runtime.defaults
+    fmt = body.response_format
+    json_mode: Literal["object", "schema"] | None = None
+    json_schema = None
+    if fmt is not None and fmt.type == "json_object":
+        json_mode = "object"
+    elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        json_mode = "schema" if fmt.json_schema.schema_ else "object"
+        json_schema = json.dumps(fmt.json_schema.schema_, sort_keys=True) if fmt.json_schema.schema_ else None
+    sampling = SamplingParams(
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=defaults.top_k if body.top_k is None else body.top_k,
+        min_p=defaults.min_p if body.min_p is None else body.min_p,
+        repeat_penalty=defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        seed=body.seed,
+        json_mode=json_mode,
+        json_schema=json_schema,
+    )
+    limit = min(max_tokens or runtime.default_max_tokens, limits.max_tokens_cap)
+    timeout = body.timeout or limits.default_timeout_s
+    return runtime.request(
+        prompt,
+        sampling=sampling,
+        max_tokens=limit,
+        stop=body.stop_strings(),
+        priority=Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE,
+        deadline=time.monotonic() + timeout,
+        request_id=request_id,
+        ignore_eos=body.ignore_eos,
+    )

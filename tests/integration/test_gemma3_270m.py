@@ -15,6 +15,7 @@ from edgert.engine.base import SamplingParams
 from edgert.engine.llama import reference_generate
 from edgert.serving.runtime import load_options, open_runtime
 from edgert.settings import load_settings
+from tests.integration.daemon import start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +70,31 @@ def test_cli_run_unknown_model_exits_3_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert proc.stderr.startswith("error: unknown model 'nope:q4_k_m'")
     assert proc.stderr.count("\n") == 1
+
+
+def test_tools_on_the_embedded_base_model_are_refused_with_the_reason(gemma3_270m: Path, tmp_path: Path) -> None:
+    """The 270M base model's template has no tool format: a clear 400 over the socket, exit 1 from the CLI."""
+    tools = [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+    (tmp_path / "d").mkdir()
+    daemon = start_daemon(tmp_path / "d", gemma3_270m)
+    try:
+        with daemon.client() as client:
+            reply = client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+            )
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "tools"
+            assert "has no tool support" in reply.json()["error"]["message"]
+            plain = client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            )
+            assert plain.status_code == 200  # and it keeps serving
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERT_")}
+    env["EDGERT_STATE_DIR"] = str(tmp_path / "state")
+    cmd = [sys.executable, "-m", "edgert", "run", "-m", str(gemma3_270m), "--tools", str(tmp_path / "tools.json"), "hi"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert "has no tool support" in proc.stderr

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,3 +303,27 @@ def test_mqtt_calls_validate_streamed_and_not(broker: Broker, device: DaemonProc
     assert "".join(pieces) == whole.tool_calls[0].function.arguments
     assert firsts[0].function.name == whole.tool_calls[0].function.name
     check_calls([call.model_dump() for call in whole.tool_calls])
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_run_prints_each_call_as_a_json_line(tiny_gguf: Path, tmp_path: Path) -> None:
+    (tmp_path / "tools.json").write_text(json.dumps({"tools": TOOLS}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERT_")}
+    env.update(EDGERT_STATE_DIR=str(tmp_path / "state"), EDGERT_ENGINE__N_THREADS="1")
+    base = [sys.executable, "-m", "edgert", "run", "-m", str(tiny_gguf), "--tools", str(tmp_path / "tools.json")]
+    args = ["--tool-choice", "open_ticket", "-t", "0", "-n", "200", "Ticket please"]
+    proc = subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [line["name"] for line in lines] == ["open_ticket"]
+    jsonschema.validate(lines[0]["arguments"], SCHEMAS["open_ticket"])
+    as_json = subprocess.run(
+        [*base, "--json", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    reply = json.loads(as_json.stdout)
+    assert reply["finish_reason"] == "tool_calls"
+    assert json.loads(reply["tool_calls"][0]["function"]["arguments"]) == lines[0]["arguments"]  # greedy: same call
+    bad = subprocess.run(
+        [*base[:-1], str(tmp_path / "missing.json"), "hi"], env=env, capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1 and "missing.json" in bad.stderr
