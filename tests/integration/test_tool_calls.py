@@ -253,6 +253,28 @@ def test_thinking_switches_the_template_and_thoughts_stay_out_of_content(daemon:
     check_no_markers(reply.json()["choices"][0]["message"]["content"])
 
 
+def test_thoughts_before_a_call_come_back_as_reasoning_content(daemon: DaemonProcess) -> None:
+    """With thinking on, the required-call grammar lets the model think first (the random model does so
+    for some seeds): the thought is reasoning_content, streamed as delta.reasoning_content, never content."""
+    thought_seen = False
+    with daemon.client() as client:
+        for seed in range(20, 32):
+            request = tool_request("required", temperature=1.0, seed=seed, think=True, parallel_tool_calls=False)
+            request["max_tokens"] = 400
+            message = client.post(CHAT, json=request).json()["choices"][0]["message"]
+            assert not message["content"]  # a thought (the random model may think to the limit) or a call
+            if message.get("reasoning_content"):
+                thought_seen = True
+                check_no_markers(message["reasoning_content"])
+                streamed = client.post(CHAT, json={**request, "stream": True}).text
+                events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+                deltas = [event["choices"][0]["delta"] for event in events if event["choices"]]
+                assert "".join(d.get("reasoning_content") or "" for d in deltas) == message["reasoning_content"]
+                assert all(not d.get("content") for d in deltas)
+                break
+    assert thought_seen, "no seed made the model think first"
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
