@@ -42,6 +42,10 @@ class LoadOptions:
     use_mmap: bool = True
     #: one KV pool for all sequences (False: n_ctx / n_seq_max private cells each)
     kv_unified: bool = True
+    #: the multimodal projector (mmproj GGUF) to load beside the model, or None for text only
+    mmproj: Path | None = None
+    #: the text that stands for one medium in a rendered prompt (random per process, so users cannot forge it)
+    media_marker: str = "<__media__>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,8 @@ class ModelInfo:
     add_bos: bool
     chat_template: str | None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: what the model takes in: "text", plus "image" / "audio" when a projector with that encoder is loaded
+    modalities: tuple[str, ...] = ("text",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,36 @@ class SamplingParams:
     grammar_trigger_tokens: tuple[int, ...] = ()
     #: tokens that may never be sampled (the tool-call opener under tool_choice "none")
     banned_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MediaItem:
+    """One image or audio clip of a request, decoded as far as the backend needs it."""
+
+    kind: Literal["image", "audio"]
+    #: image: packed RGB, width * height * 3 bytes; audio: the encoded file (WAV, MP3) as sent
+    data: bytes
+    width: int
+    height: int
+    #: sha256 of the medium: identical media share cached KV
+    digest: str
+    #: the request part it came from ("messages.1.content.2"), for errors
+    where: str
+
+
+@dataclass(eq=False, slots=True)
+class MediaSpan:
+    """A medium inside a prompt: ``n_tokens`` positions from ``start``, evaluated by the backend as one piece.
+
+    ``handle`` is the backend's encoded-input object; the scheduler hands it back to
+    :meth:`MediaBackend.release_media` once the span is evaluated or the request ends.
+    """
+
+    start: int
+    n_tokens: int
+    kind: str
+    digest: str
+    handle: object | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,3 +187,20 @@ class Backend(Protocol):
     def save_seq_state(self, seq: int, path: Path, tokens: list[int]) -> None: ...
     def load_seq_state(self, seq: int, path: Path, max_tokens: int) -> list[int]: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class MediaBackend(Protocol):
+    """A batch backend that also evaluates images and audio into a sequence (llama.cpp + libmtmd)."""
+
+    def tokenize_media(
+        self, text: str, media: list[MediaItem], *, add_special: bool, max_audio_seconds: float
+    ) -> tuple[list[int], list[MediaSpan]]:
+        """Tokenize ``text`` whose media markers stand for ``media``, in order. Each medium's positions get a
+        placeholder token derived from its digest (so the prefix cache tells media apart). BadRequestError
+        naming the part for a medium the projector cannot take."""
+
+    def eval_media(self, seq: int, span: MediaSpan, pos: int) -> None:
+        """Encode the medium and write its embeddings into ``seq`` from position ``pos``. Raises EngineError."""
+
+    def release_media(self, span: MediaSpan) -> None: ...

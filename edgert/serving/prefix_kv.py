@@ -67,7 +67,10 @@ class PrefixKV:
         match = cache.best_match(prompt)
         if match is None or match.common < cache.min_tokens:
             return None
-        reuse = min(match.common, len(prompt) - 1)  # the last prompt token always yields the first logits
+        # the last prompt token always yields the first logits; a medium is taken whole or not at all
+        reuse = seq.request.media_boundary(min(match.common, len(prompt) - 1))
+        if reuse < cache.min_tokens:
+            return None
         usable = cache.usable(match, reuse, self._backend.seq_pos_min(match.entry.seq))
         return PrefixPlan(match, reuse, usable)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
-from edgert.engine.base import SamplingParams
+from edgert.engine.base import MediaSpan, SamplingParams
 from edgert.errors import EdgertError
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
@@ -41,6 +41,15 @@ class GenerationRequest:
     #: control tokens whose text the output parser needs (``<|tool_call>``...): the engine writes
     #: their text into the stream; every other control token stays silent, as in plain chat
     special_pieces: Mapping[int, bytes] = field(default_factory=dict)
+    #: images and audio inside ``prompt`` (their positions hold placeholder tokens), in order
+    media: tuple[MediaSpan, ...] = ()
+
+    def media_boundary(self, n: int) -> int:
+        """The largest prefix length <= ``n`` that does not cut a medium (media are evaluated whole)."""
+        for span in self.media:
+            if span.start < n < span.start + span.n_tokens:
+                return span.start
+        return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +69,6 @@ class Finished:
     error: EdgertError | None = None
     #: prompt tokens taken from the prefix cache instead of being computed
     cached_tokens: int = 0
+    #: prompt positions that were images / audio
+    image_tokens: int = 0
+    audio_tokens: int = 0

@@ -18,18 +18,27 @@ from typing import Any
 import psutil
 
 from edgert.catalog import Catalog, ModelSpec, load_catalog
-from edgert.engine.base import BackendCapabilities, LoadOptions, SamplingParams, SequenceBackend
+from edgert.engine.base import (
+    BackendCapabilities,
+    LoadOptions,
+    MediaBackend,
+    MediaItem,
+    MediaSpan,
+    SamplingParams,
+    SequenceBackend,
+)
 from edgert.engine.llama import LlamaBackend, capabilities
-from edgert.errors import ModelMissingError
+from edgert.errors import BadRequestError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
 from edgert.hardware import detect
+from edgert.media.parts import MEDIA_MARKER
 from edgert.memory_fit import choose_model
 from edgert.serving.chat_plan import GEMMA4_MARKERS
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
-from edgert.store import available_ids, resolve_model
+from edgert.store import available_ids, resolve_model, resolve_projector
 
 log = logging.getLogger("edgert.serving.runtime")
 
@@ -77,6 +86,7 @@ def cache_key(path: Path, info: GGUFInfo, options: LoadOptions) -> str:
             options.swa_full,
             options.flash_attn,
             options.kv_unified,
+            options.mmproj,  # cached media KV is only valid for the projector that computed it
         )
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
@@ -111,10 +121,34 @@ class Runtime:
         tools: Sequence[dict[str, Any]] | None = None,
         enable_thinking: bool = False,
     ) -> tuple[int, ...]:
+        return self.chat_prompt_with_media(messages, tools=tools, enable_thinking=enable_thinking)[0]
+
+    def chat_prompt_with_media(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        enable_thinking: bool = False,
+        media: Sequence[MediaItem] = (),
+        max_audio_seconds: float = 30.0,
+    ) -> tuple[tuple[int, ...], tuple[MediaSpan, ...]]:
+        """The prompt's tokens (media positions hold placeholders) and its media, ready for the engine."""
         text = self.formatter.render(messages, tools=tools, enable_thinking=enable_thinking)
         # The template writes BOS itself when the model wants one; never add a second.
         add_bos = self.backend.info.add_bos and not text.startswith(self.backend.info.bos_token)
-        return tuple(self.backend.tokenize(text, add_special=add_bos, parse_special=True))
+        if not media:
+            return tuple(self.backend.tokenize(text, add_special=add_bos, parse_special=True)), ()
+        backend = self.backend
+        if not isinstance(backend, MediaBackend) or len(backend.info.modalities) == 1:
+            raise BadRequestError(
+                f"{media[0].where}: model {self.model_id!r} is served text-only (no multimodal projector is "
+                "loaded; see engine.mmproj / edgert serve --mmproj)",
+                param=media[0].where,
+            )
+        tokens, spans = backend.tokenize_media(
+            text, list(media), add_special=add_bos, max_audio_seconds=max_audio_seconds
+        )
+        return tuple(tokens), tuple(spans)
 
     def system_prefix(self, system_prompt: str) -> tuple[int, ...]:
         """Tokens of a conversation up to where the first user message's text begins."""
@@ -196,7 +230,7 @@ def is_onnx_model(path: Path) -> bool:
 
 
 def _load_backend(
-    path: Path, settings: Settings
+    path: Path, settings: Settings, projector: Path | None = None
 ) -> tuple[LlamaBackend | SequenceBackend, LoadOptions, tuple[str, str | None, str], str | None]:
     """The backend, its options, (architecture, quant, backend name) and the prefix-cache key (None: no cache)."""
     if is_onnx_model(path):
@@ -212,7 +246,7 @@ def _load_backend(
             None,
         )
     gguf = validate_gguf(path)
-    options = load_options(settings.engine)
+    options = replace(load_options(settings.engine), mmproj=projector, media_marker=MEDIA_MARKER)
     key = cache_key(path, gguf, options) if settings.engine.prefix_cache_persist else None
     return LlamaBackend(path, options), options, (gguf.architecture, gguf.file_type, _describe(capabilities())), key
 
@@ -224,8 +258,9 @@ def _describe(caps: BackendCapabilities) -> str:
 def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catalog | None = None) -> Runtime:
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
+    projector = resolve_projector(settings, spec, path)
     started = time.perf_counter()
-    backend, options, (architecture, quant, backend_name), prefix_key = _load_backend(path, settings)
+    backend, options, (architecture, quant, backend_name), prefix_key = _load_backend(path, settings, projector)
     try:
         info = backend.info
         formatter = formatter_for(

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 
-from edgert.engine.base import Backend, BatchToken, SequenceBackend
+from edgert.engine.base import Backend, BatchToken, MediaBackend, MediaSpan, SequenceBackend
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -263,7 +263,12 @@ class Scheduler:
                 continue
             if budget == 0:
                 continue
+            span = self._pending_media(seq)
+            if span is not None and span.start == seq.prompt_fed:
+                continue  # its medium is evaluated on its own, before a step (see _eval_media)
             take = min(remaining, budget, self._config.prefill_chunk)
+            if span is not None:
+                take = min(take, span.start - seq.prompt_fed)
             if seq.snapshot_at is not None and seq.snapshot_exact and seq.prompt_fed < seq.snapshot_at:
                 # stop exactly at a shared-prefix boundary; a candidate (the whole prompt but its
                 # last token) is copied after the step instead, so the prompt is not split and the
@@ -278,7 +283,49 @@ class Scheduler:
             budget -= take
         return batch, samples
 
+    def _pending_media(self, seq: SequenceState) -> MediaSpan | None:
+        """The next medium this sequence still has to evaluate; media its cached prefix covered are let go."""
+        media = seq.request.media
+        while seq.media_next < len(media):
+            span = media[seq.media_next]
+            if span.start >= seq.prompt_fed:
+                return span
+            self._release_media(span)
+            seq.media_next += 1
+        return None
+
+    def _eval_media(self) -> None:
+        """Evaluate one waiting medium, if any: encoding is the heaviest thing a CPU does here, so one per
+        step keeps the running streams decoding between media (stats.media_eval_seconds is the stall)."""
+        backend = self._batch_backend
+        if not isinstance(backend, MediaBackend):
+            return
+        for seq in self._active:
+            span = self._pending_media(seq)
+            if span is None or span.start != seq.prompt_fed:
+                continue
+            started = time.monotonic()
+            try:
+                backend.eval_media(seq.slot, span, seq.n_past)
+            except EdgertError as exc:
+                self._finish(seq, "error", time.monotonic(), exc)
+                return
+            finally:
+                backend.release_media(span)
+            seq.media_next += 1
+            seq.prompt_fed += span.n_tokens
+            seq.n_past += span.n_tokens
+            self.stats.prompt_tokens += span.n_tokens
+            self.stats.media_evals += 1
+            self.stats.media_eval_seconds += time.monotonic() - started
+            return
+
+    def _release_media(self, span: MediaSpan) -> None:
+        if isinstance(self._batch_backend, MediaBackend):
+            self._batch_backend.release_media(span)
+
     def _step(self) -> None:
+        self._eval_media()
         batch, samples = self._build_batch()
         unsaved = self._prefix.take_unsaved() if self._prefix is not None else []
         try:
@@ -398,6 +445,8 @@ class Scheduler:
         self._emit_finish(seq, reason, now, error)
 
     def _emit_finish(self, seq: SequenceState, reason: FinishReason, now: float, error: EdgertError | None) -> None:
+        for span in seq.request.media:  # whatever was not evaluated: queued, cancelled, failed
+            self._release_media(span)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         ttft = seq.first_token_at - seq.submitted if seq.first_token_at is not None else None
         self._outbox.put(
@@ -410,6 +459,8 @@ class Scheduler:
                 total_s=now - seq.submitted,
                 error=error,
                 cached_tokens=seq.cached,
+                image_tokens=sum(span.n_tokens for span in seq.request.media if span.kind == "image"),
+                audio_tokens=sum(span.n_tokens for span in seq.request.media if span.kind == "audio"),
             ),
         )
 

@@ -50,4 +50,7 @@ class SchedulerStats:
     prefix_misses: int = 0
     prefix_tokens_reused: int = 0
     prefix_entries: int = 0
+    #: images and audio clips evaluated, and the seconds the engine spent on them (running streams waited)
+    media_evals: int = 0
+    media_eval_seconds: float = 0.0
     last_progress: float = field(default_factory=time.monotonic)

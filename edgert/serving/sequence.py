@@ -40,6 +40,8 @@ class SequenceState:
     #: take a prefix snapshot when the prefill reaches this many tokens
     snapshot_at: int | None = None
     snapshot_exact: bool = False
+    #: index into ``request.media`` of the first medium not yet evaluated (or skipped: cached)
+    media_next: int = 0
 
 
 def slot_of(seq: SequenceState) -> int:

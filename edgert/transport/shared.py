@@ -89,5 +89,7 @@ def usage(result: Finished) -> Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=result.cached_tokens, image_tokens=result.image_tokens, audio_tokens=result.audio_tokens
+        ),
     )

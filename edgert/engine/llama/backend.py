@@ -19,10 +19,13 @@ from llama_cpp import llama_grammar
 from edgert.engine.base import (
     BatchToken,
     LoadOptions,
+    MediaItem,
+    MediaSpan,
     ModelInfo,
     Sampler,
     SamplingParams,
 )
+from edgert.engine.llama.media import Projector
 from edgert.engine.llama.process import ensure_initialised, log_reason
 from edgert.errors import BadRequestError, EngineError, ModelLoadError
 
@@ -84,9 +87,18 @@ class LlamaBackend:
         self._batch: Any = None
         self._piece_cache: dict[int, bytes] = {}
         log.mark()
+        self._projector: Projector | None = None
         try:
             self._model = self._load_model(path, options)
             self._ctx = self._new_context(path, options)
+            if options.mmproj is not None:
+                self._projector = Projector(
+                    options.mmproj,
+                    self._model,
+                    n_threads=options.n_threads_batch,
+                    use_gpu=options.n_gpu_layers != 0,
+                    marker=options.media_marker,
+                )
         except BaseException:
             self.close()  # nothing half-loaded stays in memory
             raise
@@ -95,6 +107,7 @@ class LlamaBackend:
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._batch_capacity = options.n_batch
+        self._n_ubatch = min(options.n_ubatch, options.n_batch)
         self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self.info = self._read_info(path, options)
 
@@ -166,6 +179,7 @@ class LlamaBackend:
             eos_token=self._special_text(eos),
             add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)),
             chat_template=template.decode("utf-8", errors="replace") if template else None,
+            modalities=("text", *(self._projector.modalities if self._projector is not None else ())),
         )
 
     def _special_text(self, token: int) -> str:
@@ -352,6 +366,22 @@ class LlamaBackend:
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc}")
 
+    # -------------------------------------------------------------- media
+    def tokenize_media(
+        self, text: str, media: list[MediaItem], *, add_special: bool, max_audio_seconds: float
+    ) -> tuple[list[int], list[MediaSpan]]:
+        if self._projector is None:
+            raise BadRequestError("messages: this model is served without a projector: text only", param="messages")
+        return self._projector.tokenize(text, media, add_special=add_special, max_audio_seconds=max_audio_seconds)
+
+    def eval_media(self, seq: int, span: MediaSpan, pos: int) -> None:
+        assert self._projector is not None
+        self._projector.eval(self._ctx, seq, span, pos, n_batch=self._batch_capacity, n_ubatch=self._n_ubatch)
+
+    def release_media(self, span: MediaSpan) -> None:
+        if self._projector is not None:
+            self._projector.release(span)
+
     # ------------------------------------------------------- sequence memory
     def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1)
@@ -383,6 +413,9 @@ class LlamaBackend:
 
     # -------------------------------------------------------------- teardown
     def close(self) -> None:
+        if self._projector is not None:
+            self._projector.close()
+            self._projector = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

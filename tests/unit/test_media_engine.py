@@ -1,0 +1,134 @@
+"""Images and audio in the batching engine: the tiny Gemma 4 model with its tiny projector, real libmtmd."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgert.engine.base import MediaItem, SamplingParams
+from edgert.engine.llama.media import MAX_IMAGE_TOKENS, placeholder_token
+from edgert.errors import BadRequestError
+from edgert.media.parts import MEDIA_MARKER
+from edgert.serving.runtime import Runtime, open_runtime
+from edgert.settings import load_settings
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+MMPROJ = FIXTURES / "tiny-gemma4-mmproj.gguf"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def image(width: int, height: int, seed: int = 0) -> MediaItem:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
+    return MediaItem("image", pixels, width, height, hashlib.sha256(pixels).hexdigest(), "messages.0.content.1")
+
+
+def wav(seconds: float, rate: int = 16000) -> MediaItem:
+    samples = (np.sin(np.arange(int(seconds * rate)) * 0.05) * 8000).astype("<i2").tobytes()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(samples)
+    data = out.getvalue()
+    return MediaItem("audio", data, 0, 0, hashlib.sha256(data).hexdigest(), "messages.0.content.2")
+
+
+def ask(*media: MediaItem, text: str = "What is this?") -> list[dict[str, object]]:
+    return [{"role": "user", "content": text + "".join(MEDIA_MARKER for _ in media)}]
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, tiny_gguf: Path) -> Iterator[Runtime]:
+    engine = {"n_ctx": 4096, "n_parallel": 4, "n_threads": 1, "n_threads_batch": 1, "mmproj": str(MMPROJ)}
+    rt = open_runtime(load_settings(state_dir=tmp_path, model=str(tiny_gguf), engine=engine))
+    yield rt
+    rt.close()
+
+
+async def generate(rt: Runtime, *media: MediaItem, max_tokens: int = 8, text: str = "What is this?") -> object:
+    tokens, spans = rt.chat_prompt_with_media(ask(*media, text=text), media=media)
+    request = rt.request(tokens, sampling=GREEDY, max_tokens=max_tokens)
+    from dataclasses import replace
+
+    stream = rt.scheduler.submit(replace(request, media=spans))
+    return await stream.collect()
+
+
+def test_the_projector_gives_the_model_image_and_audio(runtime: Runtime) -> None:
+    assert runtime.backend.info.modalities == ("text", "image", "audio")
+
+
+def test_an_image_and_a_clip_take_their_positions_with_digest_placeholders(runtime: Runtime) -> None:
+    photo, clip = image(40, 30), wav(1.0)
+    tokens, spans = runtime.chat_prompt_with_media(ask(photo, clip), media=(photo, clip))
+    assert [(span.kind, span.n_tokens) for span in spans] == [("image", 80), ("audio", 25)]
+    for span, item in zip(spans, (photo, clip), strict=True):
+        assert span.digest == item.digest
+        assert set(tokens[span.start : span.start + span.n_tokens]) == {placeholder_token(item.digest)}
+        assert tokens[span.start - 1] >= 0 and tokens[span.start + span.n_tokens] >= 0  # <|image> ... <image|>
+    for span in spans:
+        runtime.backend.release_media(span)  # type: ignore[union-attr]
+
+
+def test_media_requests_generate_and_text_streams_keep_running(runtime: Runtime) -> None:
+    async def scenario() -> list[object]:
+        return await asyncio.gather(
+            generate(runtime, image(64, 48, seed=1), max_tokens=6),
+            generate(runtime, wav(2.0), max_tokens=6),
+            generate(runtime, max_tokens=12, text="Plain text, no media."),
+        )
+
+    results = asyncio.run(scenario())
+    for text, finished in results:  # type: ignore[misc]
+        assert finished.error is None and finished.completion_tokens >= 1
+    assert runtime.scheduler.stats.media_evals == 2
+    assert runtime.scheduler.stats.media_eval_seconds > 0
+
+
+def test_the_same_photo_again_is_not_re_encoded_another_is(runtime: Runtime) -> None:
+    photo = image(64, 48, seed=3)
+    first_text, first = asyncio.run(generate(runtime, photo))  # type: ignore[misc]
+    evals = runtime.scheduler.stats.media_evals
+    again_text, again = asyncio.run(generate(runtime, photo))  # type: ignore[misc]
+    assert again.cached_tokens > 80  # the whole photo came from the prefix cache
+    assert runtime.scheduler.stats.media_evals == evals
+    assert again_text == first_text  # and the KV it reused is the photo's
+    other_text, other = asyncio.run(generate(runtime, image(64, 48, seed=4)))  # type: ignore[misc]
+    assert runtime.scheduler.stats.media_evals == evals + 1  # a different photo is encoded
+    assert other.cached_tokens < first.prompt_tokens - 80
+
+
+def test_a_too_thin_image_is_refused_before_it_can_abort_the_process(runtime: Runtime) -> None:
+    thin = image(16000, 1)
+    with pytest.raises(BadRequestError) as caught:
+        runtime.chat_prompt_with_media(ask(thin), media=(thin,))
+    assert caught.value.param == thin.where and f"at most {MAX_IMAGE_TOKENS}" in caught.value.message
+
+
+def test_a_clip_longer_than_the_limit_and_undecodable_audio_are_400s(runtime: Runtime) -> None:
+    with pytest.raises(BadRequestError, match="at most 30 s"):
+        runtime.chat_prompt_with_media(ask(wav(31.0)), media=(wav(31.0),), max_audio_seconds=30)
+    junk = MediaItem("audio", b"RIFF....not audio", 0, 0, "ab" * 32, "messages.2.content.0")
+    with pytest.raises(BadRequestError) as caught:
+        runtime.chat_prompt_with_media(ask(junk), media=(junk,))
+    assert caught.value.param == "messages.2.content.0"
+    assert asyncio.run(generate(runtime, image(40, 30)))[1].error is None  # type: ignore[index]
+
+
+def test_a_text_only_model_says_so(tmp_path: Path, tiny_gguf: Path) -> None:
+    engine = {"n_ctx": 1024, "n_parallel": 1, "n_threads": 1, "n_threads_batch": 1}
+    rt = open_runtime(load_settings(state_dir=tmp_path, model=str(tiny_gguf), engine=engine))
+    try:
+        assert rt.backend.info.modalities == ("text",)
+        with pytest.raises(BadRequestError, match="served text-only"):
+            rt.chat_prompt_with_media(ask(image(40, 30)), media=(image(40, 30),))
+    finally:
+        rt.close()
