@@ -16,7 +16,7 @@ This module owns the queue, the slots, the KV budget and the step loop; admissio
 loop stay together (~420 lines) because both change that state under one lock. Beside it:
 request and result types (:mod:`.request`), the stream and per-step outbox (:mod:`.stream`),
 per-request engine state (:mod:`.sequence`), limits and counters (:mod:`.scheduler_config`),
-the prefix cache's KV bookkeeping (:mod:`.prefix_kv`). Transports import the names from here.
+the prefix cache's KV bookkeeping (:mod:`.prefix_kv`), media evaluation (:mod:`.media_steps`). Transports import the names from here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 
-from edgert.engine.base import Backend, BatchToken, MediaBackend, MediaSpan, SequenceBackend
+from edgert.engine.base import Backend, BatchToken, SequenceBackend
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -38,6 +38,7 @@ from edgert.errors import (
     OverloadedError,
     PromptTooLongError,
 )
+from edgert.serving.media_steps import MediaSteps
 from edgert.serving.prefix_kv import PrefixKV
 from edgert.serving.request import Finished, FinishReason, GenerationRequest, Priority, TextChunk
 from edgert.serving.scheduler_config import SchedulerConfig, SchedulerStats
@@ -78,6 +79,7 @@ class Scheduler:
         self._outbox = Outbox()
         self.stats = SchedulerStats()
         self._prefix = PrefixKV(self._backend, config, self.stats, self.kv_cells) if config.prefix_seqs else None
+        self._media = MediaSteps(backend, self.stats)
 
     @property
     def config(self) -> SchedulerConfig:
@@ -263,10 +265,10 @@ class Scheduler:
                 continue
             if budget == 0:
                 continue
-            span = self._pending_media(seq)
-            if span is not None and span.start == seq.prompt_fed:
-                continue  # its medium is evaluated on its own, before a step (see _eval_media)
+            if self._media.waiting(seq):
+                continue  # its medium is evaluated on its own, before a step (MediaSteps)
             take = min(remaining, budget, self._config.prefill_chunk)
+            span = self._media.pending(seq)
             if span is not None:
                 take = min(take, span.start - seq.prompt_fed)
             if seq.snapshot_at is not None and seq.snapshot_exact and seq.prompt_fed < seq.snapshot_at:
@@ -283,49 +285,10 @@ class Scheduler:
             budget -= take
         return batch, samples
 
-    def _pending_media(self, seq: SequenceState) -> MediaSpan | None:
-        """The next medium this sequence still has to evaluate; media its cached prefix covered are let go."""
-        media = seq.request.media
-        while seq.media_next < len(media):
-            span = media[seq.media_next]
-            if span.start >= seq.prompt_fed:
-                return span
-            self._release_media(span)
-            seq.media_next += 1
-        return None
-
-    def _eval_media(self) -> None:
-        """Evaluate one waiting medium, if any: encoding is the heaviest thing a CPU does here, so one per
-        step keeps the running streams decoding between media (stats.media_eval_seconds is the stall)."""
-        backend = self._batch_backend
-        if not isinstance(backend, MediaBackend):
-            return
-        for seq in self._active:
-            span = self._pending_media(seq)
-            if span is None or span.start != seq.prompt_fed:
-                continue
-            started = time.monotonic()
-            try:
-                backend.eval_media(seq.slot, span, seq.n_past)
-            except EdgertError as exc:
-                self._finish(seq, "error", time.monotonic(), exc)
-                return
-            finally:
-                backend.release_media(span)
-            seq.media_next += 1
-            seq.prompt_fed += span.n_tokens
-            seq.n_past += span.n_tokens
-            self.stats.prompt_tokens += span.n_tokens
-            self.stats.media_evals += 1
-            self.stats.media_eval_seconds += time.monotonic() - started
-            return
-
-    def _release_media(self, span: MediaSpan) -> None:
-        if isinstance(self._batch_backend, MediaBackend):
-            self._batch_backend.release_media(span)
-
     def _step(self) -> None:
-        self._eval_media()
+        failed = self._media.eval_one(self._active)
+        if failed is not None:
+            self._finish(failed[0], "error", time.monotonic(), failed[1])
         batch, samples = self._build_batch()
         unsaved = self._prefix.take_unsaved() if self._prefix is not None else []
         try:
@@ -446,7 +409,7 @@ class Scheduler:
 
     def _emit_finish(self, seq: SequenceState, reason: FinishReason, now: float, error: EdgertError | None) -> None:
         for span in seq.request.media:  # whatever was not evaluated: queued, cancelled, failed
-            self._release_media(span)
+            self._media.release(span)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         ttft = seq.first_token_at - seq.submitted if seq.first_token_at is not None else None
         self._outbox.put(
