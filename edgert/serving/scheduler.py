@@ -13,10 +13,11 @@ iterator) via ``loop.call_soon_threadsafe``; nothing on the engine thread waits
 for a client.
 
 This module owns the queue, the slots, the KV budget and the step loop; admission and the
-loop stay together (~420 lines) because both change that state under one lock. Beside it:
+loop stay together (~440 lines) because both change that state under one lock. Beside it:
 request and result types (:mod:`.request`), the stream and per-step outbox (:mod:`.stream`),
 per-request engine state (:mod:`.sequence`), limits and counters (:mod:`.scheduler_config`),
-the prefix cache's KV bookkeeping (:mod:`.prefix_kv`), media evaluation (:mod:`.media_steps`). Transports import the names from here.
+the prefix cache's KV bookkeeping (:mod:`.prefix_kv`), media evaluation (:mod:`.media_steps`).
+Transports import the names from here.
 """
 
 from __future__ import annotations

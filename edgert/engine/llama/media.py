@@ -77,7 +77,9 @@ class Projector:
                     param="messages",
                 )
             if rc != 0:
-                raise BadRequestError(f"messages: the projector could not preprocess the media ({rc})", param="messages")
+                raise BadRequestError(
+                    f"messages: the projector could not preprocess the media ({rc})", param="messages"
+                )
             return self._pieces(chunks, media)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -133,15 +135,7 @@ class Projector:
                 digest = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
                 if current is None or current.digest != digest:
                     current = next(owners)  # a long clip comes as several chunks of one medium
-                n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-                if n_tokens != int(mtmd.mtmd_input_chunk_get_n_pos(chunk)):
-                    raise BadRequestError("messages: this projector's media positions (M-RoPE) are not supported")
-                if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE and n_tokens > MAX_IMAGE_TOKENS:
-                    raise BadRequestError(
-                        f"{current.where}: the image's shape is too extreme ({current.width}x{current.height} px "
-                        f"would be {n_tokens} tokens, at most {MAX_IMAGE_TOKENS}); crop or pad it",
-                        param=current.where,
-                    )
+                n_tokens = _checked_size(chunk, kind, current)
                 kind_name = "image" if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE else "audio"
                 spans.append(MediaSpan(len(tokens), n_tokens, kind_name, digest, mtmd.mtmd_input_chunk_copy(chunk)))
                 tokens.extend([placeholder_token(digest)] * n_tokens)
@@ -176,3 +170,17 @@ class Projector:
         if self._ctx:
             mtmd.mtmd_free(self._ctx)
             self._ctx = None
+
+
+def _checked_size(chunk: Any, kind: int, owner: MediaItem) -> int:
+    """The medium's token count, once it is one this engine can evaluate."""
+    n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+    if n_tokens != int(mtmd.mtmd_input_chunk_get_n_pos(chunk)):
+        raise BadRequestError("messages: this projector's media positions (M-RoPE) are not supported")
+    if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE and n_tokens > MAX_IMAGE_TOKENS:
+        raise BadRequestError(
+            f"{owner.where}: the image's shape is too extreme ({owner.width}x{owner.height} px would be "
+            f"{n_tokens} tokens, at most {MAX_IMAGE_TOKENS}); crop or pad it",
+            param=owner.where,
+        )
+    return n_tokens
