@@ -53,6 +53,37 @@ class PyPISource(BaseModel):
 
 
 Source = Annotated[HuggingFaceSource | UrlSource | PyPISource, Field(discriminator="kind")]
+#: Where a projector comes from: it is never shipped inside a Python package.
+ProjectorSource = Annotated[HuggingFaceSource | UrlSource, Field(discriminator="kind")]
+
+#: What a served model may read besides text, as ``/v1/models`` and ``doctor`` report it.
+MediaKind = Literal["image", "audio"]
+#: The name part of an installed projector: ``<family-variant>.mmproj.gguf``.
+PROJECTOR_SUFFIX = ".mmproj.gguf"
+
+
+class ProjectorSpec(BaseModel):
+    """A model's multimodal projector: one ``mmproj`` GGUF (``general.architecture = clip``) holding its
+    vision and/or audio encoder, loaded beside the language model by libmtmd."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size_bytes: int = Field(gt=0, description="Exact file size when sha256 is set; otherwise the best-known size")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected SHA-256 when known")
+    source: ProjectorSource
+    modalities: tuple[MediaKind, ...] = Field(min_length=1, description="Media its encoders read")
+    ram_mib: int = Field(
+        gt=0,
+        description="Resident memory while serving media: the weights (libmtmd reads them into memory, it "
+        "does not map them) + the encoder's compute buffer for the largest image or audio clip",
+    )
+
+    @field_validator("modalities", mode="after")
+    @classmethod
+    def _distinct(cls, modalities: tuple[MediaKind, ...]) -> tuple[MediaKind, ...]:
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities repeat a kind: {list(modalities)}")
+        return modalities
 
 
 class ModelSpec(BaseModel):
@@ -84,11 +115,26 @@ class ModelSpec(BaseModel):
     )
     embedded: bool = Field(False, description="The small default model installed with edgert")
     description: str = ""
+    projector: ProjectorSpec | None = Field(
+        None, description="The multimodal projector that gives the model image/audio input; none = text only"
+    )
 
     @property
     def filename(self) -> str:
         family_variant, quant = self.id.split(":")
         return f"{family_variant}.{quant}.gguf"
+
+    @property
+    def projector_filename(self) -> str | None:
+        """``<family-variant>.mmproj.gguf``: one file for every quant of a variant (the catalog checks they agree)."""
+        if self.projector is None:
+            return None
+        return self.id.split(":")[0] + PROJECTOR_SUFFIX
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What the model reads with its projector loaded: text, then the projector's media."""
+        return ("text", *(self.projector.modalities if self.projector else ()))
 
     def ram_needed_mib(self, n_ctx: int) -> int:
         """Resident memory at ``n_ctx`` tokens of context."""
@@ -114,6 +160,19 @@ class Catalog(BaseModel):
     def _one_embedded(self) -> Catalog:
         if sum(spec.embedded for spec in self.model) > 1:
             raise ValueError("more than one model is marked embedded = true")
+        return self
+
+    @model_validator(mode="after")
+    def _one_projector_per_file(self) -> Catalog:
+        """Quants of one variant share ``<variant>.mmproj.gguf``, so they must name the same projector."""
+        by_file: dict[str, ModelSpec] = {}
+        for spec in self.model:
+            name = spec.projector_filename
+            if name is None:
+                continue
+            first = by_file.setdefault(name, spec)
+            if first.projector != spec.projector:
+                raise ValueError(f"{first.id} and {spec.id} share {name} but describe different projectors")
         return self
 
     def __iter__(self) -> Iterator[ModelSpec]:  # type: ignore[override]

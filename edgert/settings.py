@@ -154,6 +154,21 @@ class EngineSettings(BaseModel):
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After hint sent with an overloaded refusal.")
     use_mmap: bool = Field(True, description="Map the weights instead of reading them into memory.")
     load_timeout_s: float = Field(120.0, gt=0, description="Give up loading a model after this long.")
+    multimodal: bool = Field(
+        True,
+        description="Load the model's multimodal projector (images/audio) when one is installed or set;"
+        " false = serve text only (saves the projector's ~1-1.5 GiB on tight devices).",
+    )
+    mmproj: Path | None = Field(
+        None,
+        description="Multimodal projector GGUF to load with the model (as llama-server's --mmproj);"
+        " unset = the catalog model's installed projector. Ignored when multimodal is false.",
+    )
+
+    @field_validator("mmproj", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
 
 class SamplingDefaults(BaseModel):

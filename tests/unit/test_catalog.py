@@ -183,3 +183,80 @@ def test_an_unknown_id_lists_the_known_ones() -> None:
     assert "unknown model 'gemma-9:q4_k_m'" in str(caught.value)
     assert "gemma-4-e2b-it:q4_k_m" in str(caught.value)
     assert caught.value.http_status == 404
+
+
+# --------------------------------------------------------------------------- projectors
+
+PROJECTOR = """
+[model.projector]
+size_bytes = {size}
+modalities = {modalities}
+ram_mib = 50
+[model.projector.source]
+kind = "url"
+url = "http://127.0.0.1/p.gguf"
+"""
+
+
+def with_projector(text: str, size: int = 500, modalities: str = '["image", "audio"]') -> str:
+    return text + PROJECTOR.format(size=size, modalities=modalities)
+
+
+def test_gemma4_entries_pin_their_bf16_projector_at_the_models_commit() -> None:
+    catalog = load_catalog()
+    pins = {
+        "e2b": (986833728, "a402f10fb5780bf91d03a10cd89061139f522bee2e679b1291bbfdcd71d9547d"),
+        "e4b": (991552320, "ee01cba03fd9c71ea2ea722225d24a84f72e7197714367e550ef705ef8851bc6"),
+    }
+    for spec in catalog:
+        if spec.family != "gemma4":
+            assert spec.projector is None and spec.projector_filename is None
+            assert spec.modalities == ("text",)
+            continue
+        projector = spec.projector
+        assert projector is not None, spec.id
+        variant = spec.id.split(":")[0].split("-")[2]
+        assert (projector.size_bytes, projector.sha256) == pins[variant]
+        assert isinstance(projector.source, HuggingFaceSource) and isinstance(spec.source, HuggingFaceSource)
+        assert (projector.source.repo, projector.source.revision) == (spec.source.repo, spec.source.revision)
+        assert projector.source.file == "mmproj-BF16.gguf"
+        assert spec.projector_filename == f"gemma-4-{variant}-it.mmproj.gguf"
+        assert spec.modalities == ("text", "image", "audio")
+        # the weights are read into memory, not mapped: the figure holds at least the whole file
+        assert projector.ram_mib * 2**20 > projector.size_bytes
+
+
+def test_a_projector_is_parsed_and_named_by_the_variant(tmp_path: Path) -> None:
+    path = write_catalog(tmp_path, with_projector(entry("seer:q4_k_m"), modalities='["image"]'))
+    spec = load_catalog(path).get("seer:q4_k_m")
+    assert spec.projector is not None
+    assert spec.projector.size_bytes == 500 and spec.projector.sha256 is None
+    assert spec.projector_filename == "seer.mmproj.gguf"
+    assert spec.modalities == ("text", "image")
+
+
+def test_quants_sharing_a_projector_file_must_describe_the_same_projector(tmp_path: Path) -> None:
+    same = write_catalog(tmp_path, with_projector(entry("seer:q4_k_m")), with_projector(entry("seer:q8_0")))
+    assert len(load_catalog(same)) == 2
+    differ = write_catalog(tmp_path, with_projector(entry("seer:q4_k_m")), with_projector(entry("seer:q8_0"), 501))
+    with pytest.raises(ConfigError, match=r"seer:q4_k_m and seer:q8_0 share seer\.mmproj\.gguf but describe different"):
+        load_catalog(differ)
+
+
+@pytest.mark.parametrize(
+    ("modalities", "problem"),
+    [("[]", "at least 1 item"), ('["video"]', "field projector.modalities.0"), ('["image", "image"]', "repeat")],
+)
+def test_bad_projector_modalities_are_named(tmp_path: Path, modalities: str, problem: str) -> None:
+    path = write_catalog(tmp_path, with_projector(entry("seer:q4_k_m"), modalities=modalities))
+    with pytest.raises(ConfigError, match=r"entry #1 \(id 'seer:q4_k_m'\)") as caught:
+        load_catalog(path)
+    assert problem in str(caught.value)
+
+
+def test_a_projector_cannot_come_from_a_python_package(tmp_path: Path) -> None:
+    text = with_projector(entry("seer:q4_k_m")).replace(
+        'kind = "url"\nurl = "http://127.0.0.1/p.gguf"', 'kind = "pypi"\npackage = "p"\nmodule = "p"'
+    )
+    with pytest.raises(ConfigError, match=r"field projector\.source"):
+        load_catalog(write_catalog(tmp_path, text))
