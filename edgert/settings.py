@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from contextvars import ContextVar
 from pathlib import Path
@@ -38,6 +39,9 @@ from pydantic_settings import (
 from edgert.errors import ConfigError
 
 _log = logging.getLogger(__name__)
+
+#: a serve.media_url_hosts entry: [http(s)://]host-or-[IPv6][:port][/]
+_MEDIA_HOST = re.compile(r"(https?://)?([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/?")
 
 SYSTEM_CONFIG = Path("/etc/edgert/edgert.toml")
 LOCAL_CONFIG = Path("edgert.toml")
@@ -250,6 +254,53 @@ class ServeSettings(BaseModel):
         description="How an update swaps models: auto = load the new one beside the serving one when memory "
         "allows, else drain and unload first; drain = always drain first (predictable peak memory, e.g. VRAM).",
     )
+    media_max_bytes: int = Field(
+        8 * 1_048_576,
+        ge=1024,
+        le=256 * 1_048_576,
+        description="Largest image or audio file in a request, decoded from base64 or fetched (413 beyond). "
+        "Inline media also count against max_body_bytes (and MQTT's max_message_bytes).",
+    )
+    media_max_pixels: int = Field(
+        24_000_000,
+        ge=1,
+        le=89_000_000,
+        description="Most pixels an image may have, read from its header before decoding (400 beyond; a "
+        "decompression-bomb guard). Below Pillow's own 89 M pixel guard.",
+    )
+    media_max_side: int = Field(
+        2048,
+        ge=64,
+        le=8192,
+        description="Images are downscaled to at most this many pixels on their longest side before the "
+        "projector resizes them to its own budget (Gemma 4: at most 1120 tokens of 48x48 px).",
+    )
+    media_max_per_request: int = Field(
+        8, ge=0, le=64, description="Most images and audio clips in one request (400 beyond; 0 = no media)."
+    )
+    media_max_audio_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest audio clip (400 beyond). 30 s is Gemma 4's audio window; raised, mtmd splits "
+        "longer clips into 30 s windows as llama.cpp does.",
+    )
+    media_url_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts image_url may fetch from; empty = http(s) URLs are refused (file:// always is). "
+        "Entries: 'host' or 'host:port' (https), or 'http://host[:port]' to allow plain http.",
+    )
+    media_url_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="An allowed image URL must be fetched whole within this time."
+    )
+
+    @field_validator("media_url_hosts", mode="after")
+    @classmethod
+    def _host_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:  # the full parse is edgert.media.remote's; refuse obvious mistakes at load
+            if not _MEDIA_HOST.fullmatch(entry):
+                raise ValueError(f"media_url_hosts entry {entry!r}: expected host, host:port or http(s)://host[:port]")
+        return value
 
 
 class UpdateSettings(BaseModel):

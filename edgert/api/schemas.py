@@ -8,6 +8,10 @@ body: ``priority`` ("interactive" | "batch") and ``timeout`` (seconds).
 Chat requests take OpenAI's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` and a history with
 assistant ``tool_calls`` and ``role: "tool"`` results; thinking is asked for with ``reasoning_effort``
 (any value but "none") or edgert's ``think`` (true/false wins over ``reasoning_effort``).
+
+User messages may carry images and audio as OpenAI content parts (``image_url``, ``input_audio``;
+:mod:`edgert.media` defines them, decodes them and holds their limits), several per message, in
+order, between text parts. A template sees :data:`~edgert.media.parts.MEDIA_MARKER` where each one was.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgert.chat.tool_grammar import check_parameters_schema
 from edgert.errors import BadRequestError
+from edgert.media.parts import MEDIA_MARKER, ImageUrl, ImageUrlPart, InputAudio, InputAudioPart
+
+__all__ = ["ImageUrl", "ImageUrlPart", "InputAudio", "InputAudioPart"]  # the media parts, re-exported
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -29,6 +36,10 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
+
+
+#: one piece of a message's content, told apart by its ``type``
+ContentPart = Annotated[TextPart | ImageUrlPart | InputAudioPart, Field(discriminator="type")]
 
 
 #: OpenAI's rule for function names; Gemma 4 writes the name bare (``call:NAME{``), so it must be plain too
@@ -52,7 +63,8 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Role
-    content: str | list[TextPart] | None = None
+    #: text, or parts: text, and in user messages images and audio
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     #: assistant turns: the calls the model made
     tool_calls: list[ToolCall] | None = None
@@ -62,16 +74,23 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
     def text(self) -> str:
+        """The text parts only: what the prompt-size bound counts."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def template_text(self) -> str:
+        """The content as the template renders it: :data:`MEDIA_MARKER` in the place of each medium."""
+        if self.content is None or isinstance(self.content, str):
+            return self.text()
+        return "".join(part.text if isinstance(part, TextPart) else MEDIA_MARKER for part in self.content)
 
     def template_dict(self) -> dict[str, Any]:
         """This message as chat templates take it: arguments as objects, "developer" as "system"."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
-        message["content"] = None if self.content is None and self.role == "assistant" else self.text()
+        message["content"] = None if self.content is None and self.role == "assistant" else self.template_text()
         if self.tool_calls:
             message["tool_calls"] = [
                 {
@@ -195,6 +214,7 @@ class ChatCompletionRequest(SamplingFields):
     def _tools_consistent(self) -> ChatCompletionRequest:
         _check_tools(self)
         _check_history(self.messages)
+        _check_media_roles(self.messages)
         return self
 
     def token_limit(self) -> int | None:
@@ -275,6 +295,20 @@ def _check_history(messages: list[ChatMessage]) -> None:
             if message.tool_call_id not in calls:
                 raise BadRequestError(
                     f"{where}: {message.tool_call_id!r} matches no tool call of an earlier assistant message",
+                    param=where,
+                )
+
+
+def _check_media_roles(messages: list[ChatMessage]) -> None:
+    """Images and audio come from the user; a system, assistant or tool turn carrying one is refused."""
+    for index, message in enumerate(messages):
+        if message.role == "user" or isinstance(message.content, str) or message.content is None:
+            continue
+        for number, part in enumerate(message.content):
+            if not isinstance(part, TextPart):
+                where = f"messages.{index}.content.{number}"
+                raise BadRequestError(
+                    f"{where}: images and audio are accepted in user messages only, not in a {message.role!r} message",
                     param=where,
                 )
 
