@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -205,10 +206,11 @@ def decode_image(data: bytes, where: str, *, max_pixels: int, max_side: int) -> 
 
 
 def _upright_rgb(image: Image.Image, max_side: int) -> Image.Image:
-    if image.format == "JPEG":
-        # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: a 12 MP photo need not be decoded in full to
-        # end at 2048 px. Its size may stay up to 2x the target; the resize below finishes the job.
-        image.draft("RGB", (max_side, max_side))
+    scale = max_side / max(image.size)
+    if image.format == "JPEG" and scale < 1:
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale for free, to no less than the size asked for: a 48 MP
+        # photo need not be decoded in full to end at 2048 px (the resize below finishes the job).
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     image.load()
     upright = ImageOps.exif_transpose(image)
     if upright.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -205,8 +205,11 @@ def test_large_images_are_downscaled_to_the_longest_side_setting() -> None:
 
 def test_a_large_jpeg_is_drafted_then_resized_to_the_exact_bound() -> None:
     photo = encode(halves(4000, 3000), "JPEG", quality=80)
-    (image,) = collect(image_part(data_url(photo, "image/jpeg")))
-    assert (image.width, image.height) == (2048, 1536)
+    url = data_url(photo, "image/jpeg")
+    full, low = collect(image_part(url), image_part(url, "low"))  # low: decoded at 1/4 scale, then resized
+    assert (full.width, full.height, low.width, low.height) == (2048, 1536, 512, 384)
+    corner = Image.frombytes("RGB", (512, 384), low.data).getpixel((5, 5))
+    assert isinstance(corner, tuple) and corner[0] > 200
 
 
 def test_low_detail_means_512_px_and_a_different_cache_key() -> None:
