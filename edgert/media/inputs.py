@@ -33,7 +33,8 @@ from edgert.media.parts import ImageUrlPart, InputAudioPart
 from edgert.media.remote import AllowedHost, fetch, parse_host_entry
 from edgert.settings import ServeSettings
 
-#: the only image formats accepted: what phones, cameras and browsers send
+#: the only image formats accepted: what phones, cameras and browsers send. Pillow opens a camera's
+#: multi-picture JPEG (MPO: a photo plus previews or a stereo pair) as format "MPO"; its first picture is used.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 #: the longest side of an image sent with ``detail: "low"`` (OpenAI's low detail is a 512 px image)
 LOW_DETAIL_SIDE = 512
@@ -201,13 +202,13 @@ def decode_image(data: bytes, where: str, *, max_pixels: int, max_side: int) -> 
             raise BadRequestError(f"{where}: the {fmt} image is corrupt or truncated ({exc})", param=where) from None
     pixels = rgb.tobytes()
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + pixels).hexdigest()
-    fmt_name: Literal["jpeg", "png", "webp"] = "jpeg" if fmt == "JPEG" else "png" if fmt == "PNG" else "webp"
+    fmt_name: Literal["jpeg", "png", "webp"] = "png" if fmt == "PNG" else "webp" if fmt == "WEBP" else "jpeg"
     return MediaInput("image", where, pixels, rgb.width, rgb.height, fmt_name, digest)
 
 
 def _upright_rgb(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
-    if image.format == "JPEG" and scale < 1:
+    if image.format in ("JPEG", "MPO") and scale < 1:
         # JPEG decodes at 1/2, 1/4 or 1/8 scale for free, to no less than the size asked for: a 48 MP
         # photo need not be decoded in full to end at 2048 px (the resize below finishes the job).
         image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))

@@ -170,6 +170,15 @@ def test_jpeg_png_and_webp_become_packed_rgb(fmt: str, name: str) -> None:
     assert right[2] > 200 and right[0] < 60
 
 
+def test_a_multi_picture_jpeg_is_a_jpeg_of_its_first_picture() -> None:
+    mpo = encode(
+        Image.new("RGB", (32, 24), RED), "MPO", save_all=True, append_images=[Image.new("RGB", (32, 24), BLUE)]
+    )
+    (image,) = collect(image_part(data_url(mpo, "image/jpeg")))
+    assert (image.format, image.width, image.height) == ("jpeg", 32, 24)
+    assert image.data[0] > 200 and image.data[2] < 60
+
+
 def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": how a phone held upright stores a landscape sensor frame
