@@ -66,8 +66,14 @@ _WANTED_KEYS: Final = frozenset(
         "general.alignment",
         "general.file_type",
         "tokenizer.chat_template",
+        "clip.has_vision_encoder",
+        "clip.has_audio_encoder",
     }
 )
+#: ``<arch>.context_length`` and ``<arch>.embedding_length``; a projector's ``clip.{vision,audio}.projection_dim``.
+_WANTED_SUFFIXES: Final = (".context_length", ".embedding_length", ".projection_dim")
+#: A projector's encoders: ``clip.has_<kind>_encoder`` -> the medium it reads.
+_ENCODERS: Final = (("vision", "image"), ("audio", "audio"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,12 @@ class GGUFInfo:
     file_type: str | None
     #: Byte offset where tensor data begins.
     data_offset: int
+    #: ``<arch>.embedding_length``: the width a multimodal projector must project into; None when absent.
+    embedding_length: int | None = None
+    #: A projector (architecture ``clip``): the media its encoders read, e.g. ``("image", "audio")``.
+    projector_modalities: tuple[str, ...] = ()
+    #: A projector: each encoder's ``projection_dim`` (the language model's width it was made for).
+    projection_dims: tuple[int, ...] = ()
 
 
 class _DefectError(Exception):
@@ -147,6 +159,9 @@ def _parse(path: Path, cur: _Cursor, architectures: frozenset[str]) -> GGUFInfo:
     context = meta.get(f"{architecture}.context_length")
     file_type = meta.get("general.file_type")
     name = meta.get("general.name")
+    embedding = meta.get(f"{architecture}.embedding_length") if architecture != "clip" else None
+    encoders = [(kind, medium) for kind, medium in _ENCODERS if meta.get(f"clip.has_{kind}_encoder") is True]
+    dims = [meta.get(f"clip.{kind}.projection_dim") for kind, _ in encoders]
     return GGUFInfo(
         path=path,
         version=version,
@@ -159,6 +174,9 @@ def _parse(path: Path, cur: _Cursor, architectures: frozenset[str]) -> GGUFInfo:
         has_chat_template="tokenizer.chat_template" in meta,
         file_type=file_type_name(file_type) if isinstance(file_type, int) else None,
         data_offset=data_offset,
+        embedding_length=embedding if isinstance(embedding, int) else None,
+        projector_modalities=tuple(medium for _, medium in encoders),
+        projection_dims=tuple(dim for dim in dims if isinstance(dim, int)),
     )
 
 
@@ -195,7 +213,7 @@ def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, object]:
     for index in range(n_kv):
         key = cur.string(f"metadata key #{index}")
         value_type = cur.u32()
-        if key in _WANTED_KEYS or key.endswith(".context_length"):
+        if key in _WANTED_KEYS or key.endswith(_WANTED_SUFFIXES):
             wanted[key] = _read_value(cur, value_type, key)
         else:
             _skip_value(cur, value_type, key, depth=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,9 +96,16 @@ class MemoryNeed:
     lean_mib: int
     #: extra KV when flash attention is off or swa_full is on (0 with lean settings)
     kv_extra_mib: int
+    #: the multimodal projector's weights + encoder compute buffer (0 when served text only)
+    projector_mib: int = 0
 
     @property
     def total_mib(self) -> int:
+        return self.lean_mib + self.kv_extra_mib + self.projector_mib
+
+    @property
+    def text_only_mib(self) -> int:
+        """What the model needs without its projector (``engine.multimodal = false``)."""
         return self.lean_mib + self.kv_extra_mib
 
 
@@ -131,13 +139,26 @@ def kv_is_lean(engine: EngineSettings) -> bool:
     return engine.flash_attn and not engine.swa_full
 
 
-def memory_need(spec: ModelSpec, engine: EngineSettings) -> MemoryNeed:
-    """What ``spec`` occupies at ``engine.n_ctx`` with ``engine``'s KV settings."""
+def serves_projector(spec: ModelSpec, engine: EngineSettings, projectors: AbstractSet[str] | None = None) -> bool:
+    """Whether ``spec`` would be served with its projector: it has one, ``engine.multimodal`` is on and (when
+    ``projectors`` names the ids whose projector is installed) it is installed."""
+    if spec.projector is None or not engine.multimodal:
+        return False
+    return projectors is None or spec.id in projectors
+
+
+def memory_need(spec: ModelSpec, engine: EngineSettings, *, projector: bool | None = None) -> MemoryNeed:
+    """What ``spec`` occupies at ``engine.n_ctx`` with ``engine``'s KV settings, and its projector when served.
+
+    ``projector`` None counts the projector whenever :func:`serves_projector` says so for an installed one.
+    """
     lean = spec.ram_needed_mib(engine.n_ctx)
+    with_projector = serves_projector(spec, engine) if projector is None else projector
+    projector_mib = spec.projector.ram_mib if with_projector and spec.projector is not None else 0
     if kv_is_lean(engine):
-        return MemoryNeed(lean_mib=lean, kv_extra_mib=0)
+        return MemoryNeed(lean_mib=lean, kv_extra_mib=0, projector_mib=projector_mib)
     extra = (NON_LEAN_KV_FACTOR - 1) * spec.kv_mib_per_1k_ctx * engine.n_ctx / 1024
-    return MemoryNeed(lean_mib=lean, kv_extra_mib=math.ceil(extra))
+    return MemoryNeed(lean_mib=lean, kv_extra_mib=math.ceil(extra), projector_mib=projector_mib)
 
 
 def memory_budget(hw: Hardware, engine: EngineSettings) -> MemoryBudget:
@@ -213,21 +234,28 @@ def choose_model(
     hw: Hardware,
     engine_settings: EngineSettings,
     installed: set[str] | None = None,
+    projectors: AbstractSet[str] | None = None,
 ) -> FitChoice:
     """The largest catalog model + quant that fits the memory budget.
 
     With ``installed`` given, only those ids are eligible; the others are still listed so the
-    caller can suggest a download. Pure: no I/O.
+    caller can suggest a download. A model's projector counts when ``engine.multimodal`` is on and,
+    with ``projectors`` given (the ids whose projector is installed), when it is installed. Pure: no I/O.
     """
     budget = memory_budget(hw, engine_settings)
-    candidates = tuple(_candidate(spec, budget, engine_settings, installed) for spec in rank(catalog_specs))
+    candidates = tuple(
+        _candidate(spec, budget, engine_settings, installed, serves_projector(spec, engine_settings, projectors))
+        for spec in rank(catalog_specs)
+    )
     chosen = next((c.spec for c in candidates if c.eligible), None)
     explanation = _explain(chosen, budget, candidates, engine_settings, installed)
     return FitChoice(chosen=chosen, budget=budget, candidates=candidates, explanation=explanation)
 
 
-def _candidate(spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, installed: set[str] | None) -> Candidate:
-    need = memory_need(spec, engine)
+def _candidate(
+    spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, installed: set[str] | None, projector: bool
+) -> Candidate:
+    need = memory_need(spec, engine, projector=projector)
     fits = need.total_mib <= budget.budget_mib
     is_installed = None if installed is None else spec.id in installed
     too_long = engine.n_ctx > spec.context_length
@@ -235,6 +263,8 @@ def _candidate(spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, in
     verdict = "fits" if fits else "does not fit"
     sign = "<=" if fits else ">"
     line = f"{spec.id}: needs {_need_text(need)} {sign} budget {budget.budget_mib} MiB, {verdict}"
+    if not fits and need.projector_mib and need.text_only_mib <= budget.budget_mib:
+        line += f"; text only ({need.text_only_mib} MiB, engine.multimodal = false) would fit"
     if too_long:
         line += f"; n_ctx {engine.n_ctx} exceeds its trained context {spec.context_length}"
     if is_installed is not None:
@@ -243,9 +273,12 @@ def _candidate(spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, in
 
 
 def _need_text(need: MemoryNeed) -> str:
-    if not need.kv_extra_mib:
-        return f"{need.total_mib} MiB"
-    return f"{need.total_mib} MiB ({need.lean_mib} lean + {need.kv_extra_mib} non-lean KV)"
+    parts = [f"{need.lean_mib} lean"] if need.kv_extra_mib or need.projector_mib else []
+    if need.kv_extra_mib:
+        parts.append(f"{need.kv_extra_mib} non-lean KV")
+    if need.projector_mib:
+        parts.append(f"{need.projector_mib} projector")
+    return f"{need.total_mib} MiB ({' + '.join(parts)})" if parts else f"{need.total_mib} MiB"
 
 
 def _explain(
@@ -259,10 +292,11 @@ def _explain(
     pool = "installed catalog model" if installed is not None else "catalog model"
     if chosen is not None:
         need = next(c.need for c in candidates if c.spec.id == chosen.id)
+        projector = f" + its multimodal projector, {need.projector_mib} MiB" if need.projector_mib else ""
         parts.append(
             f"Chose {chosen.id}, the largest {pool} that fits: it needs {need.total_mib} MiB at "
             f"n_ctx {engine.n_ctx} (mapped weights + llama.cpp's CPU repacked copy + KV cache + compute "
-            f"buffer), leaving {budget.budget_mib - need.total_mib} MiB of the budget."
+            f"buffer{projector}), leaving {budget.budget_mib - need.total_mib} MiB of the budget."
         )
     elif not candidates:
         parts.append("The catalog is empty.")
@@ -282,6 +316,13 @@ def _explain_none(candidates: tuple[Candidate, ...], budget: MemoryBudget, insta
         return f"{lead}; the largest one that would fit is {best.spec.id} ({best.need.total_mib} MiB)."
     if fitting:
         return "The models that fit were trained for less context than n_ctx; lower engine.n_ctx."
+    text_only = [c for c in candidates if c.need.projector_mib and c.need.text_only_mib <= budget.budget_mib]
+    if text_only:
+        best = text_only[0]
+        return (
+            f"Nothing fits with its multimodal projector; served text only (engine.multimodal = false), "
+            f"{best.spec.id} needs {best.need.text_only_mib} MiB."
+        )
     smallest = min(candidates, key=lambda c: c.need.total_mib)
     return (
         f"Nothing fits: the smallest, {smallest.spec.id}, needs {smallest.need.total_mib} MiB > "

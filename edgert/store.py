@@ -40,6 +40,7 @@ from typing import Final, Protocol, cast
 from edgert.catalog import PROJECTOR_SUFFIX, Catalog, ModelSpec, PyPISource
 from edgert.errors import IntegrityError, ModelFileError, ModelMissingError, UpdateError
 from edgert.gguf_file import sha256_file, validate_gguf
+from edgert.projector import PROJECTOR_ARCHITECTURE, check_pair
 from edgert.settings import Settings
 
 PART_SUFFIX: Final = ".part"
@@ -54,8 +55,8 @@ FOLDER_SUFFIX: Final = ".onnx"
 #: What a name under ``versions/`` may be made of (releases, their ``.part``, staging folders).
 _SAFE_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
 EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
-#: ``general.architecture`` of a multimodal projector GGUF (llama.cpp's clip loader).
-PROJECTOR_ARCHITECTURES: Final = frozenset({"clip"})
+#: What :func:`edgert.gguf_file.validate_gguf` accepts as a multimodal projector.
+PROJECTOR_ARCHITECTURES: Final = frozenset({PROJECTOR_ARCHITECTURE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,11 @@ def projector_path(models_dir: Path, spec: ModelSpec) -> Path | None:
 def has_projector(models_dir: Path, spec: ModelSpec) -> bool:
     path = projector_path(models_dir, spec)
     return path is not None and path.is_file()
+
+
+def projector_ids(models_dir: Path, catalog: Catalog) -> frozenset[str]:
+    """Catalog ids whose projector is installed (the memory fit counts those projectors)."""
+    return frozenset(spec.id for spec in catalog if has_projector(models_dir, spec))
 
 
 def part_path(target: Path) -> Path:
@@ -249,9 +255,10 @@ def resolve_model(settings: Settings, catalog: Catalog, name: str) -> tuple[Mode
 def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Path) -> Path | None:
     """The multimodal projector to load beside ``model_path``, or None to serve text only.
 
-    None when ``engine.multimodal`` is false. Else an explicit ``engine.mmproj`` wins (``serve --mmproj``),
-    checked to be a projector GGUF; else the catalog entry's installed projector. A catalog model whose
-    projector is not installed, and a model given by path without ``--mmproj``, serve text only.
+    None when ``engine.multimodal`` is false. Else an explicit ``engine.mmproj`` wins (``serve --mmproj``);
+    else the catalog entry's installed projector. A catalog model whose projector is not installed, and a
+    model given by path without ``--mmproj``, serve text only. The projector's header is checked against
+    the model's (a projector GGUF, projecting into the model's embedding width) before llama.cpp sees it.
     """
     engine = settings.engine
     if not engine.multimodal:
@@ -259,21 +266,25 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
     if engine.mmproj is not None:
         if model_path.is_dir():
             raise ModelFileError(f"{model_path} is an ONNX model folder; a projector pairs with a GGUF model only")
-        return _checked_projector(engine.mmproj)
+        if not engine.mmproj.is_file():
+            raise ModelMissingError(f"projector file {engine.mmproj} does not exist", param="mmproj")
+        return _paired(engine.mmproj, model_path)
     if spec is None:
         return None
     path = projector_path(settings.models_dir, spec)
-    return path if path is not None and path.is_file() else None
+    return _paired(path, model_path) if path is not None and path.is_file() else None
 
 
-def _checked_projector(path: Path) -> Path:
-    if not path.is_file():
-        raise ModelMissingError(f"projector file {path} does not exist", param="mmproj")
+def _paired(projector: Path, model: Path) -> Path:
     try:
-        validate_gguf(path, architectures=PROJECTOR_ARCHITECTURES)
+        info = validate_gguf(projector, architectures=PROJECTOR_ARCHITECTURES)
     except ModelFileError as exc:
         raise ModelFileError(f"not a multimodal projector: {exc.message}", param="mmproj") from None
-    return path
+    try:
+        check_pair(info, validate_gguf(model))
+    except ModelFileError as exc:
+        raise ModelFileError(exc.message, param="mmproj") from None
+    return projector
 
 
 class _Assembler(Protocol):

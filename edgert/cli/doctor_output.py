@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from edgert.catalog import PACKAGED_CATALOG
+from edgert.catalog import PACKAGED_CATALOG, ModelSpec
 from edgert.cli.doctor_report import Report, ServedModel
 from edgert.hardware import parse_system_info
 from edgert.log import scrub_urls
@@ -88,6 +88,9 @@ def _served_json(served: ServedModel) -> dict[str, object]:
         "source": served.source,
         "installed": served.installed,
         "need_mib": served.need.total_mib if served.need else None,
+        "projector_mib": served.need.projector_mib if served.need else None,
+        "projector": str(served.projector) if served.projector else None,
+        "modalities": list(served.modalities),
     }
 
 
@@ -100,6 +103,8 @@ def _choice_json(choice: FitChoice) -> dict[str, object]:
                 "id": c.spec.id,
                 "need_mib": c.need.total_mib,
                 "kv_extra_mib": c.need.kv_extra_mib,
+                "projector_mib": c.need.projector_mib,
+                "modalities": list(_candidate_modalities(c.spec, c.need)),
                 "fits": c.fits,
                 "installed": c.installed,
                 "line": c.line,
@@ -107,6 +112,11 @@ def _choice_json(choice: FitChoice) -> dict[str, object]:
             for c in choice.candidates
         ],
     }
+
+
+def _candidate_modalities(spec: ModelSpec, need: MemoryNeed) -> tuple[str, ...]:
+    """What a candidate accepts as the fit counted it: with its projector, or text only."""
+    return spec.modalities if need.projector_mib else ("text",)
 
 
 # --------------------------------------------------------------------------- tables
@@ -182,7 +192,9 @@ def _model_table(report: Report) -> Table:
     rows = [
         ("configured", report.settings.model),
         ("serving", f"{served.name or 'nothing'} ({served.source}, {state})"),
-        ("needs", f"{served.need.total_mib} MiB" if served.need else "-"),
+        ("needs", _served_need(served.need)),
+        ("accepts", ", ".join(served.modalities)),
+        ("projector", str(served.projector) if served.projector else "none (text only)"),
         ("best installed (auto)", auto.id if auto else "none"),
         ("best in catalog", best.id if best else "none"),
     ]
@@ -192,7 +204,7 @@ def _model_table(report: Report) -> Table:
 def _fit_table(report: Report) -> Table:
     choice = report.recommended
     table = Table(title=f"Catalog fit (budget {choice.budget.budget_mib} MiB)", title_justify="left")
-    for column in ("model", "needs MiB", "fits", "installed"):
+    for column in ("model", "needs MiB", "fits", "installed", "input"):
         table.add_column(column)
     for candidate in choice.candidates:
         mark = " *" if choice.chosen and candidate.spec.id == choice.chosen.id else ""
@@ -201,12 +213,23 @@ def _fit_table(report: Report) -> Table:
             _need_cell(candidate.need),
             _yes(candidate.fits),
             _yes(candidate.spec.id in report.installed),
+            "+".join(_candidate_modalities(candidate.spec, candidate.need)),
         )
     return table
 
 
 def _need_cell(need: MemoryNeed) -> str:
-    return f"{need.total_mib} (+{need.kv_extra_mib} KV)" if need.kv_extra_mib else str(need.total_mib)
+    extras = [f"+{need.kv_extra_mib} KV"] if need.kv_extra_mib else []
+    if need.projector_mib:
+        extras.append(f"+{need.projector_mib} proj")
+    return f"{need.total_mib} ({', '.join(extras)})" if extras else str(need.total_mib)
+
+
+def _served_need(need: MemoryNeed | None) -> str:
+    if need is None:
+        return "-"
+    projector = f" (incl. {need.projector_mib} MiB multimodal projector)" if need.projector_mib else ""
+    return f"{need.total_mib} MiB{projector}"
 
 
 def _config_table(report: Report) -> Table:

@@ -11,16 +11,18 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from edgert.catalog import Catalog, ModelSpec
 from edgert.engine.base import BackendCapabilities
+from edgert.errors import EdgertError
+from edgert.gguf_file import validate_gguf
 from edgert.hardware import MIB, Hardware, Problem
 from edgert.memory_fit import FitChoice, MemoryNeed, choose_model, kv_is_lean, memory_need
 from edgert.settings import Settings
-from edgert.store import available_ids
+from edgert.store import PROJECTOR_ARCHITECTURES, available_ids, model_path, projector_ids, resolve_projector
 
 ModelSource = Literal["auto", "catalog", "path"]
 
@@ -36,6 +38,12 @@ class ServedModel:
     path: Path | None
     installed: bool
     need: MemoryNeed | None
+    #: the multimodal projector it would be served with; None = text only
+    projector: Path | None = None
+    #: what it would accept: "text", then the projector's media
+    modalities: tuple[str, ...] = ("text",)
+    #: why its projector cannot be used (a bad engine.mmproj, a projector for another model)
+    projector_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +80,10 @@ def build_report(
     config_problem: Problem | None = None,
 ) -> Report:
     installed = available_ids(settings.models_dir, catalog)
-    auto = choose_model(catalog, hw, settings.engine, installed=set(installed))
+    projectors = projector_ids(settings.models_dir, catalog)
+    auto = choose_model(catalog, hw, settings.engine, installed=set(installed), projectors=projectors)
     recommended = choose_model(catalog, hw, settings.engine)
-    served = _served_model(settings, catalog, auto, installed)
+    served = _with_projector(settings, _served_model(settings, catalog, auto, installed))
     writable_base = _existing_ancestor(settings.state_dir)
     disk_free = shutil.disk_usage(writable_base).free // MIB if writable_base.is_dir() else None
     problems = [
@@ -83,6 +92,7 @@ def build_report(
         *hw.problems,
         *_state_dir_problems(settings.state_dir, writable_base),
         *_model_problems(settings, served, auto, recommended, hw),
+        *_projector_problems(settings, served),
         *_engine_problems(settings, hw, served),
         *_disk_problems(recommended, installed, disk_free),
         _onnx_note(),
@@ -115,6 +125,30 @@ def _served_model(settings: Settings, catalog: Catalog, auto: FitChoice, install
         path = Path(name).expanduser()
         return ServedModel("path", name, None, path, path.is_file(), None)
     return ServedModel("catalog", name, None, None, installed=False, need=None)
+
+
+def _with_projector(settings: Settings, served: ServedModel) -> ServedModel:
+    """The projector ``edgert serve`` would load with the served model, what it reads, and its memory."""
+    path = served.path or (model_path(settings.models_dir, served.spec) if served.spec else None)
+    if path is None or not path.exists():  # not installed (reported), or the embedded model not assembled yet
+        return served
+    try:
+        projector = resolve_projector(settings, served.spec, path)
+        media = (
+            validate_gguf(projector, architectures=PROJECTOR_ARCHITECTURES).projector_modalities if projector else ()
+        )
+    except EdgertError as exc:
+        return replace(served, projector_error=exc.message, need=_need(settings, served.spec, with_projector=False))
+    return replace(
+        served,
+        projector=projector,
+        modalities=("text", *media),
+        need=_need(settings, served.spec, with_projector=projector is not None),
+    )
+
+
+def _need(settings: Settings, spec: ModelSpec | None, *, with_projector: bool) -> MemoryNeed | None:
+    return memory_need(spec, settings.engine, projector=with_projector) if spec is not None else None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -172,12 +206,16 @@ def _fit_problems(served: ServedModel, auto: FitChoice, recommended: FitChoice, 
     problems = []
     if need > budget.budget_mib:
         smaller = auto.chosen or recommended.chosen
+        hint = f"use {smaller.id} or lower engine.n_ctx" if smaller else "lower engine.n_ctx"
+        if served.need.projector_mib and served.need.text_only_mib <= budget.budget_mib:
+            hint = f"serve text only: engine.multimodal = false (then {served.need.text_only_mib} MiB); or {hint}"
+        with_projector = f" with its {served.need.projector_mib} MiB projector" if served.need.projector_mib else ""
         problems.append(
             Problem(
                 "warning",
-                f"model {served.spec.id} needs {need} MiB but the {budget.kind} budget is "
+                f"model {served.spec.id} needs {need} MiB{with_projector} but the {budget.kind} budget is "
                 f"{budget.budget_mib} MiB: expect swapping or an out-of-memory kill",
-                f"use {smaller.id} or lower engine.n_ctx" if smaller else "lower engine.n_ctx",
+                hint,
             )
         )
     if budget.kind != "vram" and need > hw.ram_available_mib:
@@ -189,6 +227,30 @@ def _fit_problems(served: ServedModel, auto: FitChoice, recommended: FitChoice, 
             )
         )
     return problems
+
+
+def _projector_problems(settings: Settings, served: ServedModel) -> list[Problem]:
+    if served.projector_error is not None:
+        return [
+            Problem(
+                "error",
+                f"multimodal projector: {served.projector_error}",
+                "fix engine.mmproj (or --mmproj), or serve text only: engine.multimodal = false",
+            )
+        ]
+    spec = served.spec
+    if spec is None or spec.projector is None or not served.installed or served.projector is not None:
+        return []
+    if not settings.engine.multimodal:
+        return [Problem("info", f"engine.multimodal = false: {spec.id} serves text only (no images or audio)")]
+    return [
+        Problem(
+            "warning",
+            f"the multimodal projector of {spec.id} is not installed: it serves text only "
+            f"(no {' or '.join(spec.projector.modalities)})",
+            f"edgert models pull {spec.id}",
+        )
+    ]
 
 
 def _engine_problems(settings: Settings, hw: Hardware, served: ServedModel) -> list[Problem]:

@@ -37,6 +37,11 @@ context_length = 131072
 ram_mib = 4400
 kv_mib_per_1k_ctx = 6
 source = { kind = "huggingface", repo = "ggml-org/gemma-4-E2B-it-GGUF", file = "gemma-4-E2B-it-Q4_K_M.gguf" }
+[model.projector]
+size_bytes = 986833728
+modalities = ["image", "audio"]
+ram_mib = 1400
+source = { kind = "huggingface", repo = "ggml-org/gemma-4-E2B-it-GGUF", file = "mmproj-BF16.gguf" }
 """
 
 app = typer.Typer()
@@ -138,7 +143,15 @@ def test_auto_serves_the_largest_installed_model(env: Path, monkeypatch: pytest.
     assert code == 0
     chosen = report["chosen_model"]
     assert isinstance(chosen, dict)
-    assert chosen == {"id": "gemma-4-e2b:q4_k_m", "source": "auto", "installed": True, "need_mib": 4400}
+    assert chosen == {
+        "id": "gemma-4-e2b:q4_k_m",
+        "source": "auto",
+        "installed": True,
+        "need_mib": 4400,  # its projector is not installed, so it is neither served nor counted
+        "projector_mib": 0,
+        "projector": None,
+        "modalities": ["text"],
+    }
 
 
 def test_bad_env_setting_exits_config_naming_the_field(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,3 +247,76 @@ def test_an_ignored_working_directory_config_is_a_warning(env: Path, monkeypatch
         p["severity"] == "warning" and p["message"].startswith("ignoring ./edgert.toml: running as root")
         for p in problems
     )
+
+
+# --------------------------------------------------------------------------- multimodal projector
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def install_fixture(state: Path, filename: str, fixture: str) -> Path:
+    (state / "models").mkdir(parents=True, exist_ok=True)
+    target = state / "models" / filename
+    target.write_bytes((FIXTURES / fixture).read_bytes())
+    return target
+
+
+def problem(report: dict[str, object], severity: str, text: str) -> dict[str, str]:
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    found = [p for p in problems if p["severity"] == severity and text in p["message"]]
+    assert len(found) == 1, problems
+    return found[0]
+
+
+def test_a_served_model_with_its_projector_accepts_images_and_audio(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "gemma-4-e2b:q4_k_m")
+    install_fixture(env, "gemma-4-e2b.q4_k_m.gguf", "tiny-gemma4.gguf")
+    projector = install_fixture(env, "gemma-4-e2b.mmproj.gguf", "tiny-gemma4-mmproj.gguf")
+    _, report = run_json()
+    chosen = report["chosen_model"]
+    assert isinstance(chosen, dict)
+    assert chosen["modalities"] == ["text", "image", "audio"]  # read from the projector's header
+    assert chosen["projector"] == str(projector)
+    assert (chosen["need_mib"], chosen["projector_mib"]) == (4400 + 1400, 1400)
+    candidates = {c["id"]: c for c in report["recommended_model"]["candidates"]}  # type: ignore[index]
+    assert candidates["gemma-4-e2b:q4_k_m"]["modalities"] == ["text", "image", "audio"]
+    assert candidates["gemma-3-270m:q4_k_m"]["modalities"] == ["text"]
+    tables = run().stdout
+    assert "text, image, audio" in tables
+    assert "incl. 1400 MiB multimodal projector" in tables
+
+
+def test_a_missing_projector_is_a_warning_and_text_only(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "gemma-4-e2b:q4_k_m")
+    install_fixture(env, "gemma-4-e2b.q4_k_m.gguf", "tiny-gemma4.gguf")
+    _, report = run_json()
+    found = problem(report, "warning", "the multimodal projector of gemma-4-e2b:q4_k_m is not installed")
+    assert found["hint"] == "edgert models pull gemma-4-e2b:q4_k_m"
+    assert "no image or audio" in found["message"]
+    chosen = report["chosen_model"]
+    assert isinstance(chosen, dict)
+    assert (chosen["modalities"], chosen["need_mib"]) == (["text"], 4400)
+
+
+def test_multimodal_off_serves_text_only_and_says_so(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "gemma-4-e2b:q4_k_m")
+    monkeypatch.setenv("EDGERT_ENGINE__MULTIMODAL", "false")
+    install_fixture(env, "gemma-4-e2b.q4_k_m.gguf", "tiny-gemma4.gguf")
+    install_fixture(env, "gemma-4-e2b.mmproj.gguf", "tiny-gemma4-mmproj.gguf")
+    _, report = run_json()
+    problem(report, "info", "engine.multimodal = false: gemma-4-e2b:q4_k_m serves text only")
+    chosen = report["chosen_model"]
+    assert isinstance(chosen, dict)
+    assert (chosen["modalities"], chosen["projector_mib"]) == (["text"], 0)
+
+
+def test_an_explicit_projector_that_does_not_pair_is_an_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", "gemma-4-e2b:q4_k_m")
+    install_fixture(env, "gemma-4-e2b.q4_k_m.gguf", "tiny-gemma4.gguf")
+    # a language model given where the projector belongs
+    monkeypatch.setenv("EDGERT_ENGINE__MMPROJ", str(FIXTURES / "tiny-gemma4.gguf"))
+    code, report = run_json()
+    assert code == 1
+    found = problem(report, "error", "multimodal projector: not a multimodal projector")
+    assert "engine.multimodal = false" in (found["hint"] or "")

@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from edgert import store
 from edgert.catalog import load_catalog
 from edgert.errors import ModelFileError, ModelMissingError
+from edgert.gguf_file import validate_gguf
+from edgert.hardware import CpuInfo, Hardware
+from edgert.memory_fit import choose_model, memory_need
+from edgert.projector import check_pair
 from edgert.settings import EngineSettings, Settings
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_MMPROJ = FIXTURES / "tiny-gemma4-mmproj.gguf"
 E2B_Q4 = "gemma-4-e2b-it:q4_k_m"
 E2B_Q8 = "gemma-4-e2b-it:q8_0"
+
+
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_tiny_gemma4_mmproj", FIXTURES / "make_tiny_gemma4_mmproj.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def projector_for_width(tmp_path: Path, width: int) -> Path:
+    out = tmp_path / f"mmproj-{width}.gguf"
+    generator().build(out, projection_dim=width)
+    return out
 
 
 def settings_for(state: Path, **engine: object) -> Settings:
@@ -108,3 +128,101 @@ def test_removing_a_quant_keeps_the_projector_another_installed_quant_shares(tmp
     assert projector.is_file()
     partial = install(models, "gemma-4-e2b-it.mmproj.gguf.part", TINY_MMPROJ)
     assert store.remove_model(models, catalog.get(E2B_Q8), catalog) == [q8, projector, partial]
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+def test_headers_say_what_a_projector_reads_and_how_wide_a_model_is() -> None:
+    projector = validate_gguf(TINY_MMPROJ, architectures=store.PROJECTOR_ARCHITECTURES)
+    assert (projector.projector_modalities, projector.projection_dims) == (("image", "audio"), (64, 64))
+    assert projector.embedding_length is None  # clip.vision.embedding_length is the encoder's own width
+    model = validate_gguf(FIXTURES / "tiny-gemma4.gguf")
+    assert (model.embedding_length, model.projector_modalities) == (64, ())
+    check_pair(projector, model)
+
+
+def test_a_projector_for_another_width_is_refused_naming_both_widths(tmp_path: Path) -> None:
+    wrong = validate_gguf(projector_for_width(tmp_path, 48), architectures=store.PROJECTOR_ARCHITECTURES)
+    model = validate_gguf(FIXTURES / "tiny-gemma4.gguf")
+    with pytest.raises(ModelFileError, match=r"projects to 48, 48, the model.s embedding length \(gemma4\) is 64"):
+        check_pair(wrong, model)
+    with pytest.raises(ModelFileError, match="not a multimodal projector"):
+        check_pair(model, model)
+
+
+def test_serving_a_mismatched_projector_is_refused_before_llama_cpp_loads_it(tmp_path: Path) -> None:
+    spec = load_catalog().get(E2B_Q4)
+    settings = settings_for(tmp_path)
+    model = install(settings.models_dir, spec.filename)
+    install(settings.models_dir, "gemma-4-e2b-it.mmproj.gguf", projector_for_width(tmp_path, 48))
+    with pytest.raises(ModelFileError, match=r"does not pair with model gemma-4-e2b-it\.q4_k_m\.gguf") as caught:
+        store.resolve_projector(settings, spec, model)
+    assert caught.value.param == "mmproj"
+    explicit = settings_for(tmp_path, mmproj=projector_for_width(tmp_path, 32))
+    with pytest.raises(ModelFileError, match="projects to 32, 32"):
+        store.resolve_projector(explicit, None, FIXTURES / "tiny-gemma4.gguf")
+
+
+# --------------------------------------------------------------------------- memory fit (the packaged catalog)
+
+
+def machine(ram_mib: int) -> Hardware:
+    return Hardware(
+        system="Linux",
+        machine="aarch64",
+        cpu=CpuInfo("test cpu", 4, 4, ()),
+        ram_total_mib=ram_mib,
+        ram_available_mib=ram_mib,
+        gpus=(),
+        build_gpu_offload=False,
+        backend="cpu",
+    )
+
+
+def test_the_projector_counts_in_the_need_unless_multimodal_is_off() -> None:
+    spec = load_catalog().get(E2B_Q4)
+    assert spec.projector is not None
+    need = memory_need(spec, EngineSettings())
+    assert (need.lean_mib, need.projector_mib) == (spec.ram_mib, spec.projector.ram_mib)
+    assert need.total_mib == spec.ram_mib + spec.projector.ram_mib
+    assert need.text_only_mib == spec.ram_mib
+    assert memory_need(spec, EngineSettings(multimodal=False)).total_mib == spec.ram_mib
+    assert memory_need(spec, EngineSettings(), projector=False).projector_mib == 0
+    assert memory_need(load_catalog().get("gemma-3-270m:q4_k_m"), EngineSettings()).projector_mib == 0
+
+
+def test_a_6_gib_device_fits_e2b_text_only_and_is_told_how() -> None:
+    # 6144 - 1024 headroom = 5120 MiB: E2B Q4_K_M is 4100 MiB, 5554 with its 1454 MiB projector.
+    catalog = load_catalog()
+    with_media = choose_model(catalog, machine(6144), EngineSettings())
+    assert with_media.chosen is not None and with_media.chosen.id == "gemma-3-270m:q4_k_m"
+    line = next(line for line in with_media.lines if line.startswith(E2B_Q4))
+    assert line == (
+        f"{E2B_Q4}: needs 5554 MiB (4100 lean + 1454 projector) > budget 5120 MiB, does not fit; "
+        "text only (4100 MiB, engine.multimodal = false) would fit"
+    )
+    text_only = choose_model(catalog, machine(6144), EngineSettings(multimodal=False))
+    assert text_only.chosen is not None and text_only.chosen.id == "gemma-4-e2b-it:q5_k_m"  # 4338 MiB
+
+
+def test_only_installed_projectors_count_when_the_caller_says_which_are_installed() -> None:
+    catalog = load_catalog()
+    installed = {"gemma-3-270m:q4_k_m", E2B_Q4}
+    without = choose_model(catalog, machine(6144), EngineSettings(), installed=installed, projectors=frozenset())
+    assert without.chosen is not None and without.chosen.id == E2B_Q4  # pulled --no-mmproj: serves text only
+    assert "multimodal projector" not in without.explanation
+    with_it = choose_model(catalog, machine(8192), EngineSettings(), installed=installed, projectors={E2B_Q4})
+    assert with_it.chosen is not None and with_it.chosen.id == E2B_Q4
+    assert "+ its multimodal projector, 1454 MiB" in with_it.explanation
+
+
+def test_nothing_fitting_with_projectors_points_at_text_only() -> None:
+    catalog = [spec for spec in load_catalog() if spec.projector is not None]
+    choice = choose_model(catalog, machine(5632), EngineSettings())
+    assert choice.chosen is None
+    # 4608 MiB: no Gemma 4 with its projector; text only, the best is E2B Q5_K_M (4338)
+    assert (
+        "Nothing fits with its multimodal projector; served text only (engine.multimodal = false), "
+        "gemma-4-e2b-it:q5_k_m needs 4338 MiB."
+    ) in choice.explanation
