@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgert.api.schemas import ChatCompletionRequest, FinishReason, ToolCall, ToolCallDelta, Usage
+from edgert.api.schemas import ChatCompletionRequest, FinishReason, Modality, ToolCall, ToolCallDelta, Usage
 
 PREFIX = "edgert/v1"
 RequestId = Annotated[str, Field(min_length=1, max_length=200, description="Client-chosen request id; dedupe key")]
@@ -205,11 +205,19 @@ class ReplyError(BaseModel):
 
 
 # --------------------------------------------------------------------- device topics
+def _text_only() -> list[Modality]:
+    return ["text"]
+
+
 class ModelRef(BaseModel):
     id: str
     file: str
     quant: str | None = None
     version: str | None = Field(None, description="Installed version when the model came from the registry")
+    modalities: list[Modality] = Field(
+        default_factory=_text_only,
+        description="Input the served model accepts: image/audio when its multimodal projector is loaded",
+    )
 
 
 class DeviceStatus(BaseModel):

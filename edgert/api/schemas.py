@@ -429,11 +429,22 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+Modality = Literal["text", "image", "audio"]
+
+
+def _text_only() -> list[Modality]:
+    return ["text"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "edgert"
+    modalities: list[Modality] = Field(
+        default_factory=_text_only,
+        description="edgert extension: the input the served model accepts now; image/audio need its projector",
+    )
 
 
 class ModelList(BaseModel):

@@ -94,8 +94,8 @@ class ServedModel:
             id=release.model_id if release is not None else runtime.model_id,
             version=release.version if release is not None else None,
             digest=release.digest if release is not None else None,
-            # the engines serve text only today; media adapters add theirs here
-            modalities=("text",),
+            # the backend knows what it loaded: "text", plus "image"/"audio" from its projector
+            modalities=runtime.backend.info.modalities,
             path=runtime.path,
             architecture=runtime.architecture,
             quant=runtime.quant,

@@ -620,7 +620,13 @@ def _model_ref(service: InferenceService) -> ModelRef | None:
     served = service.host.served
     if served is None:
         return None
-    return ModelRef(id=served.id, file=served.file, quant=served.quant, version=served.version)
+    return ModelRef(
+        id=served.id,
+        file=served.file,
+        quant=served.quant,
+        version=served.version,
+        modalities=[kind for kind in served.modalities if kind in ("text", "image", "audio")],
+    )
 
 
 def _readings() -> tuple[MemoryReading, float | None]:

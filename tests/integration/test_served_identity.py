@@ -77,7 +77,13 @@ def assert_identity(daemon: DaemonProcess, broker: Broker, fleet: Fleet, version
     assert (info["id"], info["version"], info["digest"], info["modalities"]) == (MODEL_ID, version, digest, "text")
     status = mqtt_status(broker)
     assert status["state"] == "online"
-    assert status["model"] == {"id": MODEL_ID, "file": Path(info["path"]).name, "quant": "F16", "version": version}
+    assert status["model"] == {
+        "id": MODEL_ID,
+        "file": Path(info["path"]).name,
+        "quant": "F16",
+        "version": version,
+        "modalities": ["text"],
+    }
     with daemon.client() as client:
         asked = client.post(
             "/v1/chat/completions",
