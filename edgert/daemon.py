@@ -37,6 +37,7 @@ from edgert import __version__
 from edgert.errors import EdgertError
 from edgert.identity import ReleaseIdentity
 from edgert.log import redact
+from edgert.media.inputs import MediaLimits
 from edgert.serving.host import ModelHost, probe
 from edgert.serving.metrics import Metrics
 from edgert.serving.runtime import open_runtime
@@ -223,6 +224,7 @@ class Daemon:
                 default_timeout_s=self.settings.serve.request_timeout_s,
                 max_tokens_cap=self.settings.serve.max_tokens_cap,
                 prompt_length_factor=self.settings.serve.prompt_length_factor,
+                media=MediaLimits.from_settings(self.settings.serve),
             ),
         )
         self.state.service = service

@@ -198,7 +198,10 @@ class ServeSettings(BaseModel):
     tcp_host: str | None = Field(None, description="Also listen on TCP here. Unset = no TCP listener at all.")
     tcp_port: int = Field(8080, ge=1, le=65535, description="TCP port, used only when tcp_host is set.")
     max_body_bytes: int = Field(
-        1_048_576, ge=1024, le=64 * 1_048_576, description="Largest request body accepted (413 beyond)."
+        12 * 1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="Largest request body accepted (413 beyond); room for one media_max_bytes medium in base64.",
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Default per-request deadline; a request may ask for less (timeout field/header)."

@@ -335,6 +335,9 @@ def now() -> int:
 class PromptTokensDetails(BaseModel):
     #: prompt tokens whose KV came from the prefix cache
     cached_tokens: int = 0
+    #: prompt tokens that were images (an edgert extension) and audio (as OpenAI counts them)
+    image_tokens: int = 0
+    audio_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -1,5 +1,9 @@
 """``edgert run "prompt"``: one reply, streamed to stdout (or one JSON object with ``--json``).
 
+``--image`` / ``--audio`` put media before the prompt in the user message, as content parts, so they
+pass the same decoding and limits as over the socket (the model needs its projector: ``--mmproj`` /
+``engine.mmproj`` or the catalog model's installed one).
+
 The prompt goes through the same request preparation as the socket API (chat plan, template,
 sampling defaults), so ``--tools`` behaves as a request with ``tools`` would: a model without tool
 support is refused with the same message. Tool calls print as one JSON line each, once complete;
@@ -9,6 +13,7 @@ thinking (``--think``) goes to stderr so stdout stays the answer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from pathlib import Path
@@ -21,6 +26,7 @@ from edgert.api.schemas import ChatCompletionRequest, CompletionRequest
 from edgert.chat.events import ContentDelta, ReasoningDelta, ToolCallEnd
 from edgert.cli import exitcodes
 from edgert.errors import BadRequestError, EdgertError
+from edgert.media.inputs import MediaLimits
 from edgert.serving.chat_output import ChatOutput
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.scheduler import Finished, GenerationRequest
@@ -51,6 +57,9 @@ def run(
     think: bool | None = typer.Option(
         None, "--think/--no-think", help="Thinking mode (Gemma 4); thoughts go to stderr."
     ),
+    images: list[Path] = typer.Option([], "--image", help="An image (JPEG, PNG, WebP) before the prompt (repeatable)."),
+    audios: list[Path] = typer.Option([], "--audio", help="An audio clip (WAV, MP3) before the prompt (repeatable)."),
+    mmproj: Path | None = typer.Option(None, "--mmproj", help="Multimodal projector .gguf (as edgert serve --mmproj)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     config: Path | None = typer.Option(None, "--config", help="Settings file (else EDGERT_CONFIG / defaults)."),
@@ -60,7 +69,11 @@ def run(
     unknown/not installed, 4 model file invalid, 6 bad config."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        content = _content(prompt, images, audios)
+    except EdgertError as exc:
+        raise fail(exc) from None
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stop": stop or None}
     try:
         body: ChatCompletionRequest | CompletionRequest
@@ -77,6 +90,9 @@ def run(
             }
             body = _validated(ChatCompletionRequest, {**chat, **fields})
         settings = load_settings(config_path=config)
+        if mmproj is not None:
+            engine = settings.engine.model_copy(update={"mmproj": mmproj.expanduser(), "multimodal": True})
+            settings = settings.model_copy(update={"engine": engine})
         if verbose:
             from edgert.engine.llama import set_verbose  # noqa: PLC0415 - only needed for --verbose
 
@@ -85,7 +101,11 @@ def run(
     except EdgertError as exc:
         raise fail(exc) from None
     try:
-        limits = Limits(default_timeout_s=86400.0, max_tokens_cap=settings.serve.max_tokens_cap)
+        limits = Limits(
+            default_timeout_s=86400.0,
+            max_tokens_cap=settings.serve.max_tokens_cap,
+            media=MediaLimits.from_settings(settings.serve),
+        )
         request, plan = prepare_request(runtime, body, limits)
         output = chat_output(plan) or ChatOutput()
         result = asyncio.run(_generate(runtime, request, output, stream=not json_output))
@@ -108,6 +128,28 @@ def _validated(kind: type[ChatCompletionRequest | CompletionRequest], data: dict
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise BadRequestError(f"{where}: {first['msg']}", param=where) from None
+
+
+def _content(prompt: str, images: list[Path], audios: list[Path]) -> str | list[dict[str, Any]]:
+    """The user message: the prompt alone, or media parts (images, then clips) followed by the prompt."""
+    if not images and not audios:
+        return prompt
+    parts: list[dict[str, Any]] = []
+    for path in images:
+        kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}.get(path.suffix.lower(), "jpeg")
+        url = f"data:image/{kind};base64,{_base64(path)}"
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    for path in audios:
+        fmt = "mp3" if path.suffix.lower() == ".mp3" else "wav"
+        parts.append({"type": "input_audio", "input_audio": {"data": _base64(path), "format": fmt}})
+    return [*parts, {"type": "text", "text": prompt}]
+
+
+def _base64(path: Path) -> str:
+    try:
+        return base64.b64encode(path.read_bytes()).decode()
+    except OSError as exc:
+        raise BadRequestError(f"{path}: {exc.strerror or exc}", param="messages") from None
 
 
 def _read_tools(path: Path) -> list[Any]:

@@ -168,6 +168,11 @@ class Runtime:
             await self.scheduler.submit(request).collect()
         return self.scheduler.stats.prefix_entries
 
+    def release_media(self, span: MediaSpan) -> None:
+        """Let go of a prepared medium that will not run (the request was prepared for a model being swapped)."""
+        if isinstance(self.backend, MediaBackend):
+            self.backend.release_media(span)
+
     def completion_prompt(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.backend.tokenize(prompt, add_special=True, parse_special=True))
 

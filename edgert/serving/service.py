@@ -17,18 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from edgert.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, SamplingFields
 from edgert.chat.gemma4_output import Gemma4OutputParser
-from edgert.engine.base import SamplingParams
+from edgert.engine.base import MediaItem, SamplingParams
 from edgert.errors import ModelNotFoundError, OverloadedError, PromptTooLongError
+from edgert.media.inputs import MediaLimits, collect_media
 from edgert.serving.chat_output import ChatOutput
 from edgert.serving.chat_plan import ChatPlan, plan_chat
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep
 from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import GenerationRequest, Priority, SchedulerStats, TokenStream
+from edgert.settings import ServeSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,8 @@ class Limits:
     max_tokens_cap: int
     #: no token spans more characters than this: a longer prompt than n_ctx x this cannot fit
     prompt_length_factor: int = 64
+    #: bytes, pixels, count and seconds of media a request may carry (settings' serve.media_*)
+    media: MediaLimits = field(default_factory=lambda: MediaLimits.from_settings(ServeSettings()))
 
 
 class InferenceService:
@@ -120,7 +124,10 @@ class InferenceService:
                 raise OverloadedError("the model is being swapped", retry_after_s=2)
             # Back on the loop, where a model swap also runs: if one happened meanwhile, these tokens
             # belong to the old model's vocabulary; tokenize again for the new one.
-            if runtime is self.host.serving:
+            if runtime is not self.host.serving:
+                for span in request.media:  # encoded for the old model's projector
+                    runtime.release_media(span)
+            else:
                 stream = runtime.scheduler.submit(request)
                 self.host.hold(runtime, stream)  # a retired model closes when its last request ends
                 stream.chat = chat_output(plan)
@@ -149,8 +156,18 @@ def prepare_request(
         prompt = runtime.completion_prompt(body.prompt)
         return _request(runtime, body, prompt, body.token_limit(), limits, request_id), None
     plan = plan_chat(body, runtime.formatter, runtime.special_tokens, runtime.model_id)
-    prompt = runtime.chat_prompt(body.message_dicts(), tools=plan.tools, enable_thinking=plan.enable_thinking)
-    request = _request(runtime, body, prompt, body.token_limit(), limits, request_id)
+    media = [
+        MediaItem(item.kind, item.data, item.width, item.height, item.digest, item.where)
+        for item in collect_media(body.messages, limits.media)
+    ]
+    prompt, spans = runtime.chat_prompt_with_media(
+        body.message_dicts(),
+        tools=plan.tools,
+        enable_thinking=plan.enable_thinking,
+        media=media,
+        max_audio_seconds=limits.media.max_audio_seconds,
+    )
+    request = replace(_request(runtime, body, prompt, body.token_limit(), limits, request_id), media=spans)
     sampling = replace(
         request.sampling,
         grammar=plan.grammar,

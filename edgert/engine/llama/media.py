@@ -110,7 +110,7 @@ class Projector:
                 mtmd.mtmd_bitmap_free(bitmap)
                 raise BadRequestError(
                     f"{item.where}: the clip is {seconds:.1f} s long; at most {max_audio_seconds:g} s per clip "
-                    "(serve.max_audio_seconds)",
+                    "(serve.media_max_audio_seconds)",
                     param=item.where,
                 )
         if not bitmap:
