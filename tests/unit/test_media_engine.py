@@ -87,7 +87,7 @@ def test_media_requests_generate_and_text_streams_keep_running(runtime: Runtime)
         )
 
     results = asyncio.run(scenario())
-    for text, finished in results:  # type: ignore[misc]
+    for _text, finished in results:  # type: ignore[misc]
         assert finished.error is None and finished.completion_tokens >= 1
     assert runtime.scheduler.stats.media_evals == 2
     assert runtime.scheduler.stats.media_eval_seconds > 0
