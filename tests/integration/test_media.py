@@ -26,7 +26,7 @@ from edgert.api.mqtt_schemas import ReplyFinal, Topics
 from edgert.transport.mqtt_client import MqttRequester
 from tests.integration.daemon import DaemonProcess, start_daemon
 from tests.integration.mosquitto import Broker
-from tests.integration.test_mqtt import mqtt_daemon
+from tests.integration.test_mqtt import check_stream, mqtt_daemon
 
 CHAT = "/v1/chat/completions"
 MMPROJ = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-gemma4-mmproj.gguf"
@@ -167,9 +167,14 @@ def test_mqtt_carries_a_photo_as_base64(broker: Broker, tiny_gguf: Path, tmp_pat
     try:
         with MqttRequester(broker.client_settings()) as client:
             [final] = client.ask(Topics("dev-media").req, {**ask(image_part(png())), "id": "m-1"})
+            streamed = check_stream(
+                client.ask(Topics("dev-media").req, {**ask(audio_part(wav(1.0))), "stream": True, "id": "m-2"})
+            )
         assert isinstance(final, ReplyFinal), final
         assert final.usage.prompt_tokens_details is not None
         assert final.usage.prompt_tokens_details.image_tokens == 80
+        assert streamed.usage.prompt_tokens_details is not None
+        assert streamed.usage.prompt_tokens_details.audio_tokens == 25
     finally:
         assert device.stop() == 0, device.log()
 

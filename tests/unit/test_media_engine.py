@@ -132,3 +132,50 @@ def test_a_text_only_model_says_so(tmp_path: Path, tiny_gguf: Path) -> None:
             rt.chat_prompt_with_media(ask(image(40, 30)), media=(image(40, 30),))
     finally:
         rt.close()
+
+
+def test_cancel_and_deadline_during_encoding_free_the_slot(runtime: Runtime) -> None:
+    """Encoding holds the engine thread; a cancel or deadline that arrives meanwhile takes effect as it ends."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    backend = runtime.backend
+    encode = backend.eval_media  # type: ignore[union-attr]
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_eval(seq: int, span: object, pos: int) -> None:
+        entered.set()
+        release.wait(10)
+        encode(seq, span, pos)  # type: ignore[arg-type]
+
+    backend.eval_media = slow_eval  # type: ignore[union-attr]
+
+    async def scenario(deadline_s: float | None, cancel: bool) -> tuple[object, object]:
+        entered.clear()
+        release.clear()
+        photo = image(48, 48, seed=int(deadline_s or 0) + cancel)
+        tokens, spans = runtime.chat_prompt_with_media(ask(photo), media=(photo,))
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        request = replace(runtime.request(tokens, sampling=GREEDY, max_tokens=50, deadline=deadline), media=spans)
+        stream = runtime.scheduler.submit(request)
+        await asyncio.to_thread(entered.wait, 10)
+        if cancel:
+            stream.cancel()
+        else:
+            await asyncio.sleep(deadline_s or 0)
+        release.set()
+        try:
+            await stream.collect()
+        except Exception as exc:  # a deadline before any text raises
+            return exc, spans[0]
+        return stream.result, spans[0]
+
+    cancelled, span = asyncio.run(scenario(None, cancel=True))
+    assert getattr(cancelled, "reason", None) == "cancelled"
+    assert span.handle is None  # its encoded input was let go
+    expired, _ = asyncio.run(scenario(0.2, cancel=False))
+    assert getattr(expired, "reason", None) == "deadline" or "deadline" in str(expired)
+    assert runtime.scheduler.idle() and runtime.scheduler.stats.active == 0
+    backend.eval_media = encode  # type: ignore[union-attr]
+    assert asyncio.run(generate(runtime, image(40, 30)))[1].error is None  # type: ignore[index]
