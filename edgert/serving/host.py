@@ -14,17 +14,20 @@ and closes from its worker thread. The bookkeeping is under one lock; closing a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from edgert.engine.base import SamplingParams
-from edgert.errors import HealthCheckError
+from edgert.engine.base import MediaItem, SamplingParams
+from edgert.errors import EdgertError, HealthCheckError
 from edgert.identity import ReleaseIdentity
+from edgert.media.parts import MEDIA_MARKER
+from edgert.serving.request import Finished
 from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import SchedulerStats, TokenStream
 
@@ -32,21 +35,32 @@ log = logging.getLogger("edgert.serving.host")
 
 #: tokens the readiness probe must generate: enough to run decode steps, not only the prefill
 PROBE_TOKENS: Final = 4
+#: the probe image's side in pixels (Gemma 4 raises it to its 70-token minimum either way)
+PROBE_IMAGE_SIDE: Final = 96
 _GREEDY: Final = SamplingParams(temperature=0.0)
 
 
-async def probe(runtime: Runtime, prompt: str, timeout_s: float) -> None:
+async def probe(runtime: Runtime, prompt: str, timeout_s: float) -> Finished:
     """The one readiness probe (daemon start and the update health check): a short greedy generation.
 
-    Raises HealthCheckError when it fails, produces nothing, or takes longer than ``timeout_s``.
+    A model served with a projector that reads images gets a small synthetic image before the
+    prompt, so a projector that loads but cannot encode fails the probe (and an update rolls back)
+    instead of failing the first photo a user sends. Raises HealthCheckError when it fails, produces
+    nothing, or takes longer than ``timeout_s``; returns the finished generation.
     """
+    media = [_probe_image()] if "image" in runtime.backend.info.modalities else []
+    content = f"{MEDIA_MARKER}\n{prompt}" if media else prompt
+    try:
+        tokens, spans = runtime.chat_prompt_with_media([{"role": "user", "content": content}], media=media)
+    except EdgertError as exc:
+        raise HealthCheckError(f"the probe's image could not be prepared: {exc.message}") from None
     request = runtime.request(
-        runtime.chat_prompt([{"role": "user", "content": prompt}]),
+        tokens,
         sampling=_GREEDY,
         max_tokens=PROBE_TOKENS,
         ignore_eos=True,  # a model that ends at once still proves nothing about decoding
     )
-    stream = runtime.scheduler.submit(request)
+    stream = runtime.scheduler.submit(replace(request, media=spans))
     try:
         _, result = await asyncio.wait_for(stream.collect(), timeout_s)
     except TimeoutError:
@@ -54,6 +68,16 @@ async def probe(runtime: Runtime, prompt: str, timeout_s: float) -> None:
         raise HealthCheckError(f"the probe generation took longer than {timeout_s:g} s") from None
     if result.error is not None or result.completion_tokens == 0:
         raise HealthCheckError(f"the probe generation failed ({result.reason}: {result.error})")
+    if media and result.image_tokens == 0:
+        raise HealthCheckError("the probe's image was not evaluated")
+    return result
+
+
+def _probe_image() -> MediaItem:
+    """A 96x96 RGB gradient: square (a too-thin image aborts libmtmd), a few encoder tokens on any Gemma 4."""
+    side = PROBE_IMAGE_SIDE
+    data = bytes(channel for y in range(side) for x in range(side) for channel in (x * 2, y * 2, 128))
+    return MediaItem("image", data, side, side, hashlib.sha256(data).hexdigest(), "probe")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from edgert.gguf_file import validate_gguf
 from edgert.hardware import CpuInfo, Hardware
 from edgert.memory_fit import choose_model, memory_need
 from edgert.projector import check_pair
+from edgert.serving.host import probe
+from edgert.serving.runtime import open_runtime
 from edgert.settings import EngineSettings, Settings
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -226,3 +229,26 @@ def test_nothing_fitting_with_projectors_points_at_text_only() -> None:
         "Nothing fits with its multimodal projector; served text only (engine.multimodal = false), "
         "gemma-4-e2b-it:q5_k_m needs 4338 MiB."
     ) in choice.explanation
+
+
+# --------------------------------------------------------------------------- the readiness probe
+
+
+@pytest.mark.parametrize("with_projector", [True, False])
+def test_the_probe_evaluates_an_image_when_the_model_reads_images(tmp_path: Path, with_projector: bool) -> None:
+    engine = {"n_ctx": 1024, "n_parallel": 1, "n_threads": 1, "n_ubatch": 512, "prefix_cache_entries": 0}
+    settings = Settings(
+        state_dir=tmp_path,
+        engine=EngineSettings.model_validate({**engine, "mmproj": TINY_MMPROJ if with_projector else None}),
+    )
+    runtime = open_runtime(settings, str(FIXTURES / "tiny-gemma4.gguf"))
+    try:
+        result = asyncio.run(probe(runtime, "Say hello.", 60))
+    finally:
+        runtime.close()
+    assert result.completion_tokens == 4
+    if with_projector:
+        assert result.image_tokens > 0  # the synthetic 96x96 image went through the vision encoder
+        assert result.prompt_tokens > result.image_tokens
+    else:
+        assert result.image_tokens == 0
