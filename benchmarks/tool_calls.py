@@ -271,6 +271,10 @@ def measure_validity(
         for entry in entries:
             body = request_for(entry, max_tokens, run)
             for name in ordered(list(clients), k):
+                # cache the prompt first, so the two measured requests start from the same KV state: a
+                # full prefill and a cached one round differently, and greedy decoding on random weights
+                # (near-uniform logits) then diverges within a few tokens
+                chat(clients[name], {**body, "max_tokens": 1}, False)
                 whole, streamed = chat(clients[name], body, False), chat(clients[name], body, True)
                 whole_args = [c["arguments"] for c in whole.calls]
                 row = {
@@ -284,6 +288,7 @@ def measure_validity(
                     "finish_reason_streamed": streamed.finish_reason,
                     "completion_tokens": whole.completion_tokens,
                     "arguments": whole_args,
+                    "arguments_streamed": [c["arguments"] for c in streamed.calls],
                     # None when the whole reply has no call: two empty lists prove nothing
                     "streamed_equal": whole_args == [c["arguments"] for c in streamed.calls] if whole_args else None,
                     "streamed_pieces": [c.get("pieces", 0) for c in streamed.calls],
@@ -686,6 +691,8 @@ def main() -> None:
         for name, target in targets.items():
             result.setdefault("ready_s", {})[name] = target.start()
             clients[name] = httpx.Client(transport=target.transport(), base_url=target.base_url(), timeout=600)
+            # page the weights in (mmap) and build what the first request would: never measured
+            chat(clients[name], {**request_for(entries[0], 16, 0), "tool_choice": "none"}, False)
         if "validity" in phases:
             result["validity"] = measure_validity(clients, entries, args.runs, args.max_tokens)
         if "decode" in phases:
