@@ -44,12 +44,19 @@ class LlamaSampler:
     grammar rejects it is the grammar applied to the whole vocabulary and the token
     picked again. Applying a grammar to 262 144 candidates on every step would cost more
     than the decode of a small model.
+
+    Picking again first tries the :data:`_SHORTLIST` most likely tokens: when at least
+    ``shortlist_need`` of them are allowed, the chain's pick among them is the pick among
+    all allowed tokens (every token outside has a lower logit), so the grammar pass over the
+    whole vocabulary is skipped. ``shortlist_need`` is 1 for greedy, the chain's top-k when
+    sampling, and 0 (never) when a stage could reorder tokens outside (penalties, no top-k).
     """
 
-    def __init__(self, handle: Any, grammar: Any = None, banned: tuple[int, ...] = ()) -> None:
+    def __init__(self, handle: Any, grammar: Any = None, banned: tuple[int, ...] = (), shortlist_need: int = 0) -> None:
         self.handle = handle
         self.grammar = grammar
         self.banned = list(banned)
+        self.shortlist_need = shortlist_need
 
     @property
     def plain_greedy(self) -> bool:
@@ -75,6 +82,8 @@ def _add_stage(chain: Any, stage: Any) -> None:
 
 #: llama_token_data as numpy sees it, so a candidate array is filled from the logits without a Python loop
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+#: how many of the most likely tokens a rejected pick is retried among before the whole vocabulary
+_SHORTLIST = 256
 
 
 class LlamaBackend:
@@ -229,7 +238,13 @@ class LlamaBackend:
             if grammar is not None:
                 llama_cpp.llama_sampler_free(grammar)
             raise
-        return LlamaSampler(chain, grammar, params.banned_tokens)
+        if params.repeat_penalty != 1.0:
+            need = 0  # penalties lower some logits: a token outside the shortlist may end up on top
+        elif params.temperature <= 0.0:
+            need = 1
+        else:
+            need = params.top_k if 0 < params.top_k <= _SHORTLIST else 0
+        return LlamaSampler(chain, grammar, params.banned_tokens, shortlist_need=need)
 
     def _grammar(self, params: SamplingParams) -> Any:
         if params.json_mode is not None:
@@ -308,7 +323,8 @@ class LlamaBackend:
             return int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler picks it
         token = self._pick(sampler, logits, grammar=False)
         if sampler.grammar is not None and not self._grammar_allows(sampler.grammar, token):
-            token = self._pick(sampler, logits, grammar=True)
+            shortlisted = self._pick_from_shortlist(sampler, logits)
+            token = self._pick(sampler, logits, grammar=True) if shortlisted is None else shortlisted
         if sampler.grammar is not None:
             llama_cpp.llama_sampler_accept(sampler.grammar, token)
         if sampler.handle is not None:
@@ -337,6 +353,29 @@ class LlamaBackend:
         if not 0 <= array.selected < array.size:
             raise EngineError("the sampler chain selected no token")
         return int(array.data[array.selected].id)  # samplers may reorder the candidates in place
+
+    def _pick_from_shortlist(self, sampler: LlamaSampler, logits: np.ndarray[Any, np.dtype[np.float32]]) -> int | None:
+        """The pick under the grammar among the most likely tokens, or None when that could differ from the
+        pick among all tokens (too few of them allowed)."""
+        if sampler.shortlist_need == 0 or self._n_vocab <= _SHORTLIST:
+            return None
+        top = np.argpartition(logits, -_SHORTLIST)[-_SHORTLIST:]
+        candidates = np.empty(_SHORTLIST, dtype=_TOKEN_DATA)
+        candidates["id"] = top
+        candidates["logit"] = logits[top]
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=_SHORTLIST, selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(sampler.grammar, ctypes.byref(array))
+        if int(np.isfinite(candidates["logit"]).sum()) < sampler.shortlist_need:
+            return None
+        if sampler.handle is None:
+            return int(candidates["id"][int(candidates["logit"].argmax())])
+        llama_cpp.llama_sampler_apply(sampler.handle, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise EngineError("the sampler chain selected no token")
+        return int(array.data[array.selected].id)
 
     def _grammar_allows(self, grammar: Any, token: int) -> bool:
         single = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
