@@ -14,9 +14,12 @@ Honoured: ``type`` (string, integer, number, boolean, null, object, array, and l
 ``false``; with ``properties``, extra keys only when it says ``true`` or gives a schema, as llama.cpp's
 json-schema-to-grammar does), ``items``, ``minItems``/``maxItems`` and ``minLength``/``maxLength``.
 
-Not enforced (accepted, and the grammar is the same as without them): keywords that only narrow values
-within a shape -- :data:`NOT_ENFORCED` (``pattern``, ``format``, ``minimum``, ``maximum``, ``multipleOf``,
-...). ``oneOf`` is enforced as ``anyOf``: a value matching two branches is possible when they overlap.
+``minimum``/``maximum`` (and their exclusive forms) where the range stays small, see
+:mod:`edgert.chat.number_range`: small integer ranges, integer-bounded number ranges, sign bounds.
+Not enforced (accepted, and the grammar is the same as without them): the other keywords that only
+narrow values within a shape -- :data:`NOT_ENFORCED` (``pattern``, ``format``, ``multipleOf``, wide or
+fractional bounds, ...). ``oneOf`` is enforced as ``anyOf``: a value matching two branches is possible
+when they overlap.
 Refused with a :class:`~edgert.errors.BadRequestError` naming the tool: a non-object parameters schema,
 a ``$ref`` that goes nowhere or is not local, a reference cycle that consumes no text, keywords that
 change the shape in ways the grammar cannot follow (``not``, ``if``, ``patternProperties``, tuple
@@ -38,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edgert.chat.number_range import range_rule
 from edgert.errors import BadRequestError
 
 STRING_DELIMITER = '<|"|>'
@@ -225,6 +229,13 @@ class _Converter:
             return self.array(schema, path, depth)
         if kind == "object":
             return self.object(schema, path, depth)
+        if kind in ("integer", "number"):
+            try:
+                bounded = range_rule(kind, schema)
+            except ValueError as exc:
+                raise self.refuse(path, str(exc)) from None
+            if bounded is not None:
+                return self.add(bounded)
         return self.primitive(_SCALARS[kind])
 
     def _combinator(self, keyword: str, value: Any, path: str, depth: int, head: frozenset[str]) -> str:

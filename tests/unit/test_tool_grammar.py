@@ -432,7 +432,7 @@ def test_keywords_that_only_narrow_values_are_accepted_and_not_enforced() -> Non
     narrowed = {
         "type": "object",
         "properties": {
-            "n": {"type": "integer", "minimum": 1, "maximum": 9, "multipleOf": 3},
+            "n": {"type": "integer", "minimum": 1, "maximum": 100000, "multipleOf": 3},  # too wide to list
             "s": {"type": "string", "pattern": "^[a-z]+$", "format": "date"},
         },
         "minProperties": 1,
@@ -507,3 +507,36 @@ def test_a_too_short_string_cannot_be_closed_by_the_delimiter_token(model: Any) 
     )
     assert not accepts(vocab, gbnf, call_text('{s:<|"|>a<|"|>}'))
     assert accepts(vocab, gbnf, call_text('{s:<|"|>ab<|"|>}'))
+
+
+@pytest.mark.parametrize(
+    ("bounds", "good", "bad"),
+    [
+        ({"type": "integer", "minimum": 1, "maximum": 12}, ["1", "7", "12"], ["0", "13", "-1", "01", "1.5"]),
+        ({"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 3}, ["1", "2"], ["0", "3"]),
+        ({"type": "integer", "minimum": 0}, ["0", "12345"], ["-1", "-0"]),
+        ({"type": "integer", "minimum": 1}, ["1", "40"], ["0", "-3"]),
+        ({"type": "integer", "maximum": -1}, ["-1", "-99"], ["0", "5"]),
+        ({"type": "number", "minimum": -90, "maximum": 90}, ["-90", "-89.5", "0", "-0.25", "45.125", "90", "90.0"],
+         ["-90.5", "90.01", "91", "-91", "1e2"]),
+        ({"type": "number", "minimum": 0, "maximum": 1}, ["0", "0.75", "1", "1.00"], ["1.5", "-0.1", "2"]),
+        ({"type": "number", "minimum": 2, "maximum": 5}, ["2", "2.5", "4.99", "5"], ["1.9", "5.5", "6"]),
+        ({"type": "number", "minimum": -5, "maximum": -2}, ["-2", "-2.5", "-4.9", "-5"], ["-1.5", "-5.5", "0"]),
+        ({"type": "number", "minimum": 0}, ["0", "3.5", "2e5"], ["-1", "-0.5"]),
+    ],
+)  # fmt: skip
+def test_small_numeric_ranges_are_enforced(model: Any, bounds: dict[str, Any], good: list[str], bad: list[str]) -> None:
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    schema = {"type": "object", "properties": {"v": bounds}, "required": ["v"]}
+    gbnf = tool_call_grammar([ToolSpec("f", schema)])
+    for value in good:
+        assert accepts(vocab, gbnf, call_text(f"{{v:{value}}}")), value
+        jsonschema.validate({"v": json.loads(value)}, schema)
+    for value in bad:
+        assert not accepts(vocab, gbnf, call_text(f"{{v:{value}}}")), value
+
+
+def test_bounds_no_value_satisfies_are_refused() -> None:
+    schema = {"type": "object", "properties": {"v": {"type": "integer", "minimum": 5, "maximum": 4}}}
+    with pytest.raises(BadRequestError, match="no integer"):
+        check_parameters_schema("f", schema)
