@@ -8,13 +8,16 @@ installed catalog projector, and a signed release's projector before it is stage
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 from edgert.errors import ModelFileError
-from edgert.gguf_file import GGUFInfo
+from edgert.gguf_file import GGUFInfo, validate_gguf
 
 #: ``general.architecture`` of a projector GGUF (llama.cpp's clip loader).
 PROJECTOR_ARCHITECTURE: Final = "clip"
+#: Architectures whose GGUF carries the Gemma 4 projectors' partner (gemma4v / gemma4a encoders).
+PAIRED_ARCHITECTURES: Final = frozenset({"gemma4"})
 
 
 def check_pair(projector: GGUFInfo, model: GGUFInfo) -> None:
@@ -36,3 +39,17 @@ def check_pair(projector: GGUFInfo, model: GGUFInfo) -> None:
             f"projector {projector.path.name} does not pair with model {model.path.name}: it projects to "
             f"{widths}, the model's embedding length ({model.architecture}) is {model.embedding_length}"
         )
+
+
+def check_pair_files(model: Path, projector: Path) -> None:
+    """Both headers valid, the model a Gemma 4 GGUF, and :func:`check_pair`: what a release with a projector
+    must pass before it is staged (the registry's ``add --mmproj`` and the device, before activating it)."""
+    model_info = validate_gguf(model)
+    if model_info.architecture not in PAIRED_ARCHITECTURES:
+        known = ", ".join(sorted(PAIRED_ARCHITECTURES))
+        raise ModelFileError(f"{model}: architecture {model_info.architecture!r}; a projector pairs with {known} only")
+    try:
+        projector_info = validate_gguf(projector, architectures=frozenset({PROJECTOR_ARCHITECTURE}))
+    except ModelFileError as exc:
+        raise ModelFileError(f"not a multimodal projector: {exc.message}") from None
+    check_pair(projector_info, model_info)

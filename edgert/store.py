@@ -52,6 +52,11 @@ GGUF_SUFFIX: Final = ".gguf"
 #: A folder release's suffix under ``versions/``: no folder name can equal a GGUF's (``m@1.gguf`` is the
 #: GGUF of ``m@1`` and would be the folder of version ``1.gguf``) or its ``.part``.
 FOLDER_SUFFIX: Final = ".onnx"
+#: A GGUF release delivered with its multimodal projector: a folder of ``model.gguf`` + ``mmproj.gguf``.
+PAIR_SUFFIX: Final = ".mmgguf"
+#: The members of such a folder (the manifest's names for them).
+PAIR_MODEL: Final = "model.gguf"
+PAIR_PROJECTOR: Final = "mmproj.gguf"
 #: What a name under ``versions/`` may be made of (releases, their ``.part``, staging folders).
 _SAFE_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
 EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
@@ -141,8 +146,9 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def version_name(model_id: str, version: str, *, folder: bool = False) -> str:
-    """A release's name under ``versions/``: ``<id>@<version>.gguf``, or ``<id>@<version>.onnx`` for a folder.
+def version_name(model_id: str, version: str, *, folder: bool = False, pair: bool = False) -> str:
+    """A release's name under ``versions/``: ``<id>@<version>.gguf``, ``<id>@<version>.onnx`` for an ONNX folder,
+    ``<id>@<version>.mmgguf`` for a GGUF delivered with its projector (a folder of the two).
 
     Injective over what the signed metadata allows (ids ``[a-z0-9._:-]``, versions ``[A-Za-z0-9._+-]``,
     neither contains ``@``): ``:`` in the id is written ``+``, which no id contains, so the name maps back
@@ -150,7 +156,8 @@ def version_name(model_id: str, version: str, *, folder: bool = False) -> str:
     """
     if "@" in model_id or "+" in model_id or "@" in version or ":" in version:
         raise UpdateError(f"model id {model_id!r} / version {version!r} cannot be named injectively")
-    name = f"{model_id.replace(':', '+')}@{version}" + (FOLDER_SUFFIX if folder else GGUF_SUFFIX)
+    suffix = PAIR_SUFFIX if pair else FOLDER_SUFFIX if folder else GGUF_SUFFIX
+    name = f"{model_id.replace(':', '+')}@{version}" + suffix
     if not _SAFE_NAME.fullmatch(name) or name.startswith("."):
         raise UpdateError(f"{model_id}@{version} does not make a safe file name")
     return name
@@ -242,7 +249,7 @@ def resolve_model(settings: Settings, catalog: Catalog, name: str) -> tuple[Mode
         path = Path(name).expanduser()
         if not path.exists():  # a .gguf file, or an ONNX Runtime GenAI model folder
             raise ModelMissingError(f"model file {path} does not exist", param="model")
-        return None, path
+        return None, pair_model(path) or path
     spec = catalog.get(name)
     target = model_path(settings.models_dir, spec)
     if isinstance(spec.source, PyPISource):
@@ -263,6 +270,9 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
     engine = settings.engine
     if not engine.multimodal:
         return None
+    paired = model_path.with_name(PAIR_PROJECTOR) if is_pair_member(model_path) else None
+    if engine.mmproj is None and paired is not None:
+        return _paired(paired, model_path)  # a signed release's own projector
     if engine.mmproj is not None:
         if model_path.is_dir():
             raise ModelFileError(f"{model_path} is an ONNX model folder; a projector pairs with a GGUF model only")
@@ -273,6 +283,19 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
         return None
     path = projector_path(settings.models_dir, spec)
     return _paired(path, model_path) if path is not None and path.is_file() else None
+
+
+def pair_model(path: Path) -> Path | None:
+    """The language model inside a model + projector release folder (``current.gguf`` may name one); else None."""
+    folder = path.resolve()
+    if folder.is_dir() and folder.name.endswith(PAIR_SUFFIX):
+        return folder / PAIR_MODEL
+    return None
+
+
+def is_pair_member(model_path: Path) -> bool:
+    """``model_path`` is the model of a model + projector release folder."""
+    return model_path.name == PAIR_MODEL and model_path.parent.name.endswith(PAIR_SUFFIX)
 
 
 def _paired(projector: Path, model: Path) -> Path:

@@ -102,11 +102,21 @@ def add(
             help="EC private key (PEM): also publish a model-signing bundle as <target>.sig ([signing] extra).",
         ),
     ] = None,
+    mmproj: Annotated[
+        Path | None,
+        typer.Option(
+            "--mmproj",
+            exists=True,
+            dir_okay=False,
+            help="The model's multimodal projector (.gguf): one release of both files, installed all or nothing.",
+        ),
+    ] = None,
 ) -> None:
     """Validate a GGUF file or an ONNX GenAI folder and stage it as signed target(s) (published by `publish`).
 
     A folder becomes one target per file, models/<id>/<version>/<relative path>; hidden
-    files are left out, symlinks refused.
+    files are left out, symlinks refused. With --mmproj a Gemma 4 GGUF and its projector
+    become models/<id>/<version>/model.gguf and mmproj.gguf, checked to pair first.
     """
     with _errors():
         added = Registry(directory).add(
@@ -116,6 +126,7 @@ def add(
             min_edgert_version=min_edgert,
             ram_mib=ram_mib,
             signing_key=sign_key,
+            mmproj=mmproj,
         )
         if added.meta.is_folder:
             typer.echo(

@@ -1,8 +1,9 @@
 """``add`` and ``promote``: changes staged in ``staging/targets.json`` until the next ``publish``.
 
-``add`` validates a model like the engine does (a GGUF file, or an ONNX Runtime GenAI
-folder with every file its own target), copies it under ``repository/targets`` by its
-consistent-snapshot name and stages its target(s), optionally with a publisher signature.
+``add`` validates a model like the engine does (a GGUF file, a GGUF with its multimodal
+projector, or an ONNX Runtime GenAI folder with every file its own target), copies it under
+``repository/targets`` by its consistent-snapshot name and stages its target(s), optionally with
+a publisher signature.
 
 Channel pointers (which version a channel offers, and the rollout percentage)
 are the signed ``custom`` object of the ``channels.json`` target; see
@@ -23,9 +24,10 @@ from pydantic import ValidationError
 from tuf.api.metadata import TargetFile, Targets
 
 from edgert import __version__
-from edgert.errors import RegistryError
+from edgert.errors import ModelFileError, RegistryError
 from edgert.gguf_file import validate_gguf
 from edgert.onnx_folder import validate_onnx_folder
+from edgert.projector import check_pair_files
 from edgert.registry.catalog import PublishedModel, channels_of
 from edgert.registry.config import first_error, utc_now
 from edgert.registry.files import RegistryFiles
@@ -37,7 +39,10 @@ from edgert.update.manifest import (
     CHANNELS_TARGET,
     MAX_MODEL_FILES,
     MEMBER_PATTERN,
+    MODEL_FILE,
     MODEL_KEY,
+    PAIR_FILES,
+    PROJECTOR_FILE,
     RESERVED_SUFFIXES,
     ChannelPointer,
     Channels,
@@ -65,8 +70,12 @@ class Staging(RegistryFiles):
         min_edgert_version: str = __version__,
         ram_mib: int | None = None,
         signing_key: Path | None = None,
+        mmproj: Path | None = None,
     ) -> PublishedModel:
         """Validate ``model`` like the engine does, then stage it as signed-to-be target(s).
+
+        With ``mmproj`` (its multimodal projector) a GGUF becomes a ``gguf-mmproj`` release of two
+        targets, delivered all or nothing (see :meth:`_add_pair`).
 
         ``model`` is a ``.gguf`` file (one target ``models/<id>/<version>/model.gguf``) or
         an ONNX Runtime GenAI model folder (see :meth:`_add_folder`: one target per file).
@@ -75,6 +84,16 @@ class Staging(RegistryFiles):
         beside the target that carries the ModelMeta (``model.gguf.sig``, or
         ``genai_config.json.sig`` for a folder; see :mod:`edgert.update.publisher_signature`).
         """
+        if mmproj is not None:
+            return self._add_pair(
+                model,
+                mmproj,
+                model_id=model_id,
+                version=version,
+                min_edgert_version=min_edgert_version,
+                ram_mib=ram_mib,
+                signing_key=signing_key,
+            )
         if model.is_dir():
             return self._add_folder(
                 model,
@@ -149,19 +168,64 @@ class Staging(RegistryFiles):
             format="onnx-genai",
             files=members,
         )
+        return self._stage_members(meta, {member: folder / member for member in members}, size, signing_key)
+
+    def _add_pair(
+        self,
+        model: Path,
+        mmproj: Path,
+        *,
+        model_id: str,
+        version: str,
+        min_edgert_version: str,
+        ram_mib: int | None,
+        signing_key: Path | None,
+    ) -> PublishedModel:
+        """Stage a Gemma 4 GGUF with its multimodal projector: targets ``model.gguf`` (carrying the ModelMeta,
+        ``format = "gguf-mmproj"``) and ``mmproj.gguf``, which a device installs both or neither.
+
+        The pair is checked as the device checks it before staging (a Gemma 4 GGUF; a projector GGUF whose
+        every encoder projects into the model's embedding width), so a mismatched pair is never signed.
+        """
+        if model.is_dir() or mmproj.is_dir():
+            raise RegistryError("--mmproj pairs a projector .gguf file with a model .gguf file, not a folder")
+        try:
+            check_pair_files(model, mmproj)
+        except ModelFileError as exc:
+            raise RegistryError(f"{mmproj.name} cannot be published with {model.name}: {exc.message}") from None
+        info = validate_gguf(model)
+        size = model.stat().st_size + mmproj.stat().st_size
+        meta = _model_meta(
+            model_id=model_id,
+            version=version,
+            architecture=info.architecture,
+            quant=info.file_type,
+            context_length=info.context_length,
+            ram_mib=ram_mib or _ram_estimate(size),
+            min_edgert_version=min_edgert_version,
+            file_name=model.name,
+            format="gguf-mmproj",
+            files=PAIR_FILES,
+        )
+        return self._stage_members(meta, {MODEL_FILE: model, PROJECTOR_FILE: mmproj}, size, signing_key)
+
+    def _stage_members(
+        self, meta: ModelMeta, sources: dict[str, Path], size: int, signing_key: Path | None
+    ) -> PublishedModel:
+        """Stage each member of a multi-file release as its own target; the anchor carries the ModelMeta."""
         staging = self._load_staging()
-        self._check_new_version(staging.signed, model_id, version)
+        self._check_new_version(staging.signed, meta.model_id, meta.version)
         if signing_key is not None:
             publisher_signature.check_signing_key(signing_key)  # a bad key fails before any copy
-        anchor = model_target_path(model_id, version, meta.format)
+        anchor = model_target_path(meta.model_id, meta.version, meta.format)
         targets: dict[str, TargetFile] = {}
         copies: dict[str, Path] = {}
-        for member in members:
-            path = member_target_path(model_id, version, member)
-            target = TargetFile.from_file(path, str(folder / member), ["sha256"])
+        for member, source in sources.items():
+            path = member_target_path(meta.model_id, meta.version, member)
+            target = TargetFile.from_file(path, str(source), ["sha256"])
             if path == anchor:
                 target.unrecognized_fields["custom"] = {MODEL_KEY: meta.signed_custom()}
-            self._copy_target(folder / member, target)
+            self._copy_target(source, target)
             targets[path] = target
             copies[member] = self._target_file(target)
         if signing_key is not None:

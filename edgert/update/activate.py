@@ -1,16 +1,19 @@
 """Step 3 of an update round: validate the staged release, load it beside the serving model, probe it, swap.
 
-Then commit (``current`` link, GC of older releases, the ``on-commit`` hook) or roll back and
-blocklist it. The old model keeps serving until the new one has loaded and passed its probe and
-the ``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
+A release with a projector must first pair (:func:`edgert.projector.check_pair_files`: a Gemma 4
+GGUF and a projector projecting into its embedding width), else it is rolled back and blocklisted
+before anything loads. Then commit (``current`` link, GC of older releases, the ``on-commit``
+hook) or roll back and blocklist it. The old model keeps serving until the new one has loaded and
+passed its probe and the ``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
+from edgert import store
 from edgert.errors import (
     EdgertError,
     HookVetoError,
@@ -18,6 +21,7 @@ from edgert.errors import (
 )
 from edgert.gguf_file import validate_gguf
 from edgert.onnx_folder import validate_onnx_folder
+from edgert.projector import check_pair_files
 from edgert.update import download, publisher_signature
 from edgert.update.core import key_of, release_identity, utc_now
 from edgert.update.fetch import Fetching
@@ -36,6 +40,12 @@ from edgert.update.state import (
 log = logging.getLogger(__name__)
 
 Outcome = Literal["up-to-date", "committed", "rolled-back", "rolled-back-manually"]
+#: What each release format must be to load, for the rollback reason.
+_KINDS: Final = {
+    "gguf": "GGUF",
+    "onnx-genai": "ONNX Runtime GenAI folder",
+    "gguf-mmproj": "GGUF with its multimodal projector",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +73,15 @@ class Activating(Fetching):
                 self._remove(release)
                 raise
         try:
-            if release.is_folder:
+            if release.meta.format == "gguf-mmproj":
+                # a projector for another model would be refused by llama.cpp only after loading both
+                check_pair_files(path / store.PAIR_MODEL, path / store.PAIR_PROJECTOR)
+            elif release.is_folder:
                 validate_onnx_folder(path)
             else:
                 validate_gguf(path)
         except ModelFileError as exc:
-            what = "ONNX Runtime GenAI folder" if release.is_folder else "GGUF"
+            what = _KINDS[release.meta.format]
             return self._roll_back(state, f"{release.key} is not a loadable {what}: {exc}", fetched)
         try:
             self._hook(HookEvent.PRE_INSTALL, release, state)

@@ -80,7 +80,12 @@ class Checking(UpdaterCore):
             target_path=target.path,
             length=length,
             hashes=target.hashes,
-            file_name=version_file_name(target.meta.model_id, target.meta.version, folder=target.meta.is_folder),
+            file_name=version_file_name(
+                target.meta.model_id,
+                target.meta.version,
+                folder=target.meta.format == "onnx-genai",
+                pair=target.meta.format == "gguf-mmproj",
+            ),
             members=members,
         )
         if problem is not None:

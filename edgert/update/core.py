@@ -50,9 +50,9 @@ def release_identity(release: Release) -> ReleaseIdentity:
     return ReleaseIdentity(release.meta.model_id, release.meta.version, f"sha256:{sha256}" if sha256 else None)
 
 
-def version_file_name(model_id: str, version: str, *, folder: bool = False) -> str:
+def version_file_name(model_id: str, version: str, *, folder: bool = False, pair: bool = False) -> str:
     """The release's name under ``versions/`` (injective: :func:`edgert.store.version_name`)."""
-    return store.version_name(model_id, version, folder=folder)
+    return store.version_name(model_id, version, folder=folder, pair=pair)
 
 
 class UpdaterCore:

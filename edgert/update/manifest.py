@@ -7,12 +7,15 @@ module is the one definition both sides share (pure: pydantic only, no TUF).
 
 Two kinds of target carry edgert data::
 
-    models/<model-id>/<version>/model.gguf         custom = {"edgert": ModelMeta}   (a GGUF model)
+    models/<model-id>/<version>/model.gguf         custom = {"edgert": ModelMeta}   (a GGUF model, alone or
+                                                                                     with its projector)
     models/<model-id>/<version>/genai_config.json  custom = {"edgert": ModelMeta}   (a folder model)
     channels.json                                  custom = {"edgert_channels": Channels}
 
-A model is one file (``format = "gguf"``) or a folder (``format = "onnx-genai"``,
-an ONNX Runtime GenAI model). Every file of a folder is its own TUF target,
+A model is one file (``format = "gguf"``), a GGUF with its multimodal projector
+(``format = "gguf-mmproj"``: the members ``model.gguf`` and ``mmproj.gguf``, installed as one
+folder, both or neither), or a folder (``format = "onnx-genai"``, an ONNX Runtime GenAI model).
+Every file of a folder is its own TUF target,
 ``models/<model-id>/<version>/<relative path>``, with its own signed length and
 hashes; the folder's ``genai_config.json`` target carries the ModelMeta, whose
 ``files`` lists every member, so the device knows which signed targets make one
@@ -45,10 +48,14 @@ CHANNELS_KEY: Final = "edgert_channels"
 MODEL_FILE: Final = "model.gguf"
 #: The member of a folder model whose target carries the ModelMeta (present in every such folder).
 FOLDER_ANCHOR: Final = ONNX_CONFIG_FILE
+#: A GGUF release's multimodal projector: the member beside ``model.gguf`` (which carries the ModelMeta).
+PROJECTOR_FILE: Final = "mmproj.gguf"
+#: The members of a ``gguf-mmproj`` release, in order: the language model, then its projector.
+PAIR_FILES: Final = (MODEL_FILE, PROJECTOR_FILE)
 
-ModelFormat = Literal["gguf", "onnx-genai"]
+ModelFormat = Literal["gguf", "onnx-genai", "gguf-mmproj"]
 #: The formats that are folders of files rather than one file.
-FOLDER_FORMATS: Final = frozenset({"onnx-genai"})
+FOLDER_FORMATS: Final = frozenset({"onnx-genai", "gguf-mmproj"})
 #: Most member files one folder model may list (bounds the work a device does for one release).
 MAX_MODEL_FILES: Final = 256
 #: One member's path relative to its folder: "/"-separated parts that do not start with a dot
@@ -81,7 +88,11 @@ class ModelMeta(BaseModel):
         pattern=NUMERIC_VERSION_PATTERN, description="Oldest edgert release that may install it"
     )
     file_name: str = Field(description="Base name of the .gguf (or of the model folder) as published")
-    format: ModelFormat = Field("gguf", description="gguf: one .gguf file; onnx-genai: an ONNX Runtime GenAI folder")
+    format: ModelFormat = Field(
+        "gguf",
+        description="gguf: one .gguf file; gguf-mmproj: model.gguf + its multimodal projector mmproj.gguf; "
+        "onnx-genai: an ONNX Runtime GenAI folder",
+    )
     files: tuple[str, ...] = Field(
         (),
         max_length=MAX_MODEL_FILES,
@@ -98,6 +109,10 @@ class ModelMeta(BaseModel):
         if not self.is_folder:
             if self.files:
                 raise ValueError(f"a {self.format} model is one file; it lists no member files")
+            return self
+        if self.format == "gguf-mmproj":
+            if self.files != PAIR_FILES:
+                raise ValueError(f"a gguf-mmproj release has exactly the files {list(PAIR_FILES)}")
             return self
         for member in self.files:
             if not re.match(MEMBER_PATTERN, member) or member.endswith(RESERVED_SUFFIXES):
@@ -154,8 +169,9 @@ class Channels(BaseModel):
 
 def model_target_path(model_id: str, version: str, model_format: ModelFormat = "gguf") -> str:
     """The TUF target path that carries a model version's ModelMeta: predictable, so a device can ask
-    for a pinned version (``model.gguf`` for a GGUF, the folder's ``genai_config.json`` for a folder)."""
-    name = FOLDER_ANCHOR if model_format in FOLDER_FORMATS else MODEL_FILE
+    for a pinned version (``model.gguf`` for a GGUF, with or without its projector; the folder's
+    ``genai_config.json`` for an ONNX folder)."""
+    name = FOLDER_ANCHOR if model_format == "onnx-genai" else MODEL_FILE
     return member_target_path(model_id, version, name)
 
 

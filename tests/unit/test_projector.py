@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pydantic import ValidationError
 
 from edgert import store
 from edgert.catalog import load_catalog
@@ -20,6 +21,7 @@ from edgert.projector import check_pair
 from edgert.serving.host import probe
 from edgert.serving.runtime import open_runtime
 from edgert.settings import EngineSettings, Settings
+from edgert.update.manifest import ModelMeta, model_target_path
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_MMPROJ = FIXTURES / "tiny-gemma4-mmproj.gguf"
@@ -252,3 +254,41 @@ def test_the_probe_evaluates_an_image_when_the_model_reads_images(tmp_path: Path
         assert result.prompt_tokens > result.image_tokens
     else:
         assert result.image_tokens == 0
+
+
+# --------------------------------------------------------------------------- a release with its projector
+
+
+def test_a_model_and_projector_release_lists_exactly_its_two_files() -> None:
+    fields = {
+        "model_id": "m:q4",
+        "version": "1",
+        "architecture": "gemma4",
+        "ram_mib": 100,
+        "min_edgert_version": "0.1",
+        "file_name": "m.gguf",
+        "format": "gguf-mmproj",
+    }
+    meta = ModelMeta.model_validate({**fields, "files": ["model.gguf", "mmproj.gguf"]})
+    assert meta.is_folder and meta.target_paths() == ("models/m:q4/1/model.gguf", "models/m:q4/1/mmproj.gguf")
+    assert model_target_path("m:q4", "1", "gguf-mmproj") == "models/m:q4/1/model.gguf"  # the anchor
+    assert meta.signed_custom()["files"] == ["model.gguf", "mmproj.gguf"]
+    for files in (["model.gguf"], ["mmproj.gguf", "model.gguf"], ["model.gguf", "mmproj.gguf", "x"]):
+        with pytest.raises(ValidationError, match="exactly the files"):
+            ModelMeta.model_validate({**fields, "files": files})
+
+
+def test_a_release_folder_serves_its_model_with_its_own_projector(tmp_path: Path) -> None:
+    name = store.version_name("m:q4", "1", pair=True)
+    assert name == "m+q4@1.mmgguf"
+    assert len({name, store.version_name("m:q4", "1"), store.version_name("m:q4", "1", folder=True)}) == 3
+    folder = tmp_path / "versions" / name
+    model = install(folder, "model.gguf")
+    projector = install(folder, "mmproj.gguf", TINY_MMPROJ)
+    settings = settings_for(tmp_path / "state")
+    link = tmp_path / "current.gguf"
+    link.symlink_to(folder)
+    assert store.resolve_model(settings, load_catalog(), str(link)) == (None, model)
+    assert store.resolve_model(settings, load_catalog(), str(folder)) == (None, model)
+    assert store.resolve_projector(settings, None, model) == projector
+    assert store.resolve_projector(settings_for(tmp_path / "state", multimodal=False), None, model) is None
