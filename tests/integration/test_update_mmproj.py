@@ -21,8 +21,10 @@ from edgert.errors import RegistryError
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.registry import staging
 from edgert.update.state import Phase, StateStore, UpdateState
+from tests.integration.daemon import DaemonProcess, start_daemon
+from tests.integration.test_update_daemon import start_device, wait_for_current, wait_served
 from tests.integration.test_update_faults import SLOW_BYTES_PER_S, apply_cli, kill9, start_apply, throttle, wait_until
-from tests.integration.update_support import MODEL_ID, Fleet, device_env, updater
+from tests.integration.update_support import MODEL_ID, Fleet, device_env, device_update, updater
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_MMPROJ = FIXTURES / "tiny-gemma4-mmproj.gguf"
@@ -159,3 +161,34 @@ def test_kill_between_the_two_files_installs_neither_then_resume_installs_both(
     assert (folder / "model.gguf").read_bytes() == tiny_gguf.read_bytes()
     assert (folder / "mmproj.gguf").read_bytes() == TINY_MMPROJ.read_bytes()
     assert versions(device_dir) == sorted([V1, V2])
+
+
+def test_a_daemon_installs_the_pair_serves_media_and_loads_it_again_after_a_restart(
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path
+) -> None:
+    (tmp_path / "device").mkdir()
+
+    def modalities(daemon: DaemonProcess) -> list[str]:
+        with daemon.client() as client:
+            return list(client.get("/v1/models").json()["data"][0]["modalities"])
+
+    daemon = start_device(tmp_path, fleet, tiny_gguf)
+    try:
+        wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
+        assert modalities(daemon) == ["text"]
+        release_pair(fleet, "2.0.0")
+        with daemon.client() as client:
+            assert client.post("/update/check").status_code == 202
+        wait_for_current(daemon, f"{MODEL_ID}@2.0.0")
+        wait_served(daemon, "2.0.0")
+        assert modalities(daemon) == ["text", "image", "audio"]
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    # no --model: the daemon serves the committed release, the folder with the model and its projector
+    settings = {f"update__{key}": str(value) for key, value in device_update(fleet).items()}
+    restarted = start_daemon(tmp_path / "device", None, **settings)
+    try:
+        wait_served(restarted, "2.0.0")
+        assert modalities(restarted) == ["text", "image", "audio"]
+    finally:
+        assert restarted.stop() == 0, restarted.log()
