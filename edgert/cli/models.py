@@ -36,8 +36,9 @@ from edgert.cli import exitcodes
 from edgert.errors import EdgertError, IntegrityError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, check_matches_spec, sha256_file, validate_gguf
 from edgert.log import scrub_urls
+from edgert.memory_fit import memory_need
 from edgert.pull import PullResult, pull_model, pull_projector
-from edgert.settings import Settings, load_settings
+from edgert.settings import EngineSettings, Settings, load_settings
 
 app = typer.Typer(
     name="models",
@@ -61,7 +62,8 @@ def list_models(
         n_ctx = ctx or settings.engine.n_ctx
         installed = store.list_installed(settings.models_dir, catalog)
         installed_ids = {model.spec.id for model in installed if model.spec is not None}
-        _out().print(_catalog_table(catalog, settings.models_dir, n_ctx, installed_ids))
+        engine = settings.engine.model_copy(update={"n_ctx": n_ctx})
+        _out().print(_catalog_table(catalog, settings.models_dir, engine, installed_ids))
         if media := _media_line(catalog):
             typer.echo(media)
         strays = [model.path.name for model in installed if model.spec is None]
@@ -174,7 +176,9 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _catalog_table(catalog: Catalog, models_dir: Path, n_ctx: int, installed_ids: set[str]) -> Table:
+def _catalog_table(catalog: Catalog, models_dir: Path, engine: EngineSettings, installed_ids: set[str]) -> Table:
+    """RAM is what the memory fit counts: with the projector unless engine.multimodal is off."""
+    n_ctx = engine.n_ctx
     table = Table(title=f"models in {models_dir}", title_justify="left")
     table.add_column("ID", no_wrap=True)
     table.add_column("QUANT", no_wrap=True)
@@ -187,7 +191,7 @@ def _catalog_table(catalog: Catalog, models_dir: Path, n_ctx: int, installed_ids
             spec.id,
             spec.quant,
             _gib(spec.size_bytes) if spec.sha256 else f"~{_gib(spec.size_bytes)}",
-            _gib(spec.ram_needed_mib(n_ctx) * 2**20),
+            _gib(memory_need(spec, engine).total_mib * 2**20),
             _installed_cell(models_dir, spec, installed_ids),
             "yes" if spec.embedded else "",
         )
@@ -218,6 +222,8 @@ def _installed_cell(models_dir: Path, spec: ModelSpec, installed_ids: set[str]) 
 
 
 def _gib(n: int) -> str:
+    if n >= 10 * 2**30:  # one decimal: the table stays within 80 columns
+        return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 

@@ -963,3 +963,16 @@ def test_cli_verify_catches_a_corrupted_projector(env: Env) -> None:
     result = runner.invoke(app, ["verify", "tiny-seer:f16"])
     assert result.exit_code == exitcodes.FAILURE
     assert f"tiny-seer.mmproj.gguf: sha256 mismatch: expected {_sha(env.mmproj)}" in result.stderr
+
+
+def test_cli_list_counts_the_projector_in_the_ram_column_unless_multimodal_is_off(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ram(model_id: str) -> str:
+        listed = runner.invoke(app, ["list"])
+        row = next(line for line in listed.stdout.splitlines() if f" {model_id} " in line)
+        return row.split("│")[4].strip()
+
+    assert (ram("tiny-seer:f16"), ram("tiny-hf:f16")) == ("72 MiB", "64 MiB")  # 64 + its 8 MiB projector
+    monkeypatch.setenv("EDGERT_ENGINE__MULTIMODAL", "false")
+    assert ram("tiny-seer:f16") == "64 MiB"
