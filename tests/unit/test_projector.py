@@ -198,13 +198,13 @@ def test_the_projector_counts_in_the_need_unless_multimodal_is_off() -> None:
 
 
 def test_a_6_gib_device_fits_e2b_text_only_and_is_told_how() -> None:
-    # 6144 - 1024 headroom = 5120 MiB: E2B Q4_K_M is 4100 MiB, 5554 with its 1454 MiB projector.
+    # 6144 - 1024 headroom = 5120 MiB: E2B Q4_K_M is 4100 MiB, 5610 with its 1510 MiB projector.
     catalog = load_catalog()
     with_media = choose_model(catalog, machine(6144), EngineSettings())
     assert with_media.chosen is not None and with_media.chosen.id == "gemma-3-270m:q4_k_m"
     line = next(line for line in with_media.lines if line.startswith(E2B_Q4))
     assert line == (
-        f"{E2B_Q4}: needs 5554 MiB (4100 lean + 1454 projector) > budget 5120 MiB, does not fit; "
+        f"{E2B_Q4}: needs 5610 MiB (4100 lean + 1510 projector) > budget 5120 MiB, does not fit; "
         "text only (4100 MiB, engine.multimodal = false) would fit"
     )
     text_only = choose_model(catalog, machine(6144), EngineSettings(multimodal=False))
@@ -219,7 +219,7 @@ def test_only_installed_projectors_count_when_the_caller_says_which_are_installe
     assert "multimodal projector" not in without.explanation
     with_it = choose_model(catalog, machine(8192), EngineSettings(), installed=installed, projectors={E2B_Q4})
     assert with_it.chosen is not None and with_it.chosen.id == E2B_Q4
-    assert "+ its multimodal projector, 1454 MiB" in with_it.explanation
+    assert "+ its multimodal projector, 1510 MiB" in with_it.explanation
 
 
 def test_nothing_fitting_with_projectors_points_at_text_only() -> None:
