@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
-import httpx
-
 from edgert.errors import BadRequestError, PayloadTooLargeError
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_REDIRECTS = 3
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -77,6 +79,9 @@ def check_url(url: str, hosts: tuple[AllowedHost, ...], where: str) -> None:
 def fetch(url: str, hosts: tuple[AllowedHost, ...], *, max_bytes: int, timeout_s: float, where: str) -> bytes:
     """The body of an allowed URL, at most ``max_bytes`` (413 beyond), within ``timeout_s`` in all."""
     check_url(url, hosts, where)
+    # imported here: the daemon serves without it unless an operator allowed a host (its start stays lean)
+    import httpx  # noqa: PLC0415
+
     deadline = time.monotonic() + timeout_s
     origin = urlsplit(url).hostname
     try:

@@ -38,7 +38,7 @@ from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
-from edgert.store import available_ids, resolve_model, resolve_projector
+from edgert.store import available_ids, projector_ids, resolve_model, resolve_projector
 
 log = logging.getLogger("edgert.serving.runtime")
 
@@ -220,7 +220,11 @@ def resolve(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec 
     if name == "auto":
         hardware = detect(capabilities())
         choice = choose_model(
-            catalog, hardware, settings.engine, installed=set(available_ids(settings.models_dir, catalog))
+            catalog,
+            hardware,
+            settings.engine,
+            installed=set(available_ids(settings.models_dir, catalog)),
+            projectors=projector_ids(settings.models_dir, catalog),  # only installed projectors take memory
         )
         if choice.chosen is None:
             raise ModelMissingError(f"model = auto: no installed catalog model fits this machine. {choice.explanation}")

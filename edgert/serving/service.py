@@ -82,7 +82,10 @@ class InferenceService:
         return self.served.id
 
     def models(self) -> list[ModelCard]:
-        return [ModelCard(id=self.model_id, created=self.created)]
+        """The served model's card, with what it accepts now (a swap may add or drop its projector)."""
+        served = self.served
+        modalities = [kind for kind in served.modalities if kind in ("text", "image", "audio")]
+        return [ModelCard(id=served.id, created=self.created, modalities=modalities)]
 
     def stats(self) -> tuple[SchedulerStats, int]:
         return self.host.stats()

@@ -48,7 +48,7 @@ def calls(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, 
 
         return wrapper
 
-    monkeypatch.setattr(runtime, "chat_prompt", spy("chat", runtime.chat_prompt))
+    monkeypatch.setattr(runtime, "chat_prompt_with_media", spy("chat", runtime.chat_prompt_with_media))
     monkeypatch.setattr(runtime, "completion_prompt", spy("completion", runtime.completion_prompt))
     return seen
 
