@@ -49,6 +49,12 @@ class _EngineCollector(Collector):
             stats.prefix_tokens_reused,
         )
         yield GaugeMetricFamily("edgert_prefix_cache_entries", "Cached prefixes held", stats.prefix_entries)
+        yield CounterMetricFamily("edgert_media_evaluated", "Images and audio clips encoded", stats.media_evals)
+        yield CounterMetricFamily(
+            "edgert_media_eval_seconds",
+            "Seconds the engine spent encoding media (running streams wait that long, one medium at a time)",
+            stats.media_eval_seconds,
+        )
         finished = CounterMetricFamily("edgert_sequences_finished", "Sequences finished, by reason", labels=["reason"])
         for reason, count in sorted(stats.finished.items()):
             finished.add_metric([reason], count)

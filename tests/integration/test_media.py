@@ -108,6 +108,11 @@ def test_media_requests_run_beside_text_streams(daemon: DaemonProcess) -> None:
     replies = asyncio.run(run())
     assert [reply.status_code for reply in replies] == [200] * 8, [reply.text for reply in replies]
     assert [details(reply.json())["image_tokens"] for reply in replies[:4]] == [80] * 4
+    with daemon.client() as client:
+        metrics = client.get("/metrics").text
+    evaluated = next(line for line in metrics.splitlines() if line.startswith("edgert_media_evaluated_total "))
+    assert float(evaluated.split()[1]) >= 5  # the encode time is there too, for the stall it costs streams
+    assert "edgert_media_eval_seconds_total " in metrics
 
 
 def test_a_streamed_reply_about_an_image(daemon: DaemonProcess) -> None:
