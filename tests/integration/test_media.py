@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import subprocess
 import sys
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from edgert.api.client import async_unix_client
 from edgert.api.mqtt_schemas import ReplyFinal, Topics
@@ -27,28 +23,10 @@ from edgert.transport.mqtt_client import MqttRequester
 from tests.integration.daemon import DaemonProcess, start_daemon
 from tests.integration.mosquitto import Broker
 from tests.integration.test_mqtt import check_stream, mqtt_daemon
+from tests.media_samples import noise_png, tone_wav
 
 CHAT = "/v1/chat/completions"
 MMPROJ = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-gemma4-mmproj.gguf"
-
-
-def png(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def wav(seconds: float) -> bytes:
-    rate = 16000
-    samples = (np.sin(np.arange(int(seconds * rate)) * 0.05) * 8000).astype("<i2").tobytes()
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples)
-    return out.getvalue()
 
 
 def image_part(data: bytes, kind: str = "png") -> dict[str, Any]:
@@ -76,22 +54,23 @@ def details(reply: dict[str, Any]) -> dict[str, int]:
 
 
 def test_an_image_and_a_clip_reach_the_model_in_order(daemon: DaemonProcess) -> None:
+    photo, clip = image_part(noise_png()), audio_part(tone_wav(1.0))
     with daemon.client() as client:
-        reply = client.post(CHAT, json=ask(image_part(png()), {"type": "text", "text": "and"}, audio_part(wav(1.0))))
+        reply = client.post(CHAT, json=ask(photo, {"type": "text", "text": "and"}, clip))
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert details(body)["image_tokens"] == 80 and details(body)["audio_tokens"] == 25
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
-        prompt = client.post("/apply-template", json=ask(image_part(png()), audio_part(wav(1.0)))).json()["prompt"]
+        prompt = client.post("/apply-template", json=ask(photo, clip)).json()["prompt"]
     assert prompt.count("<__media_") == 2  # the template sees one marker per medium, in place
 
 
 def test_the_same_photo_again_comes_from_the_prefix_cache(daemon: DaemonProcess) -> None:
-    photo = image_part(png(seed=7))
+    photo = image_part(noise_png(seed=7))
     with daemon.client() as client:
         first = client.post(CHAT, json=ask(photo)).json()
         again = client.post(CHAT, json=ask(photo)).json()
-        other = client.post(CHAT, json=ask(image_part(png(seed=8)))).json()
+        other = client.post(CHAT, json=ask(image_part(noise_png(seed=8)))).json()
     assert details(again)["cached_tokens"] > details(first)["cached_tokens"] + 80
     assert again["choices"][0]["message"] == first["choices"][0]["message"]
     assert details(other)["cached_tokens"] < details(again)["cached_tokens"] - 80
@@ -100,8 +79,8 @@ def test_the_same_photo_again_comes_from_the_prefix_cache(daemon: DaemonProcess)
 def test_media_requests_run_beside_text_streams(daemon: DaemonProcess) -> None:
     async def run() -> list[Any]:
         async with async_unix_client(daemon.socket, timeout=120) as client:
-            bodies = [ask(image_part(png(seed=seed)), max_tokens=8) for seed in range(20, 24)]
-            bodies += [ask(audio_part(wav(0.5)), max_tokens=8)]
+            bodies = [ask(image_part(noise_png(seed=seed)), max_tokens=8) for seed in range(20, 24)]
+            bodies += [ask(audio_part(tone_wav(0.5)), max_tokens=8)]
             bodies += [{"messages": [{"role": "user", "content": "plain"}], "max_tokens": 16} for _ in range(3)]
             return await asyncio.gather(*(client.post(CHAT, json=body) for body in bodies))
 
@@ -117,7 +96,7 @@ def test_media_requests_run_beside_text_streams(daemon: DaemonProcess) -> None:
 
 def test_a_streamed_reply_about_an_image(daemon: DaemonProcess) -> None:
     with daemon.client() as client:
-        text = client.post(CHAT, json=ask(image_part(png(seed=3)), stream=True, max_tokens=5)).text
+        text = client.post(CHAT, json=ask(image_part(noise_png(seed=3)), stream=True, max_tokens=5)).text
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert text.rstrip().endswith("data: [DONE]")
@@ -127,10 +106,10 @@ def test_a_streamed_reply_about_an_image(daemon: DaemonProcess) -> None:
     ("part", "status", "words"),
     [
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,not*base64!"}}, 400, "base64"),
-        (image_part(png()[:60]), 400, "image"),
+        (image_part(noise_png()[:60]), 400, "image"),
         ({"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}, 400, "media_url_hosts"),
         ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, 400, "file"),
-        (audio_part(wav(31.0)), 400, "30"),
+        (audio_part(tone_wav(31.0)), 400, "30"),
     ],
 )
 def test_bad_media_get_a_clear_error_naming_the_part(
@@ -142,14 +121,14 @@ def test_bad_media_get_a_clear_error_naming_the_part(
         error = reply.json()["error"]
         assert error["param"] == "messages.0.content.1", error
         assert words in error["message"], error
-        assert client.post(CHAT, json=ask(image_part(png()))).status_code == 200  # still serving
+        assert client.post(CHAT, json=ask(image_part(noise_png()))).status_code == 200  # still serving
 
 
 def test_a_very_thin_image_is_downscaled_and_served_not_a_crash(daemon: DaemonProcess) -> None:
     """libmtmd aborts the process on an image it would make longer than 1120 tokens (a 16000x1 strip); the
     longest side is capped first (serve.media_max_side) and the engine refuses what still comes out too long."""
     with daemon.client() as client:
-        reply = client.post(CHAT, json=ask(image_part(png(16000, 1))))
+        reply = client.post(CHAT, json=ask(image_part(noise_png(16000, 1))))
         assert reply.status_code == 200, reply.text
         assert 0 < details(reply.json())["image_tokens"] <= 1120
         assert client.get("/health").status_code == 200
@@ -159,7 +138,7 @@ def test_a_text_only_daemon_refuses_media_and_says_why(tmp_path: Path, tiny_gguf
     proc = start_daemon(tmp_path, tiny_gguf)
     try:
         with proc.client() as client:
-            reply = client.post(CHAT, json=ask(image_part(png())))
+            reply = client.post(CHAT, json=ask(image_part(noise_png())))
             assert reply.status_code == 400, reply.text
             assert "text-only" in reply.json()["error"]["message"]
             assert reply.json()["error"]["param"] == "messages.0.content.1"
@@ -171,9 +150,9 @@ def test_mqtt_carries_a_photo_as_base64(broker: Broker, tiny_gguf: Path, tmp_pat
     device = mqtt_daemon(tmp_path, tiny_gguf, broker, "dev-media", engine__mmproj=str(MMPROJ))
     try:
         with MqttRequester(broker.client_settings()) as client:
-            [final] = client.ask(Topics("dev-media").req, {**ask(image_part(png())), "id": "m-1"})
+            [final] = client.ask(Topics("dev-media").req, {**ask(image_part(noise_png())), "id": "m-1"})
             streamed = check_stream(
-                client.ask(Topics("dev-media").req, {**ask(audio_part(wav(1.0))), "stream": True, "id": "m-2"})
+                client.ask(Topics("dev-media").req, {**ask(audio_part(tone_wav(1.0))), "stream": True, "id": "m-2"})
             )
         assert isinstance(final, ReplyFinal), final
         assert final.usage.prompt_tokens_details is not None
@@ -185,8 +164,8 @@ def test_mqtt_carries_a_photo_as_base64(broker: Broker, tiny_gguf: Path, tmp_pat
 
 
 def test_cli_run_with_an_image_and_a_clip(tmp_path: Path, tiny_gguf: Path) -> None:
-    (tmp_path / "photo.png").write_bytes(png())
-    (tmp_path / "note.wav").write_bytes(wav(1.0))
+    (tmp_path / "photo.png").write_bytes(noise_png())
+    (tmp_path / "note.wav").write_bytes(tone_wav(1.0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERT_")}
     env.update(EDGERT_STATE_DIR=str(tmp_path / "state"), EDGERT_ENGINE__N_THREADS="1")
     cmd = [sys.executable, "-m", "edgert", "run", "-m", str(tiny_gguf), "--mmproj", str(MMPROJ), "--json", "-t", "0"]

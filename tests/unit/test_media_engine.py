@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgert.engine.base import MediaItem, SamplingParams
@@ -18,6 +15,7 @@ from edgert.errors import BadRequestError
 from edgert.media.parts import MEDIA_MARKER
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import load_settings
+from tests.media_samples import noise_rgb, tone_wav
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MMPROJ = FIXTURES / "tiny-gemma4-mmproj.gguf"
@@ -25,19 +23,12 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def image(width: int, height: int, seed: int = 0) -> MediaItem:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
+    pixels = noise_rgb(width, height, seed)
     return MediaItem("image", pixels, width, height, hashlib.sha256(pixels).hexdigest(), "messages.0.content.1")
 
 
-def wav(seconds: float, rate: int = 16000) -> MediaItem:
-    samples = (np.sin(np.arange(int(seconds * rate)) * 0.05) * 8000).astype("<i2").tobytes()
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples)
-    data = out.getvalue()
+def wav(seconds: float) -> MediaItem:
+    data = tone_wav(seconds)
     return MediaItem("audio", data, 0, 0, hashlib.sha256(data).hexdigest(), "messages.0.content.2")
 
 
