@@ -40,6 +40,11 @@ class LoadOptions:
     swa_full: bool = False
     kv_cache_type: str = "f16"
     use_mmap: bool = True
+    #: Gemma 4's per-layer token embedding read from the mapped file on demand ("on"), kept resident
+    #: ("off"), or llama.cpp's choice ("auto": on demand only for such a table over 4 GiB)
+    lazy_embeddings: Literal["off", "auto", "on"] = "auto"
+    #: llama.cpp's CPU repack of some weights into a faster layout (an extra copy beside the mapped file)
+    weight_repack: bool = True
     #: one KV pool for all sequences (False: n_ctx / n_seq_max private cells each)
     kv_unified: bool = True
     #: the multimodal projector (mmproj GGUF) to load beside the model, or None for text only

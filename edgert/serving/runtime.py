@@ -62,6 +62,8 @@ def load_options(engine: EngineSettings) -> LoadOptions:
         swa_full=engine.swa_full,
         kv_cache_type=engine.kv_cache_type,
         use_mmap=engine.use_mmap,
+        lazy_embeddings=engine.lazy_embeddings,
+        weight_repack=engine.weight_repack,
         kv_unified=engine.kv_unified,
     )
 

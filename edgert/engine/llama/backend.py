@@ -30,6 +30,11 @@ from edgert.engine.llama.process import ensure_initialised, log_reason
 from edgert.errors import BadRequestError, EngineError, ModelLoadError
 
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids
+_LAZY_MODES = {
+    "off": llama_cpp.LLAMA_LAZY_MODE_OFF,
+    "auto": llama_cpp.LLAMA_LAZY_MODE_AUTO,
+    "on": llama_cpp.LLAMA_LAZY_MODE_ON,
+}
 
 
 class LlamaSampler:
@@ -124,7 +129,13 @@ class LlamaBackend:
     def _load_model(self, path: Path, options: LoadOptions) -> Any:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
-        params.use_mmap = options.use_mmap
+        # llama_model_params has no use_mmap field (a ctypes structure takes any attribute silently):
+        # mapping is the load mode. "auto" maps unless a device cannot.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_AUTO if options.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        # A lazy table is mapped whatever the load mode: llama.cpp maps the file for it even when
+        # the other weights are read into memory.
+        params.lazy_mode = _LAZY_MODES[options.lazy_embeddings]
+        params.use_extra_bufts = options.weight_repack
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise ModelLoadError(f"{path}: llama.cpp could not load the model: {log_reason()}")
