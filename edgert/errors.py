@@ -19,7 +19,8 @@ so every transport converts errors the same way, in one place::
     ├── ModelError                  the model file or its load failed (500)
     │   ├── ModelFileError              corrupt / truncated / unsupported GGUF
     │   ├── ModelLoadError              llama.cpp refused to load it
-    │   └── ModelMissingError           catalog entry not present on disk
+    │   ├── ModelMissingError           catalog entry not present on disk
+    │   └── MemoryBudgetError           it does not fit memory_budget whatever the planner changes
     ├── EngineError                 a decode step failed              (500)
     ├── DownloadError               fetching a model failed           (502)
     │   ├── IntegrityError              bytes do not match the expected hash / size
@@ -172,6 +173,12 @@ class ModelLoadError(ModelError):
 
 class ModelMissingError(ModelError):
     code = "model_not_installed"
+
+
+class MemoryBudgetError(ModelError):
+    """The model does not fit ``memory_budget`` even after every change the memory planner may make."""
+
+    code = "memory_budget_exceeded"
 
 
 class EngineError(EdgertError):

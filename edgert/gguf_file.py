@@ -57,6 +57,8 @@ _SCALAR_FORMATS: Final = {
 _MIN_KV_BYTES: Final = 8 + 1 + 4 + 1  # key length, 1-byte key, type, 1-byte value
 _MIN_TENSOR_INFO_BYTES: Final = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, 1 dim, type, offset
 _MAX_ARRAY_NESTING: Final = 4
+#: Longest array kept as a value (per-layer hyperparameters); longer ones are skipped.
+_MAX_SHORT_ARRAY: Final = 4096
 
 # Metadata keys read into memory; every other value is skipped without decoding.
 _WANTED_KEYS: Final = frozenset(
@@ -109,9 +111,37 @@ class _DefectError(Exception):
 
 def validate_gguf(path: Path, *, architectures: frozenset[str] = SUPPORTED_ARCHITECTURES) -> GGUFInfo:
     """Return the header facts of ``path`` or raise :class:`ModelFileError` naming its defect."""
+    return read_layout(path, architectures=architectures, keep_prefix=None).info
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLayout:
+    """One tensor of the file: name, shape (``ne``, fastest dimension first), ggml type and byte size."""
+
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFLayout:
+    """A valid file's header facts, its tensor table and the metadata kept (for the memory model)."""
+
+    info: GGUFInfo
+    #: scalars, strings and short arrays of numbers/bools whose key starts with the asked prefix
+    metadata: dict[str, object]
+    tensors: tuple[TensorLayout, ...]
+
+
+def read_layout(
+    path: Path, *, architectures: frozenset[str] = SUPPORTED_ARCHITECTURES, keep_prefix: str | None = ""
+) -> GGUFLayout:
+    """:func:`validate_gguf` plus the tensor table and the metadata under ``keep_prefix`` ("" = the
+    architecture's own keys, ``<arch>.``); raises :class:`ModelFileError` naming a defect."""
     try:
         with path.open("rb") as raw:
-            return _parse(path, _Cursor(raw, path.stat().st_size), architectures)
+            return _parse(path, _Cursor(raw, path.stat().st_size), architectures, keep_prefix)
     except _DefectError as defect:
         raise ModelFileError(f"{path}: {defect}") from None
     except OSError as exc:
@@ -148,9 +178,9 @@ def file_type_name(value: int) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def _parse(path: Path, cur: _Cursor, architectures: frozenset[str]) -> GGUFInfo:
+def _parse(path: Path, cur: _Cursor, architectures: frozenset[str], keep_prefix: str | None) -> GGUFLayout:
     version, n_tensors, n_kv = _read_preamble(cur)
-    meta = _read_metadata(cur, n_kv)
+    meta = _read_metadata(cur, n_kv, keep_prefix)
     architecture = _architecture(meta, architectures)
     alignment = _alignment(meta)
     tensors = _read_tensor_infos(cur, n_tensors)
@@ -162,7 +192,7 @@ def _parse(path: Path, cur: _Cursor, architectures: frozenset[str]) -> GGUFInfo:
     embedding = meta.get(f"{architecture}.embedding_length") if architecture != "clip" else None
     encoders = [(kind, medium) for kind, medium in _ENCODERS if meta.get(f"clip.has_{kind}_encoder") is True]
     dims = [meta.get(f"clip.{kind}.projection_dim") for kind, _ in encoders]
-    return GGUFInfo(
+    info = GGUFInfo(
         path=path,
         version=version,
         architecture=architecture,
@@ -178,6 +208,12 @@ def _parse(path: Path, cur: _Cursor, architectures: frozenset[str]) -> GGUFInfo:
         projector_modalities=tuple(medium for _, medium in encoders),
         projection_dims=tuple(dim for dim in dims if isinstance(dim, int)),
     )
+    if keep_prefix is None:
+        return GGUFLayout(info, {}, ())
+    prefix = keep_prefix or f"{architecture}."
+    kept = {key: value for key, value in meta.items() if key.startswith(prefix)}
+    table = tuple(TensorLayout(t.name, t.dims, t.ggml_type, _tensor_nbytes(t)) for t in tensors)
+    return GGUFLayout(info, kept, table)
 
 
 def _read_preamble(cur: _Cursor) -> tuple[int, int, int]:
@@ -208,12 +244,14 @@ def _read_preamble(cur: _Cursor) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, object]:
+def _read_metadata(cur: _Cursor, n_kv: int, keep_prefix: str | None) -> dict[str, object]:
     wanted: dict[str, object] = {}
     for index in range(n_kv):
         key = cur.string(f"metadata key #{index}")
         value_type = cur.u32()
-        if key in _WANTED_KEYS or key.endswith(_WANTED_SUFFIXES):
+        # the architecture is not known yet while reading, so "" keeps every key but the tokenizer's
+        kept = keep_prefix is not None and key.startswith(keep_prefix) and not key.startswith("tokenizer.")
+        if key in _WANTED_KEYS or key.endswith(_WANTED_SUFFIXES) or kept:
             wanted[key] = _read_value(cur, value_type, key)
         else:
             _skip_value(cur, value_type, key, depth=0)
@@ -223,11 +261,35 @@ def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, object]:
 def _read_value(cur: _Cursor, value_type: int, key: str) -> object:
     if value_type == _T_STRING:
         return cur.string(key)
+    if value_type == _T_ARRAY:
+        return _read_short_array(cur, key)
     scalar = _SCALAR_FORMATS.get(value_type)
     if scalar is None:
         _skip_value(cur, value_type, key, depth=0)
         return None
     return scalar.unpack(cur.take(scalar.size))[0]
+
+
+def _read_short_array(cur: _Cursor, key: str) -> tuple[object, ...] | None:
+    """A per-layer array of numbers or bools (``feed_forward_length``, ``sliding_window_pattern``); None otherwise."""
+    element_type = cur.u32()
+    count = cur.u64()
+    scalar = _SCALAR_FORMATS.get(element_type)
+    if scalar is None or count > _MAX_SHORT_ARRAY:
+        size = _FIXED_SIZES.get(element_type)
+        if size is not None:
+            cur.skip(count * size, key)
+        elif element_type == _T_STRING:
+            cur.skip_strings(count, key)
+        elif element_type == _T_ARRAY:
+            if count * 12 > cur.remaining:
+                raise _DefectError(f"metadata {key!r} claims {count} nested arrays, more than fit in the file")
+            for _ in range(count):
+                _skip_array(cur, key, depth=1)
+        else:
+            raise _DefectError(f"metadata {key!r} is an array of unknown type {element_type}")
+        return None
+    return tuple(scalar.unpack(cur.take(scalar.size, key))[0] for _ in range(count))
 
 
 def _skip_value(cur: _Cursor, value_type: int, key: str, *, depth: int) -> None:

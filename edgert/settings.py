@@ -28,7 +28,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -542,6 +551,13 @@ class Settings(BaseSettings):
         description="Model served by default: a catalog id, a path to a .gguf file, or 'auto' "
         "(the largest installed catalog model that fits this machine).",
     )
+    memory_budget: str | None = Field(
+        None,
+        description="Most RAM the served model may take (e.g. '3GiB'); unset = no budget. The daemon predicts"
+        " the model's memory from its file and, to fit, turns on lazy embeddings, then repack off, a q8_0 KV"
+        " cache, a smaller n_ctx, text only, in that order, logging each change; if nothing fits it refuses"
+        " to start (exit 1) with the breakdown.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_json: bool = Field(False, description="Log JSON lines (for journald) instead of console text.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine and model loading.")
@@ -555,6 +571,13 @@ class Settings(BaseSettings):
     watchdog_usec: int | None = Field(
         None, validation_alias="WATCHDOG_USEC", description="Set by systemd when WatchdogSec= is configured."
     )
+
+    @field_validator("memory_budget", mode="after")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None and TypeAdapter(ByteSize).validate_python(value) <= 0:
+            raise ValueError("must be more than 0 bytes")
+        return value
 
     @field_validator("state_dir", "catalog", mode="after")
     @classmethod

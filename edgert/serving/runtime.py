@@ -33,6 +33,7 @@ from edgert.gguf_file import GGUFInfo, validate_gguf
 from edgert.hardware import detect
 from edgert.media.parts import MEDIA_MARKER
 from edgert.memory_fit import choose_model
+from edgert.memory_plan import fit_settings
 from edgert.serving.chat_plan import GEMMA4_MARKERS
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
@@ -270,6 +271,8 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
     projector = resolve_projector(settings, spec, path)
+    # memory_budget: settings that fit it (logged), or a MemoryBudgetError with the breakdown
+    settings, projector = fit_settings(settings, spec, path, projector)
     started = time.perf_counter()
     backend, options, (architecture, quant, backend_name), prefix_key = _load_backend(path, settings, projector)
     try:

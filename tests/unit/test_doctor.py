@@ -320,3 +320,29 @@ def test_an_explicit_projector_that_does_not_pair_is_an_error(env: Path, monkeyp
     assert code == 1
     found = problem(report, "error", "multimodal projector: not a multimodal projector")
     assert "engine.multimodal = false" in (found["hint"] or "")
+
+
+def test_budget_prints_the_breakdown_and_the_changes_that_fit(
+    env: Path, monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path
+) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", str(tiny_gguf))
+    monkeypatch.setenv("EDGERT_ENGINE__N_CTX", "131072")
+    roomy = run("--json", "--budget", "1GiB")
+    assert roomy.exit_code == exitcodes.OK, roomy.output
+    section = json.loads(roomy.stdout)["memory_budget"]
+    assert section["fits_now"] and section["changes"] == []
+    now = section["now"]["total_mib"]
+    assert now == sum(v for k, v in section["now"].items() if k != "total_mib")
+    tight = run("--json", "--budget", f"{now - 1}MiB")
+    section = json.loads(tight.stdout)["memory_budget"]
+    assert tight.exit_code == exitcodes.OK and section["fits"]
+    assert section["changes"][0].startswith("engine.kv_cache_type: f16 -> q8_0")
+    assert section["after"]["total_mib"] <= now - 1
+
+
+def test_budget_that_nothing_fits_exits_1(env: Path, monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", str(tiny_gguf))
+    result = run("--budget", "100MiB")
+    assert result.exit_code == exitcodes.FAILURE
+    assert "does NOT fit" in result.stdout
+    assert run("--budget", "lots").exit_code == exitcodes.USAGE

@@ -1,0 +1,116 @@
+"""Check edgert's memory model (edgert/memory_model.py) against measured RSS of ``edgert serve``.
+
+For each model x setting: start ``edgert serve`` on a Unix socket with the setting as ``EDGERT_ENGINE__*``
+variables, wait for /ready, run one short chat generation (8 tokens), then read the daemon's peak RSS
+(``VmHWM`` in /proc/<pid>/status, so a page touched once during load or generation counts) and its RSS now,
+and print them beside the model's prediction for the same file and settings. Run it under the shared
+benchmark lock::
+
+    flock /tmp/edgert-bench.lock .venv/bin/python benchmarks/memory_model_check.py \\
+        --gemma3 /path/gemma-3-270m.Q4_K_M.gguf --e2b ~/.cache/edgert-bench/gemma-4-E2B-shape-Q4_K_M.gguf
+
+Prints a Markdown table (the one in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from edgert.memory_model import estimate_file, machine_repack
+from edgert.settings import EngineSettings
+
+EDGERT = str(Path(sys.executable).with_name("edgert"))
+MIB = 1024 * 1024
+
+#: (label, engine settings) measured for every model; the first is edgert's default.
+SETTINGS: tuple[tuple[str, dict[str, object]], ...] = (
+    ("default (lazy auto, repack on, f16 KV)", {}),
+    ("lazy on", {"lazy_embeddings": "on"}),
+    ("lazy on, repack off", {"lazy_embeddings": "on", "weight_repack": False}),
+    ("repack off, KV q8_0", {"weight_repack": False, "kv_cache_type": "q8_0"}),
+    ("ctx 16384", {"n_ctx": 16384}),
+)
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure(model: Path, overrides: dict[str, object], workdir: Path) -> tuple[int, int]:
+    """(peak RSS, RSS after the generation) of ``edgert serve`` in MiB."""
+    sock = workdir / "edgert.sock"
+    env = dict(os.environ)
+    env.update({f"EDGERT_ENGINE__{key.upper()}": str(value).lower() for key, value in overrides.items()})
+    env.update(
+        {
+            "EDGERT_STATE_DIR": str(workdir / "state"),
+            "EDGERT_ENGINE__N_THREADS": "2",
+            "EDGERT_ENGINE__PREFIX_CACHE_PERSIST": "false",
+            "EDGERT_MQTT__BROKER": "",
+        }
+    )
+    with (workdir / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [EDGERT, "serve", "--socket", str(sock), "--model", str(model), "--no-mmproj"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: we stop exactly what we started
+        )
+    try:
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://edgert", timeout=120) as client:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"edgert serve exited with {proc.returncode}; see {workdir / 'serve.log'}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/ready").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("not ready after 300 s")
+                time.sleep(0.05)
+            body = {"messages": [{"role": "user", "content": "Write one sentence about the sea."}], "max_tokens": 8}
+            client.post("/v1/chat/completions", json=body).raise_for_status()
+        return status_kib(proc.pid, "VmHWM") // 1024, status_kib(proc.pid, "VmRSS") // 1024
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--gemma3", type=Path, help="Gemma 3 270M Q4_K_M GGUF")
+    parser.add_argument("--e2b", type=Path, help="shape-exact Gemma 4 E2B Q4_K_M GGUF")
+    parser.add_argument("--e4b", type=Path, help="shape-exact Gemma 4 E4B Q4_K_M GGUF")
+    args = parser.parse_args()
+    models = [(name, path) for name, path in (("270M", args.gemma3), ("E2B", args.e2b), ("E4B", args.e4b)) if path]
+    repack = machine_repack()
+    print(f"repack rules for this CPU: {repack}; load average {os.getloadavg()[0]:.2f}\n")
+    print("| model | setting | predicted MiB | peak RSS MiB | RSS after MiB | error vs peak |")
+    print("|---|---|---|---|---|---|")
+    for name, path in models:
+        for label, overrides in SETTINGS:
+            engine = EngineSettings.model_validate(overrides | {"multimodal": False})
+            predicted = estimate_file(path, engine, repack=repack).total_mib
+            with tempfile.TemporaryDirectory(prefix="edgert-mem-") as tmp:
+                peak, after = measure(path, overrides, Path(tmp))
+            error = (predicted - peak) / peak
+            print(f"| {name} | {label} | {predicted} | {peak} | {after} | {error:+.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
