@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
@@ -147,15 +147,20 @@ def serves_projector(spec: ModelSpec, engine: EngineSettings, projectors: Abstra
     return projectors is None or spec.id in projectors
 
 
-def memory_need(spec: ModelSpec, engine: EngineSettings, *, projector: bool | None = None) -> MemoryNeed:
+def memory_need(
+    spec: ModelSpec, engine: EngineSettings, *, projector: bool | None = None, file_mib: int | None = None
+) -> MemoryNeed:
     """What ``spec`` occupies at ``engine.n_ctx`` with ``engine``'s KV settings, and its projector when served.
 
     ``projector`` None counts the projector whenever :func:`serves_projector` says so for an installed one.
+    ``file_mib`` is the memory model's figure for the installed file without its projector
+    (:func:`edgert.memory_plan.file_estimates`); it replaces the catalog's ``ram_mib`` arithmetic, which
+    remains for models not installed (nothing to read the shape from).
     """
-    lean = spec.ram_needed_mib(engine.n_ctx)
+    lean = spec.ram_needed_mib(engine.n_ctx) if file_mib is None else file_mib
     with_projector = serves_projector(spec, engine) if projector is None else projector
     projector_mib = spec.projector.ram_mib if with_projector and spec.projector is not None else 0
-    if kv_is_lean(engine):
+    if kv_is_lean(engine) or file_mib is not None:  # the memory model counts the KV layout itself
         return MemoryNeed(lean_mib=lean, kv_extra_mib=0, projector_mib=projector_mib)
     extra = (NON_LEAN_KV_FACTOR - 1) * spec.kv_mib_per_1k_ctx * engine.n_ctx / 1024
     return MemoryNeed(lean_mib=lean, kv_extra_mib=math.ceil(extra), projector_mib=projector_mib)
@@ -235,16 +240,26 @@ def choose_model(
     engine_settings: EngineSettings,
     installed: set[str] | None = None,
     projectors: AbstractSet[str] | None = None,
+    file_mib: Mapping[str, int] | None = None,
 ) -> FitChoice:
     """The largest catalog model + quant that fits the memory budget.
 
     With ``installed`` given, only those ids are eligible; the others are still listed so the
     caller can suggest a download. A model's projector counts when ``engine.multimodal`` is on and,
-    with ``projectors`` given (the ids whose projector is installed), when it is installed. Pure: no I/O.
+    with ``projectors`` given (the ids whose projector is installed), when it is installed. ``file_mib``
+    holds the memory model's figure for installed files (see :func:`memory_need`). Pure: no I/O.
     """
     budget = memory_budget(hw, engine_settings)
+    computed = file_mib or {}
     candidates = tuple(
-        _candidate(spec, budget, engine_settings, installed, serves_projector(spec, engine_settings, projectors))
+        _candidate(
+            spec,
+            budget,
+            engine_settings,
+            installed,
+            serves_projector(spec, engine_settings, projectors),
+            computed.get(spec.id),
+        )
         for spec in rank(catalog_specs)
     )
     chosen = next((c.spec for c in candidates if c.eligible), None)
@@ -253,9 +268,14 @@ def choose_model(
 
 
 def _candidate(
-    spec: ModelSpec, budget: MemoryBudget, engine: EngineSettings, installed: set[str] | None, projector: bool
+    spec: ModelSpec,
+    budget: MemoryBudget,
+    engine: EngineSettings,
+    installed: set[str] | None,
+    projector: bool,
+    file_mib: int | None,
 ) -> Candidate:
-    need = memory_need(spec, engine, projector=projector)
+    need = memory_need(spec, engine, projector=projector, file_mib=file_mib)
     fits = need.total_mib <= budget.budget_mib
     is_installed = None if installed is None else spec.id in installed
     too_long = engine.n_ctx > spec.context_length

@@ -11,11 +11,13 @@ CPU), then a smaller context (shorter conversations), then text only (no images 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgert.catalog import ModelSpec
-from edgert.errors import MemoryBudgetError
+from edgert.errors import EdgertError, MemoryBudgetError
 from edgert.gguf_file import read_layout
 from edgert.memory_model import (
     MIB,
@@ -28,6 +30,7 @@ from edgert.memory_model import (
     shape_of,
 )
 from edgert.settings import EngineSettings, Settings
+from edgert.store import model_path
 
 log = logging.getLogger("edgert.memory_plan")
 
@@ -136,6 +139,25 @@ def projector_mib(spec: ModelSpec | None, projector: Path | None) -> int:
     if spec is not None and spec.projector is not None:
         return spec.projector.ram_mib
     return -(-projector.stat().st_size // MIB) + PROJECTOR_COMPUTE_MIB
+
+
+def file_estimates(
+    models_dir: Path, specs: Iterable[ModelSpec], installed: AbstractSet[str], engine: EngineSettings
+) -> dict[str, int]:
+    """The memory model's MiB (without projector) for each installed catalog model whose file reads cleanly."""
+    repack: dict[str, int] | None = None
+    found: dict[str, int] = {}
+    for spec in specs:
+        path = model_path(models_dir, spec)
+        if spec.id not in installed or not path.is_file():
+            continue
+        try:
+            shape = shape_of(read_layout(path))
+        except EdgertError:
+            continue  # a broken file is reported elsewhere (doctor, the load); the catalog figure stands
+        repack = machine_repack() if repack is None else repack
+        found[spec.id] = estimate(shape, engine, repack=repack).total_mib
+    return found
 
 
 def fit_settings(

@@ -21,6 +21,7 @@ from edgert.errors import EdgertError
 from edgert.gguf_file import validate_gguf
 from edgert.hardware import MIB, Hardware, Problem
 from edgert.memory_fit import FitChoice, MemoryNeed, choose_model, kv_is_lean, memory_need
+from edgert.memory_plan import file_estimates
 from edgert.settings import Settings
 from edgert.store import PROJECTOR_ARCHITECTURES, available_ids, model_path, projector_ids, resolve_projector
 
@@ -81,9 +82,13 @@ def build_report(
 ) -> Report:
     installed = available_ids(settings.models_dir, catalog)
     projectors = projector_ids(settings.models_dir, catalog)
-    auto = choose_model(catalog, hw, settings.engine, installed=set(installed), projectors=projectors)
-    recommended = choose_model(catalog, hw, settings.engine)
-    served = _with_projector(settings, _served_model(settings, catalog, auto, installed))
+    # installed files: the memory model computed from each header; the rest: the catalog's measured figure
+    computed = file_estimates(settings.models_dir, catalog, installed, settings.engine)
+    auto = choose_model(
+        catalog, hw, settings.engine, installed=set(installed), projectors=projectors, file_mib=computed
+    )
+    recommended = choose_model(catalog, hw, settings.engine, file_mib=computed)
+    served = _with_projector(settings, _served_model(settings, catalog, auto, installed, computed), computed)
     writable_base = _existing_ancestor(settings.state_dir)
     disk_free = shutil.disk_usage(writable_base).free // MIB if writable_base.is_dir() else None
     problems = [
@@ -111,15 +116,17 @@ def build_report(
     )
 
 
-def _served_model(settings: Settings, catalog: Catalog, auto: FitChoice, installed: frozenset[str]) -> ServedModel:
+def _served_model(
+    settings: Settings, catalog: Catalog, auto: FitChoice, installed: frozenset[str], computed: dict[str, int]
+) -> ServedModel:
     name = settings.model
     if name == "auto":
         spec = auto.chosen
-        need = memory_need(spec, settings.engine) if spec else None
+        need = memory_need(spec, settings.engine, file_mib=computed.get(spec.id)) if spec else None
         return ServedModel("auto", spec.id if spec else None, spec, None, spec is not None, need)
     spec = next((s for s in catalog if s.id == name), None)
     if spec is not None:
-        need = memory_need(spec, settings.engine)
+        need = memory_need(spec, settings.engine, file_mib=computed.get(spec.id))
         return ServedModel("catalog", name, spec, None, spec.id in installed, need)
     if _looks_like_path(name):
         path = Path(name).expanduser()
@@ -127,7 +134,7 @@ def _served_model(settings: Settings, catalog: Catalog, auto: FitChoice, install
     return ServedModel("catalog", name, None, None, installed=False, need=None)
 
 
-def _with_projector(settings: Settings, served: ServedModel) -> ServedModel:
+def _with_projector(settings: Settings, served: ServedModel, computed: dict[str, int]) -> ServedModel:
     """The projector ``edgert serve`` would load with the served model, what it reads, and its memory."""
     path = served.path or (model_path(settings.models_dir, served.spec) if served.spec else None)
     if path is None or not path.exists():  # not installed (reported), or the embedded model not assembled yet
@@ -138,17 +145,22 @@ def _with_projector(settings: Settings, served: ServedModel) -> ServedModel:
             validate_gguf(projector, architectures=PROJECTOR_ARCHITECTURES).projector_modalities if projector else ()
         )
     except EdgertError as exc:
-        return replace(served, projector_error=exc.message, need=_need(settings, served.spec, with_projector=False))
+        need = _need(settings, served.spec, computed, with_projector=False)
+        return replace(served, projector_error=exc.message, need=need)
     return replace(
         served,
         projector=projector,
         modalities=("text", *media),
-        need=_need(settings, served.spec, with_projector=projector is not None),
+        need=_need(settings, served.spec, computed, with_projector=projector is not None),
     )
 
 
-def _need(settings: Settings, spec: ModelSpec | None, *, with_projector: bool) -> MemoryNeed | None:
-    return memory_need(spec, settings.engine, projector=with_projector) if spec is not None else None
+def _need(
+    settings: Settings, spec: ModelSpec | None, computed: dict[str, int], *, with_projector: bool
+) -> MemoryNeed | None:
+    if spec is None:
+        return None
+    return memory_need(spec, settings.engine, projector=with_projector, file_mib=computed.get(spec.id))
 
 
 def _looks_like_path(name: str) -> bool:

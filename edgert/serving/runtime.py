@@ -33,7 +33,7 @@ from edgert.gguf_file import GGUFInfo, validate_gguf
 from edgert.hardware import detect
 from edgert.media.parts import MEDIA_MARKER
 from edgert.memory_fit import choose_model
-from edgert.memory_plan import fit_settings
+from edgert.memory_plan import file_estimates, fit_settings
 from edgert.serving.chat_plan import GEMMA4_MARKERS
 from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
@@ -222,12 +222,14 @@ def resolve(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec 
     """A catalog id, a .gguf path, or "auto": the largest available catalog model that fits here."""
     if name == "auto":
         hardware = detect(capabilities())
+        installed = available_ids(settings.models_dir, catalog)
         choice = choose_model(
             catalog,
             hardware,
             settings.engine,
-            installed=set(available_ids(settings.models_dir, catalog)),
+            installed=set(installed),
             projectors=projector_ids(settings.models_dir, catalog),  # only installed projectors take memory
+            file_mib=file_estimates(settings.models_dir, catalog, installed, settings.engine),
         )
         if choice.chosen is None:
             raise ModelMissingError(f"model = auto: no installed catalog model fits this machine. {choice.explanation}")
