@@ -40,6 +40,12 @@ SETTINGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("repack off, KV q8_0", {"weight_repack": False, "kv_cache_type": "q8_0"}),
     ("ctx 16384", {"n_ctx": 16384}),
 )
+#: Settings the model's measured constants were not fitted on (held out).
+HELD_OUT: tuple[tuple[str, dict[str, object]], ...] = (
+    ("held out: 1 slot, no prefix cache, ctx 8192", {"n_parallel": 1, "prefix_cache_entries": 0, "n_ctx": 8192}),
+    ("held out: private KV per slot (kv_unified off)", {"kv_unified": False}),
+    ("held out: no mmap", {"use_mmap": False}),
+)
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -103,7 +109,7 @@ def main() -> None:
     print("| model | setting | predicted MiB | peak RSS MiB | RSS after MiB | error vs peak |")
     print("|---|---|---|---|---|---|")
     for name, path in models:
-        for label, overrides in SETTINGS:
+        for label, overrides in SETTINGS + HELD_OUT:
             engine = EngineSettings.model_validate(overrides | {"multimodal": False})
             predicted = estimate_file(path, engine, repack=repack).total_mib
             with tempfile.TemporaryDirectory(prefix="edgert-mem-") as tmp:

@@ -57,6 +57,8 @@ _SCALAR_FORMATS: Final = {
 _MIN_KV_BYTES: Final = 8 + 1 + 4 + 1  # key length, 1-byte key, type, 1-byte value
 _MIN_TENSOR_INFO_BYTES: Final = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, 1 dim, type, offset
 _MAX_ARRAY_NESTING: Final = 4
+#: BPE merges: :func:`read_layout` keeps their number under this key (the memory model counts them).
+MERGES_KEY: Final = "tokenizer.ggml.merges"
 #: Longest array kept as a value (per-layer hyperparameters); longer ones are skipped.
 _MAX_SHORT_ARRAY: Final = 4096
 
@@ -129,7 +131,8 @@ class GGUFLayout:
     """A valid file's header facts, its tensor table and the metadata kept (for the memory model)."""
 
     info: GGUFInfo
-    #: scalars, strings and short arrays of numbers/bools whose key starts with the asked prefix
+    #: scalars, strings and short arrays of numbers/bools whose key starts with the asked prefix; and
+    #: under :data:`MERGES_KEY` the number of BPE merges
     metadata: dict[str, object]
     tensors: tuple[TensorLayout, ...]
 
@@ -211,7 +214,7 @@ def _parse(path: Path, cur: _Cursor, architectures: frozenset[str], keep_prefix:
     if keep_prefix is None:
         return GGUFLayout(info, {}, ())
     prefix = keep_prefix or f"{architecture}."
-    kept = {key: value for key, value in meta.items() if key.startswith(prefix)}
+    kept = {key: value for key, value in meta.items() if key.startswith(prefix) or key == MERGES_KEY}
     table = tuple(TensorLayout(t.name, t.dims, t.ggml_type, _tensor_nbytes(t)) for t in tensors)
     return GGUFLayout(info, kept, table)
 
@@ -253,6 +256,8 @@ def _read_metadata(cur: _Cursor, n_kv: int, keep_prefix: str | None) -> dict[str
         kept = keep_prefix is not None and key.startswith(keep_prefix) and not key.startswith("tokenizer.")
         if key in _WANTED_KEYS or key.endswith(_WANTED_SUFFIXES) or kept:
             wanted[key] = _read_value(cur, value_type, key)
+        elif keep_prefix is not None and key == MERGES_KEY and value_type == _T_ARRAY:
+            wanted[key] = _count_strings(cur, key)  # llama.cpp's tokenizer holds each merge in a map
         else:
             _skip_value(cur, value_type, key, depth=0)
     return wanted
@@ -268,6 +273,16 @@ def _read_value(cur: _Cursor, value_type: int, key: str) -> object:
         _skip_value(cur, value_type, key, depth=0)
         return None
     return scalar.unpack(cur.take(scalar.size))[0]
+
+
+def _count_strings(cur: _Cursor, key: str) -> int:
+    """Skip an array of strings, answering how many it held."""
+    element_type = cur.u32()
+    count = cur.u64()
+    if element_type != _T_STRING:
+        raise _DefectError(f"metadata {key!r} should be an array of strings, not of type {element_type}")
+    cur.skip_strings(count, key)
+    return count
 
 
 def _read_short_array(cur: _Cursor, key: str) -> tuple[object, ...] | None:

@@ -9,7 +9,7 @@ against measured RSS of ``edgert serve`` in ``benchmarks/memory_model_check.py``
   whole tensor data counts; without mmap the same bytes are read into anonymous memory.
 * **per-layer embeddings** (Gemma 4's ``per_layer_token_embd``, 1.8 GiB of an E2B Q4_K_M): resident like
   any weight, unless ``engine.lazy_embeddings`` makes llama.cpp read its rows on demand; then only the rows
-  of the tokens seen are paged in (``LAZY_ROWS`` distinct tokens counted, a page on either side of each).
+  of the tokens seen are paged in (``LAZY_ROWS`` distinct tokens counted, a fault-around window each).
 * **CPU repack**: with ``engine.weight_repack`` llama.cpp copies the matrices of some quant types into an
   interleaved layout (``ggml-cpu/repack.cpp``, ``ggml_repack_get_optimal_repack_type``); with mmap the
   mapped originals stay resident too, so the copy is a duplicate. Which types depends on the CPU.
@@ -20,7 +20,8 @@ against measured RSS of ``edgert serve`` in ``benchmarks/memory_model_check.py``
 * **compute**: llama.cpp reserves a worst-case buffer (E2B: 521 MiB, 512 of them logits for a whole
   ubatch); edgert asks for one logit row per sequence, so only those rows, the output buffer and the
   activations of a ubatch are ever touched.
-* **process**: the Python interpreter, edgert, its libraries and llama.cpp's code, measured.
+* **process**: the Python interpreter, edgert, its libraries and llama.cpp's code, measured; plus the
+  tokenizer's BPE merges, which llama.cpp keeps in a map.
 """
 
 from __future__ import annotations
@@ -32,22 +33,33 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from edgert.gguf_file import GGUFLayout, read_layout
+from edgert.gguf_file import MERGES_KEY, GGUFLayout, read_layout
 from edgert.settings import EngineSettings
 
 MIB = 1024 * 1024
-#: Resident memory of ``edgert serve`` before any model: interpreter, edgert, uvicorn, pydantic, numpy and
-#: libllama's code. Measured: RSS of the daemon minus the parts below, 270M and E2B (benchmarks/RESULTS.md).
-PROCESS_MIB = 150
-#: Distinct tokens whose per-layer embedding rows a lazily read table is assumed to have paged in: a
-#: kiosk's vocabulary over a day. Each row costs its bytes plus about one page of neighbours.
-LAZY_ROWS = 8192
-PAGE = 4096
+#: Resident memory of ``edgert serve`` besides the model: interpreter, edgert, uvicorn, pydantic, numpy,
+#: libllama's code and a 262k-token vocabulary. Measured: the 270M daemon's RSS less the parts below
+#: (468 - 349 MiB; benchmarks/RESULTS.md).
+PROCESS_MIB = 120
+#: llama.cpp keeps a BPE tokenizer's merges in a map: E2B's 514,906 merges took 64 MiB more than the
+#: 270M's SentencePiece vocabulary of the same size (RSS less the other parts), ~130 bytes each.
+BYTES_PER_MERGE = 130
+#: Distinct tokens whose per-layer embedding rows a lazily read table is counted with. Each row read faults
+#: in the kernel's fault-around window (64 KiB: 16 pages when the file is in the page cache), not just its
+#: 7 KiB. Measured on E2B: a short chat left ~34 MiB of the table resident; llama-bench's random-token
+#: prompts (pp64 + tg32, 4 runs) 542 MiB of its 1838. 1024 rows (64 MiB) covers chat in one language
+#: for a while; the table's residency grows with every new token up to its full size.
+LAZY_ROWS = 1024
+FAULT_AROUND = 64 * 1024
 #: Tensors read by row lookup (GET_ROWS), never multiplied, so never repacked.
 LOOKUP_TENSORS = frozenset({"token_embd.weight", "per_layer_token_embd.weight"})
 PER_LAYER_EMBEDDINGS = "per_layer_token_embd.weight"
 #: llama.cpp's LLAMA_LAZY_MODE_AUTO reads a marked tensor lazily only above this size.
 LAZY_AUTO_MIN_BYTES = 4 * 1024**3
+#: Architectures whose llama.cpp loader creates the output tensor before ``token_embd`` (models/gemma4.cpp):
+#: with a tied embedding the duplicate check then misses, and without mmap both copies are allocated and read
+#: (E2B: +314 MiB measured, the 315 MiB token_embd). With mmap both point into the mapping.
+OUTPUT_BEFORE_EMBEDDING = frozenset({"gemma4"})
 #: KV element sizes (bytes per value): f16, and the q8_0 / q4_0 blocks of 32 values.
 KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: Activations kept per ubatch token in the compute buffer, in units of n_embd floats. Measured from
@@ -118,6 +130,10 @@ class ModelShape:
     per_layer_embd_row_bytes: int
     #: no ``output.weight``: the output projection reuses ``token_embd`` (a repack candidate then)
     tied_output: bool
+    #: BPE merges in the tokenizer (0 for SentencePiece vocabularies)
+    n_merges: int = 0
+    #: bytes of ``token_embd`` when it doubles as the output projection (0 otherwise)
+    tied_embd_bytes: int = 0
 
 
 def shape_of(layout: GGUFLayout) -> ModelShape:
@@ -150,6 +166,8 @@ def shape_of(layout: GGUFLayout) -> ModelShape:
         per_layer_embd_bytes=ple.nbytes if ple is not None else 0,
         per_layer_embd_row_bytes=ple.nbytes // ple.dims[1] if ple is not None and len(ple.dims) > 1 else 0,
         tied_output=tied,
+        n_merges=_int(meta, MERGES_KEY, 0),
+        tied_embd_bytes=embd.nbytes if tied and embd is not None else 0,
     )
 
 
@@ -273,8 +291,8 @@ def kv_bytes(shape: ModelShape, engine: EngineSettings) -> int:
     if engine.kv_unified:
         full_cells = n_ctx
         swa_cells = _pad(min(n_ctx, shape.n_swa * n_seq + engine.n_ubatch), 256)
-    else:  # one stream per sequence, each of n_ctx / n_seq cells
-        per_seq = max(1, n_ctx // n_seq)
+    else:  # one stream per sequence, each of n_ctx / n_seq cells padded to 256 (llama-context.cpp)
+        per_seq = _pad(max(1, n_ctx // n_seq), 256)
         full_cells = per_seq * n_seq
         swa_cells = min(per_seq, _pad(shape.n_swa + engine.n_ubatch, 256)) * n_seq
     if engine.swa_full or shape.n_swa == 0:
@@ -305,20 +323,23 @@ def estimate(
     lazy = lazy_in_effect(shape, engine)
     if lazy:
         rows = min(LAZY_ROWS, shape.n_vocab)
-        ple = min(shape.per_layer_embd_bytes, rows * (shape.per_layer_embd_row_bytes + PAGE))
+        ple = min(shape.per_layer_embd_bytes, rows * max(shape.per_layer_embd_row_bytes, FAULT_AROUND))
     else:
         ple = shape.per_layer_embd_bytes
     repacked = repacked_bytes(shape, repack) if engine.weight_repack else 0
     # without mmap the repacked matrices are read straight into their new layout: no duplicate remains
     duplicate = repacked if engine.use_mmap else 0
+    weights = shape.tensor_bytes - shape.per_layer_embd_bytes
+    if not engine.use_mmap and shape.tied_output and shape.architecture in OUTPUT_BEFORE_EMBEDDING:
+        weights += shape.tied_embd_bytes
     return MemoryBreakdown(
-        weights_mib=_mib(shape.tensor_bytes - shape.per_layer_embd_bytes),
+        weights_mib=_mib(weights),
         per_layer_embd_mib=_mib(ple),
         repack_mib=_mib(duplicate),
         kv_mib=_mib(kv_bytes(shape, engine)),
         compute_mib=_mib(compute_bytes(shape, engine)),
         projector_mib=projector_mib,
-        process_mib=PROCESS_MIB,
+        process_mib=PROCESS_MIB + _mib(shape.n_merges * BYTES_PER_MERGE),
         lazy_embeddings=lazy,
         weight_repack=engine.weight_repack and repacked > 0,
         kv_cache_type=engine.kv_cache_type,
