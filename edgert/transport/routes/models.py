@@ -28,4 +28,3 @@ def router(state: ApiState) -> APIRouter:
         return svc.models()[0]
 
     return routes
-
