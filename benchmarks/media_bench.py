@@ -28,7 +28,8 @@ Usage (2 threads, as on the 2-core dev box; keep it short there)::
     .venv/bin/python benchmarks/media_bench.py --bin-dir "$BIN" -o /tmp/media.json
     .venv/bin/python benchmarks/media_bench.py --report /tmp/media.json   # markdown table
 
-Every server this starts is stopped (its own process group) on exit.
+Every server this starts is stopped (its own process group) on exit. Over 400 lines because it is one
+self-contained benchmark script, like serving_bench.py and tool_calls.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,7 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_bench
 from make_e2b_shape import default_cache_dir
 from serving_bench import (
     STORY,
@@ -66,11 +69,14 @@ from serving_bench import (
     machine_info,
     nonce,
     tree_rss,
+    wait_quiet,
 )
 from tool_calls import bench_bin_dir
 
 IMAGE_QUESTION = "What is in this picture? Answer in one sentence."
 AUDIO_QUESTION = "Transcribe this audio."
+#: before each measurement, wait up to this long for other jobs to leave the CPU (serving_bench.wait_quiet)
+QUIET_WAIT_S = 120.0
 
 
 # --------------------------------------------------------------------------- media
@@ -249,9 +255,13 @@ def story() -> list[dict[str, Any]]:
 async def media_pair(target: Target, part: dict[str, Any], question: str, max_tokens: int) -> dict[str, Any]:
     """The request once (nothing cached) and again (the same bytes)."""
     content = [part, {"type": "text", "text": question}]
-    first = await chat(target, content, max_tokens)
-    second = await chat(target, content, max_tokens)
+    waited = await wait_quiet(QUIET_WAIT_S)
+    with CpuMonitor() as mon:
+        first = await chat(target, content, max_tokens)
+        second = await chat(target, content, max_tokens)
     return {
+        "waited_for_quiet_s": round(waited, 1),
+        "foreign_cores": round(mon.foreign_cores, 2),
         "first_ttft_s": first.ttft_s,
         "second_ttft_s": second.ttft_s,
         "prompt_tokens": first.prompt_tokens,
@@ -265,6 +275,7 @@ async def streams_under_images(
     target: Target, streams: int, max_tokens: int, image_every_s: float | None, seed: int, side: int = 896
 ) -> dict[str, Any]:
     """``streams`` text streams; with ``image_every_s``, an image request every that many seconds meanwhile."""
+    waited = await wait_quiet(QUIET_WAIT_S)
     tasks = [asyncio.create_task(chat(target, story(), max_tokens)) for _ in range(streams)]
     images: list[Chat] = []
 
@@ -294,6 +305,7 @@ async def streams_under_images(
         "images_sent": len(images),
         "image_ttft_s": [i.ttft_s for i in images],
         "foreign_cores": round(mon.foreign_cores, 2),
+        "waited_for_quiet_s": round(waited, 1),
         "errors": [r.error for r in [*results, *images] if r.error],
     }
 
@@ -326,6 +338,24 @@ async def measure_text_only(target: Target, args: argparse.Namespace, seed: int)
         await target.close_client()
 
 
+_ENCODED = re.compile(r"^(image|audio) slice encoded in (\d+) ms", re.M)
+_DECODED = re.compile(r"^(image|audio) decoded \(batch \d+/\d+\) in (\d+) ms", re.M)
+
+
+def mtmd_times(log: str) -> dict[str, list[int]]:
+    """libmtmd's own timings from a server log, in order: encode ms and embedding-decode ms per medium.
+
+    edgert leaves mtmd's stderr lines in its log; llama-server does not print them at its default
+    verbosity (empty lists). The first image is edgert's startup probe.
+    """
+    out: dict[str, list[int]] = {"image_encode": [], "image_decode": [], "audio_encode": [], "audio_decode": []}
+    for kind, ms in _ENCODED.findall(log):
+        out[f"{kind}_encode"].append(int(ms))
+    for kind, ms in _DECODED.findall(log):
+        out[f"{kind}_decode"].append(int(ms))
+    return out
+
+
 def make_target(name: str, args: argparse.Namespace, mmproj: Path | None, workdir: Path) -> Target:
     common = {"model": args.model, "ctx": args.ctx, "threads": args.threads, "parallel": args.parallel}
     if name == "edgert":
@@ -339,23 +369,29 @@ async def run_system(name: str, args: argparse.Namespace, workdir: Path, seed: i
         target = make_target(name, args, mmproj, workdir)
         CpuMonitor.pids = []
         try:
-            ready_s = target.start()
+            try:
+                ready_s = target.start()
+            except RuntimeError as exc:  # recorded; the other system still runs
+                result[label] = {"error": str(exc)}
+                continue
             CpuMonitor.pids = [target.pid()]
+            command = " ".join(target.command)
             with PeakRss(target.pid()) as rss:
                 idle_rss = tree_rss(target.pid())
                 if mmproj:
                     data = await measure_with_projector(target, args, seed)
                 else:
                     data = await measure_text_only(target, args, seed)
-            result[label] = {"ready_s": ready_s, "idle_rss": idle_rss, "peak_rss": rss.peak, **data}
+            result[label] = {"command": command, "ready_s": ready_s, "idle_rss": idle_rss, "peak_rss": rss.peak, **data}
         finally:
             target.stop()
+            if label in result and target.log_path.exists():
+                result[label]["mtmd_ms"] = mtmd_times(target.log_path.read_text(errors="replace"))
             if args.keep_logs and target.log_path.exists():
                 args.keep_logs.mkdir(parents=True, exist_ok=True)
                 (args.keep_logs / f"{name}-{label}.log").write_bytes(target.log_path.read_bytes())
                 target.log_path.unlink()
         print(f"{name} {label}: {json.dumps(result[label])[:400]}", file=sys.stderr, flush=True)
-    result["command"] = " ".join(make_target(name, args, args.mmproj, workdir).command or [])
     return result
 
 
@@ -365,6 +401,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         systems: dict[str, Any] = {}
         for name in args.systems:
             systems[name] = await run_system(name, args, workdir, seed=args.seed)
+            partial = args.out.with_suffix(".partial.json") if args.out else None
+            if partial is not None:
+                partial.write_text(json.dumps(systems, indent=1))
     return {
         "machine": machine_info(),
         "edgert": _git_describe(),
@@ -385,32 +424,62 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.3f}x" if a / b < 0.1 else f"{a / b:.2f}x"
 
 
-def summary(sys_res: dict[str, Any]) -> dict[str, float | None]:
-    p, n = sys_res["projector"], sys_res["no_projector"]
-    out: dict[str, float | None] = {}
+def summary(runs: list[dict[str, Any]], probe_image: bool) -> dict[str, float | None]:
+    """One system's figures pooled over runs (result files): media pairs pooled, other phases median of runs.
+
+    ``probe_image``: the first image in the server's log is its startup probe (edgert), not a request.
+    """
+    ps = [r["projector"] for r in runs]
+    ns = [r["no_projector"] for r in runs if "peak_rss" in r["no_projector"]]
+    out: dict[str, float | None] = {"runs": len(runs)}
     for kind in ("image", "audio"):
-        out[f"{kind}_first"] = _med([r["first_ttft_s"] for r in p[kind]])
-        out[f"{kind}_second"] = _med([r["second_ttft_s"] for r in p[kind]])
-        out[f"{kind}_prompt_tokens"] = _med([r["prompt_tokens"] for r in p[kind]])
-        out[f"{kind}_media_tokens"] = _med([r["media_tokens"] for r in p[kind]])
-    out["tok_s_text"] = p["text_only"]["decode_tok_s"]
-    out["tok_s_images"] = p["with_images"]["decode_tok_s"]
-    out["gap_text"] = p["text_only"]["max_gap_s"]
-    out["gap_images"] = p["with_images"]["max_gap_s"]
-    out["images_sent"] = p["with_images"]["images_sent"]
-    out["peak_rss_mib"] = p["peak_rss"] / 2**20
-    out["peak_rss_noproj_mib"] = n["peak_rss"] / 2**20
-    out["ready_s"] = p["ready_s"]
-    out["ready_noproj_s"] = n["ready_s"]
+        pairs = [pair for p in ps for pair in p[kind]]
+        out[f"{kind}_first"] = _med([r["first_ttft_s"] for r in pairs])
+        out[f"{kind}_second"] = _med([r["second_ttft_s"] for r in pairs])
+        out[f"{kind}_prompt_tokens"] = _med([r["prompt_tokens"] for r in pairs])
+        out[f"{kind}_media_tokens"] = _med([r["media_tokens"] for r in pairs])
+        out[f"{kind}_reps"] = len(pairs)
+        for step in ("encode", "decode"):
+            times = [
+                ms
+                for p in ps
+                for ms in p.get("mtmd_ms", {}).get(f"{kind}_{step}", [])[probe_image and kind == "image" :]
+            ]
+            out[f"{kind}_{step}_s"] = _med([ms / 1000 for ms in times])
+    for key, phase, field_ in (
+        ("tok_s_text", "text_only", "decode_tok_s"),
+        ("tok_s_images", "with_images", "decode_tok_s"),
+        ("gap_text", "text_only", "max_gap_s"),
+        ("gap_images", "with_images", "max_gap_s"),
+    ):
+        out[key] = _med([p[phase][field_] for p in ps])
+    out["gap_images_worst"] = max(p["with_images"]["max_gap_s"] for p in ps)
+    out["images_sent"] = sum(p["with_images"]["images_sent"] for p in ps)
+    out["image_ttft_loaded"] = _med([t for p in ps for t in p["with_images"]["image_ttft_s"]])
+    phases = [ph for p in ps for ph in (*p["image"], *p["audio"], p["text_only"], p["with_images"])]
+    phases += [n["text_only"] for n in ns]
+    out["foreign_cores_max"] = max(ph.get("foreign_cores", 0.0) for ph in phases)
+    out["peak_rss_mib"] = max(p["peak_rss"] for p in ps) / 2**20
+    out["peak_rss_noproj_mib"] = max((n["peak_rss"] for n in ns), default=0) / 2**20 or None
+    out["ready_s"] = _med([p["ready_s"] for p in ps])
     return out
 
 
-def report(path: Path) -> str:
-    data = json.loads(path.read_text())
-    s = {name: summary(res) for name, res in data["systems"].items()}
+def report(paths: list[Path]) -> str:
+    files = [json.loads(path.read_text()) for path in paths]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    failed = []
+    for data in files:
+        for name, res in data["systems"].items():
+            failed += [f"{name} {label}: {res[label]['error']}" for label in res if "error" in res[label]]
+            if "error" not in res["projector"]:
+                runs.setdefault(name, []).append(res)
+    s = {name: summary(rs, probe_image=name == "edgert") for name, rs in runs.items()}
     e, ls = s.get("edgert", {}), s.get("llama-server", {})
     rows = [
         ("image (896x896 JPEG) TTFT, s", "image_first", 2),
@@ -421,6 +490,11 @@ def report(path: Path) -> str:
         ("4 text streams + images, aggregate decode tok/s", "tok_s_images", 2),
         ("longest token gap, text only, s", "gap_text", 2),
         ("longest token gap, with images, s", "gap_images", 2),
+        ("longest token gap, with images, worst run, s", "gap_images_worst", 2),
+        ("image encode (libmtmd's log), s", "image_encode_s", 2),
+        ("image embeddings into the model (libmtmd's log), s", "image_decode_s", 2),
+        ("audio encode (libmtmd's log), s", "audio_encode_s", 2),
+        ("audio embeddings into the model (libmtmd's log), s", "audio_decode_s", 2),
         ("peak RSS with projector, MiB", "peak_rss_mib", 0),
         ("peak RSS without projector, MiB", "peak_rss_noproj_mib", 0),
         ("start -> ready with projector, s", "ready_s", 1),
@@ -430,16 +504,19 @@ def report(path: Path) -> str:
         lines.append(f"| {label} | {_f(e.get(key), digits)} | {_f(ls.get(key), digits)} | "
                      f"{_ratio(e.get(key), ls.get(key))} |")  # fmt: skip
     lines.append("")
+    lines += [f"- failed to start: {f}" for f in failed]
     for name, v in s.items():
         lines.append(
             f"- {name}: second/first image {_ratio(v['image_second'], v['image_first'])}, audio "
             f"{_ratio(v['audio_second'], v['audio_first'])}; decode dip with images "
             f"{_ratio(v['tok_s_images'], v['tok_s_text'])} of text-only; longest gap / one image's TTFT "
-            f"{_ratio(v['gap_images'], v['image_first'])}; projector adds "
+            f"{_ratio(v['gap_images'], v['image_first'])} (/ an image's TTFT during the streams, "
+            f"{_f(v['image_ttft_loaded'])} s: {_ratio(v['gap_images'], v['image_ttft_loaded'])}); projector adds "
             f"{_f((v['peak_rss_mib'] or 0) - (v['peak_rss_noproj_mib'] or 0), 0)} MiB peak; "
             f"prompt tokens: image request {_f(v['image_prompt_tokens'], 0)} (image {_f(v['image_media_tokens'], 0)}), "
             f"audio request {_f(v['audio_prompt_tokens'], 0)} (audio {_f(v['audio_media_tokens'], 0)}); "
-            f"images sent during the streams: {_f(v['images_sent'], 0)}"
+            f"images sent during the streams: {_f(v['images_sent'], 0)}; other jobs' CPU, worst phase: "
+            f"{_f(v['foreign_cores_max'])} cores"
         )
     return "\n".join(lines)
 
@@ -462,13 +539,15 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=896, help="the square JPEG's side in pixels")
     parser.add_argument("--audio-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=16)
+    parser.add_argument("--edgert-src", default="", help="serve edgert from this tree (`git archive HEAD edgert`)")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the server logs into this dir")
     parser.add_argument("-o", "--out", type=Path, default=None)
-    parser.add_argument("--report", type=Path, default=None, help="print the markdown table of a result file")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, help="markdown table of result files (pooled)")
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
         return
+    serving_bench.EDGERT_SRC = args.edgert_src
     args.model, args.mmproj = args.model.resolve(), args.mmproj.resolve()  # the servers run in a temp dir
     args.bin_dir = bench_bin_dir(args.bin_dir) if "llama-server" in args.systems else None
     result = asyncio.run(main_async(args))
@@ -476,7 +555,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(out)
     with contextlib.suppress(KeyError):
-        print(report(out))
+        print(report([out]))
 
 
 if __name__ == "__main__":
