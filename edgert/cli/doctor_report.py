@@ -267,16 +267,7 @@ def _projector_problems(settings: Settings, served: ServedModel) -> list[Problem
 
 def _engine_problems(settings: Settings, hw: Hardware, served: ServedModel) -> list[Problem]:
     engine = settings.engine
-    problems = []
-    if engine.kv_cache_type != "f16" and not engine.flash_attn:
-        problems.append(
-            Problem(
-                "error",
-                f"kv_cache_type {engine.kv_cache_type} needs flash attention: llama.cpp refuses a quantized "
-                "V cache without it",
-                "set engine.flash_attn = true or engine.kv_cache_type = 'f16'",
-            )
-        )
+    problems = []  # a quantized KV cache without flash attention never gets here: the settings refuse it
     if not kv_is_lean(engine):
         extra = f" (+{served.need.kv_extra_mib} MiB for {served.name})" if served.need else ""
         problems.append(
