@@ -127,6 +127,8 @@ class MediaSpan:
     kind: str
     digest: str
     handle: object | None
+    #: the encoder's output between :meth:`MediaBackend.encode_media` and :meth:`MediaBackend.decode_media`
+    encoded: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +207,10 @@ class MediaBackend(Protocol):
         placeholder token derived from its digest (so the prefix cache tells media apart). BadRequestError
         naming the part for a medium the projector cannot take."""
 
-    def eval_media(self, seq: int, span: MediaSpan, pos: int) -> None:
-        """Encode the medium and write its embeddings into ``seq`` from position ``pos``. Raises EngineError."""
+    def encode_media(self, span: MediaSpan) -> None:
+        """Run the projector's encoder on the medium (kept in ``span.encoded``). Raises EngineError."""
+
+    def decode_media(self, seq: int, span: MediaSpan, pos: int) -> None:
+        """Write the encoded medium into ``seq`` from position ``pos``. Raises EngineError."""
 
     def release_media(self, span: MediaSpan) -> None: ...

@@ -1,10 +1,10 @@
 """The media side of a scheduler step: which image or clip waits, evaluating one, letting go of the rest.
 
-Media are evaluated whole (``MediaBackend.eval_media``: encode, then write the embeddings into the
-sequence), one per step, between decode steps: encoding is the heaviest thing a CPU does here, and the
-streams already running must keep decoding. The time spent is the stall they see,
-``stats.media_eval_seconds``. Runs only on the scheduler's engine thread (and, for letting go of the
-media of a request that never ran, under its lock).
+A medium is evaluated in two steps of its own, between decode steps: the projector's encoder
+(``MediaBackend.encode_media``), then the text model over its embeddings (``decode_media``). On a CPU
+each is seconds for an image, and the streams already running must keep decoding in between. The time
+spent is the stall they see, ``stats.media_eval_seconds``. Runs only on the scheduler's engine thread
+(and, for letting go of the media of a request that never ran, under its lock).
 """
 
 from __future__ import annotations
@@ -40,27 +40,35 @@ class MediaSteps:
         return span is not None and span.start == seq.prompt_fed
 
     def eval_one(self, running: Iterable[SequenceState]) -> tuple[SequenceState, EdgertError] | None:
-        """Evaluate the first waiting medium; the sequence and its error when that failed."""
+        """One piece of media work: write an encoded medium into its sequence, else encode a waiting one.
+
+        Encoding and writing the embeddings (a text-model decode over them) are each seconds on a CPU for
+        an image; done in separate steps, the running streams decode in between and never wait longer than
+        the longer of the two. Returns the sequence and its error when the work failed.
+        """
         if self._backend is None:
             return None
-        for seq in running:
-            span = self.pending(seq)
-            if span is None or span.start != seq.prompt_fed:
-                continue
+        waiting = [seq for seq in running if self.waiting(seq)]
+        ready = [seq for seq in waiting if seq.request.media[seq.media_next].encoded is not None]
+        for seq in ready[:1] or waiting[:1]:
+            span = seq.request.media[seq.media_next]
             started = time.monotonic()
             try:
-                self._backend.eval_media(seq.slot, span, seq.n_past)
+                if span.encoded is None:
+                    self._backend.encode_media(span)
+                else:
+                    self._backend.decode_media(seq.slot, span, seq.n_past)
+                    self._backend.release_media(span)
+                    seq.media_next += 1
+                    seq.prompt_fed += span.n_tokens
+                    seq.n_past += span.n_tokens
+                    self._stats.prompt_tokens += span.n_tokens
+                    self._stats.media_evals += 1
             except EdgertError as exc:
+                self._backend.release_media(span)
                 return seq, exc
             finally:
-                self._backend.release_media(span)
-            seq.media_next += 1
-            seq.prompt_fed += span.n_tokens
-            seq.n_past += span.n_tokens
-            self._stats.prompt_tokens += span.n_tokens
-            self._stats.media_evals += 1
-            self._stats.media_eval_seconds += time.monotonic() - started
-            return None
+                self._stats.media_eval_seconds += time.monotonic() - started
         return None
 
     def release(self, span: MediaSpan) -> None:

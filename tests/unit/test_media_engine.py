@@ -132,15 +132,15 @@ def test_cancel_and_deadline_during_encoding_free_the_slot(runtime: Runtime) -> 
     from dataclasses import replace
 
     backend = runtime.backend
-    encode = backend.eval_media  # type: ignore[union-attr]
+    encode = backend.encode_media  # type: ignore[union-attr]
     entered, release = threading.Event(), threading.Event()
 
-    def slow_eval(seq: int, span: object, pos: int) -> None:
+    def slow_encode(span: object) -> None:
         entered.set()
         release.wait(10)
-        encode(seq, span, pos)  # type: ignore[arg-type]
+        encode(span)  # type: ignore[arg-type]
 
-    backend.eval_media = slow_eval  # type: ignore[union-attr]
+    backend.encode_media = slow_encode  # type: ignore[union-attr]
 
     async def scenario(deadline_s: float | None, cancel: bool) -> tuple[object, object]:
         entered.clear()
@@ -168,5 +168,42 @@ def test_cancel_and_deadline_during_encoding_free_the_slot(runtime: Runtime) -> 
     expired, _ = asyncio.run(scenario(0.2, cancel=False))
     assert getattr(expired, "reason", None) == "deadline" or "deadline" in str(expired)
     assert runtime.scheduler.idle() and runtime.scheduler.stats.active == 0
-    backend.eval_media = encode  # type: ignore[union-attr]
+    backend.encode_media = encode  # type: ignore[union-attr]
     assert asyncio.run(generate(runtime, image(40, 30)))[1].error is None  # type: ignore[index]
+
+
+def test_encode_and_embedding_decode_are_separate_steps_with_streams_decoding_between(runtime: Runtime) -> None:
+    """A stream's longest stall is one of the two (the encoder, or the text model over the embeddings), never both."""
+    backend = runtime.backend
+    stats = runtime.scheduler.stats
+    encode, decode = backend.encode_media, backend.decode_media  # type: ignore[union-attr]
+    seen: list[tuple[str, int, int]] = []
+
+    def spy_encode(span: object) -> None:
+        seen.append(("encode", stats.steps, stats.generated_tokens))
+        encode(span)  # type: ignore[arg-type]
+
+    def spy_decode(seq: int, span: object, pos: int) -> None:
+        seen.append(("decode", stats.steps, stats.generated_tokens))
+        decode(seq, span, pos)  # type: ignore[arg-type]
+
+    backend.encode_media, backend.decode_media = spy_encode, spy_decode  # type: ignore[union-attr]
+
+    async def scenario() -> None:
+        async def text() -> object:
+            return await generate(runtime, max_tokens=40, text="A long plain answer please.")
+
+        streaming = asyncio.ensure_future(text())
+        while stats.generated_tokens < 2:  # the text stream is decoding before the photo arrives
+            await asyncio.sleep(0.001)
+        await generate(runtime, image(64, 48, seed=11), max_tokens=2)
+        await streaming
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.encode_media, backend.decode_media = encode, decode  # type: ignore[union-attr]
+    [(first, step_a, tokens_a), (second, step_b, tokens_b)] = seen
+    assert (first, second) == ("encode", "decode")
+    assert step_b > step_a  # not in the same scheduler step
+    assert tokens_b > tokens_a  # the text stream generated between the two

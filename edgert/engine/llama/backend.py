@@ -424,11 +424,21 @@ class LlamaBackend:
             raise BadRequestError("messages: this model is served without a projector: text only", param="messages")
         return self._projector.tokenize(text, media, add_special=add_special, max_audio_seconds=max_audio_seconds)
 
-    def eval_media(self, seq: int, span: MediaSpan, pos: int) -> None:
+    def encode_media(self, span: MediaSpan) -> None:
         assert self._projector is not None
-        self._projector.eval(self._ctx, seq, span, pos, n_batch=self._batch_capacity, n_ubatch=self._n_ubatch)
+        span.encoded = self._projector.encode(span, int(llama_cpp.llama_model_n_embd_inp(self._model)))
+
+    def decode_media(self, seq: int, span: MediaSpan, pos: int) -> None:
+        assert self._projector is not None
+        embeddings = span.encoded
+        if not isinstance(embeddings, np.ndarray):
+            raise EngineError(f"the {span.kind} was not encoded")
+        self._projector.decode(
+            self._ctx, seq, span, pos, embeddings, n_batch=self._batch_capacity, n_ubatch=self._n_ubatch
+        )
 
     def release_media(self, span: MediaSpan) -> None:
+        span.encoded = None
         if self._projector is not None:
             self._projector.release(span)
 

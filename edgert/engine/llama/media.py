@@ -3,8 +3,10 @@
 A :class:`Projector` owns one ``mtmd_context`` (the vision and/or audio encoder of a Gemma 4
 ``mmproj`` GGUF). It turns a rendered prompt whose media markers stand for the request's media into
 text tokens plus :class:`~edgert.engine.base.MediaSpan` pieces (``mtmd_tokenize``, on the caller's
-thread: it only decodes and counts), and evaluates one span into a sequence of the model's context
-(``mtmd_helper_eval_chunk_single``: encode, then decode the embeddings), on the engine thread.
+thread: it only decodes and counts), and evaluates one span into a sequence of the model's context on
+the engine thread in two calls a scheduler step apart: :meth:`Projector.encode` (the vision/audio
+encoder) and :meth:`Projector.decode` (the text model over the embeddings), so running streams decode
+between them and never wait longer than the longer of the two.
 
 Placeholder tokens: a span's positions carry a negative id derived from the medium's digest. They
 never reach llama.cpp (the span is evaluated as embeddings); they make the prefix cache, which
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 
 from edgert.engine.base import MediaItem, MediaSpan
@@ -146,18 +149,43 @@ class Projector:
         return tokens, spans
 
     # ------------------------------------------------------------ evaluating
-    def eval(self, lctx: Any, seq: int, span: MediaSpan, pos: int, *, n_batch: int, n_ubatch: int) -> None:
+    def encode(self, span: MediaSpan, n_embd: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """Run the encoder on the medium; its embeddings, copied (the next encode overwrites mtmd's)."""
+        if span.handle is None:
+            raise EngineError("the medium was already evaluated or released")
+        rc = mtmd.mtmd_encode_chunk(self._ctx, span.handle)
+        if rc != 0:
+            raise EngineError(f"libmtmd could not encode the {span.kind} ({rc}): {log_reason()}")
+        out = mtmd.mtmd_get_output_embd(self._ctx)
+        if not out:
+            raise EngineError(f"libmtmd gave no embeddings for the {span.kind}")
+        return np.ctypeslib.as_array(out, (span.n_tokens * n_embd,)).copy()
+
+    def decode(
+        self,
+        lctx: Any,
+        seq: int,
+        span: MediaSpan,
+        pos: int,
+        embeddings: np.ndarray[Any, np.dtype[np.float32]],
+        *,
+        n_batch: int,
+        n_ubatch: int,
+    ) -> None:
+        """Write encoded embeddings into ``seq`` from ``pos`` (a decode of the text model over them)."""
         if span.handle is None:
             raise EngineError("the medium was already evaluated or released")
         if span.n_tokens > n_ubatch and mtmd.mtmd_decode_use_non_causal(self._ctx, span.handle):
             # attention over these embeddings is non-causal: llama.cpp needs them in one micro-batch
             raise EngineError(f"the {span.kind} is {span.n_tokens} tokens; engine.n_ubatch must be at least that")
         new_pos = llama_cpp.llama_pos(0)
-        rc = mtmd.mtmd_helper_eval_chunk_single(
-            self._ctx, lctx, span.handle, pos, seq, n_batch, False, ctypes.byref(new_pos)
+        data = embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        no_callback = mtmd.mtmd_helper_post_decode_callback()
+        rc = mtmd.mtmd_helper_decode_image_chunk(
+            self._ctx, lctx, span.handle, data, pos, seq, n_batch, ctypes.byref(new_pos), no_callback, None
         )
         if rc != 0:
-            raise EngineError(f"libmtmd could not evaluate the {span.kind} ({rc}): {log_reason()}")
+            raise EngineError(f"llama.cpp could not take the {span.kind}'s embeddings ({rc}): {log_reason()}")
         if new_pos.value != pos + span.n_tokens:
             raise EngineError(f"the {span.kind} took {new_pos.value - pos} positions, {span.n_tokens} expected")
 
