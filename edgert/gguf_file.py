@@ -291,18 +291,7 @@ def _read_short_array(cur: _Cursor, key: str) -> tuple[object, ...] | None:
     count = cur.u64()
     scalar = _SCALAR_FORMATS.get(element_type)
     if scalar is None or count > _MAX_SHORT_ARRAY:
-        size = _FIXED_SIZES.get(element_type)
-        if size is not None:
-            cur.skip(count * size, key)
-        elif element_type == _T_STRING:
-            cur.skip_strings(count, key)
-        elif element_type == _T_ARRAY:
-            if count * 12 > cur.remaining:
-                raise _DefectError(f"metadata {key!r} claims {count} nested arrays, more than fit in the file")
-            for _ in range(count):
-                _skip_array(cur, key, depth=1)
-        else:
-            raise _DefectError(f"metadata {key!r} is an array of unknown type {element_type}")
+        _skip_elements(cur, key, element_type, count, depth=0)
         return None
     return tuple(scalar.unpack(cur.take(scalar.size, key))[0] for _ in range(count))
 
@@ -321,8 +310,10 @@ def _skip_value(cur: _Cursor, value_type: int, key: str, *, depth: int) -> None:
 def _skip_array(cur: _Cursor, key: str, *, depth: int) -> None:
     if depth >= _MAX_ARRAY_NESTING:
         raise _DefectError(f"metadata {key!r} nests arrays more than {_MAX_ARRAY_NESTING} deep")
-    element_type = cur.u32()
-    count = cur.u64()
+    _skip_elements(cur, key, cur.u32(), cur.u64(), depth=depth)
+
+
+def _skip_elements(cur: _Cursor, key: str, element_type: int, count: int, *, depth: int) -> None:
     element_size = _FIXED_SIZES.get(element_type)
     if element_size is not None:
         cur.skip(count * element_size, key)
