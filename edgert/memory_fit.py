@@ -118,6 +118,10 @@ class Candidate:
     installed: bool | None
     eligible: bool
     line: str
+    #: estimated decode tokens/s (None when not estimated)
+    tok_s: float | None = None
+    #: at or above engine.min_decode_tok_s (True when not estimated or the minimum is 0)
+    fast_enough: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,16 +245,20 @@ def choose_model(
     installed: set[str] | None = None,
     projectors: AbstractSet[str] | None = None,
     file_mib: Mapping[str, int] | None = None,
+    tok_s: Mapping[str, float] | None = None,
 ) -> FitChoice:
-    """The largest catalog model + quant that fits the memory budget.
+    """The largest catalog model + quant that fits the memory budget and decodes fast enough.
 
     With ``installed`` given, only those ids are eligible; the others are still listed so the
     caller can suggest a download. A model's projector counts when ``engine.multimodal`` is on and,
     with ``projectors`` given (the ids whose projector is installed), when it is installed. ``file_mib``
-    holds the memory model's figure for installed files (see :func:`memory_need`). Pure: no I/O.
+    holds the memory model's figure for installed files (see :func:`memory_need`). ``tok_s`` holds estimated
+    decode rates (:func:`edgert.speed_fit.speed_estimates`): a candidate below ``engine.min_decode_tok_s`` is
+    passed over, unless no eligible one reaches it; then the fastest eligible one is chosen. Pure: no I/O.
     """
     budget = memory_budget(hw, engine_settings)
     computed = file_mib or {}
+    rates = tok_s or {}
     candidates = tuple(
         _candidate(
             spec,
@@ -259,11 +267,23 @@ def choose_model(
             installed,
             serves_projector(spec, engine_settings, projectors),
             computed.get(spec.id),
+            rates.get(spec.id),
         )
         for spec in rank(catalog_specs)
     )
-    chosen = next((c.spec for c in candidates if c.eligible), None)
+    chosen = next((c.spec for c in candidates if c.eligible and c.fast_enough), None)
+    slow_pick = chosen is None and any(c.eligible for c in candidates)
+    if slow_pick:  # nothing reaches the minimum: serving slowly beats refusing to serve
+        chosen = max((c for c in candidates if c.eligible), key=lambda c: c.tok_s or 0.0).spec
     explanation = _explain(chosen, budget, candidates, engine_settings, installed)
+    if slow_pick:
+        explanation += _explain_slow(chosen, candidates, engine_settings)
+    elif chosen is not None and any(c.eligible and not c.fast_enough for c in candidates):
+        skipped = ", ".join(c.spec.id for c in candidates if c.eligible and not c.fast_enough)
+        explanation += (
+            f" Passed over as too slow (estimated below engine.min_decode_tok_s = "
+            f"{engine_settings.min_decode_tok_s:g} tok/s): {skipped}."
+        )
     return FitChoice(chosen=chosen, budget=budget, candidates=candidates, explanation=explanation)
 
 
@@ -274,6 +294,7 @@ def _candidate(
     installed: set[str] | None,
     projector: bool,
     file_mib: int | None,
+    tok_s: float | None = None,
 ) -> Candidate:
     need = memory_need(spec, engine, projector=projector, file_mib=file_mib)
     fits = need.total_mib <= budget.budget_mib
@@ -289,7 +310,11 @@ def _candidate(
         line += f"; n_ctx {engine.n_ctx} exceeds its trained context {spec.context_length}"
     if is_installed is not None:
         line += "; installed" if is_installed else "; not installed"
-    return Candidate(spec, need, fits, is_installed, eligible, line)
+    minimum = engine.min_decode_tok_s
+    fast_enough = tok_s is None or minimum <= 0 or tok_s >= minimum
+    if tok_s is not None:
+        line += f"; ~{tok_s:.1f} tok/s" + ("" if fast_enough else f", below engine.min_decode_tok_s {minimum:g}")
+    return Candidate(spec, need, fits, is_installed, eligible, line, tok_s, fast_enough)
 
 
 def _need_text(need: MemoryNeed) -> str:
@@ -347,6 +372,16 @@ def _explain_none(candidates: tuple[Candidate, ...], budget: MemoryBudget, insta
     return (
         f"Nothing fits: the smallest, {smallest.spec.id}, needs {smallest.need.total_mib} MiB > "
         f"{budget.budget_mib} MiB. Lower engine.n_ctx, or use lean KV settings."
+    )
+
+
+def _explain_slow(chosen: ModelSpec | None, candidates: tuple[Candidate, ...], engine: EngineSettings) -> str:
+    rate = next((c.tok_s for c in candidates if chosen is not None and c.spec.id == chosen.id), None)
+    shown = f"~{rate:.1f} tok/s" if rate is not None else "speed unknown"
+    return (
+        f" No model that qualifies reaches engine.min_decode_tok_s = {engine.min_decode_tok_s:g} tok/s here "
+        f"(estimated), so the fastest of them was chosen ({shown}); set engine.min_decode_tok_s = 0 to pick by "
+        f"memory only."
     )
 
 

@@ -179,6 +179,13 @@ class EngineSettings(BaseModel):
         " extra copy (E2B Q4_K_M: ~0.87 GiB less RSS, decode 0.85x; the 270M: no measurable loss).",
     )
     load_timeout_s: float = Field(120.0, gt=0, description="Give up loading a model after this long.")
+    min_decode_tok_s: float = Field(
+        8.0,
+        ge=0.0,
+        description="model = auto (and doctor) pass over models estimated to decode slower than this many"
+        " tokens/s on this machine (from its measured memory bandwidth); if none fits and is fast enough, the"
+        " fastest that fits is chosen. 0 = off (pick by memory only).",
+    )
     multimodal: bool = Field(
         True,
         description="Load the model's multimodal projector (images/audio) when one is installed or set;"

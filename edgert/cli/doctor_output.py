@@ -107,6 +107,8 @@ def _choice_json(choice: FitChoice) -> dict[str, object]:
                 "modalities": list(_candidate_modalities(c.spec, c.need)),
                 "fits": c.fits,
                 "installed": c.installed,
+                "decode_tok_s_estimate": round(c.tok_s, 1) if c.tok_s is not None else None,
+                "fast_enough": c.fast_enough,
                 "line": c.line,
             }
             for c in choice.candidates
@@ -204,7 +206,7 @@ def _model_table(report: Report) -> Table:
 def _fit_table(report: Report) -> Table:
     choice = report.recommended
     table = Table(title=f"Catalog fit (budget {choice.budget.budget_mib} MiB)", title_justify="left")
-    for column in ("model", "needs MiB", "fits", "installed", "input"):
+    for column in ("model", "needs MiB", "fits", "installed", "input", "est. tok/s"):
         table.add_column(column)
     for candidate in choice.candidates:
         mark = " *" if choice.chosen and candidate.spec.id == choice.chosen.id else ""
@@ -214,8 +216,15 @@ def _fit_table(report: Report) -> Table:
             _yes(candidate.fits),
             _yes(candidate.spec.id in report.installed),
             "+".join(_candidate_modalities(candidate.spec, candidate.need)),
+            _speed_cell(candidate.tok_s, candidate.fast_enough),
         )
     return table
+
+
+def _speed_cell(tok_s: float | None, fast_enough: bool) -> str:
+    if tok_s is None:
+        return "-"
+    return f"{tok_s:.1f}" + ("" if fast_enough else " (slow)")
 
 
 def _need_cell(need: MemoryNeed) -> str:

@@ -23,6 +23,7 @@ from edgert.hardware import MIB, Hardware, Problem
 from edgert.memory_fit import FitChoice, MemoryNeed, choose_model, kv_is_lean, memory_need
 from edgert.memory_plan import file_estimates
 from edgert.settings import Settings
+from edgert.speed_fit import machine_estimates
 from edgert.store import PROJECTOR_ARCHITECTURES, available_ids, model_path, projector_ids, resolve_projector
 
 ModelSource = Literal["auto", "catalog", "path"]
@@ -84,10 +85,17 @@ def build_report(
     projectors = projector_ids(settings.models_dir, catalog)
     # installed files: the memory model computed from each header; the rest: the catalog's measured figure
     computed = file_estimates(settings.models_dir, catalog, installed, settings.engine)
+    speeds = machine_estimates(settings, catalog, installed, hw)  # bandwidth measured once per CPU, cached
     auto = choose_model(
-        catalog, hw, settings.engine, installed=set(installed), projectors=projectors, file_mib=computed
+        catalog,
+        hw,
+        settings.engine,
+        installed=set(installed),
+        projectors=projectors,
+        file_mib=computed,
+        tok_s=speeds,
     )
-    recommended = choose_model(catalog, hw, settings.engine, file_mib=computed)
+    recommended = choose_model(catalog, hw, settings.engine, file_mib=computed, tok_s=speeds)
     served = _with_projector(settings, _served_model(settings, catalog, auto, installed, computed), computed)
     writable_base = _existing_ancestor(settings.state_dir)
     disk_free = shutil.disk_usage(writable_base).free // MIB if writable_base.is_dir() else None

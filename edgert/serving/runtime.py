@@ -39,6 +39,7 @@ from edgert.serving.prefix_cache import PrefixStore
 from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
+from edgert.speed_fit import machine_estimates
 from edgert.store import available_ids, projector_ids, resolve_model, resolve_projector
 
 log = logging.getLogger("edgert.serving.runtime")
@@ -230,6 +231,7 @@ def resolve(settings: Settings, catalog: Catalog, name: str) -> tuple[ModelSpec 
             installed=set(installed),
             projectors=projector_ids(settings.models_dir, catalog),  # only installed projectors take memory
             file_mib=file_estimates(settings.models_dir, catalog, installed, settings.engine),
+            tok_s=machine_estimates(settings, catalog, installed, hardware),
         )
         if choice.chosen is None:
             raise ModelMissingError(f"model = auto: no installed catalog model fits this machine. {choice.explanation}")
