@@ -33,11 +33,12 @@ from edgert.store import model_path
 log = logging.getLogger("edgert.speed_fit")
 
 #: Effective bandwidth of llama.cpp's decode (2 threads) over the numpy copy's figure. Fitted on a 2-vCPU EPYC
-#: together with :data:`TOKEN_OVERHEAD_S`: it exceeds 1 because the copy runs on one thread and also writes.
-EFFICIENCY = 1.04
-#: Per-token cost that does not scale with the weights (graph build, sampling, thread sync): what made the
-#: 270M decode at 78 tok/s rather than the ~120 its 246 MB alone would allow.
-TOKEN_OVERHEAD_S = 0.0043
+#: together with :data:`TOKEN_OVERHEAD_S` (benchmarks/speed_fit_check.py --fit: 1.089 and 1.044 in two runs):
+#: above 1 because the copy runs on one thread and also writes.
+EFFICIENCY = 1.07
+#: Per-token cost that does not scale with the weights (graph build, sampling, thread sync; 3.8 ms in both
+#: fits): why the 270M decodes at ~83 tok/s rather than the ~120 its 246 MB alone would allow.
+TOKEN_OVERHEAD_S = 0.0038
 #: Share of a catalog file that a token reads, for models not installed (no header to read): Gemma 4's
 #: per-layer embedding table is most of the file but gives one row per token. Measured on the shape-exact
 #: Q4_K_M files (matrices / file): E2B 1472 of 3400 MB, E4B 2972 of 5286 MB. Other variants: the whole file.
