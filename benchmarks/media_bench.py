@@ -45,7 +45,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import wave
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from serving_bench import (
     CpuMonitor,
     EdgertTarget,
     LlamaServerTarget,
+    PeakRss,
     Target,
     _git_describe,
     loadavg,
@@ -224,29 +224,6 @@ class LlamaServerMedia(LlamaServerTarget):
             self.command += ["--mmproj", str(self.mmproj)]
 
 
-class PeakRss:
-    """Samples a process tree's RSS every 100 ms in a thread; ``peak`` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, tree_rss(self.pid))
-
-
 # --------------------------------------------------------------------------- measurements
 def story() -> list[dict[str, Any]]:
     return [{"type": "text", "text": f"Chapter {nonce()}.\n\n{STORY}"}]
@@ -376,7 +353,7 @@ async def run_system(name: str, args: argparse.Namespace, workdir: Path, seed: i
                 continue
             CpuMonitor.pids = [target.pid()]
             command = " ".join(target.command)
-            with PeakRss(target.pid()) as rss:
+            with PeakRss(target.pid(), interval_s=0.1) as rss:
                 idle_rss = tree_rss(target.pid())
                 if mmproj:
                     data = await measure_with_projector(target, args, seed)

@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,12 +51,12 @@ from make_e2b_shape import default_cache_dir
 from serving_bench import (
     CpuMonitor,
     EdgertTarget,
+    PeakRss,
     _git_describe,
     loadavg,
     machine_info,
     run_aggregate,
     run_single,
-    tree_rss,
 )
 from tool_calls import bench_bin_dir
 
@@ -135,29 +134,6 @@ PASSAGE = (
     "that things in general were settled for ever. It was the year of Our Lord one thousand seven hundred and "
     "seventy-five. Spiritual revelations were conceded to England at that favoured period, as at this."
 )
-
-
-class PeakRss:
-    """Polls a process tree's RSS from /proc every 50 ms in a thread; ``peak`` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, tree_rss(self.pid))
 
 
 def rss_split(pid: int) -> dict[str, int]:

@@ -104,17 +104,13 @@ class Staging(RegistryFiles):
                 signing_key=signing_key,
             )
         gguf = model
-        info = validate_gguf(gguf)
-        size = gguf.stat().st_size
-        meta = _model_meta(
+        meta = _gguf_meta(
+            gguf,
+            gguf.stat().st_size,
             model_id=model_id,
             version=version,
-            architecture=info.architecture,
-            quant=info.file_type,
-            context_length=info.context_length,
-            ram_mib=ram_mib or _ram_estimate(size),
+            ram_mib=ram_mib,
             min_edgert_version=min_edgert_version,
-            file_name=gguf.name,
         )
         staging = self._load_staging()
         self._check_new_version(staging.signed, model_id, version)
@@ -193,17 +189,14 @@ class Staging(RegistryFiles):
             check_pair_files(model, mmproj)
         except ModelFileError as exc:
             raise RegistryError(f"{mmproj.name} cannot be published with {model.name}: {exc.message}") from None
-        info = validate_gguf(model)
         size = model.stat().st_size + mmproj.stat().st_size
-        meta = _model_meta(
+        meta = _gguf_meta(
+            model,
+            size,
             model_id=model_id,
             version=version,
-            architecture=info.architecture,
-            quant=info.file_type,
-            context_length=info.context_length,
-            ram_mib=ram_mib or _ram_estimate(size),
+            ram_mib=ram_mib,
             min_edgert_version=min_edgert_version,
-            file_name=model.name,
             format="gguf-mmproj",
             files=PAIR_FILES,
         )
@@ -374,6 +367,19 @@ def _model_meta(**fields: Any) -> ModelMeta:
         return ModelMeta(**fields)
     except ValidationError as exc:
         raise RegistryError(f"invalid model metadata: {first_error(exc)}") from None
+
+
+def _gguf_meta(gguf: Path, size: int, *, ram_mib: int | None, **fields: Any) -> ModelMeta:
+    """The ModelMeta of a release whose model is ``gguf`` (``size``: all its files), read from the GGUF header."""
+    info = validate_gguf(gguf)
+    return _model_meta(
+        architecture=info.architecture,
+        quant=info.file_type,
+        context_length=info.context_length,
+        ram_mib=ram_mib or _ram_estimate(size),
+        file_name=gguf.name,
+        **fields,
+    )
 
 
 def _ram_estimate(size: int) -> int:

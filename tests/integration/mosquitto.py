@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import shutil
 import signal
 import socket
@@ -120,6 +121,17 @@ class Broker:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def retained(self, topic: str) -> dict[str, object]:
+        """The first JSON message on ``topic`` (its retained one when there is one), read with mosquitto_sub."""
+        out = subprocess.run(
+            ["mosquitto_sub", "-p", str(self.port), "-t", topic, "-C", "1", "-W", "30"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        return dict(json.loads(out))
 
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

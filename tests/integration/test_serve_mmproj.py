@@ -7,9 +7,7 @@ report the modalities the loaded model accepts.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -104,13 +102,6 @@ def test_an_installed_catalog_projector_is_served_and_reported_over_mqtt(tmp_pat
 
 def _retained_status(broker: Broker, device: str) -> dict[str, dict[str, object]]:
     # the retained status arrives once the device is online; -C 1 takes the first "online" one
-    out = subprocess.run(
-        ["mosquitto_sub", "-p", str(broker.port), "-t", f"edgert/v1/{device}/status", "-C", "1", "-W", "30"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    status = json.loads(out)
+    status = broker.retained(f"edgert/v1/{device}/status")
     assert status["state"] == "online", status
     return dict(status)

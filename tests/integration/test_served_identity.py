@@ -10,8 +10,6 @@ A manual rollback, in process on the real engine, gives the earlier release back
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,14 +46,7 @@ def served(daemon: DaemonProcess) -> tuple[str, dict[str, str]]:
 
 
 def mqtt_status(broker: Broker) -> dict[str, object]:
-    out = subprocess.run(
-        ["mosquitto_sub", "-p", str(broker.port), "-t", f"edgert/v1/{DEVICE}/status", "-C", "1", "-W", "30"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    return dict(json.loads(out))
+    return broker.retained(f"edgert/v1/{DEVICE}/status")
 
 
 def wait_identity(daemon: DaemonProcess, broker: Broker, version: str, timeout: float = 60) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -166,14 +165,7 @@ def test_deploy_state_is_retained_on_the_mqtt_deploy_topic(tmp_path: Path, fleet
     )
     try:
         wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
-        out = subprocess.run(
-            ["mosquitto_sub", "-p", str(broker.port), "-t", "edgert/v1/kiosk-7/deploy", "-C", "1", "-W", "30"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        deploy = json.loads(out)
+        deploy = retained_deploy(broker, "kiosk-7")
         assert deploy["device_id"] == "kiosk-7"
         assert deploy["phase"] == "idle"
         assert deploy["current"] == f"{MODEL_ID}@1.0.0"
@@ -205,14 +197,7 @@ def wait_failures(daemon: DaemonProcess, reason: str, count: int, timeout: float
 
 
 def retained_deploy(broker: Broker, device_id: str) -> dict[str, object]:
-    out = subprocess.run(
-        ["mosquitto_sub", "-p", str(broker.port), "-t", f"edgert/v1/{device_id}/deploy", "-C", "1", "-W", "30"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    return dict(json.loads(out))
+    return broker.retained(f"edgert/v1/{device_id}/deploy")
 
 
 def test_daemon_names_counts_and_reports_each_hostile_registry_failure_then_recovers(

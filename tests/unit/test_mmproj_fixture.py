@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import wave
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ import llama_cpp
 import numpy as np
 import pytest
 from llama_cpp import mtmd_cpp as mtmd
+
+from tests.media_samples import tone_wav
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 TEXT_MODEL = FIXTURES / "tiny-gemma4.gguf"
@@ -86,19 +87,6 @@ def jpeg(pixels: np.ndarray) -> bytes:
     image_module = pytest.importorskip("PIL.Image", reason="Pillow writes the JPEG; PNG/BMP/PPM cover stb_image")
     out = io.BytesIO()
     image_module.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def wav(seconds: float, rate: int = 16000) -> bytes:
-    """16-bit mono PCM: a 440 Hz tone with a slow sweep, so the mel frames differ."""
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (np.sin(2 * np.pi * (440 + 200 * t) * t) * 12000).astype("<i2")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.tobytes())
     return out.getvalue()
 
 
@@ -205,7 +193,7 @@ def test_it_is_a_gemma4_vision_and_audio_projector(mctx: Any) -> None:
 def test_text_image_and_audio_tokenize_into_marked_chunks(mctx: Any, bitmaps: Bitmaps) -> None:
     marker = mtmd.mtmd_default_marker()
     prompt = b"<|turn>user\nLook " + marker + b" and hear " + marker + b"<turn|>\n<|turn>model\n"
-    chunks = tokenize(mctx, prompt, [bitmaps(png(gradient(40, 30))), bitmaps(wav(1.0))])
+    chunks = tokenize(mctx, prompt, [bitmaps(png(gradient(40, 30))), bitmaps(tone_wav(1.0))])
     try:
         listed = chunk_list(chunks)
         kinds = [(kind, n) for kind, n in describe(chunks) if kind != CHUNK_TEXT]
@@ -243,13 +231,13 @@ def test_image_token_counts(mctx: Any, bitmaps: Bitmaps, width: int, height: int
     [(0.5, [13]), (1.0, [25]), (10.0, [250]), (30.0, [750]), (31.0, [750, 25])],  # 40 ms a token, 30 s windows
 )
 def test_audio_token_counts(mctx: Any, bitmaps: Bitmaps, seconds: float, audio_chunks: list[int]) -> None:
-    described = media_tokens(mctx, wav(seconds), bitmaps)
+    described = media_tokens(mctx, tone_wav(seconds), bitmaps)
     assert [n for kind, n in described if kind == CHUNK_AUDIO] == audio_chunks
     assert [kind for kind, _ in described] == [0] + [CHUNK_AUDIO] * len(audio_chunks) + [0]
 
 
 def test_audio_at_another_sample_rate_is_resampled(mctx: Any, bitmaps: Bitmaps) -> None:
-    assert media_tokens(mctx, wav(1.0, rate=8000), bitmaps) == media_tokens(mctx, wav(1.0), bitmaps)
+    assert media_tokens(mctx, tone_wav(1.0, rate=8000), bitmaps) == media_tokens(mctx, tone_wav(1.0), bitmaps)
 
 
 @pytest.mark.parametrize("encode", [bmp, ppm, jpeg])
@@ -265,7 +253,7 @@ def test_other_image_formats_decode_alike(mctx: Any, bitmaps: Bitmaps, encode: A
 
 
 def test_media_ids_are_content_hashes_carried_to_their_chunks(mctx: Any, bitmaps: Bitmaps) -> None:
-    image, audio = png(gradient(40, 30)), wav(0.5)
+    image, audio = png(gradient(40, 30)), tone_wav(0.5)
     chunks = tokenize(mctx, mtmd.mtmd_default_marker() * 2, [bitmaps(image), bitmaps(audio)])
     try:
         ids = [mtmd.mtmd_input_chunk_get_id(c) for c in chunk_list(chunks) if mtmd.mtmd_input_chunk_get_type(c)]
@@ -281,7 +269,7 @@ def test_undecodable_bytes_give_no_bitmap(bitmaps: Bitmaps) -> None:
 
 def test_encoded_media_are_finite_text_embeddings(mctx: Any, bitmaps: Bitmaps) -> None:
     marker = mtmd.mtmd_default_marker()
-    chunks = tokenize(mctx, marker + marker, [bitmaps(png(gradient(40, 30))), bitmaps(wav(1.0))])
+    chunks = tokenize(mctx, marker + marker, [bitmaps(png(gradient(40, 30))), bitmaps(tone_wav(1.0))])
     try:
         for chunk in chunk_list(chunks):
             if mtmd.mtmd_input_chunk_get_type(chunk) == CHUNK_TEXT:
@@ -303,7 +291,7 @@ def test_chunks_evaluate_into_a_llama_context(model: Any, mctx: Any, bitmaps: Bi
     assert ctx
     marker = mtmd.mtmd_default_marker()
     prompt = b"<|turn>user\nLook " + marker + b" and hear " + marker + b"<turn|>\n<|turn>model\n"
-    chunks = tokenize(mctx, prompt, [bitmaps(png(gradient(40, 30))), bitmaps(wav(1.0))])
+    chunks = tokenize(mctx, prompt, [bitmaps(png(gradient(40, 30))), bitmaps(tone_wav(1.0))])
     try:
         n_past = llama_cpp.llama_pos(0)
         assert mtmd.mtmd_helper_eval_chunks(mctx, ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
