@@ -4,7 +4,8 @@ Topic tree (``<device>`` is ``mqtt.device_id``, ``<group>`` is ``mqtt.group``)::
 
     edgert/v1/<device>/req            requests in (QoS 1)                       MqttChatRequest
     edgert/v1/<device>/status         retained; last will = offline             DeviceStatus
-    edgert/v1/<device>/telemetry      every mqtt.telemetry_interval_s (QoS 0)   Telemetry
+    edgert/v1/<device>/telemetry      retained; every telemetry_interval_s (QoS 0) Telemetry
+    edgert/v1/<device>/deploy         retained; each update phase change        DeployState
     edgert/v1/<device>/cmd            cancel a request, nudge an update check   Command
     edgert/v1/<device>/reply/<client> replies to <client>'s requests            ReplyChunk/Final/Error
     edgert/v1/fleet/<group>/req       shared by the group's devices (MQTT 5)    MqttChatRequest
@@ -235,6 +236,24 @@ class DeviceStatus(BaseModel):
     ts: float = Field(description="Unix time the message was made")
 
 
+#: payload versions of the retained deploy state and of telemetry (2: the fleet fields of issue 18)
+DEPLOY_SCHEMA = 2
+TELEMETRY_SCHEMA = 2
+#: upper bounds (seconds) of the time-to-first-token histogram in :class:`VersionCounters`; the last bucket is +Inf
+TTFT_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class EvalScore(BaseModel):
+    """A release's signed evaluation set, run through the real engine on the device before commit."""
+
+    release: str = Field(description="<model-id>@<version> evaluated")
+    score: float = Field(ge=0.0, le=1.0, description="Fraction of the set's cases that passed all their checks")
+    threshold: float = Field(ge=0.0, le=1.0, description="The release's minimum score to commit")
+    passed: int = Field(ge=0)
+    total: int = Field(ge=0)
+    ts: float = Field(description="Unix time the evaluation finished")
+
+
 class DeployState(BaseModel):
     """Retained on ``edgert/v1/<device>/deploy`` after every update round: where the signed update path stands."""
 
@@ -247,6 +266,13 @@ class DeployState(BaseModel):
     last_check: datetime | None = None
     last_error: str | None = None
     last_round: str | None = Field(None, description="Outcome of the latest round, e.g. 'committed m@2'")
+    rollback_reason: str | None = Field(
+        None, description="Why the latest install of ``rolled_back`` was undone (health check, evaluation, hook...)"
+    )
+    rolled_back: str | None = Field(None, description="<model-id>@<version> the device rolled back from last")
+    evaluation: EvalScore | None = Field(None, description="The latest release evaluation run on this device")
+    phase_since: float | None = Field(None, description="Unix time the device entered ``phase``")
+    schema_version: int = Field(DEPLOY_SCHEMA, description="Payload version; readers ignore fields they do not know")
     ts: float = Field(description="Unix time the message was made")
 
 
@@ -270,9 +296,30 @@ class LinkCounters(BaseModel):
     requests: int = Field(description="Requests accepted over MQTT since start")
 
 
-class Telemetry(BaseModel):
-    """Published to ``edgert/v1/<device>/telemetry`` every ``mqtt.telemetry_interval_s`` (QoS 0, not kept)."""
+class VersionCounters(BaseModel):
+    """What one served release did on this device since the daemon started (cumulative, never reset while it runs).
 
+    Readers compare two readings of the same ``release`` and ``started`` (a restart starts from zero), so a
+    time window costs them two messages per device, not a stream.
+    """
+
+    release: str = Field(description="<model-id>@<version> (or <model-id> for a model not from the registry)")
+    started: float = Field(description="Unix time the daemon started counting (its start)")
+    requests_ok: int = Field(ge=0, description="Requests that finished normally (stop, length, tool_calls)")
+    requests_failed: int = Field(ge=0, description="Requests that ended in an error (engine or deadline)")
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    decode_s: float = Field(ge=0.0, description="Seconds spent generating (first token to last), summed")
+    ttft_buckets: list[int] = Field(
+        description="Requests by time to first token: counts per TTFT_BUCKETS_S upper bound, then +Inf (not cumulative)"
+    )
+
+
+class Telemetry(BaseModel):
+    """Published to ``edgert/v1/<device>/telemetry`` every ``mqtt.telemetry_interval_s`` (QoS 0, retained: the
+    latest reading of every device is what ``edgert fleet status`` shows)."""
+
+    schema_version: int = Field(TELEMETRY_SCHEMA, description="Payload version; readers ignore fields they do not know")
     ts: float
     device_id: str
     uptime_s: float
@@ -284,6 +331,9 @@ class Telemetry(BaseModel):
     memory: MemoryReading
     temperature_c: float | None = Field(None, description="Hottest readable sensor; null where none is readable")
     mqtt: LinkCounters
+    versions: list[VersionCounters] = Field(
+        default_factory=list, description="Per served release since start: requests, errors, tokens, TTFT histogram"
+    )
 
 
 PAYLOADS: tuple[type[BaseModel], ...] = (
