@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -223,6 +223,113 @@ class MqttRequester:
             self.unmatched.append(reply)
         else:
             pending.put(reply)
+
+
+class TopicSubscriber:
+    """Every message on some topic filters, handed to ``on_message(topic, payload)`` on paho's thread.
+
+    A clean session: the broker sends the retained message of every matching topic right after each
+    SUBACK, so after a reconnect (paho's own, with backoff) the reader is current again without a
+    replay of what it missed. ``edgert fleet`` reads the fleet's retained status/deploy/telemetry
+    through it; :meth:`publish` lets an operator tool send a command on the same connection.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        filters: tuple[str, ...],
+        on_message: Callable[[str, bytes], None],
+        *,
+        client_id: str | None = None,
+        timeout_s: float = 10,
+    ) -> None:
+        self.settings = settings
+        self.filters = filters
+        self.client_id = client_id or f"edgert-fleet-{uuid.uuid4().hex[:12]}"
+        self.timeout_s = timeout_s
+        self._handler = on_message
+        self._client = new_client(settings, self.client_id, persistent=False, reconnect=True)
+        min_s, max_s = max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s))
+        self._client.reconnect_delay_set(min_s, max_s)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self._refused: str | None = None
+        #: SUBACKs received: one per (re)connection, so a caller can tell a fresh retained burst began
+        self.subscriptions = 0
+
+    def __enter__(self) -> TopicSubscriber:
+        self.connect()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected())
+
+    def connect(self) -> None:
+        """Connect and subscribe (blocking until the SUBACK); OSError/ConnectionError when that fails."""
+        self._client.connect(
+            self.settings.broker or "localhost",
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=True if self.settings.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_properties(self.settings, persistent=False),
+        )
+        self._client.loop_start()
+        if not self._subscribed.wait(self.timeout_s) or self._refused:
+            self.close()
+            raise ConnectionError(self._refused or f"no answer from the broker within {self.timeout_s:g} s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Queue one QoS 1 message (paho sends it, and resends it after a reconnect)."""
+        self._client.publish(topic, payload, qos=QOS, retain=retain)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refused = f"the broker refused the connection: {reason}"
+            self._subscribed.set()
+            return
+        client.subscribe([(topic, QOS) for topic in self.filters])
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt: lost the broker (%s); reconnecting", reason)
+
+    def _on_subscribe(
+        self, _client: paho.Client, _userdata: object, _mid: int, codes: list[ReasonCode], _props: Properties | None
+    ) -> None:
+        refused = [str(code) for code in codes if code.is_failure]
+        if refused and not self._subscribed.is_set():
+            # an ACL that denies the filters: say so instead of showing an empty fleet
+            self._refused = f"the broker refused the subscription to {', '.join(self.filters)}: {refused[0]}"
+        self.subscriptions += 1
+        self._subscribed.set()
+
+    def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        self._handler(message.topic, bytes(message.payload))
 
 
 def device_statuses(settings: MqttSettings, wait_s: float) -> dict[str, DeviceStatus]:
