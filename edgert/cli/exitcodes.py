@@ -9,6 +9,8 @@
 | 4    | the model file is corrupt, truncated or of an unsupported kind    |
 | 5    | the engine is busy or shutting down (retry later)                 |
 | 6    | bad configuration (settings file, EDGERT_* variables, catalog)     |
+| 7    | the MQTT broker cannot be reached (or refused us)                 |
+| 8    | nothing to show: no device seen on the broker, or no data for it  |
 | 130  | interrupted (Ctrl-C)                                              |
 """
 
@@ -30,6 +32,8 @@ MODEL_NOT_FOUND = 3
 MODEL_INVALID = 4
 BUSY = 5
 CONFIG = 6
+UNREACHABLE = 7
+NOTHING_SEEN = 8
 INTERRUPTED = 130
 
 
