@@ -262,6 +262,7 @@ class DeployState(BaseModel):
     current: str | None = Field(None, description="<model-id>@<version> committed and served")
     previous: str | None = Field(None, description="The release kept on disk for a manual rollback")
     pending: str | None = Field(None, description="The release being installed when phase is not idle")
+    channel: str | None = Field(None, description="The registry channel the device follows (update.channel)")
     blocklist: list[str] = Field(default_factory=list, description="Releases this device will never install again")
     last_check: datetime | None = None
     last_error: str | None = None
