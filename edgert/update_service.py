@@ -38,7 +38,7 @@ from edgert.settings import Settings
 from edgert.update import failures
 from edgert.update.loop import Job, RoundReport, Supervisor, run_update_loop
 from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater, release_identity
-from edgert.update.state import Phase
+from edgert.update.state import Phase, UpdateState
 from edgert.update.switch import ModelSwitch
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,29 @@ class UpdateService:
             if publish_deploy is not None:
                 publish_deploy(self.deploy_state(report, device_id=device_id))
 
+        if publish_deploy is not None and self.disabled is None:
+            self.updater.on_phase = self._phase_publisher(loop, publish_deploy, device_id)
+            # Where the update path stands before the first round: a restarted device is current on the broker
+            # at once, and the retained message names its (persisted) phase_since.
+            with contextlib.suppress(UpdateError):
+                publish_deploy(self.deploy_of(self.updater.status(), device_id=device_id))
         return self.start_loop(switch, publish)
+
+    def _phase_publisher(
+        self, loop: asyncio.AbstractEventLoop, publish_deploy: Callable[[DeployState], None], device_id: str
+    ) -> Callable[[UpdateState], None]:
+        """The Updater's on-phase listener: each saved move, published at once (not only after the round).
+
+        It runs on the round's worker thread; the message is made there (the state is a copy) and handed to
+        the event loop, whose FIFO keeps the moves of one round, and the round report after them, in order.
+        """
+
+        def phase_changed(state: UpdateState) -> None:
+            deploy = self.deploy_of(state, device_id=device_id)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the daemon is exiting
+                loop.call_soon_threadsafe(publish_deploy, deploy)
+
+        return phase_changed
 
     def start_loop(
         self, switch: ModelSwitch, on_round: Callable[[RoundReport], None] | None = None
@@ -232,6 +254,7 @@ class UpdateService:
         return self._supervisor.start()
 
     def deploy_state(self, report: RoundReport, *, device_id: str) -> DeployState:
+        """The deploy message after a round: the saved state, with the round's outcome and error."""
         try:
             state = self.updater.status()
         except UpdateError as exc:
@@ -242,16 +265,29 @@ class UpdateService:
                 last_round=report.outcome,
                 ts=time.time(),
             )
+        return self.deploy_of(state, device_id=device_id, last_round=report.outcome, error=report.error)
+
+    def deploy_of(
+        self, state: UpdateState, *, device_id: str, last_round: str | None = None, error: str | None = None
+    ) -> DeployState:
+        """The one place an update state becomes the retained deploy message (a new field goes here).
+
+        Between rounds (a phase change) ``last_round`` is the latest finished round's outcome.
+        """
         return DeployState(
             device_id=device_id,
             phase=state.phase.value,
             current=state.current.key if state.current else None,
             previous=state.previous.key if state.previous else None,
             pending=state.pending.key if state.pending else None,
+            channel=self.settings.update.channel,
             blocklist=state.blocklist,
             last_check=state.last_check,
-            last_error=report.error or state.last_error,
-            last_round=report.outcome,
+            last_error=error or state.last_error,
+            last_round=last_round or self.record.last_round,
+            rolled_back=state.last_rollback,
+            rollback_reason=state.last_rollback_reason,
+            phase_since=state.phase_since,
             ts=time.time(),
         )
 

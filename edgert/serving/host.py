@@ -27,6 +27,7 @@ from edgert.engine.base import MediaItem, SamplingParams
 from edgert.errors import EdgertError, HealthCheckError
 from edgert.identity import ReleaseIdentity
 from edgert.media.parts import MEDIA_MARKER
+from edgert.serving.release_counters import ReleaseCounters
 from edgert.serving.request import Finished
 from edgert.serving.runtime import Runtime
 from edgert.serving.scheduler import SchedulerStats, TokenStream
@@ -99,6 +100,11 @@ class ServedModel:
     def file(self) -> str:
         return self.path.name
 
+    @property
+    def release(self) -> str:
+        """``<id>@<version>`` of a registry release, else ``<id>``: what per-release counters are keyed by."""
+        return f"{self.id}@{self.version}" if self.version is not None else self.id
+
     def labels(self) -> dict[str, str]:
         """For the ``edgert_model_info`` metric (absent values as empty strings, Prometheus-style)."""
         return {
@@ -156,10 +162,12 @@ def engine_stall(runtime: Runtime, now: float, interval_s: float, what: str) -> 
 class _Held:
     """A loaded runtime and the requests running on it (keyed by identity: Runtime compares by value)."""
 
-    __slots__ = ("closed", "requests", "retired", "runtime")
+    __slots__ = ("closed", "release", "requests", "retired", "runtime")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        #: the release it serves as (set when it starts serving): its requests count for that release
+        self.release = runtime.model_id
         self.requests = 0
         self.retired = False
         #: set once the runtime is closed (a drain waits on it, bounded by its own timeout)
@@ -181,6 +189,8 @@ class ModelHost:
         #: while a model switch has drained and unloaded the serving model: what it does, and how long it may take
         self.switch_step: SwitchStep | None = None
         self._listeners: list[Callable[[ServedModel], None]] = []
+        #: finished requests per served release (event loop only; see :mod:`.release_counters`)
+        self.releases = ReleaseCounters()
 
     @classmethod
     def serving_runtime(cls, runtime: Runtime, release: ReleaseIdentity | None = None) -> ModelHost:
@@ -197,9 +207,10 @@ class ModelHost:
     def serve(self, runtime: Runtime, release: ReleaseIdentity | None = None) -> Runtime | None:
         """Make ``runtime`` the serving one; returns the one it replaces, still loaded (retire it)."""
         with self._lock:
-            self._held.setdefault(id(runtime), _Held(runtime))
+            held = self._held.setdefault(id(runtime), _Held(runtime))
             previous, self.serving = self.serving, runtime
             self.served = ServedModel.of(runtime, release)
+            held.release = self.served.release
             if self.candidate is runtime:
                 self.candidate = self.candidate_release = None
         self.switch_step = None
@@ -265,14 +276,17 @@ class ModelHost:
 
     # ---------------------------------------------------------------- requests
     def hold(self, runtime: Runtime, stream: TokenStream) -> None:
-        """Count ``stream`` as running on ``runtime`` until its end reaches the event loop."""
+        """Count ``stream`` as running on ``runtime`` until its end reaches the event loop, and its end
+        against the release ``runtime`` serves as (a swap meanwhile does not move it to the new release)."""
         with self._lock:
             held = self._held.get(id(runtime))
             if held is None:
                 return  # a runtime this host does not own (a test's): nothing to count
             held.requests += 1
+        release = held.release
 
-        def finished() -> None:
+        def finished(result: Finished) -> None:
+            self.releases.record(release, result)
             with self._lock:
                 held.requests -= 1
                 close = held.retired and held.requests == 0

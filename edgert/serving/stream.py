@@ -30,8 +30,9 @@ class TokenStream:
         self._cancel: Callable[[], None] | None = None
         self.result: Finished | None = None
         self.produced_text = False
-        #: called on the event loop when the request's end arrives, read or not (the model host counts requests)
-        self.on_finished: Callable[[], None] | None = None
+        #: called on the event loop with the request's end when it arrives, read or not (the model host counts
+        #: requests, and what each release did)
+        self.on_finished: Callable[[Finished], None] | None = None
         #: a chat request's reply as it is parsed (content, thoughts, tool calls); None for text completions
         self.chat: ChatOutput | None = None
 
@@ -91,4 +92,4 @@ def _deliver(items: list[tuple[TokenStream, TextChunk | Finished]]) -> None:
     for stream, item in items:
         stream._queue.put_nowait(item)
         if isinstance(item, Finished) and stream.on_finished is not None:
-            stream.on_finished()
+            stream.on_finished(item)

@@ -48,7 +48,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 from pydantic import BaseModel, ValidationError
 
 from edgert import __version__
@@ -58,13 +57,11 @@ from edgert.api.mqtt_schemas import (
     DeviceStatus,
     ErrorBody,
     LinkCounters,
-    MemoryReading,
     ModelRef,
     MqttChatRequest,
     ReplyChunk,
     ReplyError,
     ReplyFinal,
-    Telemetry,
     Timings,
     Topics,
     in_reply_space,
@@ -87,6 +84,7 @@ from edgert.transport.mqtt_link import (
     topic_matches,
     valid_topic,
 )
+from edgert.transport.mqtt_telemetry import TelemetrySampler
 from edgert.transport.shared import ServingState, invalid_body, serving, usage
 
 log = logging.getLogger("edgert.mqtt")
@@ -171,6 +169,10 @@ class MqttTransport:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.link = MqttLink(self.settings, f"edgert-{self.device_id}", self, will=self._status("offline"))
         self._link_task: asyncio.Task[None] | None = None
+        self._telemetry = TelemetrySampler(state, self.device_id)
+        #: the latest deploy state: retained state, not a reply, so only the newest matters -- it never waits
+        #: in the reply outbox (where an older one could follow a newer one out) and goes again at link_up
+        self._deploy: Outgoing | None = None
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -219,7 +221,12 @@ class MqttTransport:
         self.link.subscribe(topics)
         if not session_present:
             log.info("mqtt: new broker session (requests published while offline, if any, were not kept)")
+        # Retained state first, so a device that was away is current on the broker at once (offline catch-up).
         self.link.publish(self._status("online"), track=False)
+        if self._deploy is not None:
+            self.link.publish(self._deploy, track=False)
+        if self.settings.telemetry_interval_s > 0:
+            self._spawn(self._publish_telemetry())
         self._pump()
 
     def _model_changed(self, _served: object) -> None:
@@ -244,8 +251,14 @@ class MqttTransport:
             log.exception("mqtt: unexpected failure handling a message on %s", incoming.topic)
 
     def publish_deploy(self, state: DeployState) -> None:
-        """Retained deployment state (sent once the broker is back if it is away now)."""
-        self._send(Outgoing(self.topics.deploy, _encode(state), retain=True))
+        """Retained deployment state, now if the broker is there, else the newest one when it is back.
+
+        Called on the event loop in the order the update path saved its moves; paho sends QoS 1 messages
+        of one connection in order (re-sent ones after a reconnect first), so the broker keeps the newest.
+        """
+        self._deploy = Outgoing(self.topics.deploy, _encode(state), retain=True)
+        if self.link.connected:
+            self.link.publish(self._deploy, track=False)
 
     # ----------------------------------------------------------- outbox
     def _send(self, out: Outgoing, *, resent: bool = False) -> None:
@@ -524,33 +537,17 @@ class MqttTransport:
         return Outgoing(self.topics.status, _encode(status), retain=True)
 
     async def _telemetry_loop(self) -> None:
-        interval = self.settings.telemetry_interval_s
-        last_tokens, last_at = 0, time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            service = self.state.service
-            stats = service.stats()[0] if service is not None else None
-            now = time.monotonic()
-            tokens = stats.generated_tokens if stats is not None else 0
-            rate = (tokens - last_tokens) / max(now - last_at, 1e-9)
-            last_tokens, last_at = tokens, now
-            memory, temperature = await asyncio.to_thread(_readings)
-            if not self.link.connected:
-                continue  # stale telemetry is worthless: never buffered
-            reading = Telemetry(
-                ts=time.time(),
-                device_id=self.device_id,
-                uptime_s=round(now - self.state.started, 3),
-                tokens_per_s=round(rate, 2),
-                queue_depth=stats.queue_depth if stats else 0,
-                active=stats.active if stats else 0,
-                requests_finished=sum(stats.finished.values()) if stats else 0,
-                rejected=stats.rejected if stats else 0,
-                memory=memory,
-                temperature_c=temperature,
-                mqtt=self.link_counters(),
-            )
-            self.link.publish(Outgoing(self.topics.telemetry, _encode(reading), qos=0), track=False)
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+            await self._publish_telemetry()
+
+    async def _publish_telemetry(self) -> None:
+        """One reading, retained: the fleet reads every device's latest at once (QoS 0: the next one replaces
+        a lost one, and the counters in it are cumulative)."""
+        reading = await self._telemetry.reading(self.link_counters())
+        if not self.link.connected:
+            return  # stale telemetry is worthless: never buffered (link_up sends a fresh one)
+        self.link.publish(Outgoing(self.topics.telemetry, _encode(reading), qos=0, retain=True), track=False)
 
     def link_counters(self) -> LinkCounters:
         return LinkCounters(
@@ -627,18 +624,3 @@ def _model_ref(service: InferenceService) -> ModelRef | None:
         version=served.version,
         modalities=[kind for kind in served.modalities if kind in ("text", "image", "audio")],
     )
-
-
-def _readings() -> tuple[MemoryReading, float | None]:
-    """RAM and the hottest readable temperature sensor (reads /proc and /sys: run off the loop)."""
-    vm = psutil.virtual_memory()
-    memory = MemoryReading(
-        rss_bytes=psutil.Process().memory_info().rss, available_bytes=vm.available, total_bytes=vm.total
-    )
-    temperature: float | None = None
-    sensors = getattr(psutil, "sensors_temperatures", None)
-    if sensors is not None:
-        with contextlib.suppress(OSError, RuntimeError):
-            readings = [entry.current for group in sensors().values() for entry in group if entry.current]
-            temperature = max(readings) if readings else None
-    return memory, temperature

@@ -69,7 +69,7 @@ class Activating(Fetching):
             try:
                 self._verify_publisher(release, path, self.config.publisher_public_key)
             except publisher_signature.PublisherSignatureError as exc:
-                self._abandon(state, f"{release.key} refused before staging: {exc}")
+                self._abandon(state, f"{release.key} refused before staging: {exc}", refused=True)
                 self._remove(release)
                 raise
         try:
@@ -86,7 +86,7 @@ class Activating(Fetching):
         try:
             self._hook(HookEvent.PRE_INSTALL, release, state)
         except HookVetoError as exc:
-            self._abandon(state, f"pre-install hook vetoed {release.key}: {exc}")
+            self._abandon(state, f"pre-install hook vetoed {release.key}: {exc}", refused=True)
             self._remove(release)
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)

@@ -14,7 +14,8 @@ import fcntl
 import logging
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -42,6 +43,9 @@ from edgert.update.state import (
 from edgert.update.switch import ModelSwitch
 
 log = logging.getLogger(__name__)
+
+#: Told every saved move of the update path, with a copy of the state saved (on the round's worker thread).
+PhaseListener = Callable[[UpdateState], None]
 
 
 def release_identity(release: Release) -> ReleaseIdentity:
@@ -88,15 +92,25 @@ class UpdaterCore:
 
         #: the round's one registry client (refreshed once per round; :meth:`_registry`)
         self._client: RegistryClient | None = None
+        #: told each move once it is saved (the daemon publishes it to the fleet at once); plain data only, so
+        #: the update path knows nothing of who listens
+        self.on_phase: PhaseListener | None = None
 
     def _move(self, state: UpdateState, moved: UpdateState) -> None:
         """Save the state a transition (:mod:`edgert.update.state`) returned, as the round's one state object.
 
         The round's ``state`` is updated in place: its failure handling (:meth:`_round`) records on it.
         """
+        if moved.phase is not state.phase or state.phase_since is None:
+            moved.phase_since = time.time()
         for name in UpdateState.model_fields:
             setattr(state, name, getattr(moved, name))
         self.store.save(state)
+        if self.on_phase is not None:
+            try:
+                self.on_phase(state.model_copy(deep=True))  # the round goes on changing its own object
+            except Exception:  # a listener's bug never stops an update half-way
+                log.exception("the update phase listener failed")
 
     @contextlib.contextmanager
     def _round(self, doing: str) -> Iterator[UpdateState]:
@@ -187,9 +201,12 @@ class UpdaterCore:
             raise UpdateBusyError("another update is running on this device") from None
         return lock_file
 
-    def _abandon(self, state: UpdateState, reason: str) -> None:
-        """Stop an update that was never activated: nothing to roll back, nothing blocklisted."""
-        self._move(state, abandoned(state, reason, now=utc_now()))
+    def _abandon(self, state: UpdateState, reason: str, *, refused: bool = False) -> None:
+        """Stop an update that was never activated: nothing to roll back, nothing blocklisted.
+
+        ``refused``: the device refused the release itself (hook veto, publisher signature); reported as undone.
+        """
+        self._move(state, abandoned(state, reason, now=utc_now(), refused=refused))
         log.warning("%s", reason)
 
     def _registry(self) -> RegistryClient:

@@ -48,7 +48,7 @@ class Fetching(Checking):
         try:
             self._hook(HookEvent.PRE_DOWNLOAD, release, state)
         except HookVetoError as exc:
-            self._abandon(state, f"pre-download hook vetoed {release.key}: {exc}")
+            self._abandon(state, f"pre-download hook vetoed {release.key}: {exc}", refused=True)
             raise
         if release.is_folder:
             return self._fetch_folder(state, release)
@@ -156,7 +156,7 @@ class Fetching(Checking):
             self._verify_publisher(release, staging, public_key)
         except publisher_signature.PublisherSignatureError as exc:
             store.discard(staging)
-            self._abandon(state, f"{release.key} refused before staging: {exc}")
+            self._abandon(state, f"{release.key} refused before staging: {exc}", refused=True)
             raise
         except DownloadError as exc:
             self._keep_for_retry(state, exc)

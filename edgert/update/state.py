@@ -124,6 +124,12 @@ class UpdateState(BaseModel):
     activation_attempts: int = 0
     #: Why a rollback is running (phase rolling_back), for the on-rollback hook after a crash.
     rollback_reason: str | None = None
+    #: Unix time the device entered ``phase`` (set where a move is saved; the fleet reads it in DeployState).
+    phase_since: float | None = None
+    #: ``<model-id>@<version>`` whose install was last undone (rolled back, vetoed or refused), and why: kept
+    #: past the round (and a restart) so the fleet still sees it after the device returned to idle.
+    last_rollback: str | None = None
+    last_rollback_reason: str | None = None
     last_check: datetime | None = None
     last_error: str | None = None
     history: list[str] = Field(default_factory=list)
@@ -131,7 +137,7 @@ class UpdateState(BaseModel):
     def remember(self, line: str) -> None:
         self.history = [*self.history, line][-HISTORY_LIMIT:]
 
-    @field_validator("last_error", mode="after")
+    @field_validator("last_error", "last_rollback_reason", mode="after")
     @classmethod
     def _scrub_error(cls, value: str | None) -> str | None:
         return scrub_urls(value) if value is not None else None
@@ -379,11 +385,18 @@ def rolled_back(state: UpdateState, *, now: str) -> UpdateState:
         activation_attempts=0,
         rollback_reason=None,
         last_error=reason,
+        last_rollback=state.pending.key if state.pending else None,
+        last_rollback_reason=reason,
     )
 
 
-def abandoned(state: UpdateState, reason: str, *, now: str) -> UpdateState:
-    """downloading | staged -> idle: an update never activated stops; nothing to roll back, nothing blocklisted."""
+def abandoned(state: UpdateState, reason: str, *, now: str, refused: bool = False) -> UpdateState:
+    """downloading | staged -> idle: an update never activated stops; nothing to roll back, nothing blocklisted.
+
+    ``refused``: this device said no to the release itself (a hook veto, a bad publisher signature), which the
+    fleet counts like a rollback; a download the channel dropped or the disk could not hold is not.
+    """
+    undone = {"last_rollback": _pending(state).key, "last_rollback_reason": reason} if refused else {}
     return _moved(
         state,
         _DOWNLOADING | _STAGED,
@@ -392,6 +405,7 @@ def abandoned(state: UpdateState, reason: str, *, now: str) -> UpdateState:
         pending=None,
         activation_attempts=0,
         last_error=reason,
+        **undone,
     )
 
 
@@ -401,7 +415,13 @@ def manual_rollback(state: UpdateState, *, now: str) -> UpdateState:
         raise IllegalTransitionError(f"a manual rollback needs phase idle and a previous release ({state.phase})")
     previous, bad = state.previous, state.current
     moved = state.model_copy(
-        update={"blocklist": sorted({*state.blocklist, bad.key}), "current": previous, "previous": None}
+        update={
+            "blocklist": sorted({*state.blocklist, bad.key}),
+            "current": previous,
+            "previous": None,
+            "last_rollback": bad.key,
+            "last_rollback_reason": f"manual rollback to {previous.key}",
+        }
     )
     moved.history = [*state.history, f"{now} manual rollback {bad.key} -> {previous.key}"][-HISTORY_LIMIT:]
     return UpdateState.model_validate(moved.model_dump())
