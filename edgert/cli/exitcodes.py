@@ -11,6 +11,8 @@
 | 6    | bad configuration (settings file, EDGERT_* variables, catalog)     |
 | 7    | the MQTT broker cannot be reached (or refused us)                 |
 | 8    | nothing to show: no device seen on the broker, or no data for it  |
+| 9    | fleet rollout halted: the channel is back on the previous release |
+| 10   | fleet rollout stalled: no device of a wave reported; run it again |
 | 130  | interrupted (Ctrl-C)                                              |
 """
 
@@ -34,6 +36,8 @@ BUSY = 5
 CONFIG = 6
 UNREACHABLE = 7
 NOTHING_SEEN = 8
+HALTED = 9
+STALLED = 10
 INTERRUPTED = 130
 
 
