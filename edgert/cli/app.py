@@ -39,6 +39,7 @@ _SUBCOMMANDS: dict[str, _Lazy] = {
         "edgert.cli.bench:bench",
         "Engine benchmark: edgert vs raw llama-cpp-python, and aggregate tok/s by concurrency.",
     ),
+    "fleet": _Lazy("edgert.cli.fleet:app"),
     "models": _Lazy("edgert.cli.models:app"),
     "mqtt": _Lazy("edgert.cli.mqtt:app"),
     "registry": _Lazy("edgert.cli.registry:app"),

@@ -174,6 +174,15 @@ class FleetObserver:
                     self._changed.wait(left)
                 seen = self.messages
 
+    def wait_for_message(self, after: int, timeout_s: float) -> int:
+        """Block until more than ``after`` messages were taken in (``messages``) or ``timeout_s`` passed;
+        the count then (a live view redraws on a change, not on a timer)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self.messages <= after and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            return self.messages
+
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> dict[str, DeviceView]:
         """The snapshot once the retained burst is in: no message for ``quiet_s`` (or ``timeout_s`` passed).
 
