@@ -41,8 +41,10 @@ so every transport converts errors the same way, in one place::
     │   ├── HookVetoError               a firmware hook refused or timed out (409)
     │   │   └── HookUnsafeError             a hook (or its directory) others could have planted
     │   └── HealthCheckError            the new model failed its health check (500)
-    └── RegistryError               the operator's TUF repository is unusable (500)
-        └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
+    ├── RegistryError               the operator's TUF repository is unusable (500)
+    │   └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
+    └── RolloutError                a fleet rollout cannot start or go on (409): another release's is unfinished,
+                                    its state file is unreadable, bad waves
 
 Only adapter modules see third-party exceptions; they raise these instead.
 
@@ -323,3 +325,11 @@ class RegistryUploadError(RegistryError):
     """Uploading the published site to a Hugging Face Hub repo failed (auth, network, the Hub's answer)."""
 
     code = "registry_upload_failed"
+
+
+class RolloutError(EdgertError):
+    """``edgert fleet rollout`` cannot start or go on: another release's rollout on the channel is unfinished,
+    the controller's state file is unreadable, or the waves asked for make no rollout."""
+
+    http_status = 409
+    code = "rollout_conflict"

@@ -1,0 +1,290 @@
+"""The rules of a rollout in waves, with no I/O: which devices a wave holds, what each reported, halt or go on.
+
+``edgert fleet rollout`` (:mod:`edgert.fleet.rollout_controller`) promotes a release wave by wave and, between
+two promotions, asks :func:`judge` about the devices it sees on the broker. Everything here is a pure function
+of retained device state (:class:`~edgert.fleet.observe.DeviceView`) and numbers, so each rule is unit-tested
+on synthetic views, in the spirit of python-tuf's I/O-free trust rules.
+
+Which devices are in a wave is computable on the operator's side: a device takes a release promoted to
+``P`` percent exactly when its :func:`~edgert.update.state.rollout_bucket` for that release is below ``P``
+(the device makes the same test, :func:`~edgert.update.state.in_rollout`). Waves are cumulative: the 25 %
+wave holds the 5 % wave's devices too, and each is judged on every device it holds.
+
+What a device reported about release ``R`` (its retained :class:`~edgert.api.mqtt_schemas.DeployState`)::
+
+    updated   current == R
+    failed    R rolled back or blocklisted (a failed health check, evaluation or load always blocklists)
+    error     last_error names R, not blocklisted: the device is retrying (a failure once the wave's time is up)
+    waiting   online, nothing about R yet
+    offline   offline and nothing about R: listed, never counted as a failure
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from edgert.api.mqtt_schemas import DeployState
+from edgert.fleet.observe import DeviceView
+from edgert.update.manifest import ChannelPointer
+from edgert.update.state import blocklist_key, rollout_bucket
+
+#: deploy phases a device reports while its updates are off (it will never report on a release)
+UPDATES_OFF: Final = frozenset({"disabled"})
+
+
+class Outcome(StrEnum):
+    UPDATED = "updated"
+    FAILED = "failed"
+    ERROR = "error"
+    WAITING = "waiting"
+    OFFLINE = "offline"
+
+
+class Verdict(StrEnum):
+    #: the wave is still running: keep watching
+    WAIT = "wait"
+    #: every device of the wave reported (or the time is up) and the failures are within the limit
+    GO = "go"
+    #: too many failures, or an evaluation regression: re-sign the channel to the previous release
+    HALT = "halt"
+    #: the time is up and no device of the wave reported: nothing to judge on; the channel stays as it is
+    STALLED = "stalled"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """What one device of a wave said about the release."""
+
+    device_id: str
+    outcome: Outcome
+    #: why it failed (rollback reason or last error), or what it is doing
+    detail: str = ""
+    #: its evaluation score of the release, when it ran the release's evaluation set
+    score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    verdict: Verdict
+    #: one line saying why
+    reason: str
+    reports: tuple[DeviceReport, ...]
+
+    def with_outcome(self, *outcomes: Outcome) -> list[DeviceReport]:
+        return [report for report in self.reports if report.outcome in outcomes]
+
+    @property
+    def failure_rate(self) -> float:
+        failed = len(self.with_outcome(Outcome.FAILED))
+        reported = failed + len(self.with_outcome(Outcome.UPDATED))
+        return failed / reported if reported else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """When a wave halts the rollout (``--max-failure-rate``, ``--eval-regression``)."""
+
+    max_failure_rate: float
+    #: halt when the release's median evaluation score is more than this below ``eval_baseline``; None: never
+    eval_regression: float | None = None
+    #: the previous release's fleet median evaluation score, read before the first wave; None: unknown
+    eval_baseline: float | None = None
+
+
+# --------------------------------------------------------------------------- who is in the rollout
+
+
+def follows(view: DeviceView, channel: str, group: str | None = None) -> bool:
+    """The device takes updates from ``channel`` (and is in ``group``, when one is named).
+
+    A device that reports no channel (an edgert before deploy payload v2) is taken to follow it: waiting for
+    it costs at most a wave's time, leaving it out could promote to devices nobody watches.
+    """
+    deploy = view.deploy
+    if deploy is None or deploy.phase in UPDATES_OFF:
+        return False
+    if group is not None and view.group != group:
+        return False
+    return deploy.channel is None or deploy.channel == channel
+
+
+def eligible(views: Mapping[str, DeviceView], channel: str, group: str | None = None) -> list[str]:
+    """The device ids a rollout on ``channel`` reaches, sorted."""
+    return sorted(device_id for device_id, view in views.items() if follows(view, channel, group))
+
+
+def previous_release(pointer: ChannelPointer | None, model_id: str, version: str) -> tuple[str, str] | None:
+    """The release a halted rollout of ``model_id@version`` goes back to: what the channel's devices run now.
+
+    That is the channel's version when it is fully promoted, else its previous version (devices outside an
+    unfinished rollout stay there); for a rollout of the version the channel already names (run again
+    without its state file), the pointer's previous version. None when the channel offers nothing earlier.
+    """
+    if pointer is None:
+        return None
+    if (pointer.model_id, pointer.version) != (model_id, version) and pointer.rollout == 100:
+        return pointer.model_id, pointer.version
+    if pointer.previous_version is None:
+        return None
+    return pointer.model_id, pointer.previous_version
+
+
+def in_wave(device_id: str, model_id: str, version: str, percent: int) -> bool:
+    return rollout_bucket(device_id, model_id, version) < percent
+
+
+def wave_members(device_ids: Iterable[str], model_id: str, version: str, percent: int) -> list[str]:
+    """The devices that take ``model_id@version`` when it is promoted to ``percent`` %, sorted."""
+    return sorted(d for d in device_ids if in_wave(d, model_id, version, percent))
+
+
+@dataclass(frozen=True, slots=True)
+class WavePercent:
+    """The percentage a wave is promoted to, and why when it is not the one asked for."""
+
+    percent: int
+    asked: int
+    note: str = ""
+
+
+def wave_percent(
+    device_ids: Sequence[str], model_id: str, version: str, asked: int, *, min_devices: int, floor: int = 0
+) -> WavePercent:
+    """``asked``, raised to the smallest percentage whose wave holds ``min_devices`` of the devices seen
+    (all of them when fewer are seen), and never below ``floor`` (what an earlier wave already promoted)."""
+    percent = max(asked, floor)
+    need = min(min_devices, len(device_ids))
+    if need == 0:
+        return WavePercent(percent, asked)
+    buckets = sorted(rollout_bucket(d, model_id, version) for d in device_ids)
+    smallest = buckets[need - 1] + 1  # the need-th lowest bucket must be below the percentage
+    if smallest <= percent:
+        return WavePercent(percent, asked)
+    note = (
+        f"{asked}% holds {len(wave_members(device_ids, model_id, version, asked))} of {len(device_ids)} devices; "
+        f"raised to {smallest}% to hold {need} (--min-devices {min_devices})"
+    )
+    return WavePercent(smallest, asked, note)
+
+
+# --------------------------------------------------------------------------- what each device said
+
+
+def report_of(view: DeviceView | None, device_id: str, release: str) -> DeviceReport:
+    """What ``device_id`` reported about ``release`` (``<model-id>@<version>``); None: never seen."""
+    deploy = view.deploy if view is not None else None
+    online = view is not None and view.online
+    if deploy is not None:
+        score = _score(deploy, release)
+        if release in deploy.blocklist or deploy.rolled_back == release:
+            reason = deploy.rollback_reason or deploy.last_error or "rolled back"
+            return DeviceReport(device_id, Outcome.FAILED, reason, score)
+        if deploy.current == release:
+            return DeviceReport(device_id, Outcome.UPDATED, deploy.phase, score)
+        if deploy.last_error and release in deploy.last_error:
+            return DeviceReport(device_id, Outcome.ERROR, deploy.last_error, score)
+        if online and deploy.pending == release:
+            return DeviceReport(device_id, Outcome.WAITING, deploy.phase)
+    return DeviceReport(device_id, Outcome.WAITING if online else Outcome.OFFLINE)
+
+
+def _score(deploy: DeployState, release: str) -> float | None:
+    evaluation = deploy.evaluation
+    return evaluation.score if evaluation is not None and evaluation.release == release else None
+
+
+def fleet_median_score(views: Mapping[str, DeviceView], device_ids: Iterable[str], release: str) -> float | None:
+    """The median evaluation score of ``release`` over the devices that report one; None when none does."""
+    scores = [
+        score
+        for device_id in device_ids
+        if (view := views.get(device_id)) is not None
+        and view.deploy is not None
+        and (score := _score(view.deploy, release)) is not None
+    ]
+    return statistics.median(scores) if scores else None
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def judge(
+    views: Mapping[str, DeviceView],
+    members: Sequence[str],
+    release: tuple[str, str],
+    limits: Limits,
+    *,
+    time_up: bool,
+) -> Judgement:
+    """halt, go on, wait, or stalled, for the wave whose devices are ``members`` (sorted ids).
+
+    The rate is failures over devices that reported (updated + failed). A halt comes as soon as it is
+    certain: failures over *every* member above the limit cannot fall back under it, since a blocklisted
+    release stays failed. Otherwise the wave is judged once every online member reported, or when its time
+    is up (devices still retrying then count as failed, silent ones are listed).
+    """
+    key = blocklist_key(*release)
+    reports = tuple(report_of(views.get(d), d, key) for d in members)
+    by = {outcome: [r for r in reports if r.outcome is outcome] for outcome in Outcome}
+    failed = by[Outcome.FAILED] + (by[Outcome.ERROR] if time_up else [])
+    if time_up:
+        reports = tuple(_errors_failed(r) for r in reports)
+    if members and len(by[Outcome.FAILED]) / len(members) > limits.max_failure_rate:
+        return Judgement(Verdict.HALT, _halt_line(by[Outcome.FAILED], len(members), limits), reports)
+    open_ = by[Outcome.WAITING] + ([] if time_up else by[Outcome.ERROR])
+    if open_ and not time_up:
+        return Judgement(Verdict.WAIT, f"{len(open_)} of {len(members)} devices have not reported", reports)
+    reported = len(by[Outcome.UPDATED]) + len(failed)
+    if members and reported == 0:
+        silent = ", ".join(r.device_id for r in by[Outcome.WAITING] + by[Outcome.OFFLINE])
+        return Judgement(Verdict.STALLED, f"no device of the wave reported ({silent})", reports)
+    if reported and len(failed) / reported > limits.max_failure_rate:
+        return Judgement(Verdict.HALT, _halt_line(failed, reported, limits), reports)
+    regression = _regression(reports, key, limits)
+    if regression is not None:
+        return Judgement(Verdict.HALT, regression, reports)
+    return Judgement(Verdict.GO, _pass_line(by, reported, len(failed)), reports)
+
+
+def _errors_failed(report: DeviceReport) -> DeviceReport:
+    if report.outcome is Outcome.ERROR:
+        return DeviceReport(report.device_id, Outcome.FAILED, report.detail, report.score)
+    return report
+
+
+def _halt_line(failed: list[DeviceReport], reported: int, limits: Limits) -> str:
+    who = "; ".join(f"{r.device_id}: {r.detail}" for r in failed)
+    return (
+        f"{len(failed)} of {reported} devices failed ({len(failed) / reported:.0%} > "
+        f"--max-failure-rate {limits.max_failure_rate:g}): {who}"
+    )
+
+
+def _regression(reports: Sequence[DeviceReport], key: str, limits: Limits) -> str | None:
+    if limits.eval_regression is None or limits.eval_baseline is None:
+        return None
+    scores = [r.score for r in reports if r.score is not None]
+    if not scores:
+        return None
+    median = statistics.median(scores)
+    if median >= limits.eval_baseline - limits.eval_regression:
+        return None
+    low = "; ".join(f"{r.device_id}: {r.score:.2f}" for r in reports if r.score is not None and r.score < median + 1e-9)
+    return (
+        f"{key} evaluation median {median:.2f} is more than {limits.eval_regression:g} below the previous "
+        f"release's fleet median {limits.eval_baseline:.2f}: {low}"
+    )
+
+
+def _pass_line(by: Mapping[Outcome, list[DeviceReport]], reported: int, failed: int) -> str:
+    line = f"{reported} reported, {failed} failed"
+    silent = by[Outcome.WAITING] + by[Outcome.OFFLINE]
+    if silent:
+        line += "; did not report: " + ", ".join(
+            f"{r.device_id} ({'offline' if r.outcome is Outcome.OFFLINE else 'no answer'})" for r in silent
+        )
+    return line

@@ -1,0 +1,328 @@
+"""The rollout's rules on synthetic device views: wave membership, what a device reported, halt or go on,
+and the controller's state file (resume, refuse another release, unreadable files)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from edgert.api.mqtt_schemas import DeployState, DeviceStatus, EvalScore
+from edgert.errors import RolloutError
+from edgert.fleet import rollout_state
+from edgert.fleet.observe import DeviceView
+from edgert.fleet.rollout import (
+    Limits,
+    Outcome,
+    Verdict,
+    eligible,
+    fleet_median_score,
+    judge,
+    previous_release,
+    report_of,
+    wave_members,
+    wave_percent,
+)
+from edgert.fleet.rollout_controller import check_waves
+from edgert.fleet.rollout_state import RolloutState, Status
+from edgert.update.manifest import ChannelPointer
+from edgert.update.state import in_rollout, rollout_bucket
+
+MODEL, V2, V3 = "tiny:f16", "2", "3"
+R3 = f"{MODEL}@{V3}"
+R2 = f"{MODEL}@{V2}"
+LIMITS = Limits(max_failure_rate=0.1)
+
+
+def view(
+    device_id: str,
+    *,
+    online: bool = True,
+    group: str | None = None,
+    channel: str | None = "stable",
+    phase: str = "idle",
+    current: str | None = R2,
+    pending: str | None = None,
+    blocklist: tuple[str, ...] = (),
+    rolled_back: str | None = None,
+    reason: str | None = None,
+    last_error: str | None = None,
+    score: tuple[str, float] | None = None,
+    deploy: bool = True,
+) -> DeviceView:
+    status = DeviceStatus(state="online" if online else "offline", device_id=device_id, group=group, ts=0.0)
+    evaluation = (
+        EvalScore(release=score[0], score=score[1], threshold=0.5, passed=1, total=1, ts=0.0) if score else None
+    )
+    state = DeployState(
+        device_id=device_id,
+        phase=phase,
+        current=current,
+        pending=pending,
+        channel=channel,
+        blocklist=list(blocklist),
+        rolled_back=rolled_back,
+        rollback_reason=reason,
+        last_error=last_error,
+        evaluation=evaluation,
+        ts=0.0,
+    )
+    return DeviceView(device_id, status=status, deploy=state if deploy else None, seen=0.0)
+
+
+def fleet(*views: DeviceView) -> dict[str, DeviceView]:
+    return {v.device_id: v for v in views}
+
+
+def devices(count: int) -> list[str]:
+    return [f"dev-{i:03d}" for i in range(count)]
+
+
+# --------------------------------------------------------------------------- who is in a wave
+
+
+def test_wave_members_are_exactly_the_devices_that_take_the_pointer() -> None:
+    ids = devices(200)
+    for percent in (0, 5, 25, 50, 100):
+        pointer = ChannelPointer(model_id=MODEL, version=V3, target="t", rollout=percent, promoted_at=datetime.now(UTC))
+        expected = sorted(d for d in ids if in_rollout(d, pointer))  # the device's own rule
+        assert wave_members(ids, MODEL, V3, percent) == expected
+    assert wave_members(ids, MODEL, V3, 100) == ids
+    assert wave_members(ids, MODEL, V3, 0) == []
+
+
+def test_a_small_wave_is_raised_to_hold_min_devices() -> None:
+    ids = devices(10)
+    buckets = sorted(rollout_bucket(d, MODEL, V3) for d in ids)
+    asked = buckets[0]  # holds no device
+    chosen = wave_percent(ids, MODEL, V3, asked, min_devices=3)
+    assert chosen.percent == buckets[2] + 1
+    assert len(wave_members(ids, MODEL, V3, chosen.percent)) == 3
+    assert len(wave_members(ids, MODEL, V3, chosen.percent - 1)) == 2  # the smallest that holds 3
+    assert f"raised to {chosen.percent}%" in chosen.note and "--min-devices 3" in chosen.note
+
+
+def test_a_wave_that_holds_enough_keeps_its_percentage_and_never_goes_below_the_last() -> None:
+    ids = devices(50)
+    assert wave_percent(ids, MODEL, V3, 100, min_devices=3).percent == 100
+    assert wave_percent(ids, MODEL, V3, 100, min_devices=3).note == ""
+    assert wave_percent(ids, MODEL, V3, 10, min_devices=1, floor=40).percent == 40
+
+
+def test_fewer_devices_than_min_devices_means_all_of_them() -> None:
+    ids = devices(2)
+    chosen = wave_percent(ids, MODEL, V3, 1, min_devices=5)
+    assert wave_members(ids, MODEL, V3, chosen.percent) == ids
+    assert wave_percent([], MODEL, V3, 5, min_devices=3).percent == 5
+
+
+def test_eligible_devices_follow_the_channel_and_group_and_take_updates() -> None:
+    views = fleet(
+        view("a"),
+        view("b", channel="beta"),
+        view("c", channel=None),  # an older edgert: taken to follow it
+        view("d", phase="disabled"),
+        view("e", deploy=False),
+        view("f", group="north"),
+    )
+    assert eligible(views, "stable") == ["a", "c", "f"]
+    assert eligible(views, "stable", group="north") == ["f"]
+
+
+# --------------------------------------------------------------------------- what a device said
+
+
+@pytest.mark.parametrize(
+    ("device", "outcome", "detail"),
+    [
+        (view("d", current=R3), Outcome.UPDATED, "idle"),
+        (view("d", blocklist=(R3,), reason="health check failed: no load"), Outcome.FAILED, "health check failed"),
+        (view("d", rolled_back=R3, last_error="health_check: probe"), Outcome.FAILED, "health_check: probe"),
+        (view("d", last_error=f"download: {R3} 404"), Outcome.ERROR, "404"),
+        (view("d", pending=R3, phase="downloading"), Outcome.WAITING, "downloading"),
+        (view("d"), Outcome.WAITING, ""),
+        (view("d", online=False), Outcome.OFFLINE, ""),
+        (view("d", blocklist=(R2,)), Outcome.WAITING, ""),  # another release's failure is not this one's
+    ],
+)
+def test_report_of_each_deploy_state(device: DeviceView, outcome: Outcome, detail: str) -> None:
+    report = report_of(device, "d", R3)
+    assert report.outcome is outcome
+    assert detail in report.detail
+
+
+def test_a_device_never_seen_is_offline() -> None:
+    assert report_of(None, "ghost", R3).outcome is Outcome.OFFLINE
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def test_the_wave_waits_while_an_online_device_has_not_reported() -> None:
+    views = fleet(view("a", current=R3), view("b"))
+    judgement = judge(views, ["a", "b"], (MODEL, V3), LIMITS, time_up=False)
+    assert judgement.verdict is Verdict.WAIT
+    assert "1 of 2" in judgement.reason
+
+
+def test_every_device_updated_goes_on_and_offline_ones_are_listed_not_failed() -> None:
+    views = fleet(view("a", current=R3), view("b", current=R3), view("c", online=False))
+    judgement = judge(views, ["a", "b", "c"], (MODEL, V3), LIMITS, time_up=False)
+    assert judgement.verdict is Verdict.GO
+    assert judgement.failure_rate == 0.0
+    assert "c (offline)" in judgement.reason
+
+
+def test_a_failure_rate_over_the_limit_halts_naming_devices_and_reasons() -> None:
+    views = fleet(
+        view("a", current=R3),
+        view("b", current=R3),
+        view("c", blocklist=(R3,), rolled_back=R3, reason="health check failed: model did not load"),
+    )
+    judgement = judge(views, ["a", "b", "c"], (MODEL, V3), Limits(max_failure_rate=0.3), time_up=False)
+    assert judgement.verdict is Verdict.HALT
+    assert "1 of 3 devices failed (33% > --max-failure-rate 0.3)" in judgement.reason
+    assert "c: health check failed: model did not load" in judgement.reason
+
+
+def test_failures_within_the_limit_go_on() -> None:
+    views = fleet(*(view(d, current=R3) for d in "abcdefghi"), view("j", blocklist=(R3,)))
+    judgement = judge(views, sorted(views), (MODEL, V3), Limits(max_failure_rate=0.1), time_up=False)
+    assert judgement.verdict is Verdict.GO  # 1 of 10 is not more than 0.1
+
+
+def test_a_halt_comes_before_the_wave_is_complete_once_it_is_certain() -> None:
+    views = fleet(view("a", blocklist=(R3,)), view("b"), view("c"), view("d"), view("e"))
+    judgement = judge(views, sorted(views), (MODEL, V3), Limits(max_failure_rate=0.1), time_up=False)
+    assert judgement.verdict is Verdict.HALT  # 1 of 5 failed already: the final rate is at least 20 %
+    assert "1 of 5" in judgement.reason
+
+
+def test_a_device_retrying_keeps_the_wave_open_then_counts_as_failed_when_time_is_up() -> None:
+    views = fleet(view("a", current=R3), view("b", last_error=f"download: {R3}: connection reset"))
+    assert judge(views, ["a", "b"], (MODEL, V3), LIMITS, time_up=False).verdict is Verdict.WAIT
+    judgement = judge(views, ["a", "b"], (MODEL, V3), LIMITS, time_up=True)
+    assert judgement.verdict is Verdict.HALT
+    assert "b: download" in judgement.reason
+
+
+def test_silent_devices_at_the_deadline_are_listed_and_the_rest_decide() -> None:
+    views = fleet(view("a", current=R3), view("b"))
+    judgement = judge(views, ["a", "b"], (MODEL, V3), LIMITS, time_up=True)
+    assert judgement.verdict is Verdict.GO
+    assert "b (no answer)" in judgement.reason
+
+
+def test_no_device_reporting_by_the_deadline_stalls_instead_of_judging() -> None:
+    views = fleet(view("a"), view("b", online=False))
+    judgement = judge(views, ["a", "b"], (MODEL, V3), LIMITS, time_up=True)
+    assert judgement.verdict is Verdict.STALLED
+    assert "a, b" in judgement.reason
+
+
+def test_an_evaluation_regression_halts_even_without_failures() -> None:
+    views = fleet(view("a", current=R3, score=(R3, 0.6)), view("b", current=R3, score=(R3, 0.7)))
+    limits = Limits(max_failure_rate=0.1, eval_regression=0.05, eval_baseline=0.9)
+    judgement = judge(views, ["a", "b"], (MODEL, V3), limits, time_up=False)
+    assert judgement.verdict is Verdict.HALT
+    assert "median 0.65" in judgement.reason and "0.90" in judgement.reason
+    within = Limits(max_failure_rate=0.1, eval_regression=0.3, eval_baseline=0.9)
+    assert judge(views, ["a", "b"], (MODEL, V3), within, time_up=False).verdict is Verdict.GO
+
+
+def test_scores_of_another_release_are_not_this_ones() -> None:
+    views = fleet(view("a", current=R3, score=(R2, 0.1)))
+    limits = Limits(max_failure_rate=0.1, eval_regression=0.05, eval_baseline=0.9)
+    assert judge(views, ["a"], (MODEL, V3), limits, time_up=False).verdict is Verdict.GO
+
+
+def test_fleet_median_score_of_the_previous_release() -> None:
+    views = fleet(view("a", score=(R2, 0.8)), view("b", score=(R2, 1.0)), view("c", score=(R3, 0.0)), view("d"))
+    assert fleet_median_score(views, sorted(views), R2) == 0.9
+    assert fleet_median_score(views, sorted(views), f"{MODEL}@9") is None
+
+
+# --------------------------------------------------------------------------- the previous release
+
+
+def pointer(version: str, rollout: int, previous: str | None = None, model: str = MODEL) -> ChannelPointer:
+    return ChannelPointer(
+        model_id=model,
+        version=version,
+        target=f"models/{model}/{version}/model.gguf",
+        rollout=rollout,
+        previous_version=previous,
+        previous_target=f"models/{model}/{previous}/model.gguf" if previous else None,
+        promoted_at=datetime.now(UTC),
+    )
+
+
+def test_previous_release_is_what_the_channels_devices_run_now() -> None:
+    assert previous_release(None, MODEL, V3) is None
+    assert previous_release(pointer(V2, 100, "1"), MODEL, V3) == (MODEL, V2)
+    assert previous_release(pointer(V2, 40, "1"), MODEL, V3) == (MODEL, "1")  # an unfinished rollout of 2
+    assert previous_release(pointer(V2, 40), MODEL, V3) is None
+    assert previous_release(pointer(V3, 25, V2), MODEL, V3) == (MODEL, V2)  # already promoted, no state file
+    assert previous_release(pointer("7", 100, model="other"), MODEL, V3) == ("other", "7")
+
+
+def test_check_waves_names_the_bad_percentage() -> None:
+    assert check_waves([5, 25, 100]) == (5, 25, 100)
+    with pytest.raises(RolloutError, match="must increase: 25 follows 50"):
+        check_waves([50, 25])
+    with pytest.raises(RolloutError, match="101 is not a percentage"):
+        check_waves([5, 101])
+    with pytest.raises(RolloutError, match="at least one"):
+        check_waves([])
+
+
+# --------------------------------------------------------------------------- the state file
+
+
+def state(version: str = V3, status: Status = Status.RUNNING) -> RolloutState:
+    return RolloutState(model_id=MODEL, version=version, channel="stable", waves=[5, 100], status=status)
+
+
+def test_the_state_file_round_trips_and_is_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "rollouts" / "stable.json"
+    saved = state()
+    saved.promoted, saved.wave_started = 7, 1000.0
+    rollout_state.save(path, saved)
+    assert rollout_state.load(path) == saved
+    assert [p.name for p in path.parent.iterdir()] == ["stable.json"]  # no temp file left beside it
+    assert rollout_state.load(tmp_path / "none.json") is None
+
+
+def test_the_same_release_resumes_and_a_finished_one_is_reported() -> None:
+    running = state()
+    assert rollout_state.resume_or_refuse(running, MODEL, V3, "stable") is running
+    done = state(status=Status.DONE)
+    assert rollout_state.resume_or_refuse(done, MODEL, V3, "stable") is done
+
+
+def test_another_release_is_refused_while_one_is_unfinished() -> None:
+    for status in (Status.RUNNING, Status.HALTING):
+        with pytest.raises(RolloutError, match=rf"rollout of {MODEL}@{V3} on stable is unfinished.*--abandon"):
+            rollout_state.resume_or_refuse(state(status=status), MODEL, "4", "stable")
+    for status in (Status.DONE, Status.HALTED, Status.ABANDONED):
+        assert rollout_state.resume_or_refuse(state(status=status), MODEL, "4", "stable") is None
+    with pytest.raises(RolloutError, match="belongs to channel 'stable'"):
+        rollout_state.resume_or_refuse(state(), MODEL, V3, "beta")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json", "is not JSON"),
+        (json.dumps({"schema_version": 99}).encode(), "written by a newer edgert"),
+        (json.dumps({"schema_version": 1, "model_id": MODEL}).encode(), "is invalid"),
+    ],
+)
+def test_an_unreadable_state_file_is_refused_with_its_path(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "stable.json"
+    path.write_bytes(content)
+    with pytest.raises(RolloutError, match=message) as caught:
+        rollout_state.load(path)
+    assert str(path) in caught.value.message
