@@ -13,6 +13,7 @@ Exit codes: 0 ok, 2 bad arguments, 6 no broker configured, 7 broker unreachable 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,11 @@ GROUP = typer.Option(None, "--group", "-g", help="Only the devices of this fleet
 WAIT = typer.Option(
     5.0, "--wait", "-w", min=0.1, help="Most seconds to read the retained burst (done at 0.5 s without a message)."
 )
+
+
+def _console() -> Console:
+    """A terminal's own width; a pipe or file gets whole rows (rich would cut them to 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=400)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -100,7 +106,7 @@ def status(
     if json_output:
         typer.echo(json.dumps(device_rows, indent=2))
     elif device_rows:
-        console = Console()
+        console = _console()
         console.print(status_table(device_rows, time.time()))
         for summary in summaries(views):
             console.print(summary.line(), highlight=False)
@@ -158,7 +164,8 @@ def watch(
     with _observer(group, broker, protocol, tls_ca, username, config) as observer:
         views = list(observer.settle(timeout_s=wait).values())
         try:
-            with Live(_screen(views, rollout or rollout_target(views)), auto_refresh=False) as live:
+            screen = _screen(views, rollout or rollout_target(views))
+            with Live(screen, console=_console(), auto_refresh=False) as live:
                 while True:
                     target = rollout or rollout_target(views)
                     live.update(_screen(views, target), refresh=True)
@@ -219,7 +226,7 @@ def compare(
         typer.echo(json.dumps(document, indent=2))
         return
     scope = f"over {window_s:g} s" if window_s is not None else "since each daemon started"
-    Console().print(comparing.compare_table(figures[0], figures[1], f"{releases[0]} vs {releases[1]}, {scope}"))
+    _console().print(comparing.compare_table(figures[0], figures[1], f"{releases[0]} vs {releases[1]}, {scope}"))
 
 
 app.command(help="One row per device seen on the broker, and a summary per release.")(status)

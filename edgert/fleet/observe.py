@@ -116,7 +116,7 @@ class FleetObserver:
         self.messages = 0
         self.bad_payloads = 0
         self._warned: set[tuple[str, Part]] = set()
-        self._last_message = time.monotonic()
+        self._last_retained = time.monotonic()
         self._subscriber: TopicSubscriber | None = None
 
     def __enter__(self) -> FleetObserver:
@@ -129,7 +129,7 @@ class FleetObserver:
     def connect(self) -> None:
         subscriber = TopicSubscriber(self.mqtt, FILTERS, self.handle, timeout_s=self.timeout_s)
         with self._changed:
-            self._last_message = time.monotonic()  # quiet time counts from the subscription, not construction
+            self._last_retained = time.monotonic()  # quiet time counts from the subscription, not construction
         subscriber.connect()
         self._subscriber = subscriber
 
@@ -184,23 +184,25 @@ class FleetObserver:
             return self.messages
 
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> dict[str, DeviceView]:
-        """The snapshot once the retained burst is in: no message for ``quiet_s`` (or ``timeout_s`` passed).
+        """The snapshot once the retained burst is in: no retained message for ``quiet_s`` (or ``timeout_s``).
 
-        Retained messages come right after the SUBACK with no end marker, so a quiet gap is the only sign
-        the burst is over; a busy fleet that never goes quiet is read at ``timeout_s``."""
+        Retained messages come right after the SUBACK with no end marker, so a gap is the only sign the burst
+        is over. Only messages the broker flags as retained count: the live telemetry of a busy fleet never
+        goes quiet, but it is not part of the burst."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
                 now = time.monotonic()
-                quiet_until = self._last_message + quiet_s
+                quiet_until = self._last_retained + quiet_s
                 if now >= quiet_until or now >= deadline:
                     break
                 self._changed.wait(min(quiet_until, deadline) - now)
         return self.snapshot()
 
     # ------------------------------------------------------------------ paho's thread
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Take in one message; never raises on a bad payload (counts it, warns once per device and part)."""
+    def handle(self, topic: str, payload: bytes, retained: bool = True) -> None:
+        """Take in one message (``retained``: part of the broker's retained burst); never raises on a bad
+        payload (counts it, warns once per device and part)."""
         parsed = parse_topic(topic)
         if parsed is None:
             return
@@ -210,10 +212,13 @@ class FleetObserver:
             try:
                 value = _MODELS[part].model_validate_json(payload)
             except ValidationError as exc:
-                self._refuse(device_id, part, f"{exc.error_count()} validation error(s), first: {_first(exc)}")
+                self._refuse(
+                    device_id, part, f"{exc.error_count()} validation error(s), first: {_first(exc)}", retained
+                )
                 return
             if getattr(value, "device_id", device_id) != device_id:
-                self._refuse(device_id, part, f"the payload names device {getattr(value, 'device_id', '')!r}")
+                named = getattr(value, "device_id", "")
+                self._refuse(device_id, part, f"the payload names device {named!r}", retained)
                 return
         now = time.time()
         with self._changed:
@@ -224,15 +229,17 @@ class FleetObserver:
             else:
                 self._devices[device_id] = view
             self.messages += 1
-            self._last_message = time.monotonic()
+            if retained:
+                self._last_retained = time.monotonic()
             self._changed.notify_all()
 
-    def _refuse(self, device_id: str, part: Part, why: str) -> None:
+    def _refuse(self, device_id: str, part: Part, why: str, retained: bool) -> None:
         with self._changed:
             self.bad_payloads += 1
             first = (device_id, part) not in self._warned
             self._warned.add((device_id, part))
-            self._last_message = time.monotonic()
+            if retained:
+                self._last_retained = time.monotonic()
         if first:
             log.warning("fleet: skipped a bad %s payload from device %s: %s", part, device_id, why)
 

@@ -179,8 +179,9 @@ def _note(row: dict[str, Any]) -> str:
 
 def status_table(device_rows: list[dict[str, Any]], now: float) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
+    # ids and releases fold rather than end in an ellipsis: a cut name names nothing
     for name in ("DEVICE", "GROUP", "STATE", "MODEL", "CHANNEL", "PHASE", "EDGERT", "UP"):
-        table.add_column(name, no_wrap=True)
+        table.add_column(name, no_wrap=name not in ("DEVICE", "MODEL"), overflow="fold")
     for name in ("REQ", "ERR%", "TOK/S", "TTFT p50/p95", "QUEUE", "RSS"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("NOTE", overflow="fold")

@@ -226,11 +226,13 @@ class MqttRequester:
 
 
 class TopicSubscriber:
-    """Every message on some topic filters, handed to ``on_message(topic, payload)`` on paho's thread.
+    """Every message on some topic filters, handed to ``on_message(topic, payload, retained)`` on paho's thread.
 
     A clean session: the broker sends the retained message of every matching topic right after each
     SUBACK, so after a reconnect (paho's own, with backoff) the reader is current again without a
-    replay of what it missed. ``edgert fleet`` reads the fleet's retained status/deploy/telemetry
+    replay of what it missed. ``retained`` is the RETAIN flag as delivered: set on what the broker sends
+    because of a new subscription (the retained burst), clear on live traffic (MQTT 3.1.1 section 3.3.1.3,
+    MQTT 5 without Retain As Published). ``edgert fleet`` reads the fleet's retained status/deploy/telemetry
     through it; :meth:`publish` lets an operator tool send a command on the same connection.
     """
 
@@ -238,7 +240,7 @@ class TopicSubscriber:
         self,
         settings: MqttSettings,
         filters: tuple[str, ...],
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, bool], None],
         *,
         client_id: str | None = None,
         timeout_s: float = 10,
@@ -329,7 +331,7 @@ class TopicSubscriber:
         self._subscribed.set()
 
     def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-        self._handler(message.topic, bytes(message.payload))
+        self._handler(message.topic, bytes(message.payload), bool(message.retain))
 
 
 def device_statuses(settings: MqttSettings, wait_s: float) -> dict[str, DeviceStatus]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -147,6 +148,27 @@ def test_wait_until_wakes_on_the_message_that_makes_it_true(observer: FleetObser
     finally:
         feeder.join()
     assert observer.wait_for_message(0, timeout_s=0.01) == 1
+
+
+def test_settle_ends_after_the_retained_burst_though_live_messages_go_on(observer: FleetObserver) -> None:
+    observer.handle("edgert/v1/d1/status", status("d1"), retained=True)
+    stop = threading.Event()
+
+    def live_telemetry() -> None:  # a busy fleet: live (not retained) readings never pause for long
+        while not stop.is_set():
+            observer.handle("edgert/v1/d2/telemetry", telemetry("d2", []), retained=False)
+            stop.wait(0.01)
+
+    feeder = threading.Thread(target=live_telemetry)
+    feeder.start()
+    started = time.monotonic()
+    try:
+        views = observer.settle(quiet_s=0.2, timeout_s=60)
+    finally:
+        stop.set()
+        feeder.join()
+    assert time.monotonic() - started < 60, "settle waited for its timeout: live messages held it open"
+    assert "d1" in views
 
 
 # ----------------------------------------------------------------------------- counters
