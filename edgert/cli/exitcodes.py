@@ -13,6 +13,7 @@
 | 8    | nothing to show: no device seen on the broker, or no data for it  |
 | 9    | fleet rollout halted: the channel is back on the previous release |
 | 10   | fleet rollout stalled: no device of a wave reported; run it again |
+| 11   | `edgert eval`: the evaluation set scored below its threshold       |
 | 130  | interrupted (Ctrl-C)                                              |
 """
 
@@ -38,6 +39,7 @@ UNREACHABLE = 7
 NOTHING_SEEN = 8
 HALTED = 9
 STALLED = 10
+EVAL_BELOW_THRESHOLD = 11
 INTERRUPTED = 130
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from edgert.api.mqtt_schemas import TTFT_BUCKETS_S, DeployState, DeviceStatus, Telemetry, VersionCounters
+from edgert.cli import exitcodes
 from edgert.fleet import compare as comparing
 from edgert.fleet.counters import BUCKETS, Totals, ttft_quantile, window
 from edgert.fleet.observe import DeviceView, FleetObserver, parse_topic
@@ -350,3 +351,12 @@ def test_payload_models_stay_the_ones_the_observer_reads() -> None:
     DeviceStatus.model_validate_json(status("d1"))
     DeployState.model_validate_json(deploy("d1"))
     Telemetry.model_validate_json(telemetry("d1", [counters()]))
+
+
+def test_fleet_exit_codes_mean_one_thing_each() -> None:
+    # scripts branch on them: two meanings under one number (7 was claimed twice once) would lie to one of them
+    codes = {name: value for name, value in vars(exitcodes).items() if name.isupper() and isinstance(value, int)}
+    assert len(set(codes.values())) == len(codes), codes
+    documented = exitcodes.__doc__ or ""
+    for value in codes.values():
+        assert f"| {value} " in documented, f"exit code {value} is not in edgert/cli/exitcodes.py's table"
