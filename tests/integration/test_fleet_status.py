@@ -20,7 +20,7 @@ import pytest
 
 from edgert.fleet.counters import BUCKETS
 from edgert.fleet.observe import DeviceView, FleetObserver
-from tests.integration.daemon import DaemonProcess
+from tests.integration.daemon import DaemonProcess, daemon_env
 from tests.integration.mosquitto import Broker, free_port
 from tests.integration.test_mqtt import mqtt_daemon
 
@@ -235,3 +235,47 @@ def test_watch_ends_when_the_rollout_is_done(broker: Broker, sim: None) -> None:
     done = fleet(broker, "watch", "--group", "sim", "--rollout", "m@3", "--until-done", "--timeout", "30")
     assert done.returncode == 0, done.stderr
     assert "rollout m@3" in done.stdout and "2/3 serve it" in done.stdout
+
+
+ACL = Path(__file__).parents[2] / "packaging" / "mosquitto" / "edgert.acl"
+USERS = {"dev-1": "pw-dev-1", "operator": "pw-operator", "technician": "pw-technician"}
+
+
+def test_the_operator_identity_sees_the_fleet_through_the_shipped_acl(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "acl-broker", users=dict(USERS), acl_file=ACL).start()
+    try:
+        # dev-1 writes its own three topics with its own identity, as a daemon does
+        as_device = Broker(broker.workdir, port=broker.port, username="dev-1", password=USERS["dev-1"])
+        simulated(as_device, "dev-1", "m@2")
+        publish(as_device, "edgert/v1/dev-1/telemetry", telemetry("dev-1", [counters("m@2", 5)]))
+
+        def status_as(user: str) -> subprocess.CompletedProcess[str]:
+            cmd = [str(EDGERT), "fleet", "status", "--json", "--broker", f"127.0.0.1:{broker.port}", "-u", user]
+            env = {**daemon_env(tmp_path / "cli-state"), "EDGERT_MQTT__PASSWORD": USERS[user]}
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+        operator = status_as("operator")
+        assert operator.returncode == 0, operator.stderr
+        (row,) = json.loads(operator.stdout)
+        assert (row["device_id"], row["phase"], row["requests"]) == ("dev-1", "idle", 5)
+        # a technician may read statuses only: the broker withholds deploy state and telemetry
+        technician = status_as("technician")
+        assert technician.returncode == 0, technician.stderr
+        (row,) = json.loads(technician.stdout)
+        assert (row["state"], row["phase"], row["requests"]) == ("online", None, None)
+    finally:
+        broker.stop()
+
+
+def test_the_observer_catches_up_after_a_broker_restart(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "restarting").start()
+    try:
+        simulated(broker, "d1", "m@2")
+        with FleetObserver(broker.client_settings()) as observer:
+            assert observer.wait_until(lambda views: "d1" in views, timeout_s=30)
+            broker.restart()  # same port; retained messages persist
+            simulated(broker, "d2", "m@3")
+            assert observer.wait_until(lambda views: "d2" in views, timeout_s=60), "no resubscription after restart"
+            assert observer.connected and observer.snapshot()["d1"].release == "m@2"
+    finally:
+        broker.stop()
