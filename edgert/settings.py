@@ -196,11 +196,32 @@ class EngineSettings(BaseModel):
         description="Multimodal projector GGUF to load with the model (as llama-server's --mmproj);"
         " unset = the catalog model's installed projector. Ignored when multimodal is false.",
     )
+    drafter: Path | None = Field(
+        None,
+        description="Gemma 4 multi-token-prediction drafter GGUF (llama.cpp architecture gemma4-assistant, e.g."
+        " a conversion of google/gemma-4-E2B-it-assistant) for speculative decoding; unset = none.",
+    )
+    speculative: Literal["off", "auto", "on"] = Field(
+        "auto",
+        description="Speculative decoding with the drafter: 'auto' drafts per stream only while the measured"
+        " cost of drafting and of the wider batch is repaid by that stream's measured acceptance rate (so"
+        " with many streams, or a drafter that keeps missing, it drafts nothing); 'on' always drafts"
+        " draft_max tokens; 'off' never loads the drafter. Output is unchanged either way.",
+    )
+    draft_max: int = Field(
+        3, ge=1, le=16, description="Most tokens drafted per stream per step (llama.cpp's --spec-draft-n-max)."
+    )
 
-    @field_validator("mmproj", mode="after")
+    @field_validator("mmproj", "drafter", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _speculation_needs_a_drafter(self) -> EngineSettings:
+        if self.speculative == "on" and self.drafter is None:
+            raise ValueError("speculative = 'on' needs a drafter: set engine.drafter or speculative = 'auto'")
+        return self
 
     @model_validator(mode="after")
     def _kv_type_needs_flash_attn(self) -> EngineSettings:

@@ -51,6 +51,8 @@ class LoadOptions:
     mmproj: Path | None = None
     #: the text that stands for one medium in a rendered prompt (random per process, so users cannot forge it)
     media_marker: str = "<__media__>"
+    #: an MTP drafter (gemma4-assistant GGUF) for speculative decoding, or None
+    drafter: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,37 @@ class Backend(Protocol):
     def save_seq_state(self, seq: int, path: Path, tokens: list[int]) -> None: ...
     def load_seq_state(self, seq: int, path: Path, max_tokens: int) -> list[int]: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRequest:
+    """Draft up to ``n_max`` tokens for sequence ``seq`` after ``last_token``, which the model decodes at ``pos``."""
+
+    seq: int
+    last_token: int
+    pos: int
+    n_max: int
+
+
+@runtime_checkable
+class DraftingBackend(Protocol):
+    """A batch backend with a drafter for speculative decoding (llama.cpp + a Gemma 4 MTP assistant).
+
+    The scheduler verifies drafts itself: it puts ``last_token`` and the drafts of a sequence into one
+    decode (consecutive positions, logits for each), samples row by row while the samples agree with the
+    drafts, removes the rejected positions (:meth:`Backend.seq_remove`) and calls :meth:`keep_draft_state`
+    with the row of the last token it kept, before the next decode.
+    """
+
+    @property
+    def can_draft(self) -> bool:
+        """False when no drafter is loaded (then the scheduler never asks for drafts)."""
+
+    def draft(self, requests: list[DraftRequest]) -> list[list[int]]:
+        """Greedy draft tokens per request (at most ``n_max``, maybe fewer). Raises EngineError."""
+
+    def keep_draft_state(self, seq: int, batch_index: int) -> None:
+        """``seq``'s next draft starts from the model's state at ``batch_index`` of the last decode."""
 
 
 @runtime_checkable

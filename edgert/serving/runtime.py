@@ -67,6 +67,7 @@ def load_options(engine: EngineSettings) -> LoadOptions:
         lazy_embeddings=engine.lazy_embeddings,
         weight_repack=engine.weight_repack,
         kv_unified=engine.kv_unified,
+        drafter=engine.drafter if engine.speculative != "off" else None,
     )
 
 
@@ -302,6 +303,8 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
                 prefix_min_tokens=settings.engine.prefix_cache_min_tokens,
                 prefix_max_tokens=settings.engine.prefix_cache_max_tokens or info.n_ctx // 2,
                 prefix_store=PrefixStore(settings.state_dir / "prefix-cache", prefix_key) if prefix_key else None,
+                speculative=settings.engine.speculative,
+                draft_max=settings.engine.draft_max,
             ),
         )
     except BaseException:

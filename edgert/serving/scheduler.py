@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 
-from edgert.engine.base import Backend, BatchToken, SequenceBackend
+from edgert.engine.base import Backend, BatchToken, DraftingBackend, SequenceBackend
 from edgert.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -44,6 +44,8 @@ from edgert.serving.prefix_kv import PrefixKV
 from edgert.serving.request import Finished, FinishReason, GenerationRequest, Priority, TextChunk
 from edgert.serving.scheduler_config import SchedulerConfig, SchedulerStats
 from edgert.serving.sequence import SequenceState, slot_of
+from edgert.serving.speculation import SpeculationPolicy
+from edgert.serving.speculative_step import SpeculativeSteps
 from edgert.serving.stream import Outbox, TokenStream
 from edgert.serving.tokens import TextAssembler
 
@@ -81,6 +83,10 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._prefix = PrefixKV(self._backend, config, self.stats, self.kv_cells) if config.prefix_seqs else None
         self._media = MediaSteps(backend, self.stats)
+        self._spec: SpeculativeSteps | None = None
+        if isinstance(backend, DraftingBackend) and backend.can_draft and config.speculative != "off":
+            policy = SpeculationPolicy(config.speculative, config.draft_max, config.draft_acceptance_prior)
+            self._spec = SpeculativeSteps(backend, policy, config, self.stats)
 
     @property
     def config(self) -> SchedulerConfig:
@@ -250,19 +256,24 @@ class Scheduler:
                 error = DeadlineExceededError("the request's deadline passed during generation")
                 self._finish(seq, "deadline", now, error)
 
-    def _build_batch(self) -> tuple[list[BatchToken], list[tuple[int, SequenceState]]]:
+    def _build_batch(self, drafts: dict[int, list[int]]) -> tuple[list[BatchToken], list[tuple[int, SequenceState]]]:
         batch: list[BatchToken] = []
         samples: list[tuple[int, SequenceState]] = []
         # Private KV: sequences in slot order, each one's tokens together (see _free_slots);
         # a unified pool takes any order, and prompts are fed oldest first.
         running = sorted(self._active, key=slot_of) if self._config.private_kv else self._active
-        budget = self._config.n_batch - sum(1 for seq in running if seq.prompt_fed == len(seq.request.prompt))
+        budget = self._config.n_batch - sum(
+            1 + len(drafts.get(seq.slot, ())) for seq in running if seq.prompt_fed == len(seq.request.prompt)
+        )
         for seq in running:
             prompt = seq.request.prompt
             remaining = len(prompt) - seq.prompt_fed
             if remaining == 0:
                 samples.append((len(batch), seq))
                 batch.append(BatchToken(seq.slot, seq.last_token, seq.n_past, True))
+                # drafts ride behind the last token at the next positions, each with logits to verify it
+                for offset, token in enumerate(drafts.get(seq.slot, ())):
+                    batch.append(BatchToken(seq.slot, token, seq.n_past + 1 + offset, True))
                 continue
             if budget == 0:
                 continue
@@ -290,10 +301,14 @@ class Scheduler:
         failed = self._media.eval_one(self._active)
         if failed is not None:
             self._finish(failed[0], "error", time.monotonic(), failed[1])
-        batch, samples = self._build_batch()
+        drafts = self._spec.draft(self._active) if self._spec is not None else {}
+        batch, samples = self._build_batch(drafts)
         unsaved = self._prefix.take_unsaved() if self._prefix is not None else []
         try:
+            started = time.perf_counter()
             self._backend.decode(batch)
+            if self._spec is not None:
+                self._spec.decoded(len(batch), time.perf_counter() - started)
         except EdgertError as exc:
             now = time.monotonic()
             for seq in {id(s): s for s in self._active if any(t.seq == s.slot for t in batch)}.values():
@@ -320,7 +335,39 @@ class Scheduler:
                 seq.snapshot_at = None
         now = time.monotonic()
         for batch_index, seq in samples:
+            draft = drafts.get(seq.slot)
+            if draft:
+                self._on_verify(seq, batch_index, draft, now)
+                continue
             self._on_logits(seq, batch_index, now)
+            if self._spec is not None and seq.sampler is not None:  # still generating
+                self._spec.keep(seq, batch_index)
+
+    def _on_verify(self, seq: SequenceState, batch_index: int, draft: list[int], now: float) -> None:
+        """Sample the rows of ``seq``'s last token and drafts in order while the samples agree with the drafts.
+
+        Every token comes from the model's own sampler on the logits after the accepted prefix, so the output
+        is what plain decoding gives (greedy: the same tokens; sampling: the same distribution); the drafts
+        only decide how many rows were computed ahead. Rejected positions leave the KV cache.
+        """
+        assert self._spec is not None and seq.sampler is not None
+        backend = self._backend
+        seq.n_past -= len(draft)  # the step counted every draft as fed; only agreed ones stay
+        accepted = 0
+        for offset in range(len(draft) + 1):
+            token = backend.sample(seq.sampler, batch_index + offset)
+            piece = seq.request.special_pieces.get(token)
+            self._on_token(seq, token, backend.token_bytes(token) if piece is None else piece, now)
+            if seq.sampler is None:  # finished: end of generation, a stop string, a limit
+                break
+            if offset == len(draft) or token != draft[offset]:
+                break
+            accepted += 1
+            seq.n_past += 1
+        self._spec.verified(seq, len(draft), accepted)
+        if seq.sampler is not None:
+            backend.seq_remove(seq.slot, seq.n_past, -1)
+            self._spec.keep(seq, batch_index + accepted)
 
     def _step_sequences(self, backend: SequenceBackend) -> None:
         """One token for every running sequence, in admission order (no shared batch)."""
@@ -398,6 +445,8 @@ class Scheduler:
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
+        if self._spec is not None:
+            self._spec.forget(seq)
         with self._cv:
             self._active.remove(seq)
             heapq.heappush(self._free_slots, seq.slot)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from edgert.serving.prefix_cache import PrefixStore
+from edgert.serving.speculation import SpeculativeMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,12 @@ class SchedulerConfig:
     prefix_max_tokens: int = 0
     #: where exact prefixes are persisted, or None
     prefix_store: PrefixStore | None = None
+    #: speculative decoding with the backend's drafter: never, when measured costs say it pays, or always
+    speculative: SpeculativeMode = "off"
+    #: the most tokens drafted per sequence per step
+    draft_max: int = 3
+    #: the acceptance rate a new sequence is assumed to have until its own rounds are counted
+    draft_acceptance_prior: float = 0.6
 
 
 @dataclass(slots=True)
@@ -53,4 +60,7 @@ class SchedulerStats:
     #: images and audio clips evaluated, and the seconds the engine spent on them (running streams waited)
     media_evals: int = 0
     media_eval_seconds: float = 0.0
+    #: speculative decoding: tokens drafted and how many of them the model agreed with
+    draft_tokens: int = 0
+    draft_accepted: int = 0
     last_progress: float = field(default_factory=time.monotonic)

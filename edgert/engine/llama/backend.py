@@ -18,6 +18,7 @@ from llama_cpp import llama_grammar
 
 from edgert.engine.base import (
     BatchToken,
+    DraftRequest,
     LoadOptions,
     MediaItem,
     MediaSpan,
@@ -25,6 +26,7 @@ from edgert.engine.base import (
     Sampler,
     SamplingParams,
 )
+from edgert.engine.llama.drafter import MtpDrafter
 from edgert.engine.llama.media import Projector
 from edgert.engine.llama.process import ensure_initialised, log_reason
 from edgert.errors import BadRequestError, EngineError, ModelLoadError
@@ -102,9 +104,12 @@ class LlamaBackend:
         self._piece_cache: dict[int, bytes] = {}
         log.mark()
         self._projector: Projector | None = None
+        self._drafter: MtpDrafter | None = None
         try:
             self._model = self._load_model(path, options)
             self._ctx = self._new_context(path, options)
+            if options.drafter is not None:
+                self._drafter = MtpDrafter(options.drafter, self._ctx, options, _KV_TYPES[options.kv_cache_type])
             if options.mmproj is not None:
                 self._projector = Projector(
                     options.mmproj,
@@ -442,6 +447,20 @@ class LlamaBackend:
         if self._projector is not None:
             self._projector.release(span)
 
+    # ---------------------------------------------------------- speculation
+    @property
+    def can_draft(self) -> bool:
+        return self._drafter is not None
+
+    def draft(self, requests: list[DraftRequest]) -> list[list[int]]:
+        if self._drafter is None:
+            raise EngineError("this model is served without a drafter")
+        return self._drafter.draft(requests)
+
+    def keep_draft_state(self, seq: int, batch_index: int) -> None:
+        if self._drafter is not None:
+            self._drafter.keep(seq, batch_index)
+
     # ------------------------------------------------------- sequence memory
     def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1)
@@ -473,6 +492,9 @@ class LlamaBackend:
 
     # -------------------------------------------------------------- teardown
     def close(self) -> None:
+        if self._drafter is not None:  # its context views the model's KV cache: free it first
+            self._drafter.close()
+            self._drafter = None
         if self._projector is not None:
             self._projector.close()
             self._projector = None
