@@ -55,6 +55,10 @@ class _EngineCollector(Collector):
             "Seconds the engine spent encoding media (running streams wait that long, one medium at a time)",
             stats.media_eval_seconds,
         )
+        yield CounterMetricFamily("edgert_draft_tokens", "Tokens drafted for speculative decoding", stats.draft_tokens)
+        yield CounterMetricFamily(
+            "edgert_draft_accepted_tokens", "Drafted tokens the model agreed with (emitted)", stats.draft_accepted
+        )
         finished = CounterMetricFamily("edgert_sequences_finished", "Sequences finished, by reason", labels=["reason"])
         for reason, count in sorted(stats.finished.items()):
             finished.add_metric([reason], count)

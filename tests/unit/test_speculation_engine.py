@@ -131,7 +131,9 @@ def test_concurrent_streams_with_drafts_equal_plain_outputs(plain: Runtime, spec
     assert run_together(spec, PROMPTS) == run_together(plain, PROMPTS)
 
 
-def test_accepted_drafts_keep_greedy_output_identical(plain: Runtime, spec: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accepted_drafts_keep_greedy_output_identical(
+    plain: Runtime, spec: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = spec.backend
     assert isinstance(backend, LlamaBackend)
     oracle = Oracle(backend)
@@ -201,3 +203,17 @@ def test_json_grammar_holds_with_drafts(plain: Runtime, spec: Runtime) -> None:
 def test_a_drafter_of_another_architecture_is_refused(tmp_path: Path, tiny_gguf: Path) -> None:
     with pytest.raises(ModelLoadError, match="not an MTP drafter"):
         open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(tiny_gguf))
+
+
+def test_auto_mode_gives_up_on_a_drafter_that_keeps_missing(tmp_path: Path, tiny_gguf: Path, plain: Runtime) -> None:
+    rt = open_tiny(tmp_path, tiny_gguf, speculative="auto", drafter=str(TINY_DRAFTER), n_parallel=1)
+    try:
+        first = run(rt, PROMPTS[1], max_tokens=30)[0]
+        drafted = rt.scheduler.stats.draft_tokens
+        # the random drafter's rounds fail, so the stream's acceptance falls and it stops drafting
+        later = run(rt, PROMPTS[1], max_tokens=120)[0]
+        assert first == run(plain, PROMPTS[1], max_tokens=30)[0]
+        assert later == run(plain, PROMPTS[1], max_tokens=120)[0]
+        assert rt.scheduler.stats.draft_tokens - drafted < 120
+    finally:
+        rt.close()

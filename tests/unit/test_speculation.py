@@ -1,0 +1,100 @@
+"""The speculation policy on its own: measured costs and acceptance in, draft lengths out (pure code)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgert.serving.speculation import SpeculationPolicy, expected_speedup
+
+
+def measured(policy: SpeculationPolicy, per_token_s: float, fixed_s: float, draft_s: float) -> None:
+    """Decode costs ``fixed + n * per_token`` for n = 1..40, a draft step ``draft_s`` for 1..8 sequences."""
+    for n in range(1, 41):
+        policy.observe_decode(n, fixed_s + n * per_token_s)
+    for m in range(1, 9):
+        policy.observe_draft_step(m, draft_s)
+
+
+def test_off_never_drafts_and_on_always_drafts_up_to_the_caps() -> None:
+    assert SpeculationPolicy("off", 3, 0.6).plan({0: 5, 1: 5}, 2) == {}
+    assert SpeculationPolicy("on", 3, 0.6).plan({0: 5, 1: 2, 2: 0}, 3) == {0: 3, 1: 2}
+
+
+def test_auto_waits_for_a_measured_decode_before_drafting() -> None:
+    policy = SpeculationPolicy("auto", 3, 0.6)
+    assert policy.plan({0: 3}, 1) == {}
+    policy.observe_decode(1, 0.050)
+    assert policy.plan({0: 3}, 1) == {0: 3}  # wider batches not measured yet: assumed as cheap, so tried
+
+
+def test_one_stream_on_a_memory_bound_machine_drafts_the_most() -> None:
+    # E2B on 2 cores: one token ~50 ms, each extra token in the batch ~2 ms, a draft step ~4 ms
+    policy = SpeculationPolicy("auto", 4, 0.6)
+    measured(policy, per_token_s=0.002, fixed_s=0.048, draft_s=0.004)
+    # k = 3: 2.18 tokens expected per 68 ms (32/s) beats k = 4 (2.31 per 74 ms) and no drafts (20/s)
+    assert policy.plan({0: 4}, 1) == {0: 3}
+
+
+def test_a_full_batch_of_compute_bound_streams_drafts_nothing() -> None:
+    # every token costs the same: verifying k drafts costs k tokens, which acceptance 0.6 never repays
+    policy = SpeculationPolicy("auto", 4, 0.6)
+    measured(policy, per_token_s=0.010, fixed_s=0.0, draft_s=0.004)
+    assert policy.plan({slot: 4 for slot in range(8)}, 8) == {}
+
+
+def test_k_shrinks_as_the_batch_fills() -> None:
+    # a fixed cost shared by the batch, then a per-token cost: few streams draft, many do not
+    policy = SpeculationPolicy("auto", 4, 0.7)
+    measured(policy, per_token_s=0.004, fixed_s=0.040, draft_s=0.003)
+    one = sum(policy.plan({0: 4}, 1).values())
+    eight = sum(policy.plan({slot: 4 for slot in range(8)}, 8).values())
+    assert one > 0
+    assert eight / 8 < one
+
+
+def test_a_stream_whose_drafts_keep_failing_stops_drafting_and_a_new_one_starts_fresh() -> None:
+    policy = SpeculationPolicy("auto", 4, 0.6)
+    measured(policy, per_token_s=0.002, fixed_s=0.048, draft_s=0.004)
+    assert policy.plan({0: 4}, 1)
+    for _ in range(30):
+        policy.observe_round(0, 4, 0)
+    assert policy.acceptance(0) < 0.11
+    assert policy.plan({0: 4}, 1) == {}
+    policy.forget(0)
+    assert policy.acceptance(0) == pytest.approx(0.6)
+    assert policy.plan({0: 4}, 1)
+
+
+def test_acceptance_counts_accepted_drafts_and_the_first_rejection() -> None:
+    policy = SpeculationPolicy("auto", 4, 0.5)
+    for _ in range(50):
+        policy.observe_round(3, 4, 4)  # all accepted: no failed trial
+    assert policy.acceptance(3) > 0.95
+    for _ in range(50):
+        policy.observe_round(3, 4, 1)  # one accepted, then one rejected
+    assert policy.acceptance(3) == pytest.approx(0.5, abs=0.05)
+
+
+def test_streams_that_cannot_draft_still_count_as_output() -> None:
+    # three streams at their token limit yield one token each whatever the drafting stream does
+    policy = SpeculationPolicy("auto", 4, 0.6)
+    measured(policy, per_token_s=0.006, fixed_s=0.030, draft_s=0.004)
+    alone = sum(policy.plan({0: 4}, 4, other_outputs=0).values())
+    with_others = sum(policy.plan({0: 4}, 4, other_outputs=3).values())
+    assert with_others <= alone
+
+
+def test_expected_speedup_matches_the_closed_form() -> None:
+    # acceptance 0: one token for a verify of k + 1 and k draft steps -- a loss
+    assert expected_speedup(0.0, 3, verify_cost=1.1, draft_cost=0.08) < 1.0
+    # perfect acceptance, free verify and draft: k + 1 tokens per step
+    assert expected_speedup(1.0, 3, verify_cost=1.0, draft_cost=0.0) == pytest.approx(4.0)
+    alpha = 0.7
+    assert expected_speedup(alpha, 2, 1.0, 0.0) == pytest.approx(1 + alpha + alpha**2)
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="draft_max"):
+        SpeculationPolicy("auto", -1, 0.5)
+    with pytest.raises(ValueError, match="prior"):
+        SpeculationPolicy("auto", 3, 1.0)
