@@ -6,7 +6,8 @@ so every transport converts errors the same way, in one place::
     EdgertError
     ├── ClientError                 the request is wrong              (4xx)
     │   ├── BadRequestError             400  bad_request
-    │   │   └── PromptTooLongError      400  context_length_exceeded
+    │   │   ├── PromptTooLongError      400  context_length_exceeded
+    │   │   └── EvalSetError            400  eval_set_invalid (an evaluation set file, with its line)
     │   ├── ModelNotFoundError          404  model_not_found
     │   ├── PayloadTooLargeError        413  payload_too_large
     │   ├── RequestTimeoutError         408  request_timeout
@@ -41,6 +42,7 @@ so every transport converts errors the same way, in one place::
     │   ├── HookVetoError               a firmware hook refused or timed out (409)
     │   │   └── HookUnsafeError             a hook (or its directory) others could have planted
     │   └── HealthCheckError            the new model failed its health check (500)
+    │       └── EvaluationFailedError       its signed evaluation set scored below the release's threshold
     ├── RegistryError               the operator's TUF repository is unusable (500)
     │   └── RegistryUploadError         uploading the site to a Hugging Face Hub repo failed
     └── RolloutError                a fleet rollout cannot start or go on (409): another release's is unfinished,
@@ -90,6 +92,12 @@ class BadRequestError(ClientError):
 
 class PromptTooLongError(BadRequestError):
     code = "context_length_exceeded"
+
+
+class EvalSetError(BadRequestError):
+    """An evaluation set (JSONL) is unreadable or invalid; the message names the file and the line."""
+
+    code = "eval_set_invalid"
 
 
 class ModelNotFoundError(ClientError):
@@ -313,6 +321,12 @@ class HealthCheckError(UpdateError):
 
     code = "health_check_failed"
     reason = "health_check"
+
+
+class EvaluationFailedError(HealthCheckError):
+    """The candidate loaded and answered, but its release's evaluation set scored below the signed threshold."""
+
+    code = "evaluation_failed"
 
 
 class RegistryError(EdgertError):

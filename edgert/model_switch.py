@@ -18,7 +18,10 @@ from typing import Final
 import psutil
 
 from edgert.errors import EdgertError, HealthCheckError
+from edgert.evalset.cases import EvalSet
+from edgert.evalset.checks import EvalReport
 from edgert.identity import ReleaseIdentity
+from edgert.serving.evaluation import run_eval_set
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep, probe
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import Settings
@@ -62,6 +65,13 @@ class RuntimeModelSwitch:
             raise
         except EdgertError as exc:
             raise HealthCheckError(f"the probe generation failed: {exc}") from None
+
+    def evaluate(self, eval_set: EvalSet, *, threshold: float, budget_s: float, max_tokens: int) -> EvalReport:
+        runtime = self.host.candidate
+        if runtime is None:
+            raise HealthCheckError("no candidate model is loaded")
+        run = run_eval_set(runtime, eval_set, threshold=threshold, budget_s=budget_s, max_tokens_cap=max_tokens)
+        return asyncio.run(run)
 
     def swap(self) -> None:
         candidate = self.host.candidate
@@ -136,6 +146,15 @@ class ServingModelSwitch(RuntimeModelSwitch):
         if self._unloaded is not None and self.host.candidate is not None:
             # until the swap (health-check hooks run meanwhile) the loaded candidate's engine speaks for it
             self.host.switch_step = SwitchStep("waiting to swap", engine=self.host.candidate)
+
+    def evaluate(self, eval_set: EvalSet, *, threshold: float, budget_s: float, max_tokens: int) -> EvalReport:
+        if self._unloaded is not None:
+            # nothing serves meanwhile: the watchdog follows the evaluation, bounded by its own time limit
+            self.host.step("evaluating the candidate", budget_s + _UNLOAD_S)
+        report = super().evaluate(eval_set, threshold=threshold, budget_s=budget_s, max_tokens=max_tokens)
+        if self._unloaded is not None and self.host.candidate is not None:
+            self.host.switch_step = SwitchStep("waiting to swap", engine=self.host.candidate)
+        return report
 
     def swap(self) -> None:
         if self.host.candidate is None:

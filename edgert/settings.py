@@ -416,6 +416,19 @@ class UpdateSettings(BaseModel):
     health_check_timeout_s: float = Field(
         120.0, gt=0, description="The new model must load and answer its probe generation within this time."
     )
+    eval_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="A release's evaluation set must finish on the candidate within this time (all cases); the "
+        "cases left when it runs out fail as not run. The candidate runs beside the serving model, sharing its CPU.",
+    )
+    eval_max_tokens: int = Field(
+        256,
+        ge=1,
+        le=1024,
+        description="Most tokens one evaluation case may generate on the device, whatever its max_tokens says.",
+    )
     download_timeout_s: float = Field(
         60.0, gt=0, description="Give up on a silent registry connection after this long (resumable)."
     )

@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from edgert.api.mqtt_schemas import DeployState
+from edgert.api.mqtt_schemas import DeployState, EvalScore
 from edgert.errors import UpdateError, UpdatesDisabledError, UpdateStateError
 from edgert.identity import ReleaseIdentity
 from edgert.model_switch import ServingModelSwitch
@@ -38,7 +38,7 @@ from edgert.settings import Settings
 from edgert.update import failures
 from edgert.update.loop import Job, RoundReport, Supervisor, run_update_loop
 from edgert.update.orchestrator import CURRENT_LINK, VERSIONS_DIR, Updater, release_identity
-from edgert.update.state import Phase, UpdateState
+from edgert.update.state import EvalRecord, Phase, UpdateState
 from edgert.update.switch import ModelSwitch
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,16 @@ class UpdateService:
             rolled_back=state.last_rollback,
             rollback_reason=state.last_rollback_reason,
             phase_since=state.phase_since,
+            evaluation=_eval_score(state.evaluation),
             ts=time.time(),
         )
+
+
+def _eval_score(record: EvalRecord | None) -> EvalScore | None:
+    if record is None:
+        return None
+    fields = {"passed": record.passed, "total": record.total, "threshold": record.threshold, "ts": record.ts}
+    return EvalScore(release=record.release, score=record.score, **fields)
 
 
 def _check(_version: str | None) -> Callable[[Updater], object]:

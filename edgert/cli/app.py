@@ -40,6 +40,7 @@ _SUBCOMMANDS: dict[str, _Lazy] = {
         "Engine benchmark: edgert vs raw llama-cpp-python, and aggregate tok/s by concurrency.",
     ),
     "fleet": _Lazy("edgert.cli.fleet:app"),
+    "eval": _Lazy("edgert.cli.eval:eval_set", "Run an evaluation set on a model: per-case checks and the score."),
     "models": _Lazy("edgert.cli.models:app"),
     "mqtt": _Lazy("edgert.cli.mqtt:app"),
     "registry": _Lazy("edgert.cli.registry:app"),

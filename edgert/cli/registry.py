@@ -33,6 +33,7 @@ from edgert.errors import EdgertError, RegistryError
 from edgert.log import display_url, scrub_urls
 from edgert.registry import hub
 from edgert.registry.config import parse_duration
+from edgert.registry.evaluation import eval_attachment
 from edgert.registry.repository import Registry
 from edgert.registry.status import RegistryStatus
 
@@ -111,14 +112,35 @@ def add(
             help="The model's multimodal projector (.gguf): one release of both files, installed all or nothing.",
         ),
     ] = None,
+    eval_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval",
+            exists=True,
+            dir_okay=False,
+            help="An evaluation set (.jsonl, see `edgert eval`): each device runs it on the new model before it "
+            "commits, and rolls back when the score is under --eval-threshold.",
+        ),
+    ] = None,
+    eval_threshold: Annotated[
+        float,
+        typer.Option(
+            "--eval-threshold",
+            min=0.0,
+            max=1.0,
+            help="Least fraction of the set's cases that must pass (0..1, steps of 0.01; signed).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Validate a GGUF file or an ONNX GenAI folder and stage it as signed target(s) (published by `publish`).
 
     A folder becomes one target per file, models/<id>/<version>/<relative path>; hidden
     files are left out, symlinks refused. With --mmproj a Gemma 4 GGUF and its projector
-    become models/<id>/<version>/model.gguf and mmproj.gguf, checked to pair first.
+    become models/<id>/<version>/model.gguf and mmproj.gguf, checked to pair first. With --eval
+    the set becomes models/<id>/<version>/eval.jsonl, every case checked first.
     """
     with _errors():
+        attachment = eval_attachment(eval_file, eval_threshold) if eval_file is not None else None
         added = Registry(directory).add(
             model,
             model_id=model_id,
@@ -127,6 +149,7 @@ def add(
             ram_mib=ram_mib,
             signing_key=sign_key,
             mmproj=mmproj,
+            evaluation=attachment,
         )
         if added.meta.is_folder:
             typer.echo(
@@ -137,6 +160,12 @@ def add(
             typer.echo(f"added {added.target_path} ({added.length} bytes, sha256 {added.sha256})")
         if sign_key is not None:
             typer.echo(f"added {added.target_path}.sig (model-signing bundle, key {sign_key})")
+        if attachment is not None:
+            gate = attachment.meta
+            typer.echo(
+                f"added {added.meta.evaluation_target()} (evaluation set, {gate.cases} cases, "
+                f"threshold {gate.threshold:g})"
+            )
 
 
 @app.command("promote")

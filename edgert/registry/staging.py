@@ -3,7 +3,7 @@
 ``add`` validates a model like the engine does (a GGUF file, a GGUF with its multimodal
 projector, or an ONNX Runtime GenAI folder with every file its own target), copies it under
 ``repository/targets`` by its consistent-snapshot name and stages its target(s), optionally with
-a publisher signature.
+a publisher signature and an evaluation set (:mod:`edgert.registry.evaluation`).
 
 Channel pointers (which version a channel offers, and the rollout percentage)
 are the signed ``custom`` object of the ``channels.json`` target; see
@@ -30,6 +30,7 @@ from edgert.onnx_folder import validate_onnx_folder
 from edgert.projector import check_pair_files
 from edgert.registry.catalog import PublishedModel, channels_of
 from edgert.registry.config import first_error, utc_now
+from edgert.registry.evaluation import EvalAttachment, eval_target
 from edgert.registry.files import RegistryFiles
 from edgert.registry.site import copy_site_file, write_site_file
 from edgert.update import publisher_signature
@@ -71,6 +72,7 @@ class Staging(RegistryFiles):
         ram_mib: int | None = None,
         signing_key: Path | None = None,
         mmproj: Path | None = None,
+        evaluation: EvalAttachment | None = None,
     ) -> PublishedModel:
         """Validate ``model`` like the engine does, then stage it as signed-to-be target(s).
 
@@ -83,7 +85,10 @@ class Staging(RegistryFiles):
         model-signing and the bundle staged as the companion target ``<path>.sig``
         beside the target that carries the ModelMeta (``model.gguf.sig``, or
         ``genai_config.json.sig`` for a folder; see :mod:`edgert.update.publisher_signature`).
+        With ``evaluation`` the release carries its evaluation set as the target ``eval.jsonl`` and its
+        threshold in the ModelMeta (:mod:`edgert.registry.evaluation`).
         """
+        gate = evaluation.meta if evaluation is not None else None
         if mmproj is not None:
             return self._add_pair(
                 model,
@@ -93,6 +98,7 @@ class Staging(RegistryFiles):
                 min_edgert_version=min_edgert_version,
                 ram_mib=ram_mib,
                 signing_key=signing_key,
+                evaluation=evaluation,
             )
         if model.is_dir():
             return self._add_folder(
@@ -102,6 +108,7 @@ class Staging(RegistryFiles):
                 min_edgert_version=min_edgert_version,
                 ram_mib=ram_mib,
                 signing_key=signing_key,
+                evaluation=evaluation,
             )
         gguf = model
         meta = _gguf_meta(
@@ -111,6 +118,7 @@ class Staging(RegistryFiles):
             version=version,
             ram_mib=ram_mib,
             min_edgert_version=min_edgert_version,
+            evaluation=gate,
         )
         staging = self._load_staging()
         self._check_new_version(staging.signed, model_id, version)
@@ -122,6 +130,8 @@ class Staging(RegistryFiles):
         staging.signed.targets[path] = target
         if signature is not None:
             staging.signed.targets[signature.path] = signature
+        if evaluation is not None:
+            self._stage_evaluation(staging.signed.targets, evaluation, meta)
         self._save_staging(staging)
         return PublishedModel(path, target.length, target.hashes["sha256"], meta)
 
@@ -134,6 +144,7 @@ class Staging(RegistryFiles):
         min_edgert_version: str,
         ram_mib: int | None,
         signing_key: Path | None,
+        evaluation: EvalAttachment | None,
     ) -> PublishedModel:
         """Stage an ONNX Runtime GenAI folder: every file its own target, all listed in the ModelMeta.
 
@@ -163,8 +174,10 @@ class Staging(RegistryFiles):
             file_name=folder.resolve().name,
             format="onnx-genai",
             files=members,
+            evaluation=evaluation.meta if evaluation is not None else None,
         )
-        return self._stage_members(meta, {member: folder / member for member in members}, size, signing_key)
+        sources = {member: folder / member for member in members}
+        return self._stage_members(meta, sources, size, signing_key, evaluation)
 
     def _add_pair(
         self,
@@ -176,6 +189,7 @@ class Staging(RegistryFiles):
         min_edgert_version: str,
         ram_mib: int | None,
         signing_key: Path | None,
+        evaluation: EvalAttachment | None,
     ) -> PublishedModel:
         """Stage a Gemma 4 GGUF with its multimodal projector: targets ``model.gguf`` (carrying the ModelMeta,
         ``format = "gguf-mmproj"``) and ``mmproj.gguf``, which a device installs both or neither.
@@ -199,11 +213,18 @@ class Staging(RegistryFiles):
             min_edgert_version=min_edgert_version,
             format="gguf-mmproj",
             files=PAIR_FILES,
+            evaluation=evaluation.meta if evaluation is not None else None,
         )
-        return self._stage_members(meta, {MODEL_FILE: model, PROJECTOR_FILE: mmproj}, size, signing_key)
+        sources = {MODEL_FILE: model, PROJECTOR_FILE: mmproj}
+        return self._stage_members(meta, sources, size, signing_key, evaluation)
 
     def _stage_members(
-        self, meta: ModelMeta, sources: dict[str, Path], size: int, signing_key: Path | None
+        self,
+        meta: ModelMeta,
+        sources: dict[str, Path],
+        size: int,
+        signing_key: Path | None,
+        evaluation: EvalAttachment | None,
     ) -> PublishedModel:
         """Stage each member of a multi-file release as its own target; the anchor carries the ModelMeta."""
         staging = self._load_staging()
@@ -224,6 +245,8 @@ class Staging(RegistryFiles):
         if signing_key is not None:
             signature = self._publisher_signature_of_folder(copies, anchor, signing_key, name=meta.file_name)
             targets[signature.path] = signature
+        if evaluation is not None:
+            self._stage_evaluation(targets, evaluation, meta)
         staging.signed.targets.update(targets)
         self._save_staging(staging)
         return PublishedModel(anchor, size, targets[anchor].hashes["sha256"], meta)
@@ -273,6 +296,11 @@ class Staging(RegistryFiles):
         staging.signed.targets[CHANNELS_TARGET] = target
         self._save_staging(staging)
         return pointer
+
+    def _stage_evaluation(self, targets: dict[str, TargetFile], evaluation: EvalAttachment, meta: ModelMeta) -> None:
+        target = eval_target(evaluation, meta)
+        self._copy_target(evaluation.source, target)
+        targets[target.path] = target
 
     def _copy_target(self, source: Path, target: TargetFile) -> None:
         destination = self._target_file(target)

@@ -2,23 +2,30 @@
 
 A release with a projector must first pair (:func:`edgert.projector.check_pair_files`: a Gemma 4
 GGUF and a projector projecting into its embedding width), else it is rolled back and blocklisted
-before anything loads. Then commit (``current`` link, GC of older releases, the ``on-commit``
-hook) or roll back and blocklist it. The old model keeps serving until the new one has loaded and
-passed its probe and the ``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
+before anything loads. A release with an evaluation set (:mod:`edgert.evalset`) runs it on the loaded
+candidate after the probe; a score under the release's signed threshold fails the health check (the
+reason names the score and the first failing case), and the score is kept in the state either way.
+Then commit (``current`` link, GC of older releases, the ``on-commit`` hook) or roll back and
+blocklist it. The old model keeps serving until the new one has loaded and passed its probe and the
+``health-check`` hooks (see :class:`~edgert.update.switch.ModelSwitch`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from edgert import store
 from edgert.errors import (
     EdgertError,
+    EvalSetError,
+    EvaluationFailedError,
     HookVetoError,
     ModelFileError,
 )
+from edgert.evalset.cases import EvalSet, parse_eval_set
 from edgert.gguf_file import validate_gguf
 from edgert.onnx_folder import validate_onnx_folder
 from edgert.projector import check_pair_files
@@ -27,7 +34,9 @@ from edgert.update.core import key_of, release_identity, utc_now
 from edgert.update.fetch import Fetching
 from edgert.update.hooks import HookEvent
 from edgert.update.state import (
+    EvalRecord,
     Phase,
+    Release,
     UpdateState,
     begin_activation,
     begin_commit,
@@ -36,6 +45,7 @@ from edgert.update.state import (
     committed,
     rolled_back,
 )
+from edgert.update.switch import ModelSwitch
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +100,18 @@ class Activating(Fetching):
             self._remove(release)
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)
+        try:
+            eval_set = self._evaluation_set(release)
+        except EvalSetError as exc:
+            return self._roll_back(state, f"{release.key} carries an invalid evaluation set: {exc}", fetched)
         switch = self._switch()
         self._move(state, begin_activation(state))
         try:
             switch.load_beside(path, release_identity(release))
             self._move(state, begin_health_check(state))
             switch.probe(self.config.health_check_timeout_s)
+            if eval_set is not None:
+                self._evaluate(state, release, switch, eval_set)
             self._hook(HookEvent.HEALTH_CHECK, release, state)
         except EdgertError as exc:
             switch.release()
@@ -113,6 +129,33 @@ class Activating(Fetching):
         return ApplyResult(
             "committed", release.key, "installed, health-checked and serving", fetched.resumed_from, fetched.received
         )
+
+    def _evaluation_set(self, release: Release) -> EvalSet | None:
+        """The release's verified evaluation set (hashed again; fetched again only if it went missing), parsed."""
+        if release.evaluation is None:
+            return None
+        with self._http() as client:
+            path = self._fetch_evaluation(release, client)
+        assert path is not None
+        return parse_eval_set(path.read_bytes(), path.name)
+
+    def _evaluate(self, state: UpdateState, release: Release, switch: ModelSwitch, eval_set: EvalSet) -> None:
+        """Run the set on the loaded candidate and keep its score; EvaluationFailedError under the threshold."""
+        assert release.meta.evaluation is not None  # a release has an evaluation set only with its gate
+        threshold = release.meta.evaluation.threshold
+        report = switch.evaluate(
+            eval_set,
+            threshold=threshold,
+            budget_s=self.config.eval_timeout_s,
+            max_tokens=self.config.eval_max_tokens,
+        )
+        state.evaluation = EvalRecord(
+            release=release.key, passed=report.passed, total=report.total, threshold=threshold, ts=time.time()
+        )
+        self.store.save(state)
+        log.info("%s: %s", release.key, report.summary())
+        if not report.ok:
+            raise EvaluationFailedError(report.summary())
 
     def _finish_commit(self, state: UpdateState) -> None:
         release = state.pending

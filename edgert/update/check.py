@@ -18,8 +18,9 @@ from edgert.errors import (
     UntrustedMetadataError,
     UpdateError,
 )
+from edgert.evalset.cases import MAX_EVAL_BYTES
 from edgert.update.core import UpdaterCore, key_of, version_file_name
-from edgert.update.manifest import member_target_path, model_target_path, pointer_mismatch
+from edgert.update.manifest import EVAL_FILE, member_target_path, model_target_path, pointer_mismatch
 from edgert.update.registry import RegistryClient, SignedTarget
 from edgert.update.state import (
     Member,
@@ -87,7 +88,10 @@ class Checking(UpdaterCore):
                 pair=target.meta.format == "gguf-mmproj",
             ),
             members=members,
+            evaluation=_evaluation(client, target),
         )
+        if problem is None and release.evaluation is not None and release.evaluation.length > MAX_EVAL_BYTES:
+            problem = f"has an evaluation set of {release.evaluation.length} bytes (at most {MAX_EVAL_BYTES})"
         if problem is not None:
             return CheckResult(self.config.channel, self.device_id, current, None, f"{release.key} {problem}"), None
         if current == release.key:
@@ -108,6 +112,22 @@ def _refuse_shared_name(state: UpdateState, release: Release) -> None:
                 f"{release.key} would be stored as versions/{release.file_name}, the file of {other.key}; "
                 "refusing to overwrite it (install another version of either model first)"
             )
+
+
+def _evaluation(client: RegistryClient, target: SignedTarget) -> Member | None:
+    """The signed target of the release's evaluation set, when its ModelMeta says it has one."""
+    meta = target.meta
+    assert meta is not None
+    path = meta.evaluation_target()
+    if path is None:
+        return None
+    try:
+        signed = client.target(path)
+    except TargetNotFoundError:
+        raise UntrustedMetadataError(
+            f"{meta.model_id}@{meta.version} has an evaluation gate, but {path} is not a signed target"
+        ) from None
+    return Member(path=EVAL_FILE, length=signed.length, hashes=signed.hashes, url_path=signed.url_path)
 
 
 def _members(client: RegistryClient, target: SignedTarget) -> tuple[Member, ...]:

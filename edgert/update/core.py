@@ -44,6 +44,9 @@ from edgert.update.switch import ModelSwitch
 
 log = logging.getLogger(__name__)
 
+#: An evaluation set's name beside its release under ``versions/``.
+EVAL_SUFFIX = ".eval.jsonl"
+
 #: Told every saved move of the update path, with a copy of the state saved (on the round's worker thread).
 PhaseListener = Callable[[UpdateState], None]
 
@@ -272,6 +275,11 @@ class UpdaterCore:
     def _part(self, release: Release) -> Path:
         return store.part_path(self._file(release))
 
+    def _evaluation_file(self, release: Release) -> Path:
+        """Where the release's evaluation set waits for its activation: ``versions/<file>.eval.jsonl`` (the next
+        commit's garbage collection deletes it, as every name but the kept releases')."""
+        return store.version_path(self.versions_dir, release.file_name + EVAL_SUFFIX)
+
     def _http(self) -> httpx.Client:
         """The client every target download uses (large socket reads; see :func:`download.client`)."""
         return download.client(httpx.Timeout(self.config.download_timeout_s))
@@ -308,6 +316,8 @@ class UpdaterCore:
             store.discard(path)
         self._part(release).unlink(missing_ok=True)
         store.discard(self._staging(release))
+        for evaluation in (self._evaluation_file(release), store.part_path(self._evaluation_file(release))):
+            evaluation.unlink(missing_ok=True)
 
     def _point_current(self, release: Release) -> None:
         store.point_current(self.settings.models_dir, release.file_name)

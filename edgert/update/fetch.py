@@ -80,6 +80,7 @@ class Fetching(Checking):
             hashes=release.hashes,
         )
         with self._download_failures(state, release), self._http() as client:
+            self._fetch_evaluation(release, client)
             fetched = download.fetch(
                 client,
                 job,
@@ -108,6 +109,7 @@ class Fetching(Checking):
             kept = sum(_kept_bytes(staging, member) for member in release.members)
             download.check_free_space(self.versions_dir, release.length - kept, self.config.disk_reserve_bytes)
             with self._http() as client:
+                self._fetch_evaluation(release, client)
                 for member in release.members:
                     fetched = self._fetch_member(client, staging, member, _shifted(report, done, release.length))
                     resumed, received = resumed + fetched.resumed_from, received + fetched.received
@@ -191,6 +193,17 @@ class Fetching(Checking):
         store.install_file(job.part, path)
         return fetched
 
+    def _fetch_evaluation(self, release: Release, client: httpx.Client) -> Path | None:
+        """The release's evaluation set (none: None), verified against its signed target, beside its model.
+
+        Fetched with the release; at activation it is only hashed again (fetched again if it went missing).
+        """
+        if release.evaluation is None:
+            return None
+        path = self._evaluation_file(release)
+        self._fetch_member(client, path.parent, release.evaluation.model_copy(update={"path": path.name}), _no_progress)
+        return path
+
     def _staged(self, state: UpdateState, release: Release) -> None:
         # Its identity now, so a later deletion can tell the file is still this release's own.
         identity = store.file_id(self._file(release))
@@ -238,6 +251,10 @@ class Fetching(Checking):
             else:
                 publisher_signature.verify(model, job.part, public_key, workdir=self.settings.models_dir)
         log.info("publisher signature of %s verified", release.key)
+
+
+def _no_progress(_done: int, _total: int) -> None:
+    """An evaluation set is a few KiB: its download is not the release's progress."""
 
 
 def _kept_bytes(staging: Path, member: Member) -> int:

@@ -10,6 +10,7 @@ Two kinds of target carry edgert data::
     models/<model-id>/<version>/model.gguf         custom = {"edgert": ModelMeta}   (a GGUF model, alone or
                                                                                      with its projector)
     models/<model-id>/<version>/genai_config.json  custom = {"edgert": ModelMeta}   (a folder model)
+    models/<model-id>/<version>/eval.jsonl         (its evaluation set, when ModelMeta.evaluation is set)
     channels.json                                  custom = {"edgert_channels": Channels}
 
 A model is one file (``format = "gguf"``), a GGUF with its multimodal projector
@@ -21,8 +22,10 @@ hashes; the folder's ``genai_config.json`` target carries the ModelMeta, whose
 ``files`` lists every member, so the device knows which signed targets make one
 model and installs all of them or none. An optional publisher signature is one more
 target beside the one carrying the ModelMeta, ``<that target>.sig`` (see
-:mod:`edgert.update.publisher_signature`). GGUF metadata is written without the
-two new fields, so devices that predate folders keep reading GGUF releases.
+:mod:`edgert.update.publisher_signature`). An evaluation set (:mod:`edgert.evalset`) is one more target,
+``eval.jsonl``, whose signed length and hashes pin it; the ModelMeta's ``evaluation`` (its threshold and
+case count) says the release has one, so a device never runs a release without the set it was signed with.
+GGUF metadata is written without the two new fields, so devices that predate folders keep reading GGUF releases.
 
 Channel pointers live in the ``custom`` object of the ``channels.json`` target
 rather than in a side file: a device learns them from the verified targets
@@ -66,11 +69,30 @@ RESERVED_SUFFIXES: Final = (".part",)
 #: A publisher's model-signing bundle is the companion target ``<model target>.sig``
 #: (``model.gguf.sig``, or ``genai_config.json.sig`` beside a folder's members).
 SIGNATURE_SUFFIX: Final = ".sig"
+#: A release's evaluation set: the companion target ``models/<id>/<version>/eval.jsonl``.
+EVAL_FILE: Final = "eval.jsonl"
 
 MODEL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9._:-]{0,127}$"
 VERSION_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 CHANNEL_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 NUMERIC_VERSION_PATTERN: Final = r"^\d+(\.\d+){0,3}$"
+
+
+class EvalMeta(BaseModel):
+    """A release's evaluation gate (``custom.edgert.evaluation``): the set is the target :data:`EVAL_FILE`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: a percentage, not a fraction: TUF's canonical JSON signs no floats
+    threshold_pct: int = Field(
+        ge=0, le=100, description="Least percentage of the set's cases that must pass for a device to commit"
+    )
+    cases: int = Field(gt=0, description="Cases in the set (as published; the device counts them again)")
+
+    @property
+    def threshold(self) -> float:
+        """The least score (a fraction 0..1) that commits."""
+        return self.threshold_pct / 100
 
 
 class ModelMeta(BaseModel):
@@ -99,6 +121,9 @@ class ModelMeta(BaseModel):
         description="Folder models: every member file's path relative to the folder, each its own target "
         "models/<model-id>/<version>/<path>; empty for gguf",
     )
+    evaluation: EvalMeta | None = Field(
+        None, description=f"The release's evaluation gate; its set is the target models/<id>/<version>/{EVAL_FILE}"
+    )
 
     @property
     def is_folder(self) -> bool:
@@ -123,8 +148,9 @@ class ModelMeta(BaseModel):
             raise ValueError("member files are listed more than once")
         if FOLDER_ANCHOR not in self.files:
             raise ValueError(f"a {self.format} folder must contain {FOLDER_ANCHOR}")
-        if MODEL_FILE in self.files:
-            raise ValueError(f"a {self.format} folder may not contain {MODEL_FILE} (the GGUF target name)")
+        for reserved, what in ((MODEL_FILE, "the GGUF target name"), (EVAL_FILE, "the evaluation set's target name")):
+            if reserved in self.files:
+                raise ValueError(f"a {self.format} folder may not contain {reserved} ({what})")
         if FOLDER_ANCHOR + SIGNATURE_SUFFIX in self.files:
             raise ValueError(
                 f"a {self.format} folder may not contain {FOLDER_ANCHOR}{SIGNATURE_SUFFIX} "
@@ -133,8 +159,16 @@ class ModelMeta(BaseModel):
         return self
 
     def signed_custom(self) -> dict[str, Any]:
-        """The ``custom.edgert`` object to sign: a GGUF's omits the folder fields (older devices forbid them)."""
-        return self.model_dump(mode="json", exclude=None if self.is_folder else {"format", "files"})
+        """The ``custom.edgert`` object to sign: a GGUF's omits the folder fields, and a release without an
+        evaluation set the ``evaluation`` field (older devices forbid fields they do not know)."""
+        exclude = set() if self.is_folder else {"format", "files"}
+        if self.evaluation is None:
+            exclude.add("evaluation")
+        return self.model_dump(mode="json", exclude=exclude or None)
+
+    def evaluation_target(self) -> str | None:
+        """The target of the release's evaluation set, or None when it has none."""
+        return member_target_path(self.model_id, self.version, EVAL_FILE) if self.evaluation is not None else None
 
     def target_paths(self) -> tuple[str, ...]:
         """Every target that makes this model: the GGUF file, or each member of the folder."""

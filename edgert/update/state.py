@@ -91,6 +91,9 @@ class Release(BaseModel):
     file_id: str | None = Field(None, pattern=r"^\d+:\d+$")
     #: Folder models: every member file, in ``meta.files`` order; empty for a GGUF.
     members: tuple[Member, ...] = ()
+    #: The signed target of its evaluation set (``path`` = ``eval.jsonl``; it waits for the activation beside the
+    #: model as ``versions/<file_name>.eval.jsonl``), when ``meta.evaluation`` says it has one.
+    evaluation: Member | None = None
 
     @property
     def key(self) -> str:
@@ -99,6 +102,23 @@ class Release(BaseModel):
     @property
     def is_folder(self) -> bool:
         return self.meta.is_folder
+
+
+class EvalRecord(BaseModel):
+    """The latest evaluation this device ran on a candidate (kept past its round; the fleet reads it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    release: str
+    passed: int = Field(ge=0)
+    total: int = Field(gt=0)
+    threshold: float = Field(ge=0.0, le=1.0)
+    #: Unix time it finished
+    ts: float
+
+    @property
+    def score(self) -> float:
+        return self.passed / self.total
 
 
 class UpdateState(BaseModel):
@@ -130,6 +150,8 @@ class UpdateState(BaseModel):
     #: past the round (and a restart) so the fleet still sees it after the device returned to idle.
     last_rollback: str | None = None
     last_rollback_reason: str | None = None
+    #: The latest evaluation of a candidate's evaluation set, passed or not.
+    evaluation: EvalRecord | None = None
     last_check: datetime | None = None
     last_error: str | None = None
     history: list[str] = Field(default_factory=list)

@@ -17,6 +17,7 @@ import gguf
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
 from edgert.model_switch import RuntimeModelSwitch
+from edgert.registry.evaluation import EvalAttachment
 from edgert.registry.repository import Registry
 from edgert.settings import Settings, load_settings
 from edgert.update.orchestrator import Updater
@@ -68,10 +69,14 @@ class Fleet:
         rollout: int = 100,
         channel: str = "stable",
         signing_key: Path | None = None,
+        evaluation: EvalAttachment | None = None,
         **kw: Any,
     ) -> None:
-        """add (signed with model-signing when ``signing_key`` is given) + promote + publish to the site."""
-        self.registry.add(model or self.model, model_id=MODEL_ID, version=version, signing_key=signing_key)
+        """add (signed with model-signing when ``signing_key`` is given, with ``evaluation`` as its evaluation
+        set: :func:`edgert.registry.evaluation.eval_attachment`) + promote + publish to the site."""
+        self.registry.add(
+            model or self.model, model_id=MODEL_ID, version=version, signing_key=signing_key, evaluation=evaluation
+        )
         self.registry.promote(MODEL_ID, version, channel=channel, rollout=rollout)
         self.registry.publish(out=self.site, **kw)
 
