@@ -101,7 +101,9 @@ class Activating(Fetching):
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)
         try:
-            eval_set = self._evaluation_set(release)
+            # bytes that no longer verify abandon the release, a registry out of reach keeps it staged for a retry
+            with self._download_failures(state, release):
+                eval_set = self._evaluation_set(release)
         except EvalSetError as exc:
             return self._roll_back(state, f"{release.key} carries an invalid evaluation set: {exc}", fetched)
         switch = self._switch()
