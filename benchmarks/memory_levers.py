@@ -51,6 +51,7 @@ from make_e2b_shape import default_cache_dir
 from serving_bench import (
     CpuMonitor,
     EdgertTarget,
+    LlamaServerTarget,
     PeakRss,
     _git_describe,
     loadavg,
@@ -78,6 +79,13 @@ class Setting:
             "EDGERT_ENGINE__KV_CACHE_TYPE": self.kv,
             "EDGERT_ENGINE__USE_MMAP": "true" if self.mmap else "false",
         }
+
+    def server_flags(self) -> list[str]:
+        """llama-server's spelling of the same setting (flash attention on, as edgert runs it)."""
+        return [
+            *("-fa", "on", "-lzm", self.lazy, "--repack" if self.repack else "--no-repack"),
+            *("-ctk", self.kv, "-ctv", self.kv, "-lm", "auto" if self.mmap else "none"),
+        ]
 
     def bench_flags(self) -> list[str]:
         return [
@@ -156,9 +164,32 @@ class LeverTarget(EdgertTarget):
         self.env_extra.update(self.setting.env())
 
 
-# --------------------------------------------------------------------------- daemon + llama-bench
+class LeverServerTarget(LlamaServerTarget):
+    """llama-server from the same sdist with the same setting, context, slots and threads."""
+
+    def __init__(self, *args: Any, setting: Setting, **kwargs: Any) -> None:
+        self.setting = setting
+        super().__init__(*args, **kwargs)
+
+    def build(self) -> None:
+        super().build()
+        self.command += self.setting.server_flags()
+
+
+# --------------------------------------------------------------------------- daemons + llama-bench
 async def measure_daemon(model: Path, setting: Setting, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    target = LeverTarget(model, 4096, args.threads, args.parallel, workdir, setting=setting)
+    return await measure_server(LeverTarget(model, 4096, args.threads, args.parallel, workdir, setting=setting), args)
+
+
+async def measure_llama_server(
+    model: Path, setting: Setting, args: argparse.Namespace, workdir: Path, bin_dir: Path
+) -> dict[str, Any]:
+    target = LeverServerTarget(model, 4096, args.threads, args.parallel, workdir, setting=setting, bin_dir=bin_dir)
+    return await measure_server(target, args)
+
+
+async def measure_server(target: EdgertTarget | LlamaServerTarget, args: argparse.Namespace) -> dict[str, Any]:
+    """Ready time, RSS after load / peak / after the streams, single-stream decode and TTFT, the streams."""
     try:
         ready_s = target.start()
         CpuMonitor.pids = [target.pid()]
@@ -306,8 +337,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         serving_bench.EDGERT_SRC = args.edgert_src
         sys.path.insert(0, args.edgert_src)
     cache = default_cache_dir()
-    models = {"270M": model_270m(cache), "E2B-shape": Path(args.e2b).expanduser()}
-    models = {name: path for name, path in models.items() if name in args.models.split(",")}
+    wanted = args.models.split(",")
+    models = {
+        "270M": model_270m(cache) if "270M" in wanted else None,
+        "E2B-shape": Path(args.e2b).expanduser(),
+        "E4B-shape": Path(args.e4b).expanduser(),
+    }
+    models = {name: path for name, path in models.items() if name in wanted and path is not None}
     bin_dir = bench_bin_dir(args.bin_dir)
     out: dict[str, Any] = {
         "machine": machine_info(),
@@ -324,7 +360,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{name}: {setting.name}", flush=True)
                 row = {"setting": asdict(setting)}
                 row["edgert"] = await measure_daemon(path, setting, args, Path(tmp))
-                row["llama_bench"] = measure_llama_bench(path, setting, bin_dir, args.threads)
+                if args.llama_server:
+                    row["llama_server"] = await measure_llama_server(path, setting, args, Path(tmp), bin_dir)
+                if not args.skip_llama_bench:
+                    row["llama_bench"] = measure_llama_bench(path, setting, bin_dir, args.threads)
                 print(f"  {json.dumps(row)}", flush=True)
                 rows.append(row)
             out["models"][name] = {"path": str(path), "rows": rows}
@@ -344,6 +383,47 @@ def _ratio(x: float | None, base: float | None) -> str:
     return "—" if x is None or not base else f"{x / base:.2f}×"
 
 
+def _edgert_table(rows: list[dict[str, Any]], streams: int) -> list[str]:
+    base_e = rows[0]["edgert"]
+    base_b = rows[0].get("llama_bench", {})
+    lines = [
+        "| setting | edgert RSS load / peak / after MiB | after: anon + file | decode 1 stream tok/s | vs default "
+        f"| TTFT ms | {streams} streams tok/s | ready s | llama-bench peak RSS MiB | pp64 | tg32 | vs default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        e, b = row["edgert"], row.get("llama_bench", {})
+        lines.append(
+            f"| {row['setting']['name']} | {_f(e['rss_load_mib'], 0)} / {_f(e['rss_peak_mib'], 0)} / "
+            f"{_f(e['rss_after_mib'], 0)} | {_f(e['rss_anon_mib'], 0)} + {_f(e['rss_file_mib'], 0)} | "
+            f"{_f(e['decode_tok_s'])} | "
+            f"{_ratio(e['decode_tok_s'], base_e['decode_tok_s'])} | {_f((e['ttft_s'] or 0) * 1000, 0)} | "
+            f"{_f(e['streams']['aggregate_tok_s'])} | {_f(e['ready_s'])} | {_f(b.get('peak_rss_mib'), 0)} | "
+            f"{_f(b.get('pp64'))} | {_f(b.get('tg32'))} | {_ratio(b.get('tg32'), base_b.get('tg32'))} |"
+        )
+    return lines
+
+
+def _server_table(rows: list[dict[str, Any]], streams: int) -> list[str]:
+    """edgert beside llama-server with the same setting: RSS after the streams, decode, foreign load."""
+    lines = [
+        f"| setting | RSS after {streams} streams MiB: edgert / llama-server | edgert ÷ llama-server "
+        f"| peak MiB: edgert / llama-server | decode 1 stream tok/s: edgert / llama-server "
+        f"| {streams} streams tok/s: edgert / llama-server | foreign cores |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        e, s = row["edgert"], row["llama_server"]
+        lines.append(
+            f"| {row['setting']['name']} | {_f(e['rss_after_mib'], 0)} / {_f(s['rss_after_mib'], 0)} | "
+            f"{_ratio(e['rss_after_mib'], s['rss_after_mib'])} | {_f(e['rss_peak_mib'], 0)} / "
+            f"{_f(s['rss_peak_mib'], 0)} | {_f(e['decode_tok_s'])} / {_f(s['decode_tok_s'])} | "
+            f"{_f(e['streams']['aggregate_tok_s'])} / {_f(s['streams']['aggregate_tok_s'])} | "
+            f"{_f(e['foreign_cores'], 2)} / {_f(s['foreign_cores'], 2)} |"
+        )
+    return lines
+
+
 def report(path: Path) -> str:
     data = json.loads(path.read_text())
     lines = [
@@ -353,27 +433,9 @@ def report(path: Path) -> str:
     ]
     for name, model in data["models"].items():
         rows = model["rows"]
-        base_e = rows[0]["edgert"]
-        base_b = rows[0]["llama_bench"]
-        lines += [
-            f"**{name}** (`{Path(model['path']).name}`)",
-            "",
-            "| setting | edgert RSS load / peak / after MiB | after: anon + file | decode 1 stream tok/s | vs default "
-            f"| TTFT ms | {data['args']['streams']} streams tok/s | ready s | llama-bench peak RSS MiB | pp64 | tg32 "
-            "| vs default |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            e, b = row["edgert"], row["llama_bench"]
-            lines.append(
-                f"| {row['setting']['name']} | {_f(e['rss_load_mib'], 0)} / {_f(e['rss_peak_mib'], 0)} / "
-                f"{_f(e['rss_after_mib'], 0)} | {_f(e['rss_anon_mib'], 0)} + {_f(e['rss_file_mib'], 0)} | "
-                f"{_f(e['decode_tok_s'])} | "
-                f"{_ratio(e['decode_tok_s'], base_e['decode_tok_s'])} | {_f((e['ttft_s'] or 0) * 1000, 0)} | "
-                f"{_f(e['streams']['aggregate_tok_s'])} | {_f(e['ready_s'])} | {_f(b.get('peak_rss_mib'), 0)} | "
-                f"{_f(b.get('pp64'))} | {_f(b.get('tg32'))} | {_ratio(b.get('tg32'), base_b.get('tg32'))} |"
-            )
-        lines.append("")
+        lines += [f"**{name}** (`{Path(model['path']).name}`)", "", *_edgert_table(rows, data["args"]["streams"]), ""]
+        if all("llama_server" in row for row in rows):
+            lines += [*_server_table(rows, data["args"]["streams"]), ""]
     quality_data = data.get("quality_270m")
     if quality_data is None:
         return "\n".join(lines)
@@ -398,7 +460,10 @@ def report(path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--e2b", default=str(default_cache_dir() / "gemma-4-E2B-shape-Q4_K_M.gguf"))
-    ap.add_argument("--models", default="270M,E2B-shape", help="comma-separated: 270M, E2B-shape")
+    ap.add_argument("--e4b", default=str(default_cache_dir() / "gemma-4-E4B-shape-Q4_K_M.gguf"))
+    ap.add_argument("--models", default="270M,E2B-shape", help="comma-separated: 270M, E2B-shape, E4B-shape")
+    ap.add_argument("--llama-server", action="store_true", help="also llama-server with the same settings")
+    ap.add_argument("--skip-llama-bench", action="store_true", help="no llama-bench rows")
     ap.add_argument("--edgert-src", default="", help="run edgert from this tree (a `git archive HEAD edgert` copy)")
     ap.add_argument("--only", default="", help="comma-separated indices into SETTINGS (default: all)")
     ap.add_argument("--skip-quality", action="store_true", help="no greedy agreement / perplexity on the 270M")
