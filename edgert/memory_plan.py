@@ -30,7 +30,7 @@ from edgert.memory_model import (
     shape_of,
 )
 from edgert.settings import EngineSettings, Settings
-from edgert.store import model_path
+from edgert.store import model_path, pair_model, resolve_projector
 
 log = logging.getLogger("edgert.memory_plan")
 
@@ -158,6 +158,24 @@ def file_estimates(
         repack = machine_repack() if repack is None else repack
         found[spec.id] = estimate(shape, engine, repack=repack).total_mib
     return found
+
+
+def beside_mib(settings: Settings, path: Path) -> int | None:
+    """What loading the GGUF ``path`` beside a serving model adds, in MiB: the memory model's estimate for the
+    settings it will load with (after ``memory_budget``'s fit, its projector included), without the process
+    part the running daemon already holds. None for a model folder or a file whose header or projector does
+    not read (the caller falls back on the file size; the load then reports what is wrong)."""
+    model = pair_model(path) or path
+    if model.is_dir():
+        return None
+    try:
+        projector = resolve_projector(settings, None, model)
+        fitted, projector = fit_settings(settings, None, model, projector)
+        shape = shape_of(read_layout(model))
+    except EdgertError:
+        return None
+    breakdown = estimate(shape, fitted.engine, repack=machine_repack(), projector_mib=projector_mib(None, projector))
+    return breakdown.total_mib - breakdown.process_mib
 
 
 def fit_settings(

@@ -21,6 +21,8 @@ from edgert.errors import EdgertError, HealthCheckError
 from edgert.evalset.cases import EvalSet
 from edgert.evalset.checks import EvalReport
 from edgert.identity import ReleaseIdentity
+from edgert.memory_model import MIB
+from edgert.memory_plan import beside_mib
 from edgert.serving.evaluation import run_eval_set
 from edgert.serving.host import ModelHost, ServedModel, SwitchStep, probe
 from edgert.serving.runtime import Runtime, open_runtime
@@ -124,7 +126,7 @@ class ServingModelSwitch(RuntimeModelSwitch):
     def load_beside(self, path: Path, release: ReleaseIdentity | None = None) -> None:
         serving = self.host.serving
         drain = self.settings.serve.model_swap == "drain"
-        if serving is not None and (drain or not fits_beside(path)):
+        if serving is not None and (drain or not fits_beside(path, self.settings)):
             why = "serve.model_swap = drain" if drain else f"{path.name} does not fit beside {serving.path.name}"
             log.warning("%s: draining and swapping", why)
             served = self.host.served
@@ -198,9 +200,18 @@ def _identity_of(served: ServedModel | None) -> ReleaseIdentity | None:
 _UNLOAD_S: Final = 30.0
 
 
-def fits_beside(path: Path) -> bool:
-    """Room for a second model? Resident memory is ~1.35x the GGUF file (weights + CPU repack + KV + compute;
-    see MEASUREMENTS.md), plus headroom for the OS. For a model folder, the size of all its files."""
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-    need = int(size * 1.35) + 512 * 2**20
-    return psutil.virtual_memory().available > need
+#: what the OS and page cache keep beside two models
+_HEADROOM = 512 * 2**20
+
+
+def fits_beside(path: Path, settings: Settings) -> bool:
+    """Room for a second model? A GGUF's resident memory comes from the memory model (weights, per-layer table
+    lazy or not, repack duplicate, KV cache, compute buffers, projector; issue 17); a model folder (ONNX) or an
+    unreadable header falls back on ~1.35x its files (MEASUREMENTS.md). Plus headroom for the OS."""
+    need_mib = beside_mib(settings, path)
+    if need_mib is not None:
+        need = need_mib * MIB
+    else:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        need = int(size * 1.35)
+    return psutil.virtual_memory().available > need + _HEADROOM

@@ -20,7 +20,7 @@ from edgert.memory_model import (
     shape_of,
     type_bytes,
 )
-from edgert.memory_plan import STEPS, fit_settings, parse_budget, plan
+from edgert.memory_plan import STEPS, beside_mib, fit_settings, parse_budget, plan
 from edgert.serving.runtime import open_runtime
 from edgert.settings import EngineSettings, Settings
 
@@ -157,3 +157,23 @@ def test_budget_nothing_fits_refuses_with_the_breakdown(tiny_gguf: Path, tmp_pat
     settings = _settings(tmp_path, tiny_gguf, "100MiB")
     with pytest.raises(MemoryBudgetError, match=r"does not fit memory_budget 100 MiB.*process \d+"):
         open_runtime(settings)
+
+
+def test_a_second_model_is_sized_by_the_memory_model(tiny_gguf: Path, tmp_path: Path) -> None:
+    """An update's candidate loads beside the serving model: what it adds is the model's estimate without
+    the process part (one interpreter), at the settings it loads with -- memory_budget's fit included."""
+    settings = _settings(tmp_path, tiny_gguf, None, n_ctx=131072)
+    whole = estimate_file(tiny_gguf, settings.engine, repack={})
+    assert beside_mib(settings, tiny_gguf) == whole.total_mib - whole.process_mib
+    fitted = settings.model_copy(update={"memory_budget": f"{whole.total_mib - 1}MiB"})
+    beside_fitted = beside_mib(fitted, tiny_gguf)
+    assert beside_fitted is not None
+    assert beside_fitted < whole.total_mib - whole.process_mib  # the fit's q8_0 KV cache is counted
+
+
+def test_a_folder_or_broken_header_falls_back_on_the_file_size(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, tmp_path, None)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    assert beside_mib(settings, broken) is None
+    assert beside_mib(settings, tmp_path) is None
