@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from edgert.cli import exitcodes
 from edgert.cli.mqtt import BROKER, CONFIG, PROTOCOL, TLS_CA, USERNAME, _settings
@@ -99,7 +100,8 @@ def rollout(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--wave-wait") from None
 
-    console = Console(highlight=False)
+    # soft wrap: one event is one line in a log or a pipe, whatever the width; markup off: device reasons are text
+    console = Console(highlight=False, soft_wrap=True)
     try:
         request = RolloutRequest(
             model_id=model_id,
@@ -130,8 +132,8 @@ def rollout(
                 request,
                 Registry(registry_dir),
                 observer,
-                say=console.print,
-                progress=live.update,
+                say=lambda line: console.print(line, markup=False),
+                progress=lambda line: live.update(Text(line)),
             )
             result = controller.run()
     except EdgertError as exc:

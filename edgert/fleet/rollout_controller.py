@@ -273,10 +273,12 @@ class RolloutController:
 
     # ------------------------------------------------------------------ actions
     def _promote(self, model_id: str, version: str, percent: int) -> None:
-        """``registry promote`` + ``publish``, unless the published channel already says exactly that."""
-        pointer = self.registry.status().channels.channels.get(self.request.channel)
-        if pointer is not None and (pointer.model_id, pointer.version, pointer.rollout) == (model_id, version, percent):
-            return
+        """``registry promote`` + ``publish`` (+ the copy to ``--out``), every time it is asked for.
+
+        Never skipped because the registry already names that pointer: a run killed after the registry's
+        timestamp was signed but before the site was copied to the HTTP host left devices on the old
+        metadata (seen in the kill -9 test). Promoting the same pointer again changes nothing devices act on.
+        """
         try:
             self.registry.promote(model_id, version, channel=self.request.channel, rollout=percent)
             result = self.registry.publish(out=self.request.out)
