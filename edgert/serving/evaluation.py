@@ -29,13 +29,15 @@ async def run_eval_set(
 ) -> EvalReport:
     """Every case of ``eval_set`` on ``runtime``, within ``budget_s`` seconds in all."""
     started = time.monotonic()
-    limits = Limits(default_timeout_s=budget_s, max_tokens_cap=max_tokens_cap or runtime.default_max_tokens)
+    spent = f"the evaluation's time limit of {budget_s:g} s was spent"
     results: list[CaseResult] = []
     for case in eval_set.cases:
         remaining = budget_s - (time.monotonic() - started)
         if remaining <= 0:
-            results.append(not_run(case, f"the evaluation's time limit of {budget_s:g} s was spent"))
+            results.append(not_run(case, spent))
             continue
+        # the request's own deadline is the set's: one cut off in the queue or mid-reply is a case not run
+        limits = Limits(default_timeout_s=remaining, max_tokens_cap=max_tokens_cap or runtime.default_max_tokens)
         try:
             body = chat_request(case, max_tokens_cap)
             request, plan = await asyncio.to_thread(prepare_request, runtime, body, limits, f"eval-{case.id}")
@@ -47,7 +49,10 @@ async def run_eval_set(
             reply = await asyncio.wait_for(_reply(stream, chat_output(plan) or ChatOutput()), remaining)
         except TimeoutError:
             stream.cancel()
-            results.append(not_run(case, f"the evaluation's time limit of {budget_s:g} s was spent"))
+            results.append(not_run(case, spent))
+            continue
+        if reply.error is not None and time.monotonic() - started >= budget_s:
+            results.append(not_run(case, spent))
             continue
         results.append(check_reply(case, reply))
     return report(results, threshold)
