@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import paho.mqtt.client as paho
@@ -117,7 +118,7 @@ class FleetHost:
             at, uri, status, sent, rng = line.split(" ", 4)
             if not uri.startswith("/dev/"):
                 continue  # start()'s probe
-            _, _, device_id, rest = uri.split("/", 3)
+            _, _, device_id, rest = unquote(uri).split("/", 3)  # model ids hold ':' (sent as %3A)
             rows.append(Fetch(float(at), device_id, "/" + rest, int(status), int(sent), rng.strip('"')))
         return rows
 
@@ -330,14 +331,14 @@ class SimFleet:
         self.registry.registry.add(model, model_id=MODEL_ID, version=version)
         self.registry.registry.publish(out=self.registry.site)
 
-    def rollout(self, version: str, *args: str) -> Rollout:
+    def rollout(self, version: str, *args: str) -> OperatorCommand:
         """``edgert fleet rollout`` of ``version`` on this fleet's channel, started as a real subprocess."""
         cmd = [
             *("fleet", "rollout", MODEL_ID, version, "--channel", self.channel),
             *("--registry-dir", str(self.registry.registry.directory), "--out", str(self.registry.site)),
             *("--broker", f"127.0.0.1:{self.broker.port}", *args),
         ]
-        return Rollout(cmd, self.workdir)
+        return OperatorCommand(cmd, self.workdir)
 
     def promote(self, version: str, rollout: int) -> None:
         """``edgert registry promote --rollout`` + publish: a re-signed channel pointer on the host."""
@@ -390,7 +391,7 @@ class Load:
 
 
 @dataclass(frozen=True)
-class RolloutRun:
+class CommandRun:
     returncode: int
     #: (seconds since the start, line) for every line the controller printed
     lines: list[tuple[float, str]]
@@ -404,8 +405,9 @@ class RolloutRun:
         return "\n".join(line for _, line in self.lines)
 
 
-class Rollout:
-    """``edgert fleet rollout`` as a subprocess: its lines timestamped as they arrive, its rusage at the end."""
+class OperatorCommand:
+    """An operator's ``edgert ...`` command (``fleet rollout``, ``fleet status``) as a subprocess: its lines
+    timestamped as they arrive, its rusage at the end."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -437,9 +439,9 @@ class Rollout:
             if self.proc.poll() is not None and not self.reader.is_alive():
                 break
             time.sleep(0.05)
-        raise AssertionError(f"the rollout printed no line with {needle!r}:\n" + "\n".join(t for _, t in self.lines))
+        raise AssertionError(f"the command printed no line with {needle!r}:\n" + "\n".join(t for _, t in self.lines))
 
-    def finish(self, timeout: float) -> RolloutRun:
+    def finish(self, timeout: float) -> CommandRun:
         self.reader.join(timeout)
         if self.reader.is_alive():
             self.proc.kill()
@@ -450,4 +452,4 @@ class Rollout:
         self.proc.stdout.close()
         wall = time.monotonic() - self.started
         cpu = usage.ru_utime + usage.ru_stime
-        return RolloutRun(self.proc.returncode, list(self.lines), wall, cpu, usage.ru_maxrss * 1024)
+        return CommandRun(self.proc.returncode, list(self.lines), wall, cpu, usage.ru_maxrss * 1024)
