@@ -3,7 +3,8 @@
 
 A good 2.0.0 converges through two waves (the first raised to hold --min-devices, the controller killed -9
 in the middle of it and run again); a 3.0.0 that every device fails to load halts after its first wave, the
-channel is re-signed back to 2.0.0, and the retained deploy states show the rollback.
+channel is re-signed back to 2.0.0, and the retained deploy states show the rollback. The root key is
+off the machine the whole time.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def test_a_good_release_converges_in_waves_and_a_bad_one_halts_back(
         make_variant(tiny_gguf, tmp_path / "v2.gguf", general_name="tiny v2"), model_id=model, version="2.0.0"
     )
     fleet.registry.publish(out=fleet.site)
+    # root stays offline: the rollout signs with targets, snapshot and timestamp only
+    offline = tmp_path / "removable-media"
+    offline.mkdir()
+    for key in fleet.registry.keys_dir.glob("root-*.pem"):
+        key.rename(offline / key.name)
+    assert not list(fleet.registry.keys_dir.glob("root-*.pem"))
     fleet_views(broker, lambda views: all(deploy_of(views, d) is not None for d in DEVICES))
     state_file = rollout_state.default_path(fleet.registry.directory, "stable")
 

@@ -12,7 +12,7 @@ import pytest
 from edgert.api.mqtt_schemas import DeployState, DeviceStatus, EvalScore
 from edgert.errors import RolloutError
 from edgert.fleet import rollout_state
-from edgert.fleet.observe import DeviceView
+from edgert.fleet.observe import DeviceView, FleetObserver
 from edgert.fleet.rollout import (
     Limits,
     Outcome,
@@ -25,10 +25,12 @@ from edgert.fleet.rollout import (
     wave_members,
     wave_percent,
 )
-from edgert.fleet.rollout_controller import check_waves
+from edgert.fleet.rollout_controller import RolloutController, RolloutRequest, check_waves
 from edgert.fleet.rollout_state import RolloutState, Status
+from edgert.registry.repository import Registry
+from edgert.settings import MqttSettings
 from edgert.update.manifest import ChannelPointer
-from edgert.update.state import in_rollout, rollout_bucket
+from edgert.update.state import choose_target, in_rollout, rollout_bucket
 
 MODEL, V2, V3 = "tiny:f16", "2", "3"
 R3 = f"{MODEL}@{V3}"
@@ -326,3 +328,125 @@ def test_an_unreadable_state_file_is_refused_with_its_path(tmp_path: Path, conte
     with pytest.raises(RolloutError, match=message) as caught:
         rollout_state.load(path)
     assert str(path) in caught.value.message
+
+
+# --------------------------------------------------------------------------- a halt's pointer, on a device
+
+
+@pytest.mark.parametrize("halted_at", [25, 100])
+def test_a_device_that_committed_the_halted_release_is_offered_the_previous_one(
+    tmp_path: Path, tiny_gguf: Path, halted_at: int
+) -> None:
+    """The pointer a halt signs (``Registry.promote`` of the previous release at 100 %), read by the device's
+    own rule: whether the halt came mid-rollout or after the last wave, a device on the bad release is offered
+    the previous one and a device that never took it keeps what it has."""
+    registry = Registry.init(tmp_path / "reg")
+    for version in (V2, V3):
+        registry.add(tiny_gguf, model_id=MODEL, version=version)
+    registry.promote(MODEL, V2, channel="stable", rollout=100)
+    registry.promote(MODEL, V3, channel="stable", rollout=5)
+    registry.promote(MODEL, V3, channel="stable", rollout=halted_at)
+    halt = registry.promote(MODEL, V2, channel="stable", rollout=100)
+    for device_id in devices(20):
+        choice = choose_target(halt, device_id=device_id, blocklist=[])
+        assert choice.target == f"models/{MODEL}/{V2}/model.gguf", (halt, choice)
+
+
+# --------------------------------------------------------------------------- the controller, without a broker
+
+
+def observed(*views: DeviceView) -> FleetObserver:
+    """A FleetObserver fed the devices' retained payloads directly (its public entry point), never connected."""
+    observer = FleetObserver(MqttSettings(broker="127.0.0.1"))
+    for device in views:
+        assert device.status is not None and device.deploy is not None
+        observer.handle(f"edgert/v1/{device.device_id}/status", device.status.model_dump_json().encode())
+        observer.handle(f"edgert/v1/{device.device_id}/deploy", device.deploy.model_dump_json().encode())
+    return observer
+
+
+def published_registry(tmp_path: Path, tiny_gguf: Path) -> Registry:
+    registry = Registry.init(tmp_path / "reg")
+    for version in (V2, V3, "4"):
+        registry.add(tiny_gguf, model_id=MODEL, version=version)
+    registry.promote(MODEL, V2, channel="stable", rollout=100)
+    registry.publish()
+    return registry
+
+
+def request(tmp_path: Path, version: str = V3, **changes: object) -> RolloutRequest:
+    values: dict[str, object] = {
+        "model_id": MODEL,
+        "version": version,
+        "channel": "stable",
+        "waves": (50, 100),
+        "max_failure_rate": 0.1,
+        "min_devices": 1,
+        "wave_wait_s": 0.3,
+        "state_path": tmp_path / "stable.json",
+        "nudge": False,
+    }
+    return RolloutRequest(**(values | changes))  # type: ignore[arg-type]
+
+
+def test_a_wave_that_fails_halts_and_re_signs_the_previous_release(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    ids = devices(6)
+    members = set(wave_members(ids, MODEL, V3, 50))
+    fleet_views = [view(d, blocklist=(R3,) if d in members else (), reason="load failed") for d in ids]
+    lines: list[str] = []
+    controller = RolloutController(request(tmp_path), registry, observed(*fleet_views), say=lines.append)
+    state = controller.run()
+    assert state.status is Status.HALTED and state.previous == R2
+    assert [r.percent for r in state.results] == [50]
+    pointer = registry.status().channels.channels["stable"]
+    assert (pointer.version, pointer.rollout) == (V2, 100)
+    assert any(line.startswith("halted: ") and "back on tiny:f16@2" in line for line in lines), lines
+    # run again: reported, nothing signed again
+    again: list[str] = []
+    RolloutController(request(tmp_path), registry, observed(*fleet_views), say=again.append).run()
+    assert again == [f"the rollout of {R3} on stable is already halted: halted: {state.reason}"]
+
+
+def test_a_silent_wave_stalls_keeps_the_channel_and_gets_its_time_again(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    silent = observed(*(view(d) for d in devices(4)))
+    state = RolloutController(request(tmp_path), registry, silent, say=lambda _line: None).run()
+    assert state.status is Status.RUNNING and state.wave == 0 and state.promoted is not None
+    assert state.wave_started is None  # a rerun restarts the wave's clock
+    pointer = registry.status().channels.channels["stable"]
+    assert (pointer.version, pointer.rollout) == (V3, state.promoted)
+    saved = rollout_state.load(tmp_path / "stable.json")
+    assert saved == state
+
+
+def test_another_release_waits_for_the_unfinished_one_unless_abandoned(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    silent = observed(*(view(d) for d in devices(4)))
+    RolloutController(request(tmp_path), registry, silent, say=lambda _line: None).run()  # stalls, unfinished
+    with pytest.raises(RolloutError, match=r"rollout of tiny:f16@3 on stable is unfinished \(running, wave 1 of 2\)"):
+        RolloutController(request(tmp_path, "4"), registry, silent, say=lambda _line: None).run()
+    lines: list[str] = []
+    state = RolloutController(request(tmp_path, "4", abandon=True), registry, silent, say=lines.append).run()
+    assert state.version == "4" and state.previous == R2  # 3 never finished: devices outside it are on 2
+    assert lines[0].startswith(f"abandoned the unfinished rollout of {R3}")
+
+
+def test_an_unpublished_release_is_refused_before_anything_is_saved(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    with pytest.raises(RolloutError, match=r"tiny:f16@9 is not published .* `edgert registry publish` first"):
+        RolloutController(request(tmp_path, "9"), registry, observed(), say=lambda _line: None).run()
+    assert not (tmp_path / "stable.json").exists()
+
+
+def test_a_halt_with_no_earlier_release_offers_the_release_to_no_device(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = Registry.init(tmp_path / "reg")
+    registry.add(tiny_gguf, model_id=MODEL, version=V3)
+    registry.publish()
+    failing = observed(*(view(d, current=None, blocklist=(R3,)) for d in devices(3)))
+    lines: list[str] = []
+    state = RolloutController(request(tmp_path), registry, failing, say=lines.append).run()
+    assert state.status is Status.HALTED and state.previous is None
+    pointer = registry.status().channels.channels["stable"]
+    assert (pointer.version, pointer.rollout) == (V3, 0)
+    assert "offers tiny:f16@3 to no device (there was no earlier release to go back to)" in lines[-1]
