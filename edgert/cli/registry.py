@@ -334,6 +334,7 @@ def _print_status(report: RegistryStatus) -> None:
             f"  {meta.model_id}@{meta.version}  {meta.format} {meta.architecture} {meta.quant or '?'}  "
             f"{model.length} bytes{f' in {len(meta.files)} files' if meta.is_folder else ''}  "
             f"ram {meta.ram_mib} MiB  edgert>={meta.min_edgert_version}"
+            + (f"  eval {gate.cases} cases >= {gate.threshold:g}" if (gate := meta.evaluation) else "")
         )
     typer.echo("CHANNELS")
     for name, pointer in sorted(report.channels.channels.items()):

@@ -135,6 +135,11 @@ def test_registry_add_eval_on_the_command_line(fleet: Fleet, tmp_path: Path) -> 
     result = CliRunner().invoke(registry_app, [*base, "--version", "2.0.0", "--eval", str(PASSES)])
     assert result.exit_code == 0, result.output
     assert f"added models/{MODEL_ID}/2.0.0/eval.jsonl (evaluation set, 2 cases, threshold 1)" in result.stdout
+    directory = ["--dir", str(fleet.registry.directory)]
+    assert CliRunner().invoke(registry_app, ["publish", *directory]).exit_code == 0
+    status = CliRunner().invoke(registry_app, ["status", *directory])
+    (row,) = [line for line in status.stdout.splitlines() if f"{MODEL_ID}@2.0.0" in line]
+    assert row.endswith("eval 2 cases >= 1")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "p", "checks": [{"regex": "("}]}\n')
     result = CliRunner().invoke(registry_app, [*base, "--version", "3.0.0", "--eval", str(bad)])
