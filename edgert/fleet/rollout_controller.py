@@ -270,6 +270,31 @@ class RolloutController:
         self._save(state)
         self._nudge(members)
         self.say(f"halted: {state.reason}; {back}")
+        if state.previous is not None:
+            self._await_return(state, members)
+
+    def _await_return(self, state: RolloutState, members: Sequence[str]) -> None:
+        """Watch the wave's devices that took the halted release go back (at most --wave-wait): a line naming
+        those still on it. Nothing to wait for when every device of the wave failed it."""
+        release, previous = state.release, state.previous
+
+        def on_release(views: Mapping[str, DeviceView]) -> list[str]:
+            """Members that serve the release or are installing it (an install that began before the halt)."""
+            return [
+                d
+                for d in members
+                if (v := views.get(d)) is not None and v.deploy and release in (v.deploy.current, v.deploy.pending)
+            ]
+
+        had = on_release(self.observer.snapshot())
+        if not had:
+            return
+        self.progress(f"{len(had)} devices of the wave took {release}; waiting for them to go back to {previous}")
+        self.observer.wait_until(lambda views: not on_release(views), self.request.wave_wait_s)
+        still = on_release(self.observer.snapshot())
+        back = [d for d in had if d not in still]
+        line = f"back on {previous}: {len(back)} of {len(had)} devices that had taken {release}"
+        self.say(line + (f"; still on it after --wave-wait: {', '.join(still)}" if still else ""))
 
     # ------------------------------------------------------------------ actions
     def _promote(self, model_id: str, version: str, percent: int) -> None:

@@ -26,12 +26,23 @@ from edgert.fleet.rollout_state import Status
 from edgert.update.state import rollout_bucket
 from tests.integration.daemon import DaemonProcess, start_daemon, wait_until_ready
 from tests.integration.mosquitto import Broker
-from tests.integration.update_support import MODEL_ID, Fleet, broken_model, device_update, edgert_cmd, make_variant
+from tests.integration.update_support import (
+    MODEL_ID,
+    Fleet,
+    broken_model,
+    device_update,
+    edgert_cmd,
+    make_variant,
+    write_hook,
+)
 
 #: bucket for 2.0.0 / 3.0.0: roll-8 20/61, roll-1 30/62, roll-7 51/4 -- so the 25 % wave of 2.0.0 holds one
 #: device (raised to 31 % to hold two) and the 25 % wave of 3.0.0 holds roll-7 alone
 DEVICES = ("roll-1", "roll-7", "roll-8")
-V2, V3 = f"{MODEL_ID}@2.0.0", f"{MODEL_ID}@3.0.0"
+V2, V3, V4 = f"{MODEL_ID}@2.0.0", f"{MODEL_ID}@3.0.0", f"{MODEL_ID}@4.0.0"
+#: 4.0.0 loads everywhere, but this device's health-check hook refuses it (a device-specific failure)
+HOOKED = "roll-7"
+VETO_V4 = 'if [ "$EDGERT_MODEL_VERSION" = 4.0.0 ]; then echo "the camera driver rejects 4.0.0"; exit 1; fi'
 EXIT_HALTED = 9
 
 
@@ -47,6 +58,8 @@ def devices(tmp_path: Path, fleet: Fleet, broker: Broker, tiny_gguf: Path) -> It
     try:
         for device_id in DEVICES:
             update = device_update(fleet, device_id=device_id, check_interval_s=10, check_jitter_s=0)
+            if device_id == HOOKED:
+                update["hooks_dir"] = str(write_hook(tmp_path / "hooks", "health-check", VETO_V4).parent)
             settings = {f"update__{key}": str(value) for key, value in update.items()}
             settings |= {"engine__n_ctx": "512", "engine__n_parallel": "1"}
             workdir = tmp_path / device_id
@@ -185,3 +198,26 @@ def test_a_good_release_converges_in_waves_and_a_bad_one_halts_back(
         assert deploy is not None and deploy.current == V2 and V3 not in deploy.blocklist, deploy
         assert rollout_bucket(device_id, model, "3.0.0") >= 25
     assert json.loads(state_file.read_text())["status"] == "halted"
+
+    # 4.0.0 in one wave of 100 %: two devices commit it, roll-7's health-check hook refuses it; the halt
+    # re-signs 2.0.0 and the two devices that committed 4.0.0 go back to it through the signed path
+    fleet.registry.add(
+        make_variant(tiny_gguf, tmp_path / "v4.gguf", general_name="tiny v4"), model_id=model, version="4.0.0"
+    )
+    fleet.registry.publish(out=fleet.site)
+    halted = run(rollout(fleet, broker, "4.0.0", "--waves", "100", "--min-devices", "1"), tmp_path)
+    assert halted.returncode == EXIT_HALTED, halted.stdout + halted.stderr
+    text = " ".join(halted.stdout.split())
+    assert "1 of 3 devices failed" in text
+    assert "roll-7:" in text and "camera driver rejects 4.0.0" in text
+    channel = fleet.registry.status().channels.channels["stable"]
+    assert (channel.version, channel.rollout, channel.previous_version) == ("2.0.0", 100, "4.0.0")
+    views = fleet_views(
+        broker,
+        lambda views: all(getattr(deploy_of(views, d), "current", None) == V2 for d in DEVICES) and settled(views),
+    )
+    hooked = views[HOOKED].deploy
+    assert hooked is not None and hooked.rolled_back == V4 and V4 in hooked.blocklist
+    went_back = [d for d in ("roll-1", "roll-8") if (deploy := deploy_of(views, d)) and deploy.previous == V4]
+    assert went_back, "no device had committed 4.0.0 before the halt"  # so the return path was exercised
+    assert f"back on {V2}: " in text, text
