@@ -21,6 +21,7 @@ What a device reported about release ``R`` (its retained :class:`~edgert.api.mqt
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,8 +134,15 @@ def previous_release(pointer: ChannelPointer | None, model_id: str, version: str
     return pointer.model_id, pointer.previous_version
 
 
+@functools.cache
+def _bucket(device_id: str, model_id: str, version: str) -> int:
+    """:func:`rollout_bucket`, remembered: a wave is judged again at every burst of reports, and a device's
+    bucket for a release never changes (one hash per device and release, however long the rollout)."""
+    return rollout_bucket(device_id, model_id, version)
+
+
 def in_wave(device_id: str, model_id: str, version: str, percent: int) -> bool:
-    return rollout_bucket(device_id, model_id, version) < percent
+    return _bucket(device_id, model_id, version) < percent
 
 
 def wave_members(device_ids: Iterable[str], model_id: str, version: str, percent: int) -> list[str]:
@@ -160,7 +168,7 @@ def wave_percent(
     need = min(min_devices, len(device_ids))
     if need == 0:
         return WavePercent(percent, asked)
-    buckets = sorted(rollout_bucket(d, model_id, version) for d in device_ids)
+    buckets = sorted(_bucket(d, model_id, version) for d in device_ids)
     smallest = buckets[need - 1] + 1  # the need-th lowest bucket must be below the percentage
     if smallest <= percent:
         return WavePercent(percent, asked)
