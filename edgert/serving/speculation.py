@@ -35,6 +35,8 @@ _COST_EMA = 0.2
 _ACCEPT_DECAY = 0.9
 #: pseudo-observations of the prior acceptance rate a new sequence starts with
 _PRIOR_WEIGHT = 2.0
+#: how fast the drafter-wide acceptance (a new sequence's prior) forgets (per verified round)
+_GLOBAL_DECAY = 0.98
 
 
 @dataclass(slots=True)
@@ -88,6 +90,8 @@ class SpeculationPolicy:
         self._target = _CostTable()
         self._draft = _CostTable()
         self._acceptance: dict[int, _Acceptance] = {}
+        # every sequence's rounds together: how good this drafter is on this traffic, a new sequence's prior
+        self._overall = _Acceptance()
 
     # ------------------------------------------------------------ evidence
     def observe_decode(self, n_tokens: int, seconds: float) -> None:
@@ -100,16 +104,24 @@ class SpeculationPolicy:
         """``accepted`` of ``drafted`` draft tokens matched; a rejection is one failed trial."""
         if drafted <= 0:
             return
+        failed = 1 if accepted < drafted else 0
         stats = self._acceptance.setdefault(key, _Acceptance())
         stats.accepted = stats.accepted * _ACCEPT_DECAY + accepted
-        stats.trials = stats.trials * _ACCEPT_DECAY + accepted + (1 if accepted < drafted else 0)
+        stats.trials = stats.trials * _ACCEPT_DECAY + accepted + failed
+        self._overall.accepted = self._overall.accepted * _GLOBAL_DECAY + accepted
+        self._overall.trials = self._overall.trials * _GLOBAL_DECAY + accepted + failed
 
     def forget(self, key: int) -> None:
         self._acceptance.pop(key, None)
 
+    def prior_acceptance(self) -> float:
+        """What a new sequence is assumed to accept: the configured prior, then what all sequences accepted."""
+        weight = _PRIOR_WEIGHT
+        return (self._overall.accepted + self.prior * weight) / (self._overall.trials + weight)
+
     def acceptance(self, key: int) -> float:
         stats = self._acceptance.get(key, _Acceptance())
-        alpha = (stats.accepted + self.prior * _PRIOR_WEIGHT) / (stats.trials + _PRIOR_WEIGHT)
+        alpha = (stats.accepted + self.prior_acceptance() * _PRIOR_WEIGHT) / (stats.trials + _PRIOR_WEIGHT)
         return min(alpha, 0.99)
 
     # ------------------------------------------------------------ decisions

@@ -61,8 +61,21 @@ def test_a_stream_whose_drafts_keep_failing_stops_drafting_and_a_new_one_starts_
     assert policy.acceptance(0) < 0.11
     assert policy.plan({0: 4}, 1) == {}
     policy.forget(0)
-    assert policy.acceptance(0) == pytest.approx(0.6)
-    assert policy.plan({0: 4}, 1)
+    # a new stream starts from what the drafter has shown on all streams, not from the configured prior
+    assert policy.acceptance(0) == pytest.approx(policy.prior_acceptance())
+    assert policy.prior_acceptance() < 0.2
+    assert policy.plan({0: 4}, 1) == {}
+
+
+def test_a_new_stream_inherits_a_good_drafters_record() -> None:
+    # verifying is dear here (each extra token ~2/3 of a step): the configured prior 0.5 does not pay ...
+    policy = SpeculationPolicy("auto", 3, 0.5)
+    measured(policy, per_token_s=0.040, fixed_s=0.020, draft_s=0.004)
+    assert policy.plan({1: 3}, 1) == {}
+    for _ in range(40):  # ... but stream 0's drafts were nearly all accepted
+        policy.observe_round(0, 3, 3)
+    assert policy.prior_acceptance() > 0.9
+    assert policy.plan({1: 3}, 1)
 
 
 def test_acceptance_counts_accepted_drafts_and_the_first_rejection() -> None:
