@@ -129,7 +129,7 @@ def previous_release(pointer: ChannelPointer | None, model_id: str, version: str
         return None
     if (pointer.model_id, pointer.version) != (model_id, version) and pointer.rollout == 100:
         return pointer.model_id, pointer.version
-    if pointer.previous_version is None:
+    if pointer.previous_version is None or (pointer.model_id, pointer.previous_version) == (model_id, version):
         return None
     return pointer.model_id, pointer.previous_version
 

@@ -160,7 +160,15 @@ class RolloutController:
                 f"{request.release} is not published in {self.registry.directory}: run `edgert registry add` and "
                 "`edgert registry publish` first"
             )
-        previous = previous_release(status.channels.channels.get(request.channel), request.model_id, request.version)
+        pointer = status.channels.channels.get(request.channel)
+        already = (
+            pointer.rollout
+            if pointer and (pointer.model_id, pointer.version) == (request.model_id, request.version)
+            else 0
+        )
+        if already == 100:
+            raise RolloutError(f"{request.release} is already offered to every device on {request.channel}")
+        previous = previous_release(pointer, request.model_id, request.version)
         views = self.observer.settle()
         devices = eligible(views, request.channel, request.group)
         baseline = None
@@ -173,9 +181,12 @@ class RolloutController:
             previous_model=previous[0] if previous else None,
             previous_version=previous[1] if previous else None,
             waves=list(request.waves),
+            from_percent=already,
             eval_baseline=baseline,
         )
         self._save(state)
+        if already:
+            self.say(f"{state.release} is already promoted to {already}% on {request.channel}: waves start there")
         back = state.previous or "nothing (the channel offered no earlier release)"
         self.say(
             f"rolling out {state.release} on {request.channel} in waves {','.join(map(str, request.waves))}% to "
@@ -189,7 +200,7 @@ class RolloutController:
         request = self.request
         if state.promoted is None:
             devices = eligible(self.observer.settle(), request.channel, request.group)
-            floor = state.results[-1].percent if state.results else 0
+            floor = state.results[-1].percent if state.results else state.from_percent
             chosen = wave_percent(
                 devices,
                 state.model_id,
@@ -198,6 +209,9 @@ class RolloutController:
                 min_devices=request.min_devices,
                 floor=floor,
             )
+            if floor and chosen.percent <= floor:  # an earlier wave was raised past this one
+                self._skip(state, floor)
+                return Verdict.GO
             if chosen.note:
                 self.say(f"wave {state.wave + 1}: {chosen.note}")
             state.promoted, state.wave_started = chosen.percent, self.clock()
@@ -226,6 +240,24 @@ class RolloutController:
         self._save(state)
         self.say(f"{line}: pass ({judgement.reason})")
         return judgement.verdict
+
+    def _skip(self, state: RolloutState, floor: int) -> None:
+        asked, last = state.waves[state.wave], state.wave == len(state.waves) - 1
+        reason = f"{asked}% is within the {floor}% already promoted"
+        skipped = WaveResult(
+            percent=floor,
+            asked=asked,
+            devices=0,
+            updated=0,
+            failed=0,
+            verdict="skipped",
+            reason=reason,
+            finished=datetime.now(UTC),
+        )
+        state.results = [*state.results, skipped]
+        state.wave, state.promoted = state.wave + 1, floor if last else None
+        self._save(state)
+        self.say(f"wave {state.wave}/{len(state.waves)}: {reason}: skipped")
 
     def _watch(self, state: RolloutState) -> Judgement:
         """Judge the wave each time devices report, until it passes, halts, or its --wave-wait is up."""

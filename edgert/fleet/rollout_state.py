@@ -71,6 +71,8 @@ class RolloutState(BaseModel):
     previous_model: str | None = None
     previous_version: str | None = None
     waves: list[int]
+    #: the percentage the channel already offered the release when the rollout started (waves start there)
+    from_percent: int = Field(0, ge=0, le=99)
     status: Status = Status.RUNNING
     #: index into ``waves`` of the wave being rolled out (== len(waves) once done)
     wave: int = 0

@@ -267,6 +267,7 @@ def test_previous_release_is_what_the_channels_devices_run_now() -> None:
     assert previous_release(pointer(V2, 40, "1"), MODEL, V3) == (MODEL, "1")  # an unfinished rollout of 2
     assert previous_release(pointer(V2, 40), MODEL, V3) is None
     assert previous_release(pointer(V3, 25, V2), MODEL, V3) == (MODEL, V2)  # already promoted, no state file
+    assert previous_release(pointer(V3, 25, V3), MODEL, V3) is None  # never "back" to the release itself
     assert previous_release(pointer("7", 100, model="other"), MODEL, V3) == ("other", "7")
 
 
@@ -450,3 +451,25 @@ def test_a_halt_with_no_earlier_release_offers_the_release_to_no_device(tmp_path
     pointer = registry.status().channels.channels["stable"]
     assert (pointer.version, pointer.rollout) == (V3, 0)
     assert "offers tiny:f16@3 to no device (there was no earlier release to go back to)" in lines[-1]
+
+
+def test_a_release_already_offered_to_every_device_is_refused(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)  # 2 at 100 %
+    with pytest.raises(RolloutError, match="tiny:f16@2 is already offered to every device on stable"):
+        RolloutController(request(tmp_path, V2), registry, observed(), say=lambda _line: None).run()
+    assert not (tmp_path / "stable.json").exists()
+
+
+def test_a_release_promoted_by_hand_rolls_on_from_its_percentage_never_below(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    registry.promote(MODEL, V3, channel="stable", rollout=60)
+    registry.publish()
+    updated = observed(*(view(d, current=R3) for d in devices(4)))
+    lines: list[str] = []
+    ask = request(tmp_path, waves=(25, 50, 100))
+    state = RolloutController(ask, registry, updated, say=lines.append).run()
+    assert state.status is Status.DONE and state.from_percent == 60 and state.previous == R2
+    assert [(r.verdict, r.percent) for r in state.results] == [("skipped", 60), ("skipped", 60), ("go", 100)]
+    assert "wave 1/3: 25% is within the 60% already promoted: skipped" in lines
+    pointer = registry.status().channels.channels["stable"]
+    assert (pointer.version, pointer.rollout, pointer.previous_version) == (V3, 100, V2)
