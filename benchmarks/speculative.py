@@ -11,10 +11,11 @@ the weights -- the costs -- and puts acceptance in as a parameter:
    drafting k at acceptance alpha (per position) is ``E(alpha, k) * T_plain / (T_verify(k) + k * T_draft)``
    with ``E = 1 + alpha + ... + alpha^k``; the break-even alpha solves speedup = 1.
 2. ``e2e``: the serving engine itself (scheduler + policy), greedy, S streams, ``--tokens`` each, without a
-   drafter, with ``speculative = auto`` and with ``on``. The drafter runs for real (its cost is paid), then
-   its tokens are replaced: each draft position holds the model's true next token with probability alpha
-   (known from a plain run), else a wrong one -- so the acceptance is alpha per position, the costs are real,
-   and the output must equal the plain output (checked).
+   drafter, with ``speculative = auto`` and with ``on``. The drafter, the verify batches and the sampling run
+   for real (every cost is paid); each draft row is then declared accepted with probability alpha
+   (:class:`SyntheticAcceptance`), so the acceptance per position is alpha.
+3. ``llama-server``: one greedy completion from llama-server of the same sdist, without and with
+   ``--spec-type draft-mtp -md <drafter> --spec-draft-n-max 3`` (its acceptance is the random drafter's, ~0).
 
 Usage (under the shared lock: the machine has 2 cores)::
 
@@ -82,9 +83,11 @@ def measure_costs(
         for s in streams:
             seqs = range(s)
 
-            def step(k: int, seqs: range = seqs) -> None:
+            def step(k: int, seqs: range = seqs, every_row: bool = True) -> None:
                 batch = [
-                    BatchToken(seq, rng.randrange(1000, vocab), context + j, True) for seq in seqs for j in range(k + 1)
+                    BatchToken(seq, rng.randrange(1000, vocab), context + j, every_row or j == k)
+                    for seq in seqs
+                    for j in range(k + 1)
                 ]
                 backend.decode(batch)
                 for seq in seqs:  # the next rep starts from the same context length
@@ -92,13 +95,19 @@ def measure_costs(
 
             plain = _median_s(lambda: step(0), reps)
             verify = {k: _median_s(lambda k=k: step(k), reps) for k in KS}
+            # the same batches with logits for each stream's last row only (what llama-bench's ppN measures):
+            # the difference is the output head (vocab x hidden) run once per verified row
+            last_only = {k: _median_s(lambda k=k: step(k, every_row=False), reps) for k in KS}
             requests = [DraftRequest(seq, rng.randrange(1000, vocab), context, 1) for seq in seqs]
             draft = _median_s(lambda requests=requests: backend.draft(requests), reps)
-            result["streams"][s] = {"plain_s": plain, "verify_s": verify, "draft_step_s": draft}
+            result["streams"][s] = {
+                "plain_s": plain, "verify_s": verify, "verify_last_row_logits_s": last_only, "draft_step_s": draft,
+            }  # fmt: skip
             print(
                 f"S={s}: plain {plain * 1e3:.1f} ms, verify "
                 + ", ".join(f"k={k} {v * 1e3:.1f}" for k, v in verify.items())
-                + f" ms, draft step {draft * 1e3:.1f} ms",
+                + f" ms (last-row logits only: {', '.join(f'{v * 1e3:.1f}' for v in last_only.values())})"
+                + f", draft step {draft * 1e3:.1f} ms",
                 flush=True,
             )
         return result
@@ -138,29 +147,38 @@ def print_curve(costs: dict[str, Any], table: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ end to end
 class SyntheticAcceptance:
-    """Runs the real drafter, then makes each draft position right with probability ``alpha``."""
+    """Real drafts, real verify batches, real sampling -- then each draft row is declared right with probability alpha.
 
-    def __init__(self, backend: LlamaBackend, alpha: float, references: list[list[int]], seed: int = 3) -> None:
-        self.backend = backend
-        self.real_draft = backend.draft
+    Wraps the backend's ``decode`` (to see each batch) and ``sample``: when the row sampled is followed by a
+    draft of the same stream, the sample is replaced by that draft with probability ``alpha`` (accepted) or
+    made to differ from it (rejected). Every cost of speculation is paid as in serving; only the model's
+    agreement is set. (With random weights the model's logits are nearly flat, so its own agreement with a
+    random drafter is ~0 and its greedy picks flip on llama.cpp's batch-size-dependent rounding; the
+    output-identity guarantee is tested on the tiny fixture, where no such near-ties occur.)
+    """
+
+    def __init__(self, backend: LlamaBackend, alpha: float, seed: int = 3) -> None:
         self.alpha = alpha
-        self.references = references
         self.rng = random.Random(seed)
+        self.batch: list[BatchToken] = []
+        self.real_decode = backend.decode
+        self.real_sample = backend.sample
+        backend.decode = self.decode  # type: ignore[method-assign]
+        backend.sample = self.sample  # type: ignore[method-assign]
 
-    def draft(self, requests: list[DraftRequest]) -> list[list[int]]:
-        drafts = self.real_draft(requests)  # the cost is real
-        out = []
-        for r, d in zip(requests, drafts, strict=True):
-            truth = next((ref for ref in self.references if r.pos < len(ref) and ref[r.pos] == r.last_token), [])
-            made = []
-            for j in range(len(d)):
-                right = truth[r.pos + 1 + j] if r.pos + 1 + j < len(truth) else None
-                if right is not None and self.rng.random() < self.alpha:
-                    made.append(right)
-                else:
-                    made.append((right or d[j]) + 1)  # wrong on purpose
-            out.append(made)
-        return out
+    def decode(self, batch: list[BatchToken]) -> None:
+        self.batch = batch
+        self.real_decode(batch)
+
+    def sample(self, sampler: Any, index: int) -> int:
+        token = int(self.real_sample(sampler, index))
+        row = self.batch[index]
+        after = self.batch[index + 1] if index + 1 < len(self.batch) else None
+        if after is None or after.seq != row.seq or after.pos != row.pos + 1:
+            return token  # no draft follows this row
+        if self.rng.random() < self.alpha:
+            return after.token
+        return token if token != after.token else token + 1
 
 
 def _engine(model: Path, drafter: Path | None, mode: str, streams: int, threads: int, state: Path) -> Runtime:
@@ -197,24 +215,8 @@ def measure_e2e(
         plain = _engine(model, None, "off", s, threads, state)
         try:
             prompts = _prompts(plain, s)
-            backend = plain.backend
-            assert isinstance(backend, LlamaBackend)
-            original = backend.sample
-            order: list[int] = []
-
-            def recording(sampler: Any, index: int, original: Any = original, order: list[int] = order) -> int:
-                token = int(original(sampler, index))
-                order.append(token)
-                return token
-
-            references = []
-            for p in prompts:  # one at a time, so the recorded tokens are this prompt's
-                order.clear()
-                backend.sample = recording  # type: ignore[method-assign]
-                _run(plain, [p], tokens)
-                backend.sample = original  # type: ignore[method-assign]
-                references.append(list(p) + list(order))
-            expected, plain_s = _run(plain, prompts, tokens)
+            _run(plain, prompts[:1], 8)  # warm up
+            _, plain_s = _run(plain, prompts, tokens)
         finally:
             plain.close()
         rows.append({"streams": s, "mode": "plain", "alpha": None, "seconds": plain_s, "tok_s": s * tokens / plain_s})
@@ -225,14 +227,13 @@ def measure_e2e(
                 try:
                     spec_backend = rt.backend
                     assert isinstance(spec_backend, LlamaBackend)
-                    synthetic = SyntheticAcceptance(spec_backend, alpha, references)
-                    spec_backend.draft = synthetic.draft  # type: ignore[method-assign]
-                    texts, seconds = _run(rt, prompts, tokens)
+                    SyntheticAcceptance(spec_backend, alpha)
+                    _run(rt, prompts[:1], 8)  # warm up (and the policy's first measurements)
+                    _, seconds = _run(rt, prompts, tokens)
                     stats = rt.scheduler.stats
-                    same = texts == expected
                     row = {
                         "streams": s, "mode": mode, "alpha": alpha, "seconds": seconds,
-                        "tok_s": s * tokens / seconds, "speedup": plain_s / seconds, "identical": same,
+                        "tok_s": s * tokens / seconds, "speedup": plain_s / seconds,
                         "drafted": stats.draft_tokens, "accepted": stats.draft_accepted, "steps": stats.steps,
                     }  # fmt: skip
                 finally:
@@ -240,15 +241,60 @@ def measure_e2e(
                 rows.append(row)
                 print(
                     f"S={s} {mode} alpha={alpha}: {row['tok_s']:.2f} tok/s ({row['speedup']:.2f}x), drafted"
-                    f" {row['drafted']} accepted {row['accepted']}, identical output: {same}",
+                    f" {row['drafted']} accepted {row['accepted']} in {row['steps']} steps",
                     flush=True,
                 )
     return rows
 
 
+# ------------------------------------------------------------------ llama-server side by side
+def llama_server_run(
+    bin_dir: Path, model: Path, drafter: Path | None, tokens: int, threads: int, port: int = 18931
+) -> dict[str, Any]:
+    """One greedy completion of ``tokens`` from llama-server (``--spec-type draft-mtp`` with a drafter), its timings."""
+    import subprocess
+
+    import httpx
+
+    cmd = [
+        str(bin_dir / "llama-server"), "-m", str(model), "-c", "4096", "-np", "1", "-t", str(threads),
+        "-fa", "on", "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+    ]  # fmt: skip
+    if drafter is not None:
+        cmd += ["-md", str(drafter), "--spec-type", "draft-mtp", "--spec-draft-n-max", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"llama-server exited: {proc.stderr.read() if proc.stderr else ''}")
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("llama-server did not become healthy")
+                time.sleep(0.2)
+            body = {
+                "prompt": "Tell me about the sea.", "n_predict": tokens, "temperature": 0, "ignore_eos": True,
+                "cache_prompt": False,
+            }  # fmt: skip
+            timings = client.post("/completion", json=body).json()["timings"]
+        return {
+            "decode_tok_s": timings["predicted_per_second"],
+            "draft_n": timings.get("draft_n", 0),
+            "draft_n_accepted": timings.get("draft_n_accepted", 0),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["costs", "e2e"])
+    parser.add_argument("what", choices=["costs", "e2e", "llama-server"])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--drafter", type=Path, required=True)
     parser.add_argument("--streams", type=int, action="append")
@@ -259,6 +305,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="e2e: tokens generated per stream")
     parser.add_argument("--state", type=Path, default=Path("/tmp/edgert-spec-bench"))
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--bin", type=Path, help="llama-server: the tools' bin dir (build_llama_tools.sh)")
     args = parser.parse_args()
     model, drafter = args.model.expanduser(), args.drafter.expanduser()
     if args.what == "costs":
@@ -266,6 +313,13 @@ def main() -> None:
         table = curve(costs)
         print_curve(costs, table)
         result: Any = {"costs": costs, "curve": table}
+    elif args.what == "llama-server":
+        if args.bin is None:
+            raise SystemExit("--bin is required: BIN=$(benchmarks/build_llama_tools.sh | tail -n1)")
+        result = {}
+        for name, used in (("plain", None), ("draft-mtp", drafter)):
+            result[name] = llama_server_run(args.bin, model, used, args.tokens, args.threads)
+            print(f"llama-server {name}: {result[name]}", flush=True)
     else:
         args.state.mkdir(parents=True, exist_ok=True)
         result = measure_e2e(
