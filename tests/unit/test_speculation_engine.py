@@ -217,3 +217,32 @@ def test_auto_mode_gives_up_on_a_drafter_that_keeps_missing(tmp_path: Path, tiny
         assert rt.scheduler.stats.draft_tokens - drafted < 120
     finally:
         rt.close()
+
+
+def test_a_cached_prefix_serves_drafted_requests_unchanged(plain: Runtime, spec: Runtime) -> None:
+    system = "You answer questions at a museum kiosk. " * 6
+    hits = spec.scheduler.stats.prefix_hits
+    answers = []
+    for question in ("Where is the cafe?", "When do you close?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        prompt = spec.chat_prompt(messages)
+
+        async def go(rt: Runtime, prompt: tuple[int, ...] = prompt) -> tuple[str, object]:
+            request = rt.request(prompt, sampling=GREEDY, max_tokens=30, ignore_eos=True)
+            return await rt.scheduler.submit(request).collect()
+
+        text, result = asyncio.run(go(spec))
+        assert text == asyncio.run(go(plain))[0]
+        answers.append(result)
+    assert spec.scheduler.stats.prefix_hits > hits
+    assert answers[1].cached_tokens >= 32  # type: ignore[attr-defined]
+
+
+def test_private_kv_cells_with_a_drafter_keep_outputs(tmp_path: Path, tiny_gguf: Path, plain: Runtime) -> None:
+    # the drafter views the model's KV cache with the same layout: one stream per sequence here
+    rt = open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(TINY_DRAFTER), kv_unified=False)
+    try:
+        assert run_together(rt, PROMPTS) == run_together(plain, PROMPTS)
+        assert rt.scheduler.stats.draft_tokens > 0
+    finally:
+        rt.close()
