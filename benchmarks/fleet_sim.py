@@ -14,15 +14,17 @@ Phases, in order:
    sizes per topic, fleet and broker CPU; the retained burst a fresh subscriber gets and what
    ``edgert fleet status --json`` costs (wall, CPU);
 3. 2.0.0 rolled out in waves (``--waves``, default 10,50,100) with a request load on ``--load-devices``
-   devices over their sockets, the broker stopped for ``--outage-s`` right after the second wave is signed:
-   time per wave, failed requests, the controller's CPU (rusage), devices back on the broker;
-4. a 3.0.0 that no device can load (a GGUF llama.cpp refuses: its health check fails): the rollout must
-   halt after its first wave, those devices roll back, the channel and the fleet stay on 2.0.0;
+   devices over their sockets: time per wave, failed requests, the controller's CPU (rusage); then 2.1.0
+   the same way with the broker stopped for ``--outage-s`` right after its second wave is signed;
+4. a 3.0.0 that no device can load (a GGUF llama.cpp refuses: its health check fails), in ``--bad-waves``
+   (default 5,25,100, as ``fleet rollout``'s): the rollout must halt after its first wave, those devices
+   roll back, the channel and the fleet stay on 2.1.0;
 5. 4.0.0 to every device, ``--kills`` devices killed -9 in the middle of their download and started again:
    bytes nginx sent each device (resume waste = sent - file size).
 
     flock /tmp/edgert-bench.lock .venv/bin/python benchmarks/fleet_sim.py [--devices 24] [--rate 250000]
         [--steady-s 120] [--outage-s 30] [--kills 5] [--load-devices 3] [--json results.json]
+    .venv/bin/python benchmarks/fleet_sim.py --controller-scale 1000,10000,100000
 """
 
 from __future__ import annotations
@@ -198,6 +200,55 @@ def controller_scale(sizes: list[int], wave_percent: int = 10) -> dict[str, Any]
     return out
 
 
+def broker_outage(sim: SimFleet, outage_s: float) -> dict[str, float]:
+    """Stop mosquitto for ``outage_s`` and start it again on the same port; how long until every device is back."""
+    sim.broker.stop()
+    down_at = time.time()
+    time.sleep(outage_s)  # the outage itself, not a synchronisation
+    sim.broker.start()
+    up_at = time.time()
+
+    def stale() -> list[str]:
+        """Devices with no status made since the broker returned (live, or retained if it beat our resubscribe)."""
+        return [d.device_id for d in sim.devices if (sim.watch.get(d.device_id, "status") or {}).get("ts", 0) < up_at]
+
+    back = sim.watch.wait(lambda: not stale(), 300, lambda: f"not back on the broker: {stale()}")
+    return {"outage_s": up_at - down_at, "devices_back_s_after_broker": back}
+
+
+def good_rollout(sim: SimFleet, version: str, args: argparse.Namespace, *, outage_s: float) -> dict[str, Any]:
+    """``fleet rollout`` of a good release in ``--waves`` under a request load; the broker taken away for
+    ``outage_s`` right after the second wave is signed (0: not at all)."""
+    load = Load(sim.devices[: args.load_devices]).start()
+    began = time.time()
+    run = sim.rollout(version, "--waves", args.waves, "--min-devices", "1", "--wave-wait", "5m")
+    outage: dict[str, float] = {}
+    if outage_s:
+        run.wait_line(f"for {args.waves.split(',')[1]}% of devices", 300)
+        outage = broker_outage(sim, outage_s)
+    done = run.finish(900)
+    load.stop()
+    converged = sim.wait_current(sim.devices, version, 300)
+    result = {
+        "returncode": done.returncode,
+        "wall_s": done.wall_s,
+        "fleet_converged_s_after_controller": converged,
+        "controller_cpu_s": done.cpu_s,
+        "controller_max_rss_mib": done.max_rss_bytes / 1024**2,
+        "waves": wave_times(done),
+        **outage,
+        "load_requests_ok": load.ok,
+        "load_requests_failed": len(load.failures),
+        "load_failures": load.failures[:5],
+        "bytes_by_device": sim.bytes_by_device(version),
+        # what the devices published while the rollout ran
+        "messages": live_rates(sim.watch, began, time.time(), len(sim.devices)),
+        "output": done.output,
+    }
+    print(f"[{time.strftime('%H:%M:%S')}] {version}: rc {done.returncode} in {done.wall_s:.0f} s\n{done.output}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=24)
@@ -206,7 +257,8 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=30.0)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--load-devices", type=int, default=3)
-    parser.add_argument("--waves", default="10,50,100")
+    parser.add_argument("--waves", default="10,50,100", help="waves of the good 2.0.0")
+    parser.add_argument("--bad-waves", default="5,25,100", help="waves of the bad 3.0.0 (fleet rollout's default)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     parser.add_argument(
@@ -248,61 +300,21 @@ def main() -> None:
         results["fleet_status"] = fleet_status_cost(sim)
         say(f"steady: {json.dumps(results['steady'])}")
 
-        # 3. 2.0.0 in waves under load, the broker down mid-rollout ----------------------------------------
+        # 3. 2.0.0 in waves under load; then 2.1.0 the same way with the broker down mid-rollout ---------------
         sim.add("2.0.0", make_variant(TINY, workdir / "v2.gguf", general_name="tiny v2"))
-        load = Load(sim.devices[: args.load_devices]).start()
-        rollout_began = time.time()
-        run = sim.rollout("2.0.0", "--waves", args.waves, "--min-devices", "1", "--wave-wait", "5m")
-        second = args.waves.split(",")[1]
-        run.wait_line(f"for {second}% of devices", 300)  # the 50 % wave is signed: take the broker away
-        sim.broker.stop()
-        down_at = time.time()
-        time.sleep(args.outage_s)
-        sim.broker.start()
-        up_at = time.time()
-        # every device back: a status it made after the broker returned (live or, if it beat our resubscription,
-        # as the retained one)
-        back = sim.watch.wait(
-            lambda: all((sim.watch.get(d.device_id, "status") or {}).get("ts", 0) >= up_at for d in sim.devices),
-            300,
-            lambda: (
-                "not back on the broker: "
-                + ", ".join(
-                    d.device_id
-                    for d in sim.devices
-                    if (sim.watch.get(d.device_id, "status") or {}).get("ts", 0) < up_at
-                )
-            ),
-        )
-        good = run.finish(900)
-        load.stop()
-        sim.wait_current(sim.devices, "2.0.0", 120)
-        results["rollout_v2"] = {
-            "returncode": good.returncode,
-            "wall_s": good.wall_s,
-            "controller_cpu_s": good.cpu_s,
-            "controller_max_rss_mib": good.max_rss_bytes / 1024**2,
-            "waves": wave_times(good),
-            "outage_s": up_at - down_at,
-            "devices_back_s_after_broker": back,
-            "load_requests_ok": load.ok,
-            "load_requests_failed": len(load.failures),
-            "load_failures": load.failures[:5],
-            "bytes_by_device": sim.bytes_by_device("2.0.0"),
-            # what the devices published while the rollout ran (the broker outage included)
-            "messages": live_rates(sim.watch, rollout_began, time.time(), args.devices),
-        }
-        say(f"2.0.0: rc {good.returncode} in {good.wall_s:.0f} s\n{good.output}")
+        results["rollout_v2"] = good_rollout(sim, "2.0.0", args, outage_s=0.0)
+        sim.add("2.1.0", make_variant(TINY, workdir / "v21.gguf", general_name="tiny v2.1"))
+        results["rollout_v21_outage"] = good_rollout(sim, "2.1.0", args, outage_s=args.outage_s)
 
         # 4. a 3.0.0 no device can load: halt after the first wave ----------------------------------------
         sim.add("3.0.0", broken_model(TINY, workdir / "broken.gguf"))
-        bad = sim.rollout("3.0.0", "--waves", args.waves, "--min-devices", "1", "--wave-wait", "5m").finish(900)
+        bad = sim.rollout("3.0.0", "--waves", args.bad_waves, "--min-devices", "1", "--wave-wait", "5m").finish(900)
         state = rollout_state.load(rollout_state.default_path(sim.registry.registry.directory, "stable"))
         assert state is not None
         wave = wave_members([d.device_id for d in sim.devices], MODEL_ID, "3.0.0", state.results[0].percent)
         by_id = {d.device_id: d for d in sim.devices}
         sim.watch.wait(lambda: all(sim.rejected(by_id[d], "3.0.0") for d in wave), 120, lambda: "no rollback")
-        sim.wait_current(sim.devices, "2.0.0", 120)
+        sim.wait_current(sim.devices, "2.1.0", 120)
         channel = sim.registry.registry.status().channels.channels["stable"]
         touched = [d for d, sent in sim.bytes_by_device("3.0.0").items() if sent]
         results["rollout_v3_bad"] = {
@@ -311,9 +323,10 @@ def main() -> None:
             "waves_run": len(state.results),
             "first_wave_percent": state.results[0].percent,
             "devices_affected": len(wave),
+            "devices_affected_percent": round(100 * len(wave) / args.devices, 1),
             "devices_that_fetched_v3": len(touched),
             "channel_after": f"{channel.version}@{channel.rollout}%",
-            "fleet_on_v2": all(sim.on(d, "2.0.0") for d in sim.devices),
+            "fleet_on_previous": all(sim.on(d, "2.1.0") for d in sim.devices),
             "wall_s": bad.wall_s,
             "controller_cpu_s": bad.cpu_s,
             "waves": wave_times(bad),
