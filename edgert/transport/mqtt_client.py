@@ -257,6 +257,9 @@ class TopicSubscriber:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._acked = threading.Condition()
+        self._acks = 0
         self._subscribed = threading.Event()
         self._refused: str | None = None
         #: SUBACKs received: one per (re)connection, so a caller can tell a fresh retained burst began
@@ -292,8 +295,24 @@ class TopicSubscriber:
         self._client.loop_stop()
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Queue one QoS 1 message (paho sends it, and resends it after a reconnect)."""
-        self._client.publish(topic, payload, qos=QOS, retain=retain)
+        """Queue one QoS 1 message (paho sends it, and resends it after a reconnect).
+
+        paho holds at most ``max_queued_messages`` unacknowledged messages and refuses the next one: a
+        command to a thousand devices waits here for acknowledgements instead of being dropped;
+        TimeoutError when none comes within ``timeout_s``."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            with self._acked:
+                acks = self._acks
+            # not under self._acked: paho calls on_publish holding its own queue lock, which publish takes
+            if self._client.publish(topic, payload, qos=QOS, retain=retain).rc != paho.MQTT_ERR_QUEUE_SIZE:
+                return
+            with self._acked:
+                while self._acks == acks:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"the broker acknowledged none of our messages within {self.timeout_s:g} s")
+                    self._acked.wait(left)
 
     def _on_connect(
         self,
@@ -329,6 +348,13 @@ class TopicSubscriber:
             self._refused = f"the broker refused the subscription to {', '.join(self.filters)}: {refused[0]}"
         self.subscriptions += 1
         self._subscribed.set()
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: object, _mid: int, _reason: ReasonCode, _props: Properties | None
+    ) -> None:
+        with self._acked:
+            self._acks += 1
+            self._acked.notify_all()
 
     def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
         self._handler(message.topic, bytes(message.payload), bool(message.retain))

@@ -279,3 +279,19 @@ def test_the_observer_catches_up_after_a_broker_restart(tmp_path: Path) -> None:
             assert observer.connected and observer.snapshot()["d1"].release == "m@2"
     finally:
         broker.stop()
+
+
+def test_a_command_to_many_devices_waits_for_the_broker_instead_of_dropping(tmp_path: Path) -> None:
+    # paho refuses a message beyond max_queued_messages (+16) unacknowledged ones; publish must wait, not drop
+    broker = Broker(tmp_path / "many").start()
+    try:
+        devices = [f"d{index:03d}" for index in range(300)]
+        with FleetObserver(broker.client_settings(max_queued_messages=8)) as sender:
+            for device in devices:
+                body = {"state": "online", "device_id": device, "ts": NOW}
+                sender.publish(f"edgert/v1/{device}/status", json.dumps(body).encode())
+            # the observer hears its own messages (it subscribes to every status): all 300 went out
+            assert sender.wait_until(lambda views: len(views) == len(devices), timeout_s=60)
+            assert sorted(sender.snapshot()) == devices
+    finally:
+        broker.stop()
