@@ -171,10 +171,17 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}M"
 
 
-def _note(row: dict[str, Any]) -> str:
+def note(row: dict[str, Any]) -> str:
+    """What needs an operator's eye, most telling first: a rollback, the last update error, an evaluation."""
     if row["rollback_reason"] and row["rolled_back"]:
         return f"rolled back {row['rolled_back']}: {row['rollback_reason']}"
-    return str(row["last_error"] or "")
+    if row["last_error"]:
+        return str(row["last_error"])
+    evaluation = row["evaluation"]
+    if evaluation:
+        verdict = "passed" if evaluation["score"] >= evaluation["threshold"] else "below threshold"
+        return f"eval {evaluation['release']}: {evaluation['score']:.2f} ({verdict} {evaluation['threshold']:.2f})"
+    return ""
 
 
 def status_table(device_rows: list[dict[str, Any]], now: float) -> Table:
@@ -208,7 +215,7 @@ def status_table(device_rows: list[dict[str, Any]], now: float) -> Table:
             f"{ttft_text(row['ttft_p50_s'])}/{ttft_text(row['ttft_p95_s'])}",
             _num(row["queue_depth"], "{:d}"),
             _mib(row["rss_bytes"]),
-            Text(_note(row), style="yellow"),
+            Text(note(row), style="yellow"),
         )
     return table
 

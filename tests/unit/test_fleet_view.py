@@ -15,7 +15,7 @@ from edgert.cli import exitcodes
 from edgert.fleet import compare as comparing
 from edgert.fleet.counters import BUCKETS, Totals, ttft_quantile, window
 from edgert.fleet.observe import DeviceView, FleetObserver, parse_topic
-from edgert.fleet.view import device_row, rollout_target, summaries
+from edgert.fleet.view import device_row, note, rollout_target, summaries
 from edgert.settings import MqttSettings
 
 NOW = 1_800_000_000.0
@@ -264,6 +264,19 @@ def test_device_row_carries_status_deploy_and_telemetry_figures() -> None:
     assert row["tokens_per_s"] == 7.5 and row["queue_depth"] == 2 and row["rss_bytes"] == 300 << 20
     assert row["uptime_s"] == 100  # the telemetry's, fresher than the status'
     json.dumps(row)  # one JSON document for scripts
+
+
+def test_the_note_names_a_rollback_before_an_error_before_an_evaluation() -> None:
+    evaluation = {"release": "m@3", "score": 0.5, "threshold": 0.8, "passed": 5, "total": 10, "ts": NOW}
+    rolled = deploy("d1", rolled_back="m@3", rollback_reason="evaluation below threshold", last_error="x")
+    (view,) = fleet(("edgert/v1/d1/deploy", rolled))
+    assert note(device_row(view)) == "rolled back m@3: evaluation below threshold"
+    (view,) = fleet(("edgert/v1/d1/deploy", deploy("d1", last_error="download: timed out", evaluation=evaluation)))
+    assert note(device_row(view)) == "download: timed out"
+    (view,) = fleet(("edgert/v1/d1/deploy", deploy("d1", evaluation=evaluation)))
+    assert note(device_row(view)) == "eval m@3: 0.50 (below threshold 0.80)"
+    (view,) = fleet(("edgert/v1/d1/deploy", deploy("d1")))
+    assert note(device_row(view)) == ""
 
 
 def test_a_device_with_only_a_status_has_empty_figures() -> None:
