@@ -23,6 +23,7 @@ from typing import Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.text import Text
 
 from edgert.cli import exitcodes
 from edgert.cli.fleet_rollout import rollout
@@ -123,7 +124,7 @@ def status(
 def _screen(views: list[DeviceView], target: str | None) -> Group:
     now = time.time()
     device_rows = rows(views)
-    lines = [summary.line() for summary in summaries(views)]
+    lines = [Text(summary.line()) for summary in summaries(views)]  # Text: no number highlighting
     return Group(rollout_progress(views, target), status_table(device_rows, now), *lines)
 
 
