@@ -249,10 +249,14 @@ def test_the_operator_identity_sees_the_fleet_through_the_shipped_acl(tmp_path: 
         simulated(as_device, "dev-1", "m@2")
         publish(as_device, "edgert/v1/dev-1/telemetry", telemetry("dev-1", [counters("m@2", 5)]))
 
-        def status_as(user: str) -> subprocess.CompletedProcess[str]:
+        def status_as(user: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
             cmd = [str(EDGERT), "fleet", "status", "--json", "--broker", f"127.0.0.1:{broker.port}", "-u", user]
-            env = {**daemon_env(tmp_path / "cli-state"), "EDGERT_MQTT__PASSWORD": USERS[user]}
+            env = {**daemon_env(tmp_path / "cli-state"), "EDGERT_MQTT__PASSWORD": password or USERS[user]}
             return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+        refused = status_as("operator", "not-the-pw-9f3a")
+        assert refused.returncode == 7 and "refused the connection" in refused.stderr, refused.stderr
+        assert "not-the-pw-9f3a" not in refused.stderr  # the password is never echoed
 
         operator = status_as("operator")
         assert operator.returncode == 0, operator.stderr
