@@ -90,7 +90,8 @@ def rollout(
     re-signed to the previous release at 100 %. Killed, it continues where it stopped when run again.
 
     Exit codes: 0 done, 1 failure, 2 bad arguments, 6 no broker configured, 7 broker unreachable,
-    9 halted (the channel is back on the previous release), 10 a wave stalled (no device reported; run again).
+    9 halted (the channel is back on the previous release), 10 a wave stalled (no device reported; run again),
+    130 interrupted (run it again to continue).
     """
     _check(model_id, MODEL_ID_PATTERN, "MODEL_ID")
     _check(version, VERSION_PATTERN, "VERSION")
@@ -138,6 +139,9 @@ def rollout(
             result = controller.run()
     except EdgertError as exc:
         raise _fail(exc.message, exitcodes.for_error(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the state is in {request.state_path}; run the same command to continue", err=True)
+        raise typer.Exit(exitcodes.INTERRUPTED) from None
     finally:
         observer.close()
     if result.status is Status.HALTED:

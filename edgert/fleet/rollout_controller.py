@@ -111,8 +111,6 @@ class RolloutController:
         self.say = say
         self.progress = progress or (lambda _line: None)
         self.clock = clock
-        #: the last judgement made (the CLI's exit code: a stalled wave leaves the state running)
-        self.last: Judgement | None = None
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RolloutState:
@@ -221,7 +219,6 @@ class RolloutController:
             self._save(state)
         self._promote(state.model_id, state.version, state.promoted)
         judgement = self._watch(state)
-        self.last = judgement
         line = _wave_line(state, judgement)
         if judgement.verdict is Verdict.STALLED:
             state.wave_started = None
@@ -407,7 +404,7 @@ def _where(state: RolloutState) -> str:
 
 def _end(state: RolloutState) -> str:
     if state.status is Status.HALTED:
-        return f"halted: {state.reason}"
+        return str(state.reason)
     if state.results:
         return f"{len(state.results)} waves, the last at {state.results[-1].percent}%"
     return str(state.status)

@@ -406,7 +406,7 @@ def test_a_wave_that_fails_halts_and_re_signs_the_previous_release(tmp_path: Pat
     # run again: reported, nothing signed again
     again: list[str] = []
     RolloutController(request(tmp_path), registry, observed(*fleet_views), say=again.append).run()
-    assert again == [f"the rollout of {R3} on stable is already halted: halted: {state.reason}"]
+    assert again == [f"the rollout of {R3} on stable is already halted: {state.reason}"]
 
 
 def test_a_silent_wave_stalls_keeps_the_channel_and_gets_its_time_again(tmp_path: Path, tiny_gguf: Path) -> None:
