@@ -269,16 +269,20 @@ class RolloutController:
 
         while True:
             views = self.observer.snapshot()
-            time_up = self.clock() >= deadline
+            # the time is up only while the broker is reachable: silence during an outage says nothing of devices
+            connected = self.observer.connected
+            time_up = self.clock() >= deadline and connected
             judgement = judge(views, self._members(views, state), release, limits, time_up=time_up)
-            self.progress(_wave_line(state, judgement, elapsed_s=self.clock() - state.wave_started))
+            line = _wave_line(state, judgement, elapsed_s=self.clock() - state.wave_started)
+            self.progress(line if connected else f"{line}; broker connection lost, reconnecting")
             if judgement.verdict is not Verdict.WAIT:
                 return judgement
-            if nudged_at is None or self.clock() - nudged_at >= RENUDGE_S:
+            if connected and (nudged_at is None or self.clock() - nudged_at >= RENUDGE_S):
                 self._nudge([r.device_id for r in judgement.with_outcome(Outcome.WAITING, Outcome.ERROR)])
                 nudged_at = self.clock()
             # wakes on the next report that decides the wave, else after a tick (progress, deadline)
-            self.observer.wait_until(decided, min(TICK_S, max(deadline - self.clock(), 0.0)))
+            left = deadline - self.clock()
+            self.observer.wait_until(decided, min(TICK_S, left) if left > 0 else TICK_S)
 
     def _members(self, views: Mapping[str, DeviceView], state: RolloutState) -> list[str]:
         assert state.promoted is not None

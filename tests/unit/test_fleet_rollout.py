@@ -4,6 +4,8 @@ and the controller's state file (resume, refuse another release, unreadable file
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -356,9 +358,19 @@ def test_a_device_that_committed_the_halted_release_is_offered_the_previous_one(
 # --------------------------------------------------------------------------- the controller, without a broker
 
 
-def observed(*views: DeviceView) -> FleetObserver:
-    """A FleetObserver fed the devices' retained payloads directly (its public entry point), never connected."""
-    observer = FleetObserver(MqttSettings(broker="127.0.0.1"))
+class FedObserver(FleetObserver):
+    """A FleetObserver fed the devices' retained payloads through its public entry point, no broker; it says
+    it is connected (``link``) so the controller's deadlines run."""
+
+    link = True
+
+    @property
+    def connected(self) -> bool:
+        return self.link
+
+
+def observed(*views: DeviceView) -> FedObserver:
+    observer = FedObserver(MqttSettings(broker="127.0.0.1"))
     for device in views:
         assert device.status is not None and device.deploy is not None
         observer.handle(f"edgert/v1/{device.device_id}/status", device.status.model_dump_json().encode())
@@ -473,3 +485,25 @@ def test_a_release_promoted_by_hand_rolls_on_from_its_percentage_never_below(tmp
     assert "wave 1/3: 25% is within the 60% already promoted: skipped" in lines
     pointer = registry.status().channels.channels["stable"]
     assert (pointer.version, pointer.rollout, pointer.previous_version) == (V3, 100, V2)
+
+
+def test_a_wave_does_not_time_out_while_the_broker_is_unreachable(tmp_path: Path, tiny_gguf: Path) -> None:
+    """Silence during a broker outage says nothing about devices: the deadline waits for the link."""
+    registry = published_registry(tmp_path, tiny_gguf)
+    silent = observed(*(view(d) for d in devices(4)))
+    silent.link = False
+    lines: list[str] = []
+    progress: list[str] = []
+    controller = RolloutController(request(tmp_path), registry, silent, say=lines.append, progress=progress.append)
+    worker = threading.Thread(target=controller.run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not any("broker connection lost" in line for line in progress[-50:]):
+        assert time.monotonic() < deadline and worker.is_alive(), (lines, progress[-3:])
+        time.sleep(0.05)
+    worker.join(1.5)  # several times the wave's 0.3 s: still watching
+    assert worker.is_alive(), lines
+    silent.link = True
+    worker.join(30)
+    assert not worker.is_alive()
+    assert "stalled" in lines[-1], lines
