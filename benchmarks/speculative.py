@@ -207,43 +207,64 @@ def _run(rt: Runtime, prompts: list[tuple[int, ...]], tokens: int) -> tuple[list
     return texts, time.perf_counter() - started
 
 
+def _one_run(
+    model: Path, drafter: Path | None, mode: str, alpha: float, s: int, tokens: int, threads: int, state: Path
+) -> dict[str, Any]:
+    rt = _engine(model, drafter, mode, s, threads, state)
+    try:
+        if drafter is not None:
+            backend = rt.backend
+            assert isinstance(backend, LlamaBackend)
+            SyntheticAcceptance(backend, alpha)
+        prompts = _prompts(rt, s)
+        _run(rt, prompts[:1], 8)  # warm up (and the policy's first measurements)
+        before = (rt.scheduler.stats.draft_tokens, rt.scheduler.stats.draft_accepted, rt.scheduler.stats.steps)
+        _, seconds = _run(rt, prompts, tokens)
+        stats = rt.scheduler.stats
+        return {
+            "seconds": seconds, "tok_s": s * tokens / seconds, "drafted": stats.draft_tokens - before[0],
+            "accepted": stats.draft_accepted - before[1], "steps": stats.steps - before[2],
+        }  # fmt: skip
+    finally:
+        rt.close()
+
+
 def measure_e2e(
-    model: Path, drafter: Path, alphas: list[float], streams: list[int], tokens: int, threads: int, state: Path
+    model: Path,
+    drafter: Path,
+    alphas: list[float],
+    streams: list[int],
+    tokens: int,
+    threads: int,
+    state: Path,
+    rounds: int,
 ) -> list[dict[str, Any]]:
+    """Rounds of plain, then auto and on at each alpha, alternating; speedups paired with the round's plain run."""
     rows = []
     for s in streams:
-        plain = _engine(model, None, "off", s, threads, state)
-        try:
-            prompts = _prompts(plain, s)
-            _run(plain, prompts[:1], 8)  # warm up
-            _, plain_s = _run(plain, prompts, tokens)
-        finally:
-            plain.close()
-        rows.append({"streams": s, "mode": "plain", "alpha": None, "seconds": plain_s, "tok_s": s * tokens / plain_s})
-        print(f"S={s} plain: {s * tokens / plain_s:.2f} tok/s", flush=True)
-        for alpha in alphas:
-            for mode in ("auto", "on"):
-                rt = _engine(model, drafter, mode, s, threads, state)
-                try:
-                    spec_backend = rt.backend
-                    assert isinstance(spec_backend, LlamaBackend)
-                    SyntheticAcceptance(spec_backend, alpha)
-                    _run(rt, prompts[:1], 8)  # warm up (and the policy's first measurements)
-                    _, seconds = _run(rt, prompts, tokens)
-                    stats = rt.scheduler.stats
-                    row = {
-                        "streams": s, "mode": mode, "alpha": alpha, "seconds": seconds,
-                        "tok_s": s * tokens / seconds, "speedup": plain_s / seconds,
-                        "drafted": stats.draft_tokens, "accepted": stats.draft_accepted, "steps": stats.steps,
-                    }  # fmt: skip
-                finally:
-                    rt.close()
-                rows.append(row)
-                print(
-                    f"S={s} {mode} alpha={alpha}: {row['tok_s']:.2f} tok/s ({row['speedup']:.2f}x), drafted"
-                    f" {row['drafted']} accepted {row['accepted']} in {row['steps']} steps",
-                    flush=True,
-                )
+        runs: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+        for _ in range(rounds):
+            plain = _one_run(model, None, "off", 0.0, s, tokens, threads, state)
+            runs.setdefault(("plain", None), []).append(plain)
+            for alpha in alphas:
+                for mode in ("auto", "on"):
+                    run = _one_run(model, drafter, mode, alpha, s, tokens, threads, state)
+                    run["speedup"] = plain["seconds"] / run["seconds"]
+                    runs.setdefault((mode, alpha), []).append(run)
+                    print(f"S={s} {mode} alpha={alpha}: {run}", flush=True)
+        for (mode, alpha), got in runs.items():
+            row = {
+                "streams": s, "mode": mode, "alpha": alpha, "rounds": got,
+                "tok_s": statistics.median(r["tok_s"] for r in got),
+                "speedup": statistics.median(r.get("speedup", 1.0) for r in got),
+                "accepted_per_step": statistics.median((r["accepted"] + r["steps"]) / max(r["steps"], 1) for r in got),
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"S={s} {mode:5} alpha={alpha}: median {row['tok_s']:.2f} tok/s, speedup {row['speedup']:.2f}x"
+                f" (paired with the round's plain run)",
+                flush=True,
+            )
     return rows
 
 
@@ -303,6 +324,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alpha", type=float, action="append", help="e2e: acceptance per draft position")
     parser.add_argument("--tokens", type=int, default=64, help="e2e: tokens generated per stream")
+    parser.add_argument("--rounds", type=int, default=2, help="e2e: rounds of plain/auto/on, alternating")
     parser.add_argument("--state", type=Path, default=Path("/tmp/edgert-spec-bench"))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--bin", type=Path, help="llama-server: the tools' bin dir (build_llama_tools.sh)")
@@ -323,7 +345,14 @@ def main() -> None:
     else:
         args.state.mkdir(parents=True, exist_ok=True)
         result = measure_e2e(
-            model, drafter, args.alpha or [0.63, 0.82], args.streams or [1, 8], args.tokens, args.threads, args.state
+            model,
+            drafter,
+            args.alpha or [0.63, 0.82],
+            args.streams or [1, 8],
+            args.tokens,
+            args.threads,
+            args.state,
+            args.rounds,
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
