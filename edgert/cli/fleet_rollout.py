@@ -15,7 +15,7 @@ from rich.text import Text
 
 from edgert.cli import exitcodes
 from edgert.cli.mqtt import BROKER, CONFIG, PROTOCOL, TLS_CA, USERNAME, _settings
-from edgert.errors import EdgertError
+from edgert.errors import EdgertError, RolloutError
 from edgert.fleet import rollout_state
 from edgert.fleet.compare import parse_duration
 from edgert.fleet.observe import FleetObserver
@@ -31,11 +31,14 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _waves(text: str) -> list[int]:
+def _waves(text: str) -> tuple[int, ...]:
     try:
-        return [int(part) for part in text.split(",")]
+        return check_waves([int(part) for part in text.split(",")])
     except ValueError:
         raise typer.BadParameter(f"expected percentages such as 5,25,100, got {text!r}", param_hint="--waves") from None
+    except RolloutError as exc:
+        message = exc.message.removeprefix("--waves: ").removeprefix("--waves ")
+        raise typer.BadParameter(message, param_hint="--waves") from None
 
 
 def _check(value: str, pattern: str, what: str) -> None:
@@ -108,7 +111,7 @@ def rollout(
             model_id=model_id,
             version=version,
             channel=channel,
-            waves=check_waves(_waves(waves)),
+            waves=_waves(waves),
             max_failure_rate=max_failure_rate,
             min_devices=min_devices,
             wave_wait_s=wave_wait_s,

@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from edgert.api.mqtt_schemas import DeployState, DeviceStatus, EvalScore
+from edgert.cli.app import app
 from edgert.errors import RolloutError
 from edgert.fleet import rollout_state
 from edgert.fleet.observe import DeviceView, FleetObserver
@@ -507,3 +509,18 @@ def test_a_wave_does_not_time_out_while_the_broker_is_unreachable(tmp_path: Path
     worker.join(30)
     assert not worker.is_alive()
     assert "stalled" in lines[-1], lines
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--waves", "50,25"], "must increase: 25 follows 50"),
+        (["--waves", "5,x"], "expected percentages such as 5,25,100"),
+        (["--wave-wait", "soon"], "expected a duration"),
+        (["--max-failure-rate", "2"], "--max-failure-rate"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_naming_the_option(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["fleet", "rollout", MODEL, V3, "--channel", "stable", *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.replace("│", " ").split())
