@@ -18,6 +18,10 @@ from dataclasses import dataclass, field, replace
 from edgert.api.mqtt_schemas import TTFT_BUCKETS_S
 from edgert.serving.request import Finished
 
+#: releases whose counters are kept (and published): the served one and those just before it. A device that
+#: takes an update a day for a year without a restart must not send 365 of them every telemetry interval.
+MAX_RELEASES = 4
+
 
 @dataclass(slots=True)
 class ReleaseCount:
@@ -36,10 +40,13 @@ class ReleaseCount:
 class ReleaseCounters:
     """Per-release counters of finished requests; written and read on the event loop only."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_releases: int = MAX_RELEASES) -> None:
         #: Unix time counting started (the daemon's start): a reader spots a restart by a new value
         self.started = time.time()
+        self._max = max_releases
+        #: least recently counted first
         self._by_release: dict[str, ReleaseCount] = {}
+        self._last: str | None = None
 
     def record(self, release: str, result: Finished) -> None:
         """Count one finished request of ``release`` (``<id>@<version>``, or ``<id>`` off the registry).
@@ -49,9 +56,13 @@ class ReleaseCounters:
         """
         if result.reason == "cancelled":
             return
-        count = self._by_release.get(release)
-        if count is None:
-            count = self._by_release[release] = ReleaseCount()
+        if release != self._last:  # a swap (or the first request): keep the order of recency, bound the count
+            self._last = release
+            count = self._by_release.pop(release, None) or ReleaseCount()
+            while len(self._by_release) >= self._max:
+                del self._by_release[next(iter(self._by_release))]
+            self._by_release[release] = count
+        count = self._by_release[release]
         if result.error is not None or result.reason in ("error", "deadline"):
             count.requests_failed += 1
         else:
@@ -63,7 +74,7 @@ class ReleaseCounters:
             count.ttft_buckets[bisect.bisect_left(TTFT_BUCKETS_S, result.ttft_s)] += 1
 
     def snapshot(self) -> dict[str, ReleaseCount]:
-        """Copies of every release's counts, in the order the releases were first served."""
+        """Copies of the kept releases' counts, the most recently counted last."""
         return {
             release: replace(count, ttft_buckets=list(count.ttft_buckets))
             for release, count in self._by_release.items()

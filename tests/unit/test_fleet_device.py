@@ -55,6 +55,13 @@ def test_counters_split_ok_and_failed_per_release_and_skip_cancelled_requests() 
     assert two.ttft_buckets[-1] == 1
 
 
+def test_only_the_most_recently_served_releases_are_kept() -> None:
+    counters = ReleaseCounters(max_releases=2)
+    for release in ("m@1", "m@2", "m@1", "m@3"):  # m@1 again after a rollback: recent again, m@2 goes first
+        counters.record(release, finished())
+    assert {release: count.requests_ok for release, count in counters.snapshot().items()} == {"m@1": 2, "m@3": 1}
+
+
 def test_a_snapshot_is_a_copy_and_travels_as_telemetry_version_counters() -> None:
     counters = ReleaseCounters()
     counters.record("m@1", finished())
