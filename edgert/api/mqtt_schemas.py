@@ -255,10 +255,14 @@ class EvalScore(BaseModel):
 
 
 class DeployState(BaseModel):
-    """Retained on ``edgert/v1/<device>/deploy`` after every update round: where the signed update path stands."""
+    """Retained on ``edgert/v1/<device>/deploy`` at every saved phase change, after every update round and when
+    the link comes back: where the signed update path stands."""
 
     device_id: str
-    phase: str = Field(description="idle, downloading, staged, activating, committing or rolling_back")
+    phase: str = Field(
+        description="idle, downloading, staged, activating, health_check, committing, rolling_back; "
+        "disabled when the update state is unreadable"
+    )
     current: str | None = Field(None, description="<model-id>@<version> committed and served")
     previous: str | None = Field(None, description="The release kept on disk for a manual rollback")
     pending: str | None = Field(None, description="The release being installed when phase is not idle")
@@ -270,7 +274,12 @@ class DeployState(BaseModel):
     rollback_reason: str | None = Field(
         None, description="Why the latest install of ``rolled_back`` was undone (health check, evaluation, hook...)"
     )
-    rolled_back: str | None = Field(None, description="<model-id>@<version> the device rolled back from last")
+    rolled_back: str | None = Field(
+        None,
+        description="<model-id>@<version> whose install this device undid last: rolled back (failed load, health "
+        "check or evaluation; a manual rollback) or refused (a hook veto, a bad publisher signature); kept after "
+        "later installs and restarts",
+    )
     evaluation: EvalScore | None = Field(None, description="The latest release evaluation run on this device")
     phase_since: float | None = Field(None, description="Unix time the device entered ``phase``")
     schema_version: int = Field(DEPLOY_SCHEMA, description="Payload version; readers ignore fields they do not know")
@@ -333,7 +342,9 @@ class Telemetry(BaseModel):
     temperature_c: float | None = Field(None, description="Hottest readable sensor; null where none is readable")
     mqtt: LinkCounters
     versions: list[VersionCounters] = Field(
-        default_factory=list, description="Per served release since start: requests, errors, tokens, TTFT histogram"
+        default_factory=list,
+        description="Per served release since start (the 4 most recently served): requests, errors, tokens, TTFT "
+        "histogram",
     )
 
 
