@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from edgert.catalog import Catalog, ModelSpec, load_catalog
+from edgert.drafter_file import check_drafter_files
 from edgert.engine.base import (
     BackendCapabilities,
     LoadOptions,
@@ -264,6 +265,10 @@ def _load_backend(
         )
     gguf = validate_gguf(path)
     options = replace(load_options(settings.engine), mmproj=projector, media_marker=MEDIA_MARKER)
+    if options.drafter is not None:
+        if not options.drafter.is_file():
+            raise ModelMissingError(f"drafter file {options.drafter} does not exist", param="drafter")
+        check_drafter_files(path, options.drafter)  # a mismatched pair would abort inside llama.cpp
     key = cache_key(path, gguf, options) if settings.engine.prefix_cache_persist else None
     return LlamaBackend(path, options), options, (gguf.architecture, gguf.file_type, _describe(capabilities())), key
 

@@ -15,11 +15,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from edgert.engine.base import DraftRequest, SamplingParams
 from edgert.engine.llama import LlamaBackend
-from edgert.errors import ModelLoadError
+from edgert.errors import ModelFileError, ModelMissingError
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.settings import load_settings
 
@@ -200,11 +202,6 @@ def test_json_grammar_holds_with_drafts(plain: Runtime, spec: Runtime) -> None:
         json.loads(text)
 
 
-def test_a_drafter_of_another_architecture_is_refused(tmp_path: Path, tiny_gguf: Path) -> None:
-    with pytest.raises(ModelLoadError, match="not an MTP drafter"):
-        open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(tiny_gguf))
-
-
 def test_auto_mode_gives_up_on_a_drafter_that_keeps_missing(tmp_path: Path, tiny_gguf: Path, plain: Runtime) -> None:
     rt = open_tiny(tmp_path, tiny_gguf, speculative="auto", drafter=str(TINY_DRAFTER), n_parallel=1)
     try:
@@ -246,3 +243,30 @@ def test_private_kv_cells_with_a_drafter_keep_outputs(tmp_path: Path, tiny_gguf:
         assert rt.scheduler.stats.draft_tokens > 0
     finally:
         rt.close()
+
+
+def test_a_drafter_made_for_another_model_is_refused_before_llama_cpp_sees_it(tmp_path: Path, tiny_gguf: Path) -> None:
+    # llama.cpp would abort the process on a drafter whose width does not match (a view out of bounds)
+    reader = GGUFReader(TINY_DRAFTER)
+    wrong = tmp_path / "wide-assistant.gguf"
+    writer = GGUFWriter(wrong, "gemma4-assistant")
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = 128 if key == "gemma4-assistant.embedding_length_out" else field.contents()
+        if field.types[0] == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, field.types[0], field.types[-1])
+        else:
+            writer.add_key_value(key, value, field.types[0])
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError, match=r"its embedding_length_out is 128, the model's embedding_length is 64"):
+        open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(wrong))
+    with pytest.raises(ModelFileError, match="not a Gemma 4 MTP drafter"):
+        open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(tiny_gguf))
+    with pytest.raises(ModelMissingError, match=r"drafter file .* does not exist"):
+        open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(tmp_path / "none.gguf"))
