@@ -16,7 +16,9 @@ This module owns the queue, the slots, the KV budget and the step loop; admissio
 loop stay together (~440 lines) because both change that state under one lock. Beside it:
 request and result types (:mod:`.request`), the stream and per-step outbox (:mod:`.stream`),
 per-request engine state (:mod:`.sequence`), limits and counters (:mod:`.scheduler_config`),
-the prefix cache's KV bookkeeping (:mod:`.prefix_kv`), media evaluation (:mod:`.media_steps`).
+the prefix cache's KV bookkeeping (:mod:`.prefix_kv`), media evaluation (:mod:`.media_steps`),
+speculative decoding's drafts and draft lengths (:mod:`.speculative_step`, :mod:`.speculation`; the
+verification stays here, in ``_on_verify``, because it emits tokens like ``_on_logits``).
 Transports import the names from here.
 """
 
