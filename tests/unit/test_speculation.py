@@ -111,3 +111,17 @@ def test_bad_parameters_are_refused() -> None:
         SpeculationPolicy("auto", -1, 0.5)
     with pytest.raises(ValueError, match="prior"):
         SpeculationPolicy("auto", 3, 1.0)
+
+
+def test_a_gain_inside_the_cost_models_blind_spot_is_not_taken() -> None:
+    # the E2B shape on 2 vCPUs, one stream (benchmarks/RESULTS.md): 1, 2, 3, 4, 5 tokens cost 60, 95, 128, 152,
+    # 190 ms, a draft step 5.4 ms. At acceptance 0.82 the model promises 1.09x -- which ran at 0.8x end to end
+    policy = SpeculationPolicy("auto", 4, 0.82)
+    for n, ms in ((1, 60.1), (2, 94.7), (3, 127.5), (4, 152.2), (5, 190.2)):
+        policy.observe_decode(n, ms / 1000)
+    policy.observe_draft_step(1, 0.0054)
+    assert policy.plan({0: 4}, 1) == {}
+    # a drafter that is nearly always right clears the margin (1.23x at k = 3)
+    for _ in range(60):
+        policy.observe_round(0, 4, 4)
+    assert policy.plan({0: 4}, 1)
