@@ -208,14 +208,15 @@ def _run(rt: Runtime, prompts: list[tuple[int, ...]], tokens: int) -> tuple[list
 
 
 def _one_run(
-    model: Path, drafter: Path | None, mode: str, alpha: float, s: int, tokens: int, threads: int, state: Path
-) -> dict[str, Any]:
+    model: Path, drafter: Path | None, mode: str, alpha: float, s: int, tokens: int, threads: int, state: Path,
+    seed: int,
+) -> dict[str, Any]:  # fmt: skip
     rt = _engine(model, drafter, mode, s, threads, state)
     try:
         if drafter is not None:
             backend = rt.backend
             assert isinstance(backend, LlamaBackend)
-            SyntheticAcceptance(backend, alpha)
+            SyntheticAcceptance(backend, alpha, seed)
         prompts = _prompts(rt, s)
         _run(rt, prompts[:1], 8)  # warm up (and the policy's first measurements)
         before = (rt.scheduler.stats.draft_tokens, rt.scheduler.stats.draft_accepted, rt.scheduler.stats.steps)
@@ -243,12 +244,13 @@ def measure_e2e(
     rows = []
     for s in streams:
         runs: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
-        for _ in range(rounds):
-            plain = _one_run(model, None, "off", 0.0, s, tokens, threads, state)
+        for round_no in range(rounds):
+            # auto and on see the same acceptance draws within a round, new ones each round
+            plain = _one_run(model, None, "off", 0.0, s, tokens, threads, state, round_no)
             runs.setdefault(("plain", None), []).append(plain)
             for alpha in alphas:
                 for mode in ("auto", "on"):
-                    run = _one_run(model, drafter, mode, alpha, s, tokens, threads, state)
+                    run = _one_run(model, drafter, mode, alpha, s, tokens, threads, state, round_no)
                     run["speedup"] = plain["seconds"] / run["seconds"]
                     runs.setdefault((mode, alpha), []).append(run)
                     print(f"S={s} {mode} alpha={alpha}: {run}", flush=True)
@@ -257,7 +259,8 @@ def measure_e2e(
                 "streams": s, "mode": mode, "alpha": alpha, "rounds": got,
                 "tok_s": statistics.median(r["tok_s"] for r in got),
                 "speedup": statistics.median(r.get("speedup", 1.0) for r in got),
-                "accepted_per_step": statistics.median((r["accepted"] + r["steps"]) / max(r["steps"], 1) for r in got),
+                "tokens_per_step": statistics.median((r["accepted"] + r["steps"]) / max(r["steps"], 1) for r in got),
+                "accepted_per_drafted": statistics.median(r["accepted"] / max(r["drafted"], 1) for r in got),
             }  # fmt: skip
             rows.append(row)
             print(
