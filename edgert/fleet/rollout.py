@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -227,13 +227,18 @@ def judge(
     limits: Limits,
     *,
     time_up: bool,
+    excused: Collection[str] = frozenset(),
 ) -> Judgement:
     """halt, go on, wait, or stalled, for the wave whose devices are ``members`` (sorted ids).
 
     The rate is failures over devices that reported (updated + failed). A halt comes as soon as it is
     certain: failures over *every* member above the limit cannot fall back under it, since a blocklisted
-    release stays failed. Otherwise the wave is judged once every online member reported, or when its time
-    is up (devices still retrying then count as failed, silent ones are listed).
+    release stays failed. Otherwise the wave is judged once every member reported, or when its time is up
+    (devices still retrying then count as failed, silent ones are listed, none counts as failed).
+
+    An offline member is waited for like a silent one unless it is ``excused`` (offline already when the
+    rollout started): an offline status can be a broker outage's last will, fired for every device at once
+    while they reconnect, and a wave judged then would pass on the few that happened to report first.
     """
     key = blocklist_key(*release)
     reports = tuple(report_of(views.get(d), d, key) for d in members)
@@ -243,7 +248,8 @@ def judge(
         reports = tuple(_errors_failed(r) for r in reports)
     if members and len(by[Outcome.FAILED]) / len(members) > limits.max_failure_rate:
         return Judgement(Verdict.HALT, _halt_line(by[Outcome.FAILED], len(members), limits), reports)
-    open_ = by[Outcome.WAITING] + ([] if time_up else by[Outcome.ERROR])
+    awaited_offline = [r for r in by[Outcome.OFFLINE] if r.device_id not in excused]
+    open_ = by[Outcome.WAITING] + awaited_offline + ([] if time_up else by[Outcome.ERROR])
     if open_ and not time_up:
         return Judgement(Verdict.WAIT, f"{len(open_)} of {len(members)} devices have not reported", reports)
     reported = len(by[Outcome.UPDATED]) + len(failed)

@@ -179,6 +179,7 @@ class RolloutController:
             previous_model=previous[0] if previous else None,
             previous_version=previous[1] if previous else None,
             waves=list(request.waves),
+            offline_at_start=[d for d in devices if not views[d].online],
             from_percent=already,
             eval_baseline=baseline,
         )
@@ -264,15 +265,18 @@ class RolloutController:
         deadline = state.wave_started + request.wave_wait_s
         nudged_at: float | None = None
 
+        excused = frozenset(state.offline_at_start)
+
         def decided(views: Mapping[str, DeviceView]) -> bool:
-            return judge(views, self._members(views, state), release, limits, time_up=False).verdict is not Verdict.WAIT
+            members = self._members(views, state)
+            return judge(views, members, release, limits, time_up=False, excused=excused).verdict is not Verdict.WAIT
 
         while True:
             views = self.observer.snapshot()
             # the time is up only while the broker is reachable: silence during an outage says nothing of devices
             connected = self.observer.connected
             time_up = self.clock() >= deadline and connected
-            judgement = judge(views, self._members(views, state), release, limits, time_up=time_up)
+            judgement = judge(views, self._members(views, state), release, limits, time_up=time_up, excused=excused)
             line = _wave_line(state, judgement, elapsed_s=self.clock() - state.wave_started)
             self.progress(line if connected else f"{line}; broker connection lost, reconnecting")
             if judgement.verdict is not Verdict.WAIT:

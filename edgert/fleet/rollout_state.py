@@ -71,6 +71,8 @@ class RolloutState(BaseModel):
     previous_model: str | None = None
     previous_version: str | None = None
     waves: list[int]
+    #: devices of the channel that were offline when the rollout started: the only offline ones not waited for
+    offline_at_start: list[str] = Field(default_factory=list)
     #: the percentage the channel already offered the release when the rollout started (waves start there)
     from_percent: int = Field(0, ge=0, le=99)
     status: Status = Status.RUNNING
