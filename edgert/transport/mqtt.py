@@ -173,6 +173,9 @@ class MqttTransport:
         #: the latest deploy state: retained state, not a reply, so only the newest matters -- it never waits
         #: in the reply outbox (where an older one could follow a newer one out) and goes again at link_up
         self._deploy: Outgoing | None = None
+        #: ``_deploy`` has not reached paho yet (the broker is away, or paho's queue was full): sent at the next
+        #: link_up or acknowledgement
+        self._deploy_unsent = False
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -223,8 +226,8 @@ class MqttTransport:
             log.info("mqtt: new broker session (requests published while offline, if any, were not kept)")
         # Retained state first, so a device that was away is current on the broker at once (offline catch-up).
         self.link.publish(self._status("online"), track=False)
-        if self._deploy is not None:
-            self.link.publish(self._deploy, track=False)
+        self._deploy_unsent = self._deploy is not None
+        self._flush_deploy()
         if self.settings.telemetry_interval_s > 0:
             self._spawn(self._publish_telemetry())
         self._pump()
@@ -238,6 +241,7 @@ class MqttTransport:
         """Nothing to do: replies wait in the outbox and paho keeps its unacknowledged ones."""
 
     def acked(self) -> None:
+        self._flush_deploy()
         self._pump()
 
     def message(self, incoming: Incoming) -> None:
@@ -257,8 +261,12 @@ class MqttTransport:
         of one connection in order (re-sent ones after a reconnect first), so the broker keeps the newest.
         """
         self._deploy = Outgoing(self.topics.deploy, _encode(state), retain=True)
-        if self.link.connected:
-            self.link.publish(self._deploy, track=False)
+        self._deploy_unsent = True
+        self._flush_deploy()
+
+    def _flush_deploy(self) -> None:
+        if self._deploy_unsent and self._deploy is not None and self.link.connected:
+            self._deploy_unsent = not self.link.publish(self._deploy, track=False)
 
     # ----------------------------------------------------------- outbox
     def _send(self, out: Outgoing, *, resent: bool = False) -> None:
