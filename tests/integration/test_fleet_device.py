@@ -18,10 +18,20 @@ from pathlib import Path
 import pytest
 
 from edgert.api.mqtt_schemas import DeployState, DeviceStatus, ReplyFinal, Telemetry, Topics
+from edgert.model_switch import RuntimeModelSwitch
 from edgert.transport.mqtt_client import MqttRequester
+from edgert.update.state import Phase, UpdateState
 from tests.integration.daemon import DaemonProcess, start_daemon
 from tests.integration.mosquitto import Broker
-from tests.integration.update_support import MODEL_ID, Fleet, broken_model, device_update, make_variant, write_hook
+from tests.integration.update_support import (
+    MODEL_ID,
+    Fleet,
+    broken_model,
+    device_update,
+    make_variant,
+    updater,
+    write_hook,
+)
 
 CHAT = "/v1/chat/completions"
 #: every persisted move of a clean install, in order (the deploy topic must show each, never out of order)
@@ -238,3 +248,26 @@ def test_deploy_phases_arrive_in_order_rollbacks_say_why_and_a_returning_device_
     finally:
         assert daemon.stop() == 0, daemon.log()
         broker.stop()
+
+
+# ---------------------------------------------------------------------------- the update path's listener
+def test_the_updater_tells_its_listener_every_saved_move_and_survives_a_failing_one(
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path, switch_closer: list[RuntimeModelSwitch]
+) -> None:
+    fleet.release("1.0.0")
+    device = updater(tmp_path, fleet, switch_closer)
+    seen: list[UpdateState] = []
+    device.on_phase = seen.append
+    assert device.apply().outcome == "committed"
+    assert [state.phase.value for state in seen] == INSTALL
+    assert seen[0].pending is not None and seen[0].pending.key == f"{MODEL_ID}@1.0.0"
+    assert [state.phase_since for state in seen] == sorted(state.phase_since or 0.0 for state in seen)
+    assert seen[-1] == device.status()  # each one is what was saved, and a copy: the round changed on
+    assert seen[0].phase is Phase.DOWNLOADING
+
+    def broken_listener(_state: UpdateState) -> None:
+        raise RuntimeError("a bug in whoever listens")
+
+    device.on_phase = broken_listener
+    fleet.release("2.0.0", make_variant(tiny_gguf, tmp_path / "v2.gguf", general_name="tiny v2"))
+    assert device.apply().outcome == "committed"  # the update itself never depends on its listener
