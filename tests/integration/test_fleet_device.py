@@ -93,6 +93,14 @@ def phases(messages: list[dict[str, object]]) -> list[str]:
     return seen
 
 
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own (it is wiped and restarted), stopped however the test ends."""
+    broker = Broker(tmp_path / "broker").start()
+    yield broker
+    broker.stop()
+
+
 def nudge(daemon: DaemonProcess) -> None:
     with daemon.client() as client:
         assert client.post("/update/check").status_code == 202
@@ -100,9 +108,9 @@ def nudge(daemon: DaemonProcess) -> None:
 
 # ---------------------------------------------------------------------------- telemetry
 def test_telemetry_counts_each_release_is_retained_and_is_republished_when_the_broker_comes_back(
-    tmp_path: Path, tiny_gguf: Path
+    tmp_path: Path, tiny_gguf: Path, own_broker: Broker
 ) -> None:
-    broker = Broker(tmp_path / "broker").start()
+    broker = own_broker
     topics = Topics("kiosk-t")
     # One reading at connect, then none for an hour: whatever else arrives came from the link coming back.
     (tmp_path / "device").mkdir()
@@ -154,7 +162,6 @@ def test_telemetry_counts_each_release_is_retained_and_is_republished_when_the_b
     # The device is gone; its last reading stays for whoever subscribes later (fleet status).
     after = Telemetry.model_validate(broker.retained(topics.telemetry))
     assert after.versions[0].requests_ok == 3
-    broker.stop()
     print(f"payload bytes: {sizes}")
 
 
@@ -177,9 +184,9 @@ def fleet(tmp_path: Path, tiny_gguf: Path) -> Iterator[Fleet]:
 
 
 def test_deploy_phases_arrive_in_order_rollbacks_say_why_and_a_returning_device_catches_up(
-    tmp_path: Path, fleet: Fleet, tiny_gguf: Path
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path, own_broker: Broker
 ) -> None:
-    broker = Broker(tmp_path / "broker").start()
+    broker = own_broker
     topic = Topics("kiosk-u").deploy
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -247,7 +254,6 @@ def test_deploy_phases_arrive_in_order_rollbacks_say_why_and_a_returning_device_
         print(f"payload bytes: deploy {len(back.model_dump_json())}")
     finally:
         assert daemon.stop() == 0, daemon.log()
-        broker.stop()
 
 
 # ---------------------------------------------------------------------------- the update path's listener
