@@ -26,7 +26,7 @@ from edgert.update.state import StateStore, UpdateState
 from tests.integration.daemon import start_daemon
 from tests.integration.mosquitto import Broker
 from tests.integration.test_update_daemon import retained_deploy, update_status, wait_for_current, wait_served
-from tests.integration.update_support import MODEL_ID, Fleet, device_update, updater
+from tests.integration.update_support import MODEL_ID, Fleet, device_update, updater, write_hook
 
 EVAL_DIR = Path(__file__).parents[1] / "fixtures" / "eval"
 PASSES = EVAL_DIR / "tiny-pass.jsonl"  # 2 cases: a reply, a required tool call
@@ -128,6 +128,32 @@ def test_an_altered_set_on_the_host_is_refused_before_anything_loads(
     assert state.current is not None and state.current.meta.version == "1.0.0"
     assert state.blocklist == []  # the host's fault, not the release's: abandoned, not blocklisted
     assert "download of" in str(state.last_error)
+
+
+def test_a_set_gone_from_disk_before_activation_is_fetched_and_verified_again(
+    tmp_path: Path, fleet: Fleet, switch_closer: list[RuntimeModelSwitch]
+) -> None:
+    versions_dir = tmp_path / "device" / "models" / "versions"
+    # runs between the verified download and the activation: the set the device verified is gone
+    hooks = write_hook(tmp_path / "hooks", "pre-install", f"rm -f {versions_dir}/*.eval.jsonl").parent
+    device = updater(tmp_path, fleet, switch_closer, hooks_dir=str(hooks))
+    fleet.release("2.0.0", evaluation=eval_attachment(PASSES, 1.0))
+    assert device.apply().outcome == "committed"
+    record = state_of(tmp_path).evaluation
+    assert record is not None and (record.release, record.passed) == (f"{MODEL_ID}@2.0.0", 2)
+
+    fleet.release("3.0.0", evaluation=eval_attachment(FAILS, 1.0))
+    (published,) = (fleet.site / "targets" / "models" / MODEL_ID / "3.0.0").glob("*.eval.jsonl")
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(PASSES.read_bytes()[: published.stat().st_size])
+    # and now the host serves other bytes under the set's name, after the device verified the release
+    write_hook(hooks, "pre-install", f"rm -f {versions_dir}/*.eval.jsonl && cp {other} {published}")
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        device.apply()
+    state = state_of(tmp_path)
+    assert state.current is not None and state.current.meta.version == "2.0.0"
+    assert state.blocklist == []  # abandoned as a download that does not verify, not the release's verdict
+    assert str(state.last_error).startswith(f"hash_length: download of {MODEL_ID}@3.0.0 failed: ")
 
 
 def test_registry_add_eval_on_the_command_line(fleet: Fleet, tmp_path: Path) -> None:
