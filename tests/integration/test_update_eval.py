@@ -11,6 +11,7 @@ guarantee, and a failing one asks for a phrase no random model writes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,10 +202,29 @@ def test_a_daemon_reports_the_score_and_the_rollback_reason_on_its_deploy_topic(
             "ts": deploy["evaluation"]["ts"],  # type: ignore[index]
         }
 
+        # requests keep being answered by the serving model while the candidate is evaluated beside it
+        answered, failures, stop = [0], [], threading.Event()
+
+        def traffic() -> None:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+            with daemon.client() as client:
+                while not stop.is_set():
+                    response = client.post("/v1/chat/completions", json=body)
+                    if response.status_code == 200:
+                        answered[0] += 1
+                    else:
+                        failures.append(f"{response.status_code}: {response.text[:200]}")
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
         fleet.release("3.0.0", evaluation=eval_attachment(FAILS, 1.0))
         with daemon.client() as client:
             assert client.post("/update/check").status_code == 202
         deploy = wait_deploy(broker, lambda d: d["rolled_back"] == f"{MODEL_ID}@3.0.0")
+        stop.set()
+        worker.join(30)
+        assert failures == []
+        assert answered[0] > 0
         reason = FAILED_REASON.replace("2.0.0", "3.0.0")
         assert deploy["rollback_reason"] == reason
         assert deploy["current"] == f"{MODEL_ID}@2.0.0"
