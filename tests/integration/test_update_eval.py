@@ -245,3 +245,28 @@ def wait_deploy(broker: Broker, done: object, timeout: float = 90) -> dict[str, 
         assert time.monotonic() < deadline, deploy
         time.sleep(0.2)
     return deploy
+
+
+def test_a_draining_daemon_evaluates_with_the_old_model_unloaded_and_loads_it_back_on_failure(
+    tmp_path: Path, fleet: Fleet, tiny_gguf: Path
+) -> None:
+    """``serve.model_swap = drain``: nothing serves while the candidate is probed and evaluated (the switch's
+    step tells the watchdog so); a failing set rolls back and the old model is loaded and served again."""
+    (tmp_path / "device").mkdir()
+    settings = {f"update__{key}": str(value) for key, value in device_update(fleet).items()}
+    daemon = start_daemon(tmp_path / "device", tiny_gguf, serve__model_swap="drain", **settings)
+    try:
+        wait_for_current(daemon, f"{MODEL_ID}@1.0.0")
+        fleet.release("2.0.0", evaluation=eval_attachment(FAILS, 1.0))
+        with daemon.client() as client:
+            assert client.post("/update/check").status_code == 202
+        deadline = time.monotonic() + 90
+        while (status := update_status(daemon)).get("last_rollback") != f"{MODEL_ID}@2.0.0":
+            assert time.monotonic() < deadline, f"{status}\n{daemon.log()[-3000:]}"
+            time.sleep(0.1)
+        assert status["last_rollback_reason"] == FAILED_REASON
+        assert status["evaluation"]["passed"] == 1  # type: ignore[index]
+        wait_served(daemon, "1.0.0")
+        assert "draining and swapping" in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()[-4000:]
