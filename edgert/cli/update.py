@@ -135,6 +135,11 @@ def status(as_json: JsonOption = False) -> None:
         typer.echo(f"pending:   {state.pending.key if state.pending else '-'}")
         typer.echo(f"blocklist: {', '.join(state.blocklist) or '-'}")
         typer.echo(f"checked:   {state.last_check.isoformat() if state.last_check else 'never'}")
+        if (scored := state.evaluation) is not None:
+            verdict = "meets" if scored.met else "below"
+            typer.echo(
+                f"evaluated: {scored.release} {scored.passed}/{scored.total} {verdict} threshold {scored.threshold:g}"
+            )
         if state.last_error:
             typer.echo(f"last error: {state.last_error}")
 

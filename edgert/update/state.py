@@ -120,6 +120,11 @@ class EvalRecord(BaseModel):
     def score(self) -> float:
         return self.passed / self.total
 
+    @property
+    def met(self) -> bool:
+        """The score reached the threshold (as :attr:`edgert.evalset.checks.EvalReport.ok` decided it)."""
+        return self.score + 1e-9 >= self.threshold
+
 
 class UpdateState(BaseModel):
     """Everything the update path remembers between runs.

@@ -11,6 +11,7 @@ guarantee, and a failing one asks for a phrase no random model writes.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,15 @@ from edgert.update.state import StateStore, UpdateState
 from tests.integration.daemon import start_daemon
 from tests.integration.mosquitto import Broker
 from tests.integration.test_update_daemon import retained_deploy, update_status, wait_for_current, wait_served
-from tests.integration.update_support import MODEL_ID, Fleet, device_update, updater, write_hook
+from tests.integration.update_support import (
+    MODEL_ID,
+    Fleet,
+    device_env,
+    device_update,
+    edgert_cmd,
+    updater,
+    write_hook,
+)
 
 EVAL_DIR = Path(__file__).parents[1] / "fixtures" / "eval"
 PASSES = EVAL_DIR / "tiny-pass.jsonl"  # 2 cases: a reply, a required tool call
@@ -94,6 +103,11 @@ def test_a_release_whose_set_fails_rolls_back_with_the_score_and_is_blocklisted(
     serving = switch_closer[0].serving
     assert serving is not None and serving.path.name == V1  # the old model served throughout
     assert device.apply().outcome == "up-to-date"  # blocklisted: not fetched again
+    env = {**device_env(tmp_path / "device", fleet), "EDGERT_SERVE__SOCKET": str(tmp_path / "no-daemon.sock")}
+    shown = subprocess.run(
+        edgert_cmd("update", "status"), env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert f"evaluated: {MODEL_ID}@2.0.0 1/2 below threshold 1\n" in shown
 
 
 def test_the_signed_threshold_decides(tmp_path: Path, fleet: Fleet, switch_closer: list[RuntimeModelSwitch]) -> None:
