@@ -59,7 +59,7 @@ class Check:
     def describe(self) -> str:
         """One short phrase for tables and rollback reasons: ``contains 'hello'``."""
         if self.kind == "regex":
-            return f"regex {self.value.pattern!r}"
+            return f"regex '{self.value.pattern}'"  # as written in the file: repr would double its backslashes
         if self.kind == "tool_call":
             return f"tool_call {self.value.name!r}"
         if self.kind == "json_schema":

@@ -135,7 +135,7 @@ def test_contains_and_regex() -> None:
     failed = check_reply(case, reply("Hi there"))
     assert (failed.passed, failed.failed, failed.why) == (False, "contains 'hello'", "the reply was 'Hi there'")
     failed = check_reply(case, reply(" hello"))
-    assert (failed.failed, failed.why) == ("regex '^\\\\w+'", "no match in ' hello'")
+    assert (failed.failed, failed.why) == ("regex '^\\w+'", "no match in ' hello'")
 
 
 def test_json_schema_reads_the_reply_as_json_even_in_a_code_fence() -> None:
