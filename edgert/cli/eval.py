@@ -46,6 +46,10 @@ def eval_set(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.001, help="Seconds for the whole set; the cases left fail.")
     ] = 600.0,
+    mmproj: Annotated[
+        Path | None,
+        typer.Option("--mmproj", help="Multimodal projector .gguf, for cases with images or audio (as edgert run)."),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
     config: Annotated[
         Path | None, typer.Option("--config", help="Settings file (else EDGERT_CONFIG / defaults).")
@@ -56,6 +60,9 @@ def eval_set(
         cases = load_eval_set(file)
         check_requests(cases)
         settings = load_settings(config_path=config)
+        if mmproj is not None:
+            engine = settings.engine.model_copy(update={"mmproj": mmproj.expanduser(), "multimodal": True})
+            settings = settings.model_copy(update={"engine": engine})
         runtime = open_runtime(settings, model)
     except EdgertError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -7,12 +7,14 @@ asks for a phrase no random model writes. Greedy decoding makes two runs agree c
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from edgert.cli import exitcodes
+from tests.media_samples import noise_png
 
 EVAL_DIR = Path(__file__).parents[1] / "fixtures" / "eval"
 
@@ -70,3 +72,26 @@ def test_a_set_past_its_time_limit_fails_its_cases(tiny_gguf: Path) -> None:
     report = json.loads(run.stdout)
     assert report["passed"] == 0
     assert {case["failed"] for case in report["cases"]} == {"not run"}
+
+
+def test_a_case_with_an_image_runs_through_the_projector(tmp_path: Path, tiny_gguf: Path) -> None:
+    url = "data:image/png;base64," + base64.b64encode(noise_png(64, 64)).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour?"}]
+    case = {
+        "id": "sees",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "checks": [{"regex": "\\S"}],
+    }
+    sample = tmp_path / "image.jsonl"
+    sample.write_text(json.dumps(case) + "\n")
+    mmproj = Path(__file__).parents[1] / "fixtures" / "tiny-gemma4-mmproj.gguf"
+    run = edgert_eval(str(sample), "--model", str(tiny_gguf), "--mmproj", str(mmproj), "--json")
+    assert run.returncode == exitcodes.OK, run.stderr[-2000:]
+    assert json.loads(run.stdout)["cases"][0]["passed"] is True
+    # a text-only model cannot take the case: it fails as not run, with the engine's reason
+    run = edgert_eval(str(sample), "--model", str(tiny_gguf), "--json")
+    assert run.returncode == exitcodes.EVAL_BELOW_THRESHOLD
+    (result,) = json.loads(run.stdout)["cases"]
+    assert result["failed"] == "not run"
+    assert "is served text-only (no multimodal projector is loaded" in result["why"]
