@@ -23,6 +23,7 @@ from edgert.errors import (
     EvalSetError,
     EvaluationFailedError,
     HookVetoError,
+    IntegrityError,
     ModelFileError,
 )
 from edgert.evalset.cases import EvalSet, parse_eval_set
@@ -101,9 +102,7 @@ class Activating(Fetching):
             raise
         self._hook(HookEvent.POST_INSTALL, release, state)
         try:
-            # bytes that no longer verify abandon the release, a registry out of reach keeps it staged for a retry
-            with self._download_failures(state, release):
-                eval_set = self._evaluation_set(release)
+            eval_set = self._evaluation_set(state, release)
         except EvalSetError as exc:
             return self._roll_back(state, f"{release.key} carries an invalid evaluation set: {exc}", fetched)
         switch = self._switch()
@@ -132,12 +131,20 @@ class Activating(Fetching):
             "committed", release.key, "installed, health-checked and serving", fetched.resumed_from, fetched.received
         )
 
-    def _evaluation_set(self, release: Release) -> EvalSet | None:
-        """The release's verified evaluation set (hashed again; fetched again only if it went missing), parsed."""
+    def _evaluation_set(self, state: UpdateState, release: Release) -> EvalSet | None:
+        """The release's verified evaluation set (hashed again; fetched again only if it went missing), parsed.
+
+        Bytes that no longer verify abandon the release (its model deleted too, as a refused release's);
+        a registry out of reach keeps it staged for the next round. EvalSetError: not a valid set.
+        """
         if release.evaluation is None:
             return None
-        with self._http() as client:
-            path = self._fetch_evaluation(release, client)
+        try:
+            with self._download_failures(state, release), self._http() as client:
+                path = self._fetch_evaluation(release, client)
+        except IntegrityError:
+            self._remove(release)
+            raise
         assert path is not None
         return parse_eval_set(path.read_bytes(), path.name)
 

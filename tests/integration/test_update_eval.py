@@ -169,6 +169,7 @@ def test_a_set_gone_from_disk_before_activation_is_fetched_and_verified_again(
     assert state.current is not None and state.current.meta.version == "2.0.0"
     assert state.blocklist == []  # abandoned as a download that does not verify, not the release's verdict
     assert str(state.last_error).startswith(f"hash_length: download of {MODEL_ID}@3.0.0 failed: ")
+    assert versions(tmp_path) == ["tiny-gemma4+f16@2.0.0.gguf"]  # 3.0.0's verified model went with it
 
 
 def test_registry_add_eval_on_the_command_line(fleet: Fleet, tmp_path: Path) -> None:
