@@ -200,6 +200,10 @@ def controller_scale(sizes: list[int], wave_percent: int = 10) -> dict[str, Any]
     return out
 
 
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
 def broker_outage(sim: SimFleet, outage_s: float) -> dict[str, float]:
     """Stop mosquitto for ``outage_s`` and start it again on the same port; how long until every device is back."""
     sim.broker.stop()
@@ -245,7 +249,7 @@ def good_rollout(sim: SimFleet, version: str, args: argparse.Namespace, *, outag
         "messages": live_rates(sim.watch, began, time.time(), len(sim.devices)),
         "output": done.output,
     }
-    print(f"[{time.strftime('%H:%M:%S')}] {version}: rc {done.returncode} in {done.wall_s:.0f} s\n{done.output}")
+    say(f"{version}: rc {done.returncode} in {done.wall_s:.0f} s\n{done.output}")
     return result
 
 
@@ -274,7 +278,6 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgert-fleet-"))
     results: dict[str, Any] = {"devices": args.devices, "rate_bytes_s": args.rate, "cpus": psutil.cpu_count()}
     sim = SimFleet(workdir / "fleet", TINY, args.devices, rate=args.rate)
-    say = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
     try:
         # 1. start-up ---------------------------------------------------------------------------------------
         cpu_before = psutil.cpu_times()
@@ -338,10 +341,7 @@ def main() -> None:
         size = sim.registry.target_file("4.0.0").stat().st_size
         victims = sim.devices[-args.kills :]
         run = sim.rollout("4.0.0", "--waves", "100", "--wave-wait", "5m")
-        sim.watch.wait(lambda: all(0 < d.part_bytes() < size for d in victims), 300, lambda: "no download seen")
-        for device in victims:
-            device.kill()
-        kept = {d.device_id: d.part_bytes() for d in victims}
+        kept = sim.kill_mid_download(victims, size, 300)
         time.sleep(2)  # down for a moment (a power cut), not a synchronisation
         for device in victims:
             device.start()

@@ -22,105 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgert.api.mqtt_schemas import PREFIX
 from tests.integration.daemon import DaemonProcess, start_daemon, wait_until_ready
-from tests.integration.http_host import NGINX, free_port, make_traversable, worker_user
+from tests.integration.fleet_host import FleetHost
 from tests.integration.mosquitto import Broker
 from tests.integration.update_support import MODEL_ID, Fleet
 
 CHAT = "/v1/chat/completions"
-
-_NGINX_CONFIG = """\
-{user}
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    log_format fleet '$msec $request_uri $status $body_bytes_sent "$http_range"';
-    access_log {work}/access.log fleet;
-    client_body_temp_path {work}/tmp/body;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-    default_type application/octet-stream;
-    sendfile on;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location ~ ^/dev/[^/]+/targets/ {{ rewrite ^/dev/[^/]+(/.*)$ $1 break; {limit} }}
-        location /dev/ {{ rewrite ^/dev/[^/]+(/.*)$ $1 break; }}
-    }}
-}}
-"""
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """One line of nginx's access log: a device's request for one file."""
-
-    at: float
-    device_id: str
-    path: str
-    status: int
-    body_bytes: int
-    range: str
-
-
-class FleetHost:
-    """nginx serving the registry site to every device under /dev/<device-id>/; model files at ``rate`` B/s."""
-
-    def __init__(self, root: Path, workdir: Path, *, rate: int | None) -> None:
-        self.root, self.workdir, self.rate = root, workdir, rate
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url_for(self, device_id: str) -> str:
-        return f"http://127.0.0.1:{self.port}/dev/{device_id}/"
-
-    def start(self) -> None:
-        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        make_traversable(self.root)
-        conf = self.workdir / "nginx.conf"
-        limit = f"limit_rate {self.rate};" if self.rate else ""
-        conf.write_text(
-            _NGINX_CONFIG.format(user=worker_user(), work=self.workdir, port=self.port, root=self.root, limit=limit)
-        )
-        self.proc = subprocess.Popen([NGINX, "-p", str(self.workdir), "-c", str(conf)], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {(self.workdir / 'error.log').read_text()}")
-            try:
-                httpx.get(f"http://127.0.0.1:{self.port}/", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def fetches(self) -> list[Fetch]:
-        path = self.workdir / "access.log"
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            at, uri, status, sent, rng = line.split(" ", 4)
-            if not uri.startswith("/dev/"):
-                continue  # start()'s probe
-            _, _, device_id, rest = unquote(uri).split("/", 3)  # model ids hold ':' (sent as %3A)
-            rows.append(Fetch(float(at), device_id, "/" + rest, int(status), int(sent), rng.strip('"')))
-        return rows
 
 
 class BrokerWatch:
@@ -135,8 +48,8 @@ class BrokerWatch:
         self.lock = threading.Lock()
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}
         self.messages: list[tuple[float, str, str, int, bool]] = []
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"fleet-watch-{time.monotonic_ns()}")
-        self.client.reconnect_delay_set(0.2, 1.0)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fleet-watch-{time.monotonic_ns()}")
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -193,7 +106,8 @@ class Device:
     starts: int = 0
 
     def start(self) -> None:
-        self.daemon = start_daemon(self.workdir, None, wait_ready=False, env_extra=self.env, **self.settings)
+        settings = {f"EDGERT_{key.upper()}": value for key, value in self.settings.items()}
+        self.daemon = start_daemon(self.workdir, None, wait_ready=False, env_extra={**self.env, **settings})
         self.starts += 1
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -344,6 +258,21 @@ class SimFleet:
         """``edgert registry promote --rollout`` + publish: a re-signed channel pointer on the host."""
         self.registry.registry.promote(MODEL_ID, version, channel=self.channel, rollout=rollout)
         self.registry.registry.publish(out=self.registry.site)
+
+    def kill_mid_download(self, devices: list[Device], size: int, timeout: float) -> dict[str, int]:
+        """kill -9 each of ``devices`` as soon as its download of a ``size``-byte file is under way (its
+        ``.part`` holds some but not all of it); the bytes each kept."""
+        kept: dict[str, int] = {}
+
+        def kill_the_downloading() -> bool:
+            for device in devices:
+                if device.device_id not in kept and 0 < device.part_bytes() < size:
+                    device.kill()
+                    kept[device.device_id] = device.part_bytes()
+            return len(kept) == len(devices)
+
+        self.watch.wait(kill_the_downloading, timeout, lambda: f"killed mid-download only {kept}")
+        return kept
 
     def bytes_by_device(self, version: str, since: float = 0.0) -> dict[str, int]:
         """Model-file bytes nginx sent each device for ``version`` (after unix time ``since``)."""

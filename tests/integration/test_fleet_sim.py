@@ -9,6 +9,8 @@ restart (a Range request) and converge.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +30,17 @@ RATE = 250_000
 
 
 @pytest.fixture
-def sim(tmp_path: Path, tiny_gguf: Path) -> Iterator[SimFleet]:
-    fleet = SimFleet(tmp_path / "fleet", tiny_gguf, SIZE, rate=RATE)
+def sim(tiny_gguf: Path) -> Iterator[SimFleet]:
+    # Not under tmp_path: every pytest that starts meanwhile (other suites run beside this one) sets
+    # /tmp/pytest-of-<user> back to 0700, and nginx's unprivileged workers then get 403 for the whole site.
+    workdir = Path(tempfile.mkdtemp(prefix="edgert-fleet-test-"))
+    fleet = SimFleet(workdir / "fleet", tiny_gguf, SIZE, rate=RATE)
     try:
         fleet.start("1.0.0", ready_timeout=120)
         yield fleet
     finally:
         fleet.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_fleet_converges_halts_on_a_bad_release_and_resumes_after_kill_9(
@@ -84,14 +90,7 @@ def test_fleet_converges_halts_on_a_bad_release_and_resumes_after_kill_9(
     since = time.time()
     run = sim.rollout("4.0.0", "--waves", "100", "--wave-wait", "120s")
     victims = sim.devices[-2:]
-    sim.watch.wait(
-        lambda: all(0 < d.part_bytes() < size for d in victims),
-        60,
-        lambda: str({d.device_id: d.part_bytes() for d in victims}),
-    )
-    for device in victims:
-        device.kill()
-    kept = {d.device_id: d.part_bytes() for d in victims}
+    kept = sim.kill_mid_download(victims, size, 60)
     for device in victims:
         device.start()
     result = run.finish(180)
