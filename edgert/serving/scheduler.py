@@ -366,7 +366,7 @@ class Scheduler:
                 break
             accepted += 1
             seq.n_past += 1
-        self._spec.verified(seq, len(draft), accepted)
+        self._spec.verified(seq, len(draft), accepted, finished=seq.sampler is None)
         if seq.sampler is not None:
             backend.seq_remove(seq.slot, seq.n_past, -1)
             self._spec.keep(seq, batch_index + accepted)

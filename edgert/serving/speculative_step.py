@@ -72,8 +72,9 @@ class SpeculativeSteps:
     def decoded(self, n_tokens: int, seconds: float) -> None:
         self.policy.observe_decode(n_tokens, seconds)
 
-    def verified(self, seq: SequenceState, drafted: int, accepted: int) -> None:
-        self.policy.observe_round(seq.slot, drafted, accepted)
+    def verified(self, seq: SequenceState, drafted: int, accepted: int, *, finished: bool) -> None:
+        if not finished:  # a finished sequence's slot was forgotten: its next holder starts afresh
+            self.policy.observe_round(seq.slot, drafted, accepted)
         self._stats.draft_tokens += drafted
         self._stats.draft_accepted += accepted
 
