@@ -6,8 +6,8 @@ step, ``a`` the number of drafts the target agrees with. Whether that pays depen
 batches cost, which depends on the machine, the model and how many streams already share the step:
 on a 2-core CPU one E2B token costs nearly as much as five (weights are read once per step), but eight
 streams of five tokens each are forty tokens of compute. So :class:`SpeculationPolicy` measures, while
-serving, what a target decode of ``n`` tokens and a draft step over ``m`` sequences cost (an
-exponential moving average per size, interpolated between sizes it has seen), keeps a running acceptance
+serving, what a target decode of ``n`` tokens and a draft step over ``m`` sequences cost (the least of
+the latest timings per size, interpolated between sizes it has seen), keeps a running acceptance
 rate per sequence, and picks per-sequence ``k`` to maximise expected tokens per second of the step:
 
     rate(k_1..k_n) = sum_i E_i(k_i) / (T_target(B + sum_i k_i) + sum_j T_draft(#{i: k_i >= j}))
@@ -25,13 +25,16 @@ Pure code: no clocks, no backend; the scheduler reports timings and outcomes.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 SpeculativeMode = Literal["off", "auto", "on"]
 
-#: weight of the newest measurement in a cost's moving average
-_COST_EMA = 0.2
+#: a cost is the least of this many latest timings of its size: other processes on the cores only ever add
+#: time, so the minimum tracks what the step costs this machine, and plain and verify steps timed in
+#: moments of different load stay comparable (an average let one busy moment decide; RESULTS.md)
+_COST_WINDOW = 16
 #: how fast a sequence forgets old acceptance evidence (per verified round)
 _ACCEPT_DECAY = 0.9
 #: pseudo-observations of the prior acceptance rate a new sequence starts with
@@ -46,18 +49,20 @@ MIN_GAIN = 1.15
 
 @dataclass(slots=True)
 class _CostTable:
-    """Seconds per call by size: a moving average per measured size, interpolated between them."""
+    """Seconds per call by size: the least of the latest timings per measured size, interpolated between."""
 
     sizes: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    recent: list[deque[float]] = field(default_factory=list)
 
     def observe(self, size: int, seconds: float) -> None:
         i = bisect.bisect_left(self.sizes, size)
-        if i < len(self.sizes) and self.sizes[i] == size:
-            self.seconds[i] += _COST_EMA * (seconds - self.seconds[i])
-        else:
+        if i == len(self.sizes) or self.sizes[i] != size:
             self.sizes.insert(i, size)
             self.seconds.insert(i, seconds)
+            self.recent.insert(i, deque(maxlen=_COST_WINDOW))
+        self.recent[i].append(seconds)
+        self.seconds[i] = min(self.recent[i])
 
     def estimate(self, size: int) -> float | None:
         """None before any measurement; beyond the largest measured size, as that size (optimistic: try it)."""

@@ -125,3 +125,14 @@ def test_a_gain_inside_the_cost_models_blind_spot_is_not_taken() -> None:
     for _ in range(60):
         policy.observe_round(0, 4, 4)
     assert policy.plan({0: 4}, 1)
+
+
+def test_a_busy_moment_does_not_make_plain_decoding_look_dear() -> None:
+    # a plain step timed while another process held the cores (3x slower) must not make drafting look cheap
+    policy = SpeculationPolicy("auto", 4, 0.82)
+    for n, ms in ((1, 60.1), (2, 94.7), (3, 127.5), (4, 152.2), (5, 190.2)):
+        policy.observe_decode(n, ms / 1000)
+    policy.observe_draft_step(1, 0.0054)
+    for _ in range(5):
+        policy.observe_decode(1, 0.180)
+    assert policy.plan({0: 4}, 1) == {}
