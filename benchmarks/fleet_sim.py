@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgert.fleet import rollout_state
 from edgert.fleet.rollout import wave_members
-from tests.integration.fleet import BrokerWatch, CommandRun, Load, OperatorCommand, SimFleet
+from tests.integration.fleet import BrokerWatch, CommandRun, Load, SimFleet
 from tests.integration.update_support import MODEL_ID, broken_model, make_variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,16 +143,17 @@ def retained_burst(sim: SimFleet) -> dict[str, float]:
         fresh.stop()
 
 
-def fleet_status_cost(sim: SimFleet) -> dict[str, float]:
-    """``edgert fleet status --json`` as the operator runs it: wall and CPU (rusage), devices listed."""
-    args = ["fleet", "status", "--json", "--broker", f"127.0.0.1:{sim.broker.port}"]
-    run = OperatorCommand(args, sim.workdir).finish(120)
+def fleet_status_cost(sim: SimFleet) -> dict[str, Any]:
+    """``edgert fleet status --json`` as the operator runs it: wall and CPU (rusage), devices by release."""
+    run = sim.fleet_status()
     assert run.returncode == 0, run.output
+    devices = json.loads(run.output)
     return {
         "wall_s": run.wall_s,
         "cpu_s": run.cpu_s,
-        "devices": len(json.loads(run.output)),
+        "devices": len(devices),
         "json_bytes": len(run.output),
+        "online_by_model": dict(Counter(d["model"] for d in devices if d["state"] == "online")),
     }
 
 
@@ -248,6 +250,8 @@ def good_rollout(sim: SimFleet, version: str, args: argparse.Namespace, *, outag
         # what the devices published while the rollout ran
         "messages": live_rates(sim.watch, began, time.time(), len(sim.devices)),
         "output": done.output,
+        # what the operator sees once it is done
+        "fleet_status": fleet_status_cost(sim),
     }
     say(f"{version}: rc {done.returncode} in {done.wall_s:.0f} s\n{done.output}")
     return result

@@ -254,6 +254,11 @@ class SimFleet:
         ]
         return OperatorCommand(cmd, self.workdir)
 
+    def fleet_status(self) -> CommandRun:
+        """``edgert fleet status --json`` on this fleet's broker, as the operator runs it."""
+        args = ["fleet", "status", "--json", "--broker", f"127.0.0.1:{self.broker.port}"]
+        return OperatorCommand(args, self.workdir).finish(120)
+
     def promote(self, version: str, rollout: int) -> None:
         """``edgert registry promote --rollout`` + publish: a re-signed channel pointer on the host."""
         self.registry.registry.promote(MODEL_ID, version, channel=self.channel, rollout=rollout)

@@ -1,14 +1,15 @@
 """The fleet scenario of benchmarks/fleet_sim.py, short: 6 real daemons, one mosquitto, one registry behind nginx.
 
 Outcomes only, never timings: a good 2.0.0 rolled out in waves by ``edgert fleet rollout`` converges on every
-device without a failed request on the devices under load; a 3.0.0 that every device fails to load halts
-after its first wave, those devices roll back, the channel and the whole fleet stay on 2.0.0 and no device
-outside the wave fetched it; devices killed -9 in the middle of downloading 4.0.0 resume their ``.part`` on
-restart (a Range request) and converge.
+device without a failed request on the devices under load, and ``edgert fleet status`` shows it; a 3.0.0
+that every device fails to load halts after its first wave, those devices roll back, the channel and the
+whole fleet stay on 2.0.0 and no device outside the wave fetched it; devices killed -9 in the middle of
+downloading 4.0.0 resume their ``.part`` on restart (a Range request) and converge.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -61,6 +62,12 @@ def test_fleet_converges_halts_on_a_bad_release_and_resumes_after_kill_9(
     sim.wait_current(sim.devices, "2.0.0", 30)
     assert load.failures == []
     assert load.ok > 0
+    status = sim.fleet_status()  # what the operator sees
+    assert status.returncode == 0, status.output
+    rows = json.loads(status.output)
+    assert [(r["device_id"], r["state"], r["model"]) for r in rows] == [
+        (d.device_id, "online", f"{MODEL_ID}@2.0.0") for d in sim.devices
+    ]
 
     # a 3.0.0 that no device can load: the first wave fails its health check, the rollout halts
     sim.add("3.0.0", broken_model(tiny_gguf, tmp_path / "broken.gguf"))
