@@ -112,6 +112,9 @@ class FleetObserver:
         self.group = group
         self.timeout_s = timeout_s
         self._devices: dict[str, DeviceView] = {}
+        #: device id -> ``messages`` when it last changed, oldest change first (a change moves it to the end), so
+        #: :meth:`changes` reads back from the end and stops at the first older one: O(changes), not O(fleet)
+        self._changed_at: dict[str, int] = {}
         self._changed = threading.Condition()
         #: messages taken in, and payloads refused (unparseable, failed validation, or naming another device)
         self.messages = 0
@@ -157,6 +160,21 @@ class FleetObserver:
         if self.group is None:
             return devices
         return {device_id: view for device_id, view in devices.items() if view.group == self.group}
+
+    def changes(self, after: int) -> tuple[int, dict[str, DeviceView | None]]:
+        """``(messages, {device: view})``: the devices changed since ``messages`` was ``after`` (0: every device
+        seen), each as it is now; None for one gone from the broker (every part cleared) or outside ``group``.
+        Pass the count returned as the next ``after``: a consumer reads each change once, however big the fleet."""
+        with self._changed:
+            count = self.messages
+            changed: dict[str, DeviceView | None] = {}
+            for device_id, at in reversed(self._changed_at.items()):
+                if at <= after:
+                    break
+                changed[device_id] = self._devices.get(device_id)
+        if self.group is not None:
+            changed = {d: v if v is not None and v.group == self.group else None for d, v in changed.items()}
+        return count, changed
 
     def wait_until(self, predicate: Callable[[dict[str, DeviceView]], bool], timeout_s: float) -> bool:
         """Whether ``predicate(snapshot)`` became true within ``timeout_s``; it is tried once now and then
@@ -235,6 +253,8 @@ class FleetObserver:
             else:
                 self._devices[device_id] = view
             self.messages += 1
+            self._changed_at.pop(device_id, None)
+            self._changed_at[device_id] = self.messages
             if retained:
                 self._last_retained = time.monotonic()
             self._changed.notify_all()

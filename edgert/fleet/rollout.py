@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import statistics
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -73,15 +73,24 @@ class Judgement:
     verdict: Verdict
     #: one line saying why
     reason: str
-    reports: tuple[DeviceReport, ...]
+    #: every member's report, sorted by device, for a final verdict (go, halt, stalled); empty while the wave
+    #: waits: a wait is decided on the counts alone, so a wake-up costs O(devices that changed), not O(wave)
+    reports: tuple[DeviceReport, ...] = ()
+    #: members per outcome (errors counted as failed once the time is up)
+    counts: Mapping[Outcome, int] = field(default_factory=dict)
+    #: devices in the wave
+    members: int = 0
 
     def with_outcome(self, *outcomes: Outcome) -> list[DeviceReport]:
         return [report for report in self.reports if report.outcome in outcomes]
 
+    def count(self, *outcomes: Outcome) -> int:
+        return sum(self.counts.get(outcome, 0) for outcome in outcomes)
+
     @property
     def failure_rate(self) -> float:
-        failed = len(self.with_outcome(Outcome.FAILED))
-        reported = failed + len(self.with_outcome(Outcome.UPDATED))
+        failed = self.count(Outcome.FAILED)
+        reported = failed + self.count(Outcome.UPDATED)
         return failed / reported if reported else 0.0
 
 
@@ -220,6 +229,70 @@ def fleet_median_score(views: Mapping[str, DeviceView], device_ids: Iterable[str
 # --------------------------------------------------------------------------- the verdict
 
 
+class WaveTally:
+    """A wave's per-device reports and how many members have each outcome, kept current device by device.
+
+    ``edgert fleet rollout`` fills it once per wave from the whole fleet, then :meth:`update` s only the
+    devices whose retained state changed since its last look (:meth:`FleetObserver.changes`): a wake-up costs
+    O(devices that reported), whatever the fleet's size. Membership is re-derived for a changed device only
+    (it may join: a new device, or one that turned its updates on; or leave), and its bucket is cached.
+    """
+
+    def __init__(
+        self,
+        release: tuple[str, str],
+        percent: int,
+        channel: str,
+        group: str | None = None,
+        *,
+        excused: Collection[str] = frozenset(),
+    ) -> None:
+        self.release = release
+        self.key = blocklist_key(*release)
+        self.percent, self.channel, self.group = percent, channel, group
+        self.excused = frozenset(excused)
+        self.reports: dict[str, DeviceReport] = {}
+        self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        #: members offline now that were offline when the rollout started (not waited for)
+        self.excused_offline = 0
+
+    def update(self, device_id: str, view: DeviceView | None) -> None:
+        """Take in ``device_id``'s latest view (None: gone from the broker, or out of the observed group)."""
+        if (
+            view is not None
+            and follows(view, self.channel, self.group)
+            and in_wave(device_id, *self.release, self.percent)
+        ):
+            self.put(report_of(view, device_id, self.key))
+        else:
+            self.drop(device_id)
+
+    def put(self, report: DeviceReport) -> None:
+        """``report`` is its device's report now (a member, joining or already in)."""
+        self.drop(report.device_id)
+        self.reports[report.device_id] = report
+        self._count(report, 1)
+
+    def drop(self, device_id: str) -> None:
+        """``device_id`` is not (or no longer) in the wave."""
+        old = self.reports.pop(device_id, None)
+        if old is not None:
+            self._count(old, -1)
+
+    def _count(self, report: DeviceReport, step: int) -> None:
+        self.counts[report.outcome] += step
+        if report.outcome is Outcome.OFFLINE and report.device_id in self.excused:
+            self.excused_offline += step
+
+    @property
+    def members(self) -> int:
+        return len(self.reports)
+
+    def ids(self, *outcomes: Outcome) -> list[str]:
+        """The members with one of ``outcomes``, sorted (O(wave): for nudges, not per wake-up)."""
+        return sorted(d for d, report in self.reports.items() if report.outcome in outcomes)
+
+
 def judge(
     views: Mapping[str, DeviceView],
     members: Sequence[str],
@@ -229,39 +302,56 @@ def judge(
     time_up: bool,
     excused: Collection[str] = frozenset(),
 ) -> Judgement:
-    """halt, go on, wait, or stalled, for the wave whose devices are ``members`` (sorted ids).
+    """:func:`decide` for the wave whose devices are ``members``, each as ``views`` shows it (None: never seen)."""
+    tally = WaveTally(release, 100, "", excused=excused)
+    for device_id in members:
+        tally.put(report_of(views.get(device_id), device_id, tally.key))
+    return decide(tally, limits, time_up=time_up)
+
+
+def decide(tally: WaveTally, limits: Limits, *, time_up: bool) -> Judgement:
+    """halt, go on, wait, or stalled, for the wave ``tally`` holds.
 
     The rate is failures over devices that reported (updated + failed). A halt comes as soon as it is
     certain: failures over *every* member above the limit cannot fall back under it, since a blocklisted
     release stays failed. Otherwise the wave is judged once every member reported, or when its time is up
     (devices still retrying then count as failed, silent ones are listed, none counts as failed).
 
-    An offline member is waited for like a silent one unless it is ``excused`` (offline already when the
+    An offline member is waited for like a silent one unless it is excused (offline already when the
     rollout started): an offline status can be a broker outage's last will, fired for every device at once
     while they reconnect, and a wave judged then would pass on the few that happened to report first.
+
+    Waiting is decided on the counts alone (O(1)); only a final verdict lists the members' reports.
     """
-    key = blocklist_key(*release)
-    reports = tuple(report_of(views.get(d), d, key) for d in members)
-    by = {outcome: [r for r in reports if r.outcome is outcome] for outcome in Outcome}
-    failed = by[Outcome.FAILED] + (by[Outcome.ERROR] if time_up else [])
+    counts, members = tally.counts, tally.members
     if time_up:
-        reports = tuple(_errors_failed(r) for r in reports)
-    if members and len(by[Outcome.FAILED]) / len(members) > limits.max_failure_rate:
-        return Judgement(Verdict.HALT, _halt_line(by[Outcome.FAILED], len(members), limits), reports)
-    awaited_offline = [r for r in by[Outcome.OFFLINE] if r.device_id not in excused]
-    open_ = by[Outcome.WAITING] + awaited_offline + ([] if time_up else by[Outcome.ERROR])
+        counts = counts | {Outcome.FAILED: counts[Outcome.FAILED] + counts[Outcome.ERROR], Outcome.ERROR: 0}
+    if members and tally.counts[Outcome.FAILED] / members > limits.max_failure_rate:
+        reports = _final_reports(tally, time_up)
+        failed = [r for r in reports if tally.reports[r.device_id].outcome is Outcome.FAILED]  # not the retrying
+        return Judgement(Verdict.HALT, _halt_line(failed, members, limits), reports, counts, members)
+    open_ = counts[Outcome.WAITING] + counts[Outcome.OFFLINE] - tally.excused_offline + counts[Outcome.ERROR]
     if open_ and not time_up:
-        return Judgement(Verdict.WAIT, f"{len(open_)} of {len(members)} devices have not reported", reports)
+        return Judgement(Verdict.WAIT, f"{open_} of {members} devices have not reported", (), counts, members)
+    reports = _final_reports(tally, time_up)
+    by = {outcome: [r for r in reports if r.outcome is outcome] for outcome in Outcome}
+    failed = by[Outcome.FAILED]
     reported = len(by[Outcome.UPDATED]) + len(failed)
     if members and reported == 0:
         silent = ", ".join(r.device_id for r in by[Outcome.WAITING] + by[Outcome.OFFLINE])
-        return Judgement(Verdict.STALLED, f"no device of the wave reported ({silent})", reports)
+        return Judgement(Verdict.STALLED, f"no device of the wave reported ({silent})", reports, counts, members)
     if reported and len(failed) / reported > limits.max_failure_rate:
-        return Judgement(Verdict.HALT, _halt_line(failed, reported, limits), reports)
-    regression = _regression(reports, key, limits)
+        return Judgement(Verdict.HALT, _halt_line(failed, reported, limits), reports, counts, members)
+    regression = _regression(reports, tally.key, limits)
     if regression is not None:
-        return Judgement(Verdict.HALT, regression, reports)
-    return Judgement(Verdict.GO, _pass_line(by, reported, len(failed)), reports)
+        return Judgement(Verdict.HALT, regression, reports, counts, members)
+    return Judgement(Verdict.GO, _pass_line(by, reported, len(failed)), reports, counts, members)
+
+
+def _final_reports(tally: WaveTally, time_up: bool) -> tuple[DeviceReport, ...]:
+    """Every member's report, sorted by device; a retrying one counts as failed once the time is up."""
+    reports = (tally.reports[d] for d in sorted(tally.reports))
+    return tuple(_errors_failed(r) if time_up else r for r in reports)
 
 
 def _errors_failed(report: DeviceReport) -> DeviceReport:

@@ -27,15 +27,16 @@ from typing import Final
 from edgert.api.mqtt_schemas import Command, Topics
 from edgert.errors import RegistryError, RolloutError
 from edgert.fleet import rollout_state
-from edgert.fleet.observe import DeviceView, FleetObserver
+from edgert.fleet.observe import BATCH_S, DeviceView, FleetObserver
 from edgert.fleet.rollout import (
     Judgement,
     Limits,
     Outcome,
     Verdict,
+    WaveTally,
+    decide,
     eligible,
     fleet_median_score,
-    judge,
     previous_release,
     wave_members,
     wave_percent,
@@ -258,35 +259,44 @@ class RolloutController:
         self.say(f"wave {state.wave}/{len(state.waves)}: {reason}: skipped")
 
     def _watch(self, state: RolloutState) -> Judgement:
-        """Judge the wave each time devices report, until it passes, halts, or its --wave-wait is up."""
+        """Judge the wave each time devices report, until it passes, halts, or its --wave-wait is up.
+
+        The wave's reports are kept in a :class:`WaveTally` filled once from the whole fleet; each wake-up takes
+        in only the devices that changed since the last (:meth:`FleetObserver.changes`) and decides on the
+        counts, so its cost follows the devices reporting, not the fleet's size."""
         assert state.promoted is not None and state.wave_started is not None
         request, release = self.request, (state.model_id, state.version)
         limits = Limits(request.max_failure_rate, request.eval_regression, state.eval_baseline)
         deadline = state.wave_started + request.wave_wait_s
         nudged_at: float | None = None
-
-        excused = frozenset(state.offline_at_start)
-
-        def decided(views: Mapping[str, DeviceView]) -> bool:
-            members = self._members(views, state)
-            return judge(views, members, release, limits, time_up=False, excused=excused).verdict is not Verdict.WAIT
-
+        tally = WaveTally(
+            release, state.promoted, request.channel, request.group, excused=frozenset(state.offline_at_start)
+        )
+        seen, shown = 0, ""
         while True:
-            views = self.observer.snapshot()
+            seen, changed = self.observer.changes(seen)
+            for device_id, view in changed.items():
+                tally.update(device_id, view)
+            evaluated = time.monotonic()
             # the time is up only while the broker is reachable: silence during an outage says nothing of devices
             connected = self.observer.connected
             time_up = self.clock() >= deadline and connected
-            judgement = judge(views, self._members(views, state), release, limits, time_up=time_up, excused=excused)
+            judgement = decide(tally, limits, time_up=time_up)
             line = _wave_line(state, judgement, elapsed_s=self.clock() - state.wave_started)
-            self.progress(line if connected else f"{line}; broker connection lost, reconnecting")
+            line = line if connected else f"{line}; broker connection lost, reconnecting"
+            if line != shown or judgement.verdict is not Verdict.WAIT:
+                self.progress(line)
+                shown = line
             if judgement.verdict is not Verdict.WAIT:
                 return judgement
             if connected and (nudged_at is None or self.clock() - nudged_at >= RENUDGE_S):
-                self._nudge([r.device_id for r in judgement.with_outcome(Outcome.WAITING, Outcome.ERROR)])
+                self._nudge(tally.ids(Outcome.WAITING, Outcome.ERROR))
                 nudged_at = self.clock()
-            # wakes on the next report that decides the wave, else after a tick (progress, deadline)
+            # wakes on the next report, else after a tick (progress, deadline)
             left = deadline - self.clock()
-            self.observer.wait_until(decided, min(TICK_S, left) if left > 0 else TICK_S)
+            if self.observer.wait_for_message(seen, min(TICK_S, left) if left > 0 else TICK_S) > seen:
+                # a burst (thousands of reports in a second) costs one pass per BATCH_S, not one per message
+                time.sleep(max(BATCH_S - (time.monotonic() - evaluated), 0.0))
 
     def _members(self, views: Mapping[str, DeviceView], state: RolloutState) -> list[str]:
         assert state.promoted is not None
@@ -373,10 +383,10 @@ class RolloutController:
 def _wave_line(state: RolloutState, judgement: Judgement, *, elapsed_s: float | None = None) -> str:
     asked = state.waves[min(state.wave, len(state.waves) - 1)]
     raised = f" (asked {asked}%)" if state.promoted != asked else ""
-    members = len(judgement.reports)
-    reported = len(judgement.with_outcome(Outcome.UPDATED, Outcome.FAILED))
-    failed = len(judgement.with_outcome(Outcome.FAILED))
-    offline = len(judgement.with_outcome(Outcome.OFFLINE))
+    members = judgement.members
+    reported = judgement.count(Outcome.UPDATED, Outcome.FAILED)
+    failed = judgement.count(Outcome.FAILED)
+    offline = judgement.count(Outcome.OFFLINE)
     line = (
         f"wave {state.wave + 1}/{len(state.waves)}: promoted {state.promoted}%{raised}, {members} devices in wave, "
         f"{reported} reported, {failed} failed"
@@ -393,9 +403,9 @@ def _result(state: RolloutState, judgement: Judgement) -> WaveResult:
     return WaveResult(
         percent=state.promoted,
         asked=state.waves[state.wave],
-        devices=len(judgement.reports),
-        updated=len(judgement.with_outcome(Outcome.UPDATED)),
-        failed=len(judgement.with_outcome(Outcome.FAILED)),
+        devices=judgement.members,
+        updated=judgement.count(Outcome.UPDATED),
+        failed=judgement.count(Outcome.FAILED),
         silent=[r.device_id for r in judgement.with_outcome(Outcome.WAITING, Outcome.OFFLINE)],
         verdict=judgement.verdict.value,
         reason=judgement.reason,

@@ -18,9 +18,12 @@ from edgert.errors import RolloutError
 from edgert.fleet import rollout_state
 from edgert.fleet.observe import DeviceView, FleetObserver
 from edgert.fleet.rollout import (
+    Judgement,
     Limits,
     Outcome,
     Verdict,
+    WaveTally,
+    decide,
     eligible,
     fleet_median_score,
     judge,
@@ -256,6 +259,98 @@ def test_scores_of_another_release_are_not_this_ones() -> None:
     assert judge(views, ["a"], (MODEL, V3), limits, time_up=False).verdict is Verdict.GO
 
 
+# --------------------------------------------------------------------------- the wave kept current
+
+
+def feed(observer: FleetObserver, *views: DeviceView) -> None:
+    """Each view's status and deploy state as the broker would deliver them."""
+    for device in views:
+        assert device.status is not None and device.deploy is not None
+        observer.handle(f"edgert/v1/{device.device_id}/status", device.status.model_dump_json().encode())
+        observer.handle(f"edgert/v1/{device.device_id}/deploy", device.deploy.model_dump_json().encode())
+
+
+class Watched:
+    """A wave's tally fed only the changes the observer reports, as the controller feeds it."""
+
+    def __init__(self, observer: FleetObserver, percent: int, excused: frozenset[str] = frozenset()) -> None:
+        self.observer, self.seen = observer, 0
+        self.tally = WaveTally((MODEL, V3), percent, "stable", excused=excused)
+        self.taken: list[str] = []
+
+    def look(self, *, time_up: bool = False) -> Judgement:
+        self.seen, changed = self.observer.changes(self.seen)
+        self.taken = sorted(changed)
+        for device_id, device in changed.items():
+            self.tally.update(device_id, device)
+        judgement = decide(self.tally, LIMITS, time_up=time_up)
+        # the same verdict and counts as judging the whole fleet afresh
+        views = self.observer.snapshot()
+        members = wave_members(eligible(views, "stable"), MODEL, V3, self.tally.percent)
+        whole = judge(views, members, (MODEL, V3), LIMITS, time_up=time_up, excused=self.tally.excused)
+        assert (judgement.verdict, judgement.reason, judgement.members) == (whole.verdict, whole.reason, len(members))
+        assert {o: judgement.count(o) for o in Outcome} == {o: whole.count(o) for o in Outcome}
+        assert judgement.reports == whole.reports  # every member's report once the wave is decided
+        return judgement
+
+
+def test_a_device_changing_outcome_twice_is_counted_once_each_time() -> None:
+    observer = FedObserver(MqttSettings(broker="127.0.0.1"))
+    feed(observer, view("a"), view("b"))
+    watched = Watched(observer, 100)
+    assert watched.look().count(Outcome.WAITING) == 2
+    feed(observer, view("a", pending=R3, phase="downloading", last_error=f"download {R3}: timed out"))
+    judgement = watched.look()
+    assert watched.taken == ["a"]  # only the device that changed is re-read
+    assert (judgement.count(Outcome.ERROR), judgement.count(Outcome.WAITING)) == (1, 1)
+    feed(observer, view("a", current=R3))
+    judgement = watched.look()
+    assert (judgement.count(Outcome.ERROR), judgement.count(Outcome.UPDATED), judgement.members) == (0, 1, 2)
+    feed(observer, view("b", current=R3))
+    assert watched.look().verdict is Verdict.GO
+
+
+def test_a_new_device_joins_the_wave_and_one_leaving_the_channel_leaves_it() -> None:
+    observer = FedObserver(MqttSettings(broker="127.0.0.1"))
+    feed(observer, view("a", current=R3))
+    watched = Watched(observer, 100)
+    assert watched.look().verdict is Verdict.GO
+    feed(observer, view("late"))  # appeared after the wave started: waited for like any member
+    judgement = watched.look()
+    assert judgement.verdict is Verdict.WAIT and judgement.members == 2
+    feed(observer, view("late", channel="beta"))  # switched channel: no longer in this rollout
+    judgement = watched.look()
+    assert judgement.verdict is Verdict.GO and judgement.members == 1
+    observer.handle("edgert/v1/late/status", b"")
+    observer.handle("edgert/v1/late/deploy", b"")  # cleared from the broker
+    assert watched.look().members == 1
+
+
+def test_only_members_by_bucket_enter_the_tally() -> None:
+    observer = FedObserver(MqttSettings(broker="127.0.0.1"))
+    ids = devices(40)
+    feed(observer, *(view(d) for d in ids))
+    watched = Watched(observer, 30)
+    assert watched.look().members == len(wave_members(ids, MODEL, V3, 30))
+    feed(observer, *(view(d, current=R3) for d in ids[:20]))  # look() compares with a fresh judgement
+    watched.look()
+
+
+def test_a_member_dropping_offline_is_waited_for_unless_it_was_offline_at_the_start() -> None:
+    observer = FedObserver(MqttSettings(broker="127.0.0.1"))
+    feed(observer, view("a", current=R3), view("b", current=R3), view("c", online=False))
+    watched = Watched(observer, 100, excused=frozenset({"c"}))
+    judgement = watched.look()
+    assert judgement.verdict is Verdict.GO and judgement.count(Outcome.OFFLINE) == 1
+    feed(observer, view("b", online=False, current=R2))  # its last will: offline, and nothing about R3 kept
+    judgement = watched.look()
+    assert judgement.verdict is Verdict.WAIT and "1 of 3" in judgement.reason
+    feed(observer, view("c"))  # the excused one comes back online: now awaited too
+    assert "2 of 3" in watched.look().reason
+    late = watched.look(time_up=True)
+    assert late.verdict is Verdict.GO and "b (offline)" in late.reason and "c (no answer)" in late.reason
+
+
 def test_fleet_median_score_of_the_previous_release() -> None:
     views = fleet(view("a", score=(R2, 0.8)), view("b", score=(R2, 1.0)), view("c", score=(R3, 0.0)), view("d"))
     assert fleet_median_score(views, sorted(views), R2) == 0.9
@@ -385,10 +480,7 @@ class FedObserver(FleetObserver):
 
 def observed(*views: DeviceView) -> FedObserver:
     observer = FedObserver(MqttSettings(broker="127.0.0.1"))
-    for device in views:
-        assert device.status is not None and device.deploy is not None
-        observer.handle(f"edgert/v1/{device.device_id}/status", device.status.model_dump_json().encode())
-        observer.handle(f"edgert/v1/{device.device_id}/deploy", device.deploy.model_dump_json().encode())
+    feed(observer, *views)
     return observer
 
 

@@ -137,6 +137,32 @@ def test_group_limits_the_snapshot() -> None:
     assert set(observer.snapshot()) == {"d2"}
 
 
+def test_changes_name_each_changed_device_once_as_it_is_now(observer: FleetObserver) -> None:
+    observer.handle("edgert/v1/d1/status", status("d1"))
+    observer.handle("edgert/v1/d2/status", status("d2"))
+    count, everything = observer.changes(0)
+    assert count == 2 and set(everything) == {"d1", "d2"}
+    assert observer.changes(count) == (count, {})  # nothing new: nothing to re-read
+    observer.handle("edgert/v1/d1/deploy", deploy("d1", current="m@2"))
+    observer.handle("edgert/v1/d1/deploy", deploy("d1", current="m@3"))  # twice: listed once, as it is now
+    observer.handle("edgert/v1/d3/status", status("d3"))
+    later, changed = observer.changes(count)
+    assert later == count + 3 and set(changed) == {"d1", "d3"}
+    view = changed["d1"]
+    assert view is not None and view.deploy is not None and view.deploy.current == "m@3"
+    # a device cleared from the broker is a change too: None
+    observer.handle("edgert/v1/d2/status", b"")
+    assert observer.changes(later) == (later + 1, {"d2": None})
+
+
+def test_changes_outside_the_group_read_as_gone() -> None:
+    observer = FleetObserver(MqttSettings(broker="127.0.0.1"), group="b")
+    observer.handle("edgert/v1/d1/status", status("d1", group="b"))
+    count, _ = observer.changes(0)
+    observer.handle("edgert/v1/d1/status", status("d1", group="a"))  # moved to another group
+    assert observer.changes(count) == (count + 1, {"d1": None})
+
+
 def test_wait_until_wakes_on_the_message_that_makes_it_true(observer: FleetObserver) -> None:
     def serves_three(views: dict[str, DeviceView]) -> bool:
         return any(view.release == "m@3" for view in views.values())
