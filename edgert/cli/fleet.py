@@ -26,13 +26,13 @@ from rich.live import Live
 from rich.text import Text
 
 from edgert.cli import exitcodes
+from edgert.cli.fleet_connect import connected_observer, fail
 from edgert.cli.fleet_rollout import rollout
 from edgert.cli.mqtt import BROKER, CONFIG, PROTOCOL, TLS_CA, USERNAME, _settings
 from edgert.errors import EdgertError
 from edgert.fleet import compare as comparing
 from edgert.fleet.observe import DeviceView, FleetObserver
 from edgert.fleet.view import rollout_progress, rollout_target, rows, status_table, summaries
-from edgert.settings import MqttSettings
 
 app = typer.Typer(no_args_is_help=True, help="See the fleet on the broker: status, live watch, version comparison.")
 
@@ -50,11 +50,6 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=400)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 @contextmanager
 def _observer(
     group: str | None,
@@ -68,20 +63,9 @@ def _observer(
     try:
         _, mqtt = _settings(config, broker, protocol, tls_ca, username)
     except EdgertError as exc:
-        raise _fail(exc.message, exitcodes.for_error(exc)) from None
-    observer = FleetObserver(mqtt, group=group)
-    try:
-        observer.connect()
-    except (OSError, ConnectionError) as exc:
-        raise _fail(f"cannot reach the broker {_where(mqtt)}: {exc}", exitcodes.UNREACHABLE) from None
-    try:
+        raise fail(exc.message, exitcodes.for_error(exc)) from None
+    with connected_observer(mqtt, group) as observer:
         yield observer
-    finally:
-        observer.close()
-
-
-def _where(mqtt: MqttSettings) -> str:
-    return f"{mqtt.broker}:{mqtt.port}"
 
 
 def _nobody(group: str | None) -> str:
@@ -118,7 +102,7 @@ def status(
     if bad:
         typer.echo(f"warning: skipped {bad} payload(s) that failed validation (see the log lines above)", err=True)
     if not device_rows:
-        raise _fail(_nobody(group), exitcodes.NOTHING_SEEN)
+        raise fail(_nobody(group), exitcodes.NOTHING_SEEN)
 
 
 def _screen(views: list[DeviceView], target: str | None) -> Group:
@@ -179,7 +163,7 @@ def watch(
                     if deadline is not None and time.monotonic() >= deadline:
                         serving = sum(view.release == target for view in views)
                         live.stop()
-                        raise _fail(
+                        raise fail(
                             f"{target or 'no release'} is not done after {timeout:g} s: "
                             f"{serving} of {len(views)} device(s) serve it",
                             exitcodes.FAILURE,
@@ -226,7 +210,7 @@ def compare(
         end = comparing.readings(observer.snapshot().values())
     for release in releases:
         if not any(name == release for _, name in end):
-            raise _fail(comparing.missing(release, end), exitcodes.NOTHING_SEEN)
+            raise fail(comparing.missing(release, end), exitcodes.NOTHING_SEEN)
     base = None if window_s is None else start
     figures = [comparing.row(release, comparing.totals(release, end, base)) for release in releases]
     document: dict[str, Any] = {"window_s": window_s, "releases": figures}

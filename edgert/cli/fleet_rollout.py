@@ -14,21 +14,15 @@ from rich.console import Console
 from rich.text import Text
 
 from edgert.cli import exitcodes
+from edgert.cli.fleet_connect import connected_observer, fail
 from edgert.cli.mqtt import BROKER, CONFIG, PROTOCOL, TLS_CA, USERNAME, _settings
 from edgert.errors import EdgertError, RolloutError
 from edgert.fleet import rollout_state
 from edgert.fleet.compare import parse_duration
-from edgert.fleet.observe import FleetObserver
 from edgert.fleet.rollout_controller import RolloutController, RolloutRequest, check_waves
 from edgert.fleet.rollout_state import Status
-from edgert.log import scrub_urls
 from edgert.registry.repository import Registry
 from edgert.update.manifest import CHANNEL_PATTERN, MODEL_ID_PATTERN, VERSION_PATTERN
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {scrub_urls(' '.join(message.split()))}", err=True)
-    return typer.Exit(code)
 
 
 def _waves(text: str) -> tuple[int, ...]:
@@ -124,14 +118,9 @@ def rollout(
         )
         _, mqtt = _settings(config, broker, protocol, tls_ca, username)
     except EdgertError as exc:
-        raise _fail(exc.message, exitcodes.for_error(exc)) from None
-    observer = FleetObserver(mqtt, group=group)
+        raise fail(exc.message, exitcodes.for_error(exc)) from None
     try:
-        observer.connect()
-    except (OSError, ConnectionError) as exc:
-        raise _fail(f"cannot reach the broker {mqtt.broker}:{mqtt.port}: {exc}", exitcodes.UNREACHABLE) from None
-    try:
-        with console.status("") as live:
+        with connected_observer(mqtt, group) as observer, console.status("") as live:
             controller = RolloutController(
                 request,
                 Registry(registry_dir),
@@ -141,12 +130,10 @@ def rollout(
             )
             result = controller.run()
     except EdgertError as exc:
-        raise _fail(exc.message, exitcodes.for_error(exc)) from None
+        raise fail(exc.message, exitcodes.for_error(exc)) from None
     except KeyboardInterrupt:
         typer.echo(f"interrupted: the state is in {request.state_path}; run the same command to continue", err=True)
         raise typer.Exit(exitcodes.INTERRUPTED) from None
-    finally:
-        observer.close()
     if result.status is Status.HALTED:
         raise typer.Exit(exitcodes.HALTED)
     if result.status is not Status.DONE:
