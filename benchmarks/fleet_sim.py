@@ -169,36 +169,65 @@ def wave_times(run: CommandRun) -> list[dict[str, Any]]:
     return waves
 
 
-def controller_scale(sizes: list[int], wave_percent: int = 10) -> dict[str, Any]:
-    """One evaluation of a wave as ``fleet rollout`` makes it per wake-up, on N synthetic devices (no broker).
+def controller_scale(sizes: list[int], changes: tuple[int, ...] = (1, 100), wave_percent: int = 10) -> dict[str, Any]:
+    """What ``fleet rollout``'s controller spends per wake-up on N synthetic devices (no broker, no sockets).
 
-    The controller re-reads the whole fleet on each wake-up (a snapshot copy, the eligible devices, the
-    wave's members by rollout bucket, the judgement), so its CPU is this time x wake-ups per second.
+    The devices' status and deploy payloads go through :meth:`FleetObserver.handle` (the MQTT thread's path,
+    not timed here); then, as :meth:`RolloutController._watch` does: the wave's tally filled once from every
+    device (``fill_ms``, once per wave), and per wake-up after ``k`` members changed their deploy state
+    (``wakeup_ms_<k>_changed``: :meth:`FleetObserver.changes` + :meth:`WaveTally.update` per changed device +
+    :func:`decide`; the least of 20). ``full_ms``: the way before (the whole fleet re-judged per wake-up:
+    snapshot copy, eligible devices, wave members, judge), kept for comparison.
     """
     from edgert.api.mqtt_schemas import DeployState, DeviceStatus
-    from edgert.fleet.observe import DeviceView
-    from edgert.fleet.rollout import Limits, eligible, judge
+    from edgert.fleet.observe import FleetObserver
+    from edgert.fleet.rollout import Limits, WaveTally, decide, eligible, judge
+    from edgert.settings import MqttSettings
+
+    old, new, limits = f"{MODEL_ID}@1.0.0", f"{MODEL_ID}@2.0.0", Limits(0.1, None, None)
+
+    def deploy(device_id: str, current: str) -> bytes:
+        state = DeployState(device_id=device_id, phase="idle", current=current, ts=time.time())
+        return state.model_dump_json().encode()
 
     out: dict[str, Any] = {}
     for size in sizes:
-        now = time.time()
-        views = {
-            f"dev-{i:06d}": DeviceView(
-                f"dev-{i:06d}",
-                status=DeviceStatus(state="online", device_id=f"dev-{i:06d}", group="lobby", ts=now),
-                deploy=DeployState(device_id=f"dev-{i:06d}", phase="idle", current=f"{MODEL_ID}@1.0.0", ts=now),
-                seen=now,
-            )
-            for i in range(size)
-        }
-        runs = []
+        observer = FleetObserver(MqttSettings(broker="127.0.0.1"))
+        ids = [f"dev-{i:06d}" for i in range(size)]
+        for device_id in ids:
+            status = DeviceStatus(state="online", device_id=device_id, group="lobby", ts=time.time())
+            observer.handle(f"edgert/v1/{device_id}/status", status.model_dump_json().encode())
+            observer.handle(f"edgert/v1/{device_id}/deploy", deploy(device_id, old))
+        began = time.perf_counter()
+        tally = WaveTally((MODEL_ID, "2.0.0"), wave_percent, "stable")
+        seen, everything = observer.changes(0)
+        for device_id, view in everything.items():
+            tally.update(device_id, view)
+        decide(tally, limits, time_up=False)
+        row: dict[str, Any] = {"fill_ms": round(1000 * (time.perf_counter() - began), 2), "wave_members": tally.members}
+        members = sorted(tally.reports)
+        for k in changes:
+            runs = []
+            for flip in range(1, 21):
+                for device_id in members[:k]:  # members' reports change: the costliest kind of change
+                    observer.handle(f"edgert/v1/{device_id}/deploy", deploy(device_id, new if flip % 2 else old))
+                began = time.perf_counter()
+                seen, changed = observer.changes(seen)
+                for device_id, view in changed.items():
+                    tally.update(device_id, view)
+                decide(tally, limits, time_up=False)
+                runs.append(time.perf_counter() - began)
+                assert len(changed) == min(k, len(members))
+            row[f"wakeup_ms_{k}_changed"] = round(1000 * min(runs), 3)
+        full = []
         for _ in range(3):
             began = time.perf_counter()
-            snapshot = dict(views)
-            members = wave_members(eligible(snapshot, "stable"), MODEL_ID, "2.0.0", wave_percent)
-            judge(snapshot, members, (MODEL_ID, "2.0.0"), Limits(0.1, None, None), time_up=False)
-            runs.append(time.perf_counter() - began)
-        out[str(size)] = {"evaluation_ms": round(1000 * min(runs), 2), "wave_members": len(members)}
+            snapshot = observer.snapshot()
+            wave = wave_members(eligible(snapshot, "stable"), MODEL_ID, "2.0.0", wave_percent)
+            judge(snapshot, wave, (MODEL_ID, "2.0.0"), limits, time_up=False)
+            full.append(time.perf_counter() - began)
+        row["full_ms"] = round(1000 * min(full), 2)
+        out[str(size)] = row
     return out
 
 
@@ -272,7 +301,7 @@ def main() -> None:
     parser.add_argument(
         "--controller-scale",
         default=None,
-        help="only time the controller's per-wake-up evaluation on N synthetic devices, e.g. 1000,10000,100000",
+        help="only time the controller's work per wake-up on N synthetic devices, e.g. 1000,10000,100000",
     )
     args = parser.parse_args()
     if args.controller_scale:

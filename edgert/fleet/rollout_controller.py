@@ -325,23 +325,30 @@ class RolloutController:
         those still on it. Nothing to wait for when every device of the wave failed it."""
         release, previous = state.release, state.previous
 
-        def on_release(views: Mapping[str, DeviceView]) -> list[str]:
-            """Members that serve the release or are installing it (an install that began before the halt)."""
-            return [
-                d
-                for d in members
-                if (v := views.get(d)) is not None and v.deploy and release in (v.deploy.current, v.deploy.pending)
-            ]
+        def on_release(view: DeviceView | None) -> bool:
+            """It serves the release or is installing it (an install that began before the halt)."""
+            return (
+                view is not None and view.deploy is not None and release in (view.deploy.current, view.deploy.pending)
+            )
 
-        had = on_release(self.observer.snapshot())
+        seen, views = self.observer.changes(0)
+        had = [d for d in members if on_release(views.get(d))]
         if not had:
             return
         self.progress(f"{len(had)} devices of the wave took {release}; waiting for them to go back to {previous}")
-        self.observer.wait_until(lambda views: not on_release(views), self.request.wave_wait_s)
-        still = on_release(self.observer.snapshot())
+        wave, still, deadline = frozenset(had), set(had), time.monotonic() + self.request.wave_wait_s
+        # each wake-up reads only the devices that changed, as a wave's watch does
+        while still and (left := deadline - time.monotonic()) > 0:
+            self.observer.wait_for_message(seen, left)
+            seen, changed = self.observer.changes(seen)
+            for device_id in wave.intersection(changed):
+                if on_release(changed[device_id]):
+                    still.add(device_id)  # its latest state decides, as a fresh look at the fleet would
+                else:
+                    still.discard(device_id)
         back = [d for d in had if d not in still]
         line = f"back on {previous}: {len(back)} of {len(had)} devices that had taken {release}"
-        self.say(line + (f"; still on it after --wave-wait: {', '.join(still)}" if still else ""))
+        self.say(line + (f"; still on it after --wave-wait: {', '.join(sorted(still))}" if still else ""))
 
     # ------------------------------------------------------------------ actions
     def _promote(self, model_id: str, version: str, percent: int) -> None:
