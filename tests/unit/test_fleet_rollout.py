@@ -527,6 +527,30 @@ def test_a_wave_that_fails_halts_and_re_signs_the_previous_release(tmp_path: Pat
     assert again == [f"the rollout of {R3} on stable is already halted: {state.reason}"]
 
 
+def test_after_a_halt_the_devices_that_took_the_release_are_watched_going_back(tmp_path: Path, tiny_gguf: Path) -> None:
+    registry = published_registry(tmp_path, tiny_gguf)
+    ids = devices(12)
+    members = wave_members(ids, MODEL, V3, 50)
+    assert len(members) >= 3
+    failed, back, stays = members[0], members[1], members[2]
+    fleet_views = [view(d, current=R3) if d in members else view(d) for d in ids]
+    fleet_views[ids.index(failed)] = view(failed, blocklist=(R3,), reason="load failed")
+    observer = observed(*fleet_views)
+
+    def progress(line: str) -> None:
+        if "waiting for them to go back" in line:  # the halt has looked: now one device goes back, one never does
+            feed(observer, view(back, current=R2))
+
+    lines: list[str] = []
+    controller = RolloutController(request(tmp_path), registry, observer, say=lines.append, progress=progress)
+    assert controller.run().status is Status.HALTED
+    returned = [line for line in lines if line.startswith(f"back on {R2}: ")]
+    assert len(returned) == 1, lines
+    assert f"1 of {len(members) - 1} devices that had taken {R3}" in returned[0]
+    assert f"still on it after --wave-wait: {', '.join(sorted(set(members[1:]) - {back}))}" in returned[0]
+    assert stays in returned[0] and back not in returned[0].split("still on it")[1]
+
+
 def test_a_silent_wave_stalls_keeps_the_channel_and_gets_its_time_again(tmp_path: Path, tiny_gguf: Path) -> None:
     registry = published_registry(tmp_path, tiny_gguf)
     silent = observed(*(view(d) for d in devices(4)))
