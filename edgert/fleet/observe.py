@@ -4,6 +4,8 @@
 retained, so a fresh subscription gets every device's latest message at once (the "retained burst"), then
 live changes. Each message costs one dict update (O(devices reporting), never a poll per device); a
 payload that fails validation is counted and skipped with one warning naming the device, never raised.
+:meth:`FleetObserver.changes` names the devices changed since a given message count, at O(changes): a
+consumer that keeps its own picture (``fleet rollout``'s wave) re-reads only those, never the whole fleet.
 The topic names the device: with per-device ACLs (packaging/mosquitto/edgert.acl) only that device may
 write there, so a payload naming another device is refused as a bad payload.
 
