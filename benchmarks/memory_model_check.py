@@ -9,7 +9,8 @@ benchmark lock::
     flock /tmp/edgert-bench.lock .venv/bin/python benchmarks/memory_model_check.py \\
         --gemma3 /path/gemma-3-270m.Q4_K_M.gguf --e2b ~/.cache/edgert-bench/gemma-4-E2B-shape-Q4_K_M.gguf
 
-Prints a Markdown table (the one in benchmarks/RESULTS.md).
+Prints a Markdown table (the one in benchmarks/RESULTS.md). With ``--drafter`` (and ``--e2b``) it measures
+instead what loading that MTP drafter beside the model adds, against the memory model's drafter part.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from edgert.memory_model import estimate_file, machine_repack
+from edgert.gguf_file import read_layout
+from edgert.memory_model import drafter_shape, estimate, estimate_file, machine_repack, shape_of
 from edgert.settings import EngineSettings
 
 EDGERT = str(Path(sys.executable).with_name("edgert"))
@@ -59,7 +61,8 @@ def measure(model: Path, overrides: dict[str, object], workdir: Path) -> tuple[i
     """(peak RSS, RSS after the generation) of ``edgert serve`` in MiB."""
     sock = workdir / "edgert.sock"
     env = dict(os.environ)
-    env.update({f"EDGERT_ENGINE__{key.upper()}": str(value).lower() for key, value in overrides.items()})
+    # booleans as TOML/env spell them; paths (a drafter) exactly as given
+    env.update({f"EDGERT_ENGINE__{key.upper()}": _env_value(value) for key, value in overrides.items()})
     env.update(
         {
             "EDGERT_STATE_DIR": str(workdir / "state"),
@@ -97,12 +100,37 @@ def measure(model: Path, overrides: dict[str, object], workdir: Path) -> tuple[i
         proc.wait(timeout=60)
 
 
+def _env_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def drafter_rows(model: Path, drafter: Path, repack: dict[str, int]) -> None:
+    """What the MTP drafter adds: the same model measured without and with it, at 12 and at 1 sequence."""
+    shape = shape_of(read_layout(model))
+    draft = drafter_shape(drafter)
+    for label, base in (("default", {}), ("1 slot, no prefix cache", {"n_parallel": 1, "prefix_cache_entries": 0})):
+        peaks = []
+        for overrides in (base, base | {"drafter": drafter, "speculative": "on"}):
+            with tempfile.TemporaryDirectory(prefix="edgert-mem-") as tmp:
+                peaks.append(measure(model, overrides, Path(tmp))[0])
+        engine = EngineSettings.model_validate(base | {"multimodal": False, "drafter": drafter})
+        predicted = estimate(shape, engine, repack=repack, drafter=draft).drafter_mib
+        added = peaks[1] - peaks[0]
+        print(f"| {drafter.name} | {label} | {predicted} | {added} ({peaks[0]} -> {peaks[1]}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gemma3", type=Path, help="Gemma 3 270M Q4_K_M GGUF")
     parser.add_argument("--e2b", type=Path, help="shape-exact Gemma 4 E2B Q4_K_M GGUF")
     parser.add_argument("--e4b", type=Path, help="shape-exact Gemma 4 E4B Q4_K_M GGUF")
+    parser.add_argument("--drafter", type=Path, help="with --e2b: measure only what this MTP drafter GGUF adds")
     args = parser.parse_args()
+    if args.drafter is not None:
+        print("| drafter | setting | predicted drafter MiB | measured: peak RSS added MiB |")
+        print("|---|---|---|---|")
+        drafter_rows(args.e2b, args.drafter, machine_repack())
+        return
     models = [(name, path) for name, path in (("270M", args.gemma3), ("E2B", args.e2b), ("E4B", args.e4b)) if path]
     repack = machine_repack()
     print(f"repack rules for this CPU: {repack}; load average {os.getloadavg()[0]:.2f}\n")

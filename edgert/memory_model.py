@@ -20,6 +20,7 @@ against measured RSS of ``edgert serve`` in ``benchmarks/memory_model_check.py``
 * **compute**: llama.cpp reserves a worst-case buffer (E2B: 521 MiB, 512 of them logits for a whole
   ubatch); edgert asks for one logit row per sequence, so only those rows, the output buffer and the
   activations of a ubatch are ever touched.
+* **drafter**: the MTP drafter (``engine.drafter`` unless ``speculative = off``), see :func:`drafter_bytes`.
 * **process**: the Python interpreter, edgert, its libraries and llama.cpp's code, measured; plus the
   tokenizer's BPE merges, which llama.cpp keeps in a map.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from edgert.drafter_file import DRAFTER_ARCHITECTURE
 from edgert.gguf_file import MERGES_KEY, GGUFLayout, read_layout
 from edgert.settings import EngineSettings
 
@@ -66,6 +68,12 @@ KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: llama.cpp's reserved compute buffer less its logits: 2.5 MiB for the 270M (n_embd 640), 9 MiB for E2B
 #: (1536), both at n_ubatch 512.
 ACTIVATION_WIDTHS = 3
+#: The drafter's own vocabulary tables (token texts, scores, the text -> id map) and its context's graph, per
+#: vocabulary token. Measured: loading the E2B-shape assistant (Q8_0, 262,144 tokens) beside the E2B-shape
+#: model added 199 MiB RSS at 1 sequence and 213 MiB at 12, its F16 twin 282 MiB at 12; less the weights
+#: (78 / 147 MiB), the merges map (64 MiB) and one logit row per sequence, 56-59 MiB remain: ~228 bytes a
+#: token (only one vocabulary size was measured; scaling with it is how llama.cpp's token tables grow).
+DRAFTER_BYTES_PER_TOKEN = 228
 
 
 # --------------------------------------------------------------------------- the CPU's repack rules
@@ -244,6 +252,8 @@ class MemoryBreakdown:
     weight_repack: bool
     kv_cache_type: str
     n_ctx: int
+    #: the MTP drafter (0 without one, or with speculative = off)
+    drafter_mib: int = 0
 
     @property
     def total_mib(self) -> int:
@@ -254,6 +264,7 @@ class MemoryBreakdown:
             + self.kv_mib
             + self.compute_mib
             + self.projector_mib
+            + self.drafter_mib
             + self.process_mib
         )
 
@@ -266,6 +277,7 @@ class MemoryBreakdown:
             "kv_cache": self.kv_mib,
             "compute": self.compute_mib,
             "projector": self.projector_mib,
+            "drafter": self.drafter_mib,
             "process": self.process_mib,
         }
 
@@ -316,10 +328,36 @@ def compute_bytes(shape: ModelShape, engine: EngineSettings) -> int:
     return logits + activations + scores
 
 
+def drafter_bytes(drafter: ModelShape, engine: EngineSettings, *, repack: Mapping[str, int]) -> int:
+    """What loading the MTP drafter adds (:class:`edgert.engine.llama.drafter.MtpDrafter`): its weights, mapped
+    and read in (llama.cpp's default model parameters, so also repacked under the CPU's rule whatever
+    ``engine.weight_repack`` says), its tokenizer's vocabulary and merges, one logit row and one token's
+    activations per sequence (no KV cache: it views the model's). E2B-shape: 200 / 211 / 280 MiB predicted for
+    199 / 213 / 282 MiB measured (benchmarks/RESULTS.md)."""
+    n_seq = engine.n_parallel + engine.prefix_cache_entries
+    # one row per drafting sequence is written (measured: 12 sequences cost 14 MiB more than 1, at 1 MiB a row)
+    logits = drafter.n_vocab * 4 * n_seq
+    activations = n_seq * drafter.n_embd * 4 * ACTIVATION_WIDTHS
+    return (
+        drafter.tensor_bytes
+        + repacked_bytes(drafter, repack)
+        + drafter.n_merges * BYTES_PER_MERGE
+        + drafter.n_vocab * DRAFTER_BYTES_PER_TOKEN
+        + logits
+        + activations
+    )
+
+
 def estimate(
-    shape: ModelShape, engine: EngineSettings, *, repack: Mapping[str, int], projector_mib: int = 0
+    shape: ModelShape,
+    engine: EngineSettings,
+    *,
+    repack: Mapping[str, int],
+    projector_mib: int = 0,
+    drafter: ModelShape | None = None,
 ) -> MemoryBreakdown:
-    """Resident memory of ``shape`` served with ``engine`` on a CPU whose repack rule is ``repack``."""
+    """Resident memory of ``shape`` served with ``engine`` on a CPU whose repack rule is ``repack``; ``drafter``
+    (the MTP drafter's shape) counts unless ``engine.speculative`` is ``off``, which never loads it."""
     lazy = lazy_in_effect(shape, engine)
     if lazy:
         rows = min(LAZY_ROWS, shape.n_vocab)
@@ -344,7 +382,15 @@ def estimate(
         weight_repack=engine.weight_repack and repacked > 0,
         kv_cache_type=engine.kv_cache_type,
         n_ctx=engine.n_ctx,
+        drafter_mib=_mib(drafter_bytes(drafter, engine, repack=repack))
+        if drafter is not None and engine.speculative != "off"
+        else 0,
     )
+
+
+def drafter_shape(path: Path) -> ModelShape:
+    """The shape of a Gemma 4 MTP drafter GGUF (``gemma4-assistant``) for :func:`estimate`'s ``drafter``."""
+    return shape_of(read_layout(path, architectures=frozenset({DRAFTER_ARCHITECTURE})))
 
 
 def estimate_file(

@@ -4,7 +4,11 @@
 :data:`STEPS` in order and stops at the first set of settings whose predicted memory fits. The order is
 the cost to decode speed measured on the shape-exact E2B (MEASUREMENTS.md, 2-core EPYC): lazy per-layer
 embeddings ~0.92x, repack off ~0.84x together with lazy, a q8_0 KV cache (small drift, no speed cost on
-CPU), then a smaller context (shorter conversations), then text only (no images or audio).
+CPU), then the MTP drafter (``speculative = off``: it frees the least, ~0.2 GiB for E2B's, and costs what
+speculation earned: ~1.0x at one stream on that CPU, where ``auto`` declines to draft, ~0.85x at eight
+streams, where it gained 1.17x; benchmarks/RESULTS.md), then a smaller context (shorter conversations),
+then text only (no images or audio). The drafter goes before the last two because those take a
+capability away, while dropping it leaves the output unchanged and only decodes slower.
 :func:`fit_settings` applies it to a file before the daemon loads it (``memory_budget``).
 """
 
@@ -23,6 +27,7 @@ from edgert.memory_model import (
     MIB,
     MemoryBreakdown,
     ModelShape,
+    drafter_shape,
     estimate,
     lazy_in_effect,
     machine_repack,
@@ -35,7 +40,7 @@ from edgert.store import model_path, pair_model, resolve_projector
 log = logging.getLogger("edgert.memory_plan")
 
 #: The budget changes, in order of their cost to speed.
-STEPS = ("lazy_embeddings", "weight_repack", "kv_cache_type", "n_ctx", "multimodal")
+STEPS = ("lazy_embeddings", "weight_repack", "kv_cache_type", "speculative", "n_ctx", "multimodal")
 #: The smallest context the planner shrinks to (it halves n_ctx down to this).
 MIN_CTX = 2048
 #: A projector outside the catalog: its file is read into memory, plus the encoders' compute buffers
@@ -61,19 +66,28 @@ class Plan:
 
 
 def plan(
-    shape: ModelShape, engine: EngineSettings, budget_mib: int, *, repack: dict[str, int], projector_mib: int = 0
+    shape: ModelShape,
+    engine: EngineSettings,
+    budget_mib: int,
+    *,
+    repack: dict[str, int],
+    projector_mib: int = 0,
+    drafter: ModelShape | None = None,
 ) -> Plan:
-    """The first settings along :data:`STEPS` whose predicted memory fits ``budget_mib``."""
-    current = estimate(shape, engine, repack=repack, projector_mib=projector_mib)
+    """The first settings along :data:`STEPS` whose predicted memory fits ``budget_mib``.
+
+    ``drafter`` is the MTP drafter's shape when one is configured (the ``speculative`` step turns it off).
+    """
+    current = estimate(shape, engine, repack=repack, projector_mib=projector_mib, drafter=drafter)
     changes: list[str] = []
     text_only = False
     for step in STEPS:
         if current.total_mib <= budget_mib:
             break
-        for update in _step(step, shape, engine, repack, projector_mib):
+        for update in _step(step, shape, engine, repack, projector_mib, drafter is not None):
             candidate = engine.model_copy(update=update)
             proj = 0 if text_only or update.get("multimodal") is False else projector_mib
-            after = estimate(shape, candidate, repack=repack, projector_mib=proj)
+            after = estimate(shape, candidate, repack=repack, projector_mib=proj, drafter=drafter)
             if after.total_mib >= current.total_mib and after.total_mib > budget_mib:
                 continue  # this change saves nothing here: try its next value, then the next step
             changes.extend(_describe(engine, candidate, current.total_mib - after.total_mib))
@@ -84,7 +98,7 @@ def plan(
 
 
 def _step(
-    step: str, shape: ModelShape, engine: EngineSettings, repack: dict[str, int], projector_mib: int
+    step: str, shape: ModelShape, engine: EngineSettings, repack: dict[str, int], projector_mib: int, drafter: bool
 ) -> list[dict[str, object]]:
     """The setting values one step may try, mildest first."""
     if step == "lazy_embeddings":
@@ -94,6 +108,8 @@ def _step(
         return [{"weight_repack": False}] if engine.weight_repack and repacked_bytes(shape, repack) else []
     if step == "kv_cache_type":
         return [{"kv_cache_type": "q8_0"}] if engine.kv_cache_type == "f16" and engine.flash_attn else []
+    if step == "speculative":
+        return [{"speculative": "off"}] if drafter and engine.speculative != "off" else []
     if step == "n_ctx":
         sizes: list[dict[str, object]] = []
         n_ctx = engine.n_ctx
@@ -174,8 +190,25 @@ def beside_mib(settings: Settings, path: Path) -> int | None:
         shape = shape_of(read_layout(model))
     except EdgertError:
         return None
-    breakdown = estimate(shape, fitted.engine, repack=machine_repack(), projector_mib=projector_mib(None, projector))
+    breakdown = estimate(
+        shape,
+        fitted.engine,
+        repack=machine_repack(),
+        projector_mib=projector_mib(None, projector),
+        drafter=served_drafter(fitted.engine),
+    )
     return breakdown.total_mib - breakdown.process_mib
+
+
+def served_drafter(engine: EngineSettings) -> ModelShape | None:
+    """The shape of the MTP drafter ``engine`` loads (none with ``speculative = off``, or when its header does
+    not read: the load then refuses it with the reason)."""
+    if engine.drafter is None or engine.speculative == "off":
+        return None
+    try:
+        return drafter_shape(engine.drafter)
+    except EdgertError:
+        return None
 
 
 def fit_settings(
@@ -189,7 +222,14 @@ def fit_settings(
         return settings, projector
     budget = parse_budget(settings.memory_budget)
     shape = shape_of(read_layout(path))
-    result = plan(shape, settings.engine, budget, repack=machine_repack(), projector_mib=projector_mib(spec, projector))
+    result = plan(
+        shape,
+        settings.engine,
+        budget,
+        repack=machine_repack(),
+        projector_mib=projector_mib(spec, projector),
+        drafter=served_drafter(settings.engine),
+    )
     if not result.fits:
         raise MemoryBudgetError(
             f"{path.name} does not fit memory_budget {budget} MiB even with "

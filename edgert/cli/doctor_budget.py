@@ -2,7 +2,7 @@
 
 The breakdown is the memory model's (:mod:`edgert.memory_model`, computed from the model file's header);
 the changes are the planner's (:mod:`edgert.memory_plan`), in the order the daemon applies them for
-``memory_budget``: lazy embeddings, repack off, q8_0 KV, a smaller n_ctx, text only.
+``memory_budget``: lazy embeddings, repack off, q8_0 KV, speculative off (no drafter), a smaller n_ctx, text only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from edgert.errors import EdgertError
 from edgert.gguf_file import read_layout
 from edgert.hardware import Hardware
 from edgert.memory_model import MemoryBreakdown, estimate, repack_rule, shape_of
-from edgert.memory_plan import Plan, plan, projector_mib
+from edgert.memory_plan import Plan, plan, projector_mib, served_drafter
 from edgert.store import model_path
 
 
@@ -42,8 +42,10 @@ def budget_report(report: Report, budget_mib: int) -> BudgetReport | str:
     repack = _repack(report.hw)
     extra = projector_mib(served.spec, served.projector)
     engine = report.settings.engine
-    now = estimate(shape, engine, repack=repack, projector_mib=extra)
-    return BudgetReport(str(path), now, plan(shape, engine, budget_mib, repack=repack, projector_mib=extra))
+    drafter = served_drafter(engine)
+    now = estimate(shape, engine, repack=repack, projector_mib=extra, drafter=drafter)
+    fitted = plan(shape, engine, budget_mib, repack=repack, projector_mib=extra, drafter=drafter)
+    return BudgetReport(str(path), now, fitted)
 
 
 def _repack(hw: Hardware) -> dict[str, int]:

@@ -354,3 +354,19 @@ def test_budget_that_nothing_fits_exits_1(env: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == exitcodes.FAILURE
     assert "does NOT fit" in result.stdout
     assert run("--budget", "lots").exit_code == exitcodes.USAGE
+
+
+def test_budget_shows_the_drafter_and_drops_it_before_the_context(
+    env: Path, monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path
+) -> None:
+    monkeypatch.setenv("EDGERT_MODEL", str(tiny_gguf))
+    monkeypatch.setenv("EDGERT_ENGINE__DRAFTER", str(FIXTURES / "tiny-gemma4-assistant.gguf"))
+    monkeypatch.setenv("EDGERT_ENGINE__KV_CACHE_TYPE", "q8_0")
+    roomy = json.loads(run("--json", "--budget", "1GiB").stdout)["memory_budget"]
+    drafter = roomy["now"]["drafter"]
+    assert drafter > 0
+    tight = run("--json", "--budget", f"{roomy['now']['total_mib'] - 1}MiB")
+    section = json.loads(tight.stdout)["memory_budget"]
+    assert section["fits"] and section["changes"][0].startswith("engine.speculative: auto -> off")
+    assert section["after"]["drafter"] == 0
+    assert "drafter" in run("--budget", "1GiB").stdout  # the table's row
