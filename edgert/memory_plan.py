@@ -35,7 +35,7 @@ from edgert.memory_model import (
     shape_of,
 )
 from edgert.settings import EngineSettings, Settings
-from edgert.store import model_path, pair_model, resolve_projector
+from edgert.store import model_path, pair_model, resolve_projector, with_release_drafter
 
 log = logging.getLogger("edgert.memory_plan")
 
@@ -186,6 +186,7 @@ def beside_mib(settings: Settings, path: Path) -> int | None:
         return None
     try:
         projector = resolve_projector(settings, None, model)
+        settings = with_release_drafter(settings, model)
         fitted, projector = fit_settings(settings, None, model, projector)
         shape = shape_of(read_layout(model))
     except EdgertError:

@@ -57,6 +57,8 @@ PAIR_SUFFIX: Final = ".mmgguf"
 #: The members of such a folder (the manifest's names for them).
 PAIR_MODEL: Final = "model.gguf"
 PAIR_PROJECTOR: Final = "mmproj.gguf"
+#: ... and its MTP drafter, when the release carries one (the folder may hold either companion or both).
+PAIR_DRAFTER: Final = "drafter.gguf"
 #: What a name under ``versions/`` may be made of (releases, their ``.part``, staging folders).
 _SAFE_NAME: Final = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
 EMBEDDED_HINT: Final = "pip install 'edgert[embedded]'"
@@ -148,7 +150,7 @@ def fsync_file(path: Path) -> None:
 
 def version_name(model_id: str, version: str, *, folder: bool = False, pair: bool = False) -> str:
     """A release's name under ``versions/``: ``<id>@<version>.gguf``, ``<id>@<version>.onnx`` for an ONNX folder,
-    ``<id>@<version>.mmgguf`` for a GGUF delivered with its projector (a folder of the two).
+    ``<id>@<version>.mmgguf`` for a GGUF delivered with its projector and/or drafter (a folder of them).
 
     Injective over what the signed metadata allows (ids ``[a-z0-9._:-]``, versions ``[A-Za-z0-9._+-]``,
     neither contains ``@``): ``:`` in the id is written ``+``, which no id contains, so the name maps back
@@ -271,7 +273,7 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
     if not engine.multimodal:
         return None
     paired = model_path.with_name(PAIR_PROJECTOR) if is_pair_member(model_path) else None
-    if engine.mmproj is None and paired is not None:
+    if engine.mmproj is None and paired is not None and paired.exists():  # a release may carry a drafter only
         return _paired(paired, model_path)  # a signed release's own projector
     if engine.mmproj is not None:
         if model_path.is_dir():
@@ -283,6 +285,20 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
         return None
     path = projector_path(settings.models_dir, spec)
     return _paired(path, model_path) if path is not None and path.is_file() else None
+
+
+def with_release_drafter(settings: Settings, model_path: Path) -> Settings:
+    """``settings`` with ``engine.drafter`` set to the release's own MTP drafter when ``model_path`` is the model of a
+    release folder that carries one; unchanged when ``engine.drafter`` is set (an explicit drafter wins, as
+    ``engine.mmproj`` does), when ``speculative = "off"``, or without one. The header check against the model
+    happens at load (:func:`edgert.drafter_file.check_drafter_files`), as for any drafter."""
+    engine = settings.engine
+    if engine.drafter is not None or engine.speculative == "off" or not is_pair_member(model_path):
+        return settings
+    drafter = model_path.with_name(PAIR_DRAFTER)
+    if not drafter.is_file():
+        return settings
+    return settings.model_copy(update={"engine": engine.model_copy(update={"drafter": drafter})})
 
 
 def pair_model(path: Path) -> Path | None:

@@ -18,7 +18,7 @@ from edgert.gguf_file import read_layout
 from edgert.hardware import Hardware
 from edgert.memory_model import MemoryBreakdown, estimate, repack_rule, shape_of
 from edgert.memory_plan import Plan, plan, projector_mib, served_drafter
-from edgert.store import model_path
+from edgert.store import model_path, with_release_drafter
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ def budget_report(report: Report, budget_mib: int) -> BudgetReport | str:
         return exc.message
     repack = _repack(report.hw)
     extra = projector_mib(served.spec, served.projector)
-    engine = report.settings.engine
+    engine = with_release_drafter(report.settings, path).engine  # a signed release's own drafter counts too
     drafter = served_drafter(engine)
     now = estimate(shape, engine, repack=repack, projector_mib=extra, drafter=drafter)
     fitted = plan(shape, engine, budget_mib, repack=repack, projector_mib=extra, drafter=drafter)

@@ -112,6 +112,16 @@ def add(
             help="The model's multimodal projector (.gguf): one release of both files, installed all or nothing.",
         ),
     ] = None,
+    drafter: Annotated[
+        Path | None,
+        typer.Option(
+            "--drafter",
+            exists=True,
+            dir_okay=False,
+            help="The model's Gemma 4 MTP drafter (.gguf, gemma4-assistant): delivered with the release, all or "
+            "nothing; devices serve the release with it (speculative decoding).",
+        ),
+    ] = None,
     eval_file: Annotated[
         Path | None,
         typer.Option(
@@ -136,7 +146,8 @@ def add(
 
     A folder becomes one target per file, models/<id>/<version>/<relative path>; hidden
     files are left out, symlinks refused. With --mmproj a Gemma 4 GGUF and its projector
-    become models/<id>/<version>/model.gguf and mmproj.gguf, checked to pair first. With --eval
+    become models/<id>/<version>/model.gguf and mmproj.gguf, checked to pair first; with --drafter its
+    MTP drafter becomes drafter.gguf beside them, checked against the model the same way. With --eval
     the set becomes models/<id>/<version>/eval.jsonl, every case checked first.
     """
     with _errors():
@@ -149,6 +160,7 @@ def add(
             ram_mib=ram_mib,
             signing_key=sign_key,
             mmproj=mmproj,
+            drafter=drafter,
             evaluation=attachment,
         )
         if added.meta.is_folder:

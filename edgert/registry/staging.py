@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from tuf.api.metadata import TargetFile, Targets
 
 from edgert import __version__
+from edgert.drafter_file import check_drafter_files
 from edgert.errors import ModelFileError, RegistryError
 from edgert.gguf_file import validate_gguf
 from edgert.onnx_folder import validate_onnx_folder
@@ -38,11 +39,11 @@ from edgert.update.manifest import (
     CHANNEL_PATTERN,
     CHANNELS_KEY,
     CHANNELS_TARGET,
+    DRAFTER_FILE,
     MAX_MODEL_FILES,
     MEMBER_PATTERN,
     MODEL_FILE,
     MODEL_KEY,
-    PAIR_FILES,
     PROJECTOR_FILE,
     RESERVED_SUFFIXES,
     ChannelPointer,
@@ -72,12 +73,13 @@ class Staging(RegistryFiles):
         ram_mib: int | None = None,
         signing_key: Path | None = None,
         mmproj: Path | None = None,
+        drafter: Path | None = None,
         evaluation: EvalAttachment | None = None,
     ) -> PublishedModel:
         """Validate ``model`` like the engine does, then stage it as signed-to-be target(s).
 
-        With ``mmproj`` (its multimodal projector) a GGUF becomes a ``gguf-mmproj`` release of two
-        targets, delivered all or nothing (see :meth:`_add_pair`).
+        With ``mmproj`` (its multimodal projector) and/or ``drafter`` (its MTP drafter) a GGUF becomes a
+        ``gguf-mmproj`` release of two or three targets, delivered all or nothing (see :meth:`_add_pair`).
 
         ``model`` is a ``.gguf`` file (one target ``models/<id>/<version>/model.gguf``) or
         an ONNX Runtime GenAI model folder (see :meth:`_add_folder`: one target per file).
@@ -89,10 +91,11 @@ class Staging(RegistryFiles):
         threshold in the ModelMeta (:mod:`edgert.registry.evaluation`).
         """
         gate = evaluation.meta if evaluation is not None else None
-        if mmproj is not None:
+        if mmproj is not None or drafter is not None:
             return self._add_pair(
                 model,
                 mmproj,
+                drafter,
                 model_id=model_id,
                 version=version,
                 min_edgert_version=min_edgert_version,
@@ -182,7 +185,8 @@ class Staging(RegistryFiles):
     def _add_pair(
         self,
         model: Path,
-        mmproj: Path,
+        mmproj: Path | None,
+        drafter: Path | None,
         *,
         model_id: str,
         version: str,
@@ -191,19 +195,29 @@ class Staging(RegistryFiles):
         signing_key: Path | None,
         evaluation: EvalAttachment | None,
     ) -> PublishedModel:
-        """Stage a Gemma 4 GGUF with its multimodal projector: targets ``model.gguf`` (carrying the ModelMeta,
-        ``format = "gguf-mmproj"``) and ``mmproj.gguf``, which a device installs both or neither.
+        """Stage a Gemma 4 GGUF with its multimodal projector and/or MTP drafter: targets ``model.gguf``
+        (carrying the ModelMeta, ``format = "gguf-mmproj"``), ``mmproj.gguf`` and/or ``drafter.gguf``, which a
+        device installs all or none.
 
-        The pair is checked as the device checks it before staging (a Gemma 4 GGUF; a projector GGUF whose
-        every encoder projects into the model's embedding width), so a mismatched pair is never signed.
+        Each companion is checked against the model as the device checks it before loading (a projector GGUF
+        whose every encoder projects into the model's embedding width; a ``gemma4-assistant`` drafter whose
+        widths, KV heads and vocabulary match the model's), so a mismatched release is never signed.
         """
-        if model.is_dir() or mmproj.is_dir():
-            raise RegistryError("--mmproj pairs a projector .gguf file with a model .gguf file, not a folder")
-        try:
-            check_pair_files(model, mmproj)
-        except ModelFileError as exc:
-            raise RegistryError(f"{mmproj.name} cannot be published with {model.name}: {exc.message}") from None
-        size = model.stat().st_size + mmproj.stat().st_size
+        sources = {MODEL_FILE: model}
+        for option, member, companion, check in (
+            ("--mmproj", PROJECTOR_FILE, mmproj, check_pair_files),
+            ("--drafter", DRAFTER_FILE, drafter, check_drafter_files),
+        ):
+            if companion is None:
+                continue
+            if model.is_dir() or companion.is_dir():
+                raise RegistryError(f"{option} pairs a .gguf file with a model .gguf file, not a folder")
+            try:
+                check(model, companion)
+            except ModelFileError as exc:
+                raise RegistryError(f"{companion.name} cannot be published with {model.name}: {exc.message}") from None
+            sources[member] = companion
+        size = sum(source.stat().st_size for source in sources.values())
         meta = _gguf_meta(
             model,
             size,
@@ -212,10 +226,9 @@ class Staging(RegistryFiles):
             ram_mib=ram_mib,
             min_edgert_version=min_edgert_version,
             format="gguf-mmproj",
-            files=PAIR_FILES,
+            files=tuple(sources),
             evaluation=evaluation.meta if evaluation is not None else None,
         )
-        sources = {MODEL_FILE: model, PROJECTOR_FILE: mmproj}
         return self._stage_members(meta, sources, size, signing_key, evaluation)
 
     def _stage_members(

@@ -41,7 +41,7 @@ from edgert.serving.prompt import ChatFormatter, formatter_for
 from edgert.serving.scheduler import GenerationRequest, Priority, Scheduler, SchedulerConfig
 from edgert.settings import EngineSettings, Settings
 from edgert.speed_fit import machine_estimates
-from edgert.store import available_ids, projector_ids, resolve_model, resolve_projector
+from edgert.store import available_ids, projector_ids, resolve_model, resolve_projector, with_release_drafter
 
 log = logging.getLogger("edgert.serving.runtime")
 
@@ -281,6 +281,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
     projector = resolve_projector(settings, spec, path)
+    settings = with_release_drafter(settings, path)  # a signed release's own drafter, unless one is configured
     # memory_budget: settings that fit it (logged), or a MemoryBudgetError with the breakdown
     settings, projector = fit_settings(settings, spec, path, projector)
     started = time.perf_counter()

@@ -1,8 +1,9 @@
 """Step 3 of an update round: validate the staged release, load it beside the serving model, probe it, swap.
 
 A release with a projector must first pair (:func:`edgert.projector.check_pair_files`: a Gemma 4
-GGUF and a projector projecting into its embedding width), else it is rolled back and blocklisted
-before anything loads. A release with an evaluation set (:mod:`edgert.evalset`) runs it on the loaded
+GGUF and a projector projecting into its embedding width), and one with an MTP drafter must fit it
+(:func:`edgert.drafter_file.check_drafter_files`), else it is rolled back and blocklisted before anything
+loads. A release with an evaluation set (:mod:`edgert.evalset`) runs it on the loaded
 candidate after the probe; a score under the release's signed threshold fails the health check (the
 reason names the score and the first failing case), and the score is kept in the state either way.
 Then commit (``current`` link, GC of older releases, the ``on-commit`` hook) or roll back and
@@ -15,9 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Literal
 
 from edgert import store
+from edgert.drafter_file import check_drafter_files
 from edgert.errors import (
     EdgertError,
     EvalSetError,
@@ -55,7 +58,7 @@ Outcome = Literal["up-to-date", "committed", "rolled-back", "rolled-back-manuall
 _KINDS: Final = {
     "gguf": "GGUF",
     "onnx-genai": "ONNX Runtime GenAI folder",
-    "gguf-mmproj": "GGUF with its multimodal projector",
+    "gguf-mmproj": "GGUF with its multimodal projector / MTP drafter",
 }
 
 
@@ -66,6 +69,22 @@ class ApplyResult:
     detail: str
     resumed_from: int = 0
     downloaded_bytes: int = 0
+
+
+def _check_loadable(model_format: str, files: tuple[str, ...], path: Path) -> None:
+    """Raise :class:`ModelFileError` unless the staged release at ``path`` will load (header checks only)."""
+    if model_format == "gguf-mmproj":
+        # a projector for another model would be refused by llama.cpp only after loading both,
+        # and a drafter for another model aborts the process inside llama.cpp
+        if store.PAIR_PROJECTOR in files:
+            check_pair_files(path / store.PAIR_MODEL, path / store.PAIR_PROJECTOR)
+        if store.PAIR_DRAFTER in files:
+            check_drafter_files(path / store.PAIR_MODEL, path / store.PAIR_DRAFTER)
+        validate_gguf(path / store.PAIR_MODEL)
+    elif model_format == "onnx-genai":
+        validate_onnx_folder(path)
+    else:
+        validate_gguf(path)
 
 
 class Activating(Fetching):
@@ -84,13 +103,7 @@ class Activating(Fetching):
                 self._remove(release)
                 raise
         try:
-            if release.meta.format == "gguf-mmproj":
-                # a projector for another model would be refused by llama.cpp only after loading both
-                check_pair_files(path / store.PAIR_MODEL, path / store.PAIR_PROJECTOR)
-            elif release.is_folder:
-                validate_onnx_folder(path)
-            else:
-                validate_gguf(path)
+            _check_loadable(release.meta.format, release.meta.files, path)
         except ModelFileError as exc:
             what = _KINDS[release.meta.format]
             return self._roll_back(state, f"{release.key} is not a loadable {what}: {exc}", fetched)

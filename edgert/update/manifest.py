@@ -13,9 +13,9 @@ Two kinds of target carry edgert data::
     models/<model-id>/<version>/eval.jsonl         (its evaluation set, when ModelMeta.evaluation is set)
     channels.json                                  custom = {"edgert_channels": Channels}
 
-A model is one file (``format = "gguf"``), a GGUF with its multimodal projector
-(``format = "gguf-mmproj"``: the members ``model.gguf`` and ``mmproj.gguf``, installed as one
-folder, both or neither), or a folder (``format = "onnx-genai"``, an ONNX Runtime GenAI model).
+A model is one file (``format = "gguf"``), a GGUF with its multimodal projector and/or MTP drafter
+(``format = "gguf-mmproj"``: the members ``model.gguf`` and ``mmproj.gguf`` and/or ``drafter.gguf``,
+installed as one folder, all or none), or a folder (``format = "onnx-genai"``, an ONNX Runtime GenAI model).
 Every file of a folder is its own TUF target,
 ``models/<model-id>/<version>/<relative path>``, with its own signed length and
 hashes; the folder's ``genai_config.json`` target carries the ModelMeta, whose
@@ -55,6 +55,11 @@ FOLDER_ANCHOR: Final = ONNX_CONFIG_FILE
 PROJECTOR_FILE: Final = "mmproj.gguf"
 #: The members of a ``gguf-mmproj`` release, in order: the language model, then its projector.
 PAIR_FILES: Final = (MODEL_FILE, PROJECTOR_FILE)
+#: A GGUF release's MTP drafter (Gemma 4's ``gemma4-assistant``): the member the device serves it with.
+DRAFTER_FILE: Final = "drafter.gguf"
+#: What a ``gguf-mmproj`` release may hold, in this order: the model, its projector and/or its drafter.
+#: (Devices older than the drafter accept only PAIR_FILES, so they refuse a release with a drafter whole.)
+COMPANION_LAYOUTS: Final = (PAIR_FILES, (MODEL_FILE, DRAFTER_FILE), (MODEL_FILE, PROJECTOR_FILE, DRAFTER_FILE))
 
 ModelFormat = Literal["gguf", "onnx-genai", "gguf-mmproj"]
 #: The formats that are folders of files rather than one file.
@@ -112,8 +117,8 @@ class ModelMeta(BaseModel):
     file_name: str = Field(description="Base name of the .gguf (or of the model folder) as published")
     format: ModelFormat = Field(
         "gguf",
-        description="gguf: one .gguf file; gguf-mmproj: model.gguf + its multimodal projector mmproj.gguf; "
-        "onnx-genai: an ONNX Runtime GenAI folder",
+        description="gguf: one .gguf file; gguf-mmproj: model.gguf + its multimodal projector mmproj.gguf "
+        "and/or its MTP drafter drafter.gguf; onnx-genai: an ONNX Runtime GenAI folder",
     )
     files: tuple[str, ...] = Field(
         (),
@@ -136,8 +141,9 @@ class ModelMeta(BaseModel):
                 raise ValueError(f"a {self.format} model is one file; it lists no member files")
             return self
         if self.format == "gguf-mmproj":
-            if self.files != PAIR_FILES:
-                raise ValueError(f"a gguf-mmproj release has exactly the files {list(PAIR_FILES)}")
+            if self.files not in COMPANION_LAYOUTS:
+                layouts = " or ".join(str(list(files)) for files in COMPANION_LAYOUTS)
+                raise ValueError(f"a gguf-mmproj release has exactly the files {layouts}")
             return self
         for member in self.files:
             if not re.match(MEMBER_PATTERN, member) or member.endswith(RESERVED_SUFFIXES):
