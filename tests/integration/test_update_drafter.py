@@ -22,6 +22,7 @@ from edgert.cli.registry import app as registry_app
 from edgert.errors import RegistryError
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.registry import staging
+from edgert.serving.runtime import open_runtime
 from edgert.store import with_release_drafter
 from edgert.update.state import StateStore, UpdateState
 from tests.integration.update_support import MODEL_ID, Fleet, device_settings, updater
@@ -99,6 +100,13 @@ def test_a_release_with_its_drafter_installs_both_files_and_serves_with_it(
     state = state_of(device_dir)
     assert state.current is not None and state.current.meta.format == "gguf-mmproj"
     assert [m.path for m in state.current.members] == ["model.gguf", "drafter.gguf"]
+    # what a restarted daemon loads (current.gguf -> the folder): the model, again with its drafter
+    assert device.current_path() == folder
+    restarted = open_runtime(device_settings(device_dir, fleet), str(device_dir / "models" / "current.gguf"))
+    try:
+        assert restarted.backend.can_draft
+    finally:
+        restarted.close()
 
 
 def test_a_release_with_projector_and_drafter_serves_media_and_drafts(
