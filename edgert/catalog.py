@@ -60,6 +60,8 @@ ProjectorSource = Annotated[HuggingFaceSource | UrlSource, Field(discriminator="
 MediaKind = Literal["image", "audio"]
 #: The name part of an installed projector: ``<family-variant>.mmproj.gguf``.
 PROJECTOR_SUFFIX = ".mmproj.gguf"
+#: The name part of an installed MTP drafter: ``<family-variant>.drafter.gguf``.
+DRAFTER_SUFFIX = ".drafter.gguf"
 
 
 class ProjectorSpec(BaseModel):
@@ -84,6 +86,17 @@ class ProjectorSpec(BaseModel):
         if len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities repeat a kind: {list(modalities)}")
         return modalities
+
+
+class DrafterSpec(BaseModel):
+    """A model's multi-token-prediction drafter (Gemma 4's ``gemma4-assistant`` GGUF) for speculative decoding:
+    pulled beside the model and served with it unless ``engine.drafter`` names another or ``speculative = off``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size_bytes: int = Field(gt=0, description="Exact file size when sha256 is set; otherwise the best-known size")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected SHA-256 when known")
+    source: ProjectorSource
 
 
 class ModelSpec(BaseModel):
@@ -118,6 +131,9 @@ class ModelSpec(BaseModel):
     projector: ProjectorSpec | None = Field(
         None, description="The multimodal projector that gives the model image/audio input; none = text only"
     )
+    drafter: DrafterSpec | None = Field(
+        None, description="The MTP drafter served with the model (speculative decoding); none = no drafter"
+    )
 
     @property
     def filename(self) -> str:
@@ -130,6 +146,13 @@ class ModelSpec(BaseModel):
         if self.projector is None:
             return None
         return self.id.split(":")[0] + PROJECTOR_SUFFIX
+
+    @property
+    def drafter_filename(self) -> str | None:
+        """``<family-variant>.drafter.gguf``: one file for every quant of a variant (the catalog checks they agree)."""
+        if self.drafter is None:
+            return None
+        return self.id.split(":")[0] + DRAFTER_SUFFIX
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -163,16 +186,17 @@ class Catalog(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _one_projector_per_file(self) -> Catalog:
-        """Quants of one variant share ``<variant>.mmproj.gguf``, so they must name the same projector."""
+    def _one_companion_per_file(self) -> Catalog:
+        """Quants of one variant share ``<variant>.mmproj.gguf`` and ``<variant>.drafter.gguf``, so they must
+        name the same projector and the same drafter."""
         by_file: dict[str, ModelSpec] = {}
         for spec in self.model:
-            name = spec.projector_filename
-            if name is None:
-                continue
-            first = by_file.setdefault(name, spec)
-            if first.projector != spec.projector:
-                raise ValueError(f"{first.id} and {spec.id} share {name} but describe different projectors")
+            for name, what in ((spec.projector_filename, "projector"), (spec.drafter_filename, "drafter")):
+                if name is None:
+                    continue
+                first = by_file.setdefault(name, spec)
+                if getattr(first, what) != getattr(spec, what):
+                    raise ValueError(f"{first.id} and {spec.id} share {name} but describe different {what}s")
         return self
 
     def __iter__(self) -> Iterator[ModelSpec]:  # type: ignore[override]

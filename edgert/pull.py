@@ -49,6 +49,7 @@ import httpx
 
 from edgert import __version__, store
 from edgert.catalog import HuggingFaceSource, ModelSpec, PyPISource, Source, UrlSource
+from edgert.drafter_file import DRAFTER_ARCHITECTURE
 from edgert.errors import (
     DownloadError,
     InsufficientStorageError,
@@ -179,6 +180,44 @@ def pull_projector(
         check=_check_projector,
     )
     return _pull(spec, item, target, None, None, progress, hf_endpoint, transport)
+
+
+def pull_drafter(
+    spec: ModelSpec,
+    models_dir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    hf_endpoint: str | None = None,
+    force: bool = False,
+    transport: httpx.BaseTransport | None = None,
+) -> PullResult | None:
+    """Install ``spec``'s MTP drafter from its catalog source, as :func:`pull_projector` does a projector.
+
+    None when the catalog gives the model none. Every quant of a variant shares the file. The drafter is checked
+    to be a ``gemma4-assistant`` GGUF here, and against the model it drafts for when it is loaded.
+    """
+    target = store.drafter_path(models_dir, spec)
+    if spec.drafter is None or target is None:
+        return None
+    if target.is_file() and not force:
+        return PullResult(spec, target, spec.drafter.sha256 or "", 0, 0, changed=False)
+    item = _Item(
+        id=f"the drafter of {spec.id}",
+        label=f"the drafter of {spec.id}",
+        filename=target.name,
+        size_bytes=spec.drafter.size_bytes,
+        sha256=spec.drafter.sha256,
+        source=spec.drafter.source,
+        check=_check_drafter,
+    )
+    return _pull(spec, item, target, None, None, progress, hf_endpoint, transport)
+
+
+def _check_drafter(part: Path) -> None:
+    try:
+        validate_gguf(part, architectures=frozenset({DRAFTER_ARCHITECTURE}))
+    except ModelFileError as exc:
+        raise ModelFileError(f"not a Gemma 4 MTP drafter: {exc.message}", param="drafter") from None
 
 
 def _model_item(spec: ModelSpec) -> _Item:

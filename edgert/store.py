@@ -6,6 +6,7 @@ Layout: one flat directory (``Settings.models_dir``)::
       gemma-3-270m.q4_k_m.gguf          an installed catalog model (ModelSpec.filename)
       gemma-4-e2b-it.q4_k_m.gguf.part   a download in progress; ``edgert models pull`` resumes it
       gemma-4-e2b-it.mmproj.gguf        its multimodal projector, shared by every quant of the variant
+      gemma-4-e2b-it.drafter.gguf       its MTP drafter (speculative decoding), shared the same way
 
 A model file appears under its final name only complete and verified: every
 writer fills ``<name>.part`` in the same directory, fsyncs it, ``os.replace``-s it
@@ -83,6 +84,12 @@ def model_path(models_dir: Path, spec: ModelSpec) -> Path:
 def projector_path(models_dir: Path, spec: ModelSpec) -> Path | None:
     """Where ``spec``'s projector lives once installed; None for a text-only model."""
     name = spec.projector_filename
+    return models_dir / name if name is not None else None
+
+
+def drafter_path(models_dir: Path, spec: ModelSpec) -> Path | None:
+    """Where ``spec``'s MTP drafter lives once installed; None for a model without one in the catalog."""
+    name = spec.drafter_filename
     return models_dir / name if name is not None else None
 
 
@@ -211,20 +218,17 @@ def install_file(source: Path, target: Path) -> None:
 def remove_model(models_dir: Path, spec: ModelSpec, catalog: Catalog | None = None) -> list[Path]:
     """Delete ``spec``'s file and any partial download of it; return what was removed.
 
-    Its projector goes too, unless another installed quant of ``catalog`` shares it.
+    Its projector and drafter go too, unless another installed quant of ``catalog`` shares them.
     """
     target = model_path(models_dir, spec)
     doomed = [target, part_path(target)]
-    projector = projector_path(models_dir, spec)
-    sharing = [
-        other
-        for other in (catalog or ())
-        if other.id != spec.id
-        and other.projector_filename == spec.projector_filename
-        and is_installed(models_dir, other)
-    ]
-    if projector is not None and not sharing:
-        doomed += [projector, part_path(projector)]
+    others = [other for other in (catalog or ()) if other.id != spec.id and is_installed(models_dir, other)]
+    for companion, name in (
+        (projector_path(models_dir, spec), "projector_filename"),
+        (drafter_path(models_dir, spec), "drafter_filename"),
+    ):
+        if companion is not None and not any(getattr(other, name) == getattr(spec, name) for other in others):
+            doomed += [companion, part_path(companion)]
     removed = []
     for path in doomed:
         with contextlib.suppress(FileNotFoundError):
@@ -287,16 +291,20 @@ def resolve_projector(settings: Settings, spec: ModelSpec | None, model_path: Pa
     return _paired(path, model_path) if path is not None and path.is_file() else None
 
 
-def with_release_drafter(settings: Settings, model_path: Path) -> Settings:
-    """``settings`` with ``engine.drafter`` set to the release's own MTP drafter when ``model_path`` is the model of a
-    release folder that carries one; unchanged when ``engine.drafter`` is set (an explicit drafter wins, as
-    ``engine.mmproj`` does), when ``speculative = "off"``, or without one. The header check against the model
-    happens at load (:func:`edgert.drafter_file.check_drafter_files`), as for any drafter."""
+def with_release_drafter(settings: Settings, model_path: Path, spec: ModelSpec | None = None) -> Settings:
+    """``settings`` with ``engine.drafter`` set to the model's own MTP drafter: a signed release's (when
+    ``model_path`` is the model of a release folder that carries one), else the installed drafter of the catalog
+    entry ``spec``. Unchanged when ``engine.drafter`` is set (an explicit drafter wins, as ``engine.mmproj``
+    does), when ``speculative = "off"``, or without one. The header check against the model happens at load
+    (:func:`edgert.drafter_file.check_drafter_files`), as for any drafter."""
     engine = settings.engine
-    if engine.drafter is not None or engine.speculative == "off" or not is_pair_member(model_path):
+    if engine.drafter is not None or engine.speculative == "off":
         return settings
-    drafter = model_path.with_name(PAIR_DRAFTER)
-    if not drafter.is_file():
+    if is_pair_member(model_path):
+        drafter: Path | None = model_path.with_name(PAIR_DRAFTER)
+    else:
+        drafter = drafter_path(settings.models_dir, spec) if spec is not None else None
+    if drafter is None or not drafter.is_file():
         return settings
     return settings.model_copy(update={"engine": engine.model_copy(update={"drafter": drafter})})
 

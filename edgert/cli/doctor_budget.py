@@ -41,7 +41,7 @@ def budget_report(report: Report, budget_mib: int) -> BudgetReport | str:
         return exc.message
     repack = _repack(report.hw)
     extra = projector_mib(served.spec, served.projector)
-    engine = with_release_drafter(report.settings, path).engine  # a signed release's own drafter counts too
+    engine = with_release_drafter(report.settings, path, served.spec).engine  # its own drafter counts too
     drafter = served_drafter(engine)
     now = estimate(shape, engine, repack=repack, projector_mib=extra, drafter=drafter)
     fitted = plan(shape, engine, budget_mib, repack=repack, projector_mib=extra, drafter=drafter)

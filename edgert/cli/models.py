@@ -1,7 +1,8 @@
 """``edgert models list|pull|verify|rm``: manage the model files on this device.
 
 A catalog model with a multimodal projector is two files: ``pull`` fetches both (``--no-mmproj``: the
-model only), ``verify`` checks both, ``rm`` removes the projector with the last quant that uses it.
+model only), ``verify`` checks both, ``rm`` removes the projector with the last quant that uses it. A model
+with an MTP drafter in the catalog gets it the same way (``--no-drafter``: without it).
 
 Every command prints its result to stdout and, on failure, one line
 ``error: <message>`` to stderr, then exits with a code from
@@ -37,7 +38,7 @@ from edgert.errors import EdgertError, IntegrityError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, check_matches_spec, sha256_file, validate_gguf
 from edgert.log import scrub_urls
 from edgert.memory_fit import memory_need
-from edgert.pull import PullResult, pull_model, pull_projector
+from edgert.pull import PullResult, pull_drafter, pull_model, pull_projector
 from edgert.settings import EngineSettings, Settings, load_settings
 
 app = typer.Typer(
@@ -90,10 +91,15 @@ def pull(
         bool,
         typer.Option("--no-mmproj", help="Skip the multimodal projector (images/audio): a text-only install."),
     ] = False,
+    no_drafter: Annotated[
+        bool,
+        typer.Option("--no-drafter", help="Skip the MTP drafter (speculative decoding) where the catalog has one."),
+    ] = False,
 ) -> None:
-    """Download a model and its multimodal projector (resumable), verify size, SHA-256 and GGUF header, install.
+    """Download a model, its multimodal projector and its MTP drafter (resumable), verify size, SHA-256 and GGUF
+    header, install.
 
-    --url replaces the model's source only; the projector always comes from its catalog source.
+    --url replaces the model's source only; the projector and drafter always come from their catalog sources.
     """
     if sha256 is not None and url is None:
         raise typer.BadParameter("pins a --url download; catalog sources carry their own pin", param_hint="--sha256")
@@ -108,6 +114,11 @@ def pull(
                 projector = pull_projector(spec, settings.models_dir, progress=progress, force=force)
             if projector is not None:
                 typer.echo(_pull_summary(projector, what=f"the projector of {spec.id}"))
+        if spec.drafter is not None and not no_drafter:
+            with _download_bar(f"pull {spec.id} drafter", spec.drafter.size_bytes) as progress:
+                drafter = pull_drafter(spec, settings.models_dir, progress=progress, force=force)
+            if drafter is not None:
+                typer.echo(_pull_summary(drafter, what=f"the drafter of {spec.id}"))
 
 
 @app.command("verify")

@@ -281,7 +281,7 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
     catalog = catalog or load_catalog(settings.catalog)
     spec, path = resolve(settings, catalog, model or settings.model)
     projector = resolve_projector(settings, spec, path)
-    settings = with_release_drafter(settings, path)  # a signed release's own drafter, unless one is configured
+    settings = with_release_drafter(settings, path, spec)  # the release's or catalog's drafter, unless configured
     # memory_budget: settings that fit it (logged), or a MemoryBudgetError with the breakdown
     settings, projector = fit_settings(settings, spec, path, projector)
     started = time.perf_counter()
