@@ -199,7 +199,8 @@ class EngineSettings(BaseModel):
     drafter: Path | None = Field(
         None,
         description="Gemma 4 multi-token-prediction drafter GGUF (llama.cpp architecture gemma4-assistant, e.g."
-        " a conversion of google/gemma-4-E2B-it-assistant) for speculative decoding; unset = none.",
+        " a conversion of google/gemma-4-E2B-it-assistant) for speculative decoding; unset = the model's own:"
+        " its catalog entry's installed drafter or its signed release's, else none.",
     )
     speculative: Literal["off", "auto", "on"] = Field(
         "auto",
@@ -216,12 +217,6 @@ class EngineSettings(BaseModel):
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
-
-    @model_validator(mode="after")
-    def _speculation_needs_a_drafter(self) -> EngineSettings:
-        if self.speculative == "on" and self.drafter is None:
-            raise ValueError("speculative = 'on' needs a drafter: set engine.drafter or speculative = 'auto'")
-        return self
 
     @model_validator(mode="after")
     def _kv_type_needs_flash_attn(self) -> EngineSettings:

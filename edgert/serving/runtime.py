@@ -29,7 +29,7 @@ from edgert.engine.base import (
     SequenceBackend,
 )
 from edgert.engine.llama import LlamaBackend, capabilities
-from edgert.errors import BadRequestError, ModelMissingError
+from edgert.errors import BadRequestError, ConfigError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, validate_gguf
 from edgert.hardware import detect
 from edgert.media.parts import MEDIA_MARKER
@@ -282,6 +282,11 @@ def open_runtime(settings: Settings, model: str | None = None, *, catalog: Catal
     spec, path = resolve(settings, catalog, model or settings.model)
     projector = resolve_projector(settings, spec, path)
     settings = with_release_drafter(settings, path, spec)  # the release's or catalog's drafter, unless configured
+    if settings.engine.speculative == "on" and settings.engine.drafter is None:
+        # known only now: the catalog entry or the signed release may have brought one
+        raise ConfigError(
+            f"speculative = 'on' needs a drafter and {path.name} has none: set engine.drafter, or speculative = 'auto'"
+        )
     # memory_budget: settings that fit it (logged), or a MemoryBudgetError with the breakdown
     settings, projector = fit_settings(settings, spec, path, projector)
     started = time.perf_counter()

@@ -19,13 +19,14 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
 from edgert.cli.registry import app as registry_app
-from edgert.errors import RegistryError
+from edgert.errors import ConfigError, RegistryError
 from edgert.model_switch import RuntimeModelSwitch
 from edgert.registry import staging
 from edgert.serving.runtime import open_runtime
 from edgert.store import with_release_drafter
 from edgert.update.state import StateStore, UpdateState
 from tests.integration.update_support import MODEL_ID, Fleet, device_settings, updater
+from tests.unit.test_speculation_engine import run_together
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_DRAFTER = FIXTURES / "tiny-gemma4-assistant.gguf"
@@ -102,11 +103,22 @@ def test_a_release_with_its_drafter_installs_both_files_and_serves_with_it(
     assert [m.path for m in state.current.members] == ["model.gguf", "drafter.gguf"]
     # what a restarted daemon loads (current.gguf -> the folder): the model, again with its drafter
     assert device.current_path() == folder
-    restarted = open_runtime(device_settings(device_dir, fleet), str(device_dir / "models" / "current.gguf"))
+    settings = device_settings(device_dir, fleet)
+    always = settings.model_copy(update={"engine": settings.engine.model_copy(update={"speculative": "on"})})
+    restarted = open_runtime(always, str(device_dir / "models" / "current.gguf"))
     try:
         assert restarted.backend.can_draft
+        run_together(restarted, ["Say something."])
+        assert restarted.scheduler.stats.draft_tokens > 0  # speculative = "on" with the release's own drafter
     finally:
         restarted.close()
+
+
+def test_speculative_on_without_any_drafter_is_refused_at_load(tmp_path: Path, fleet: Fleet, tiny_gguf: Path) -> None:
+    settings = device_settings(tmp_path / "device", fleet)
+    always = settings.model_copy(update={"engine": settings.engine.model_copy(update={"speculative": "on"})})
+    with pytest.raises(ConfigError, match=r"speculative = 'on' needs a drafter and tiny-gemma4\.gguf has none"):
+        open_runtime(always, str(tiny_gguf))
 
 
 def test_a_release_with_projector_and_drafter_serves_media_and_drafts(
