@@ -2,7 +2,8 @@
 
 A catalog model with a multimodal projector is two files: ``pull`` fetches both (``--no-mmproj``: the
 model only), ``verify`` checks both, ``rm`` removes the projector with the last quant that uses it. A model
-with an MTP drafter in the catalog gets it the same way (``--no-drafter``: without it).
+with an MTP drafter in the catalog gets it the same way (``--no-drafter``: without it; ``verify`` checks it
+against the model).
 
 Every command prints its result to stdout and, on failure, one line
 ``error: <message>`` to stderr, then exits with a code from
@@ -34,6 +35,7 @@ from rich.table import Table
 from edgert import store
 from edgert.catalog import Catalog, ModelSpec, load_catalog
 from edgert.cli import exitcodes
+from edgert.drafter_file import check_drafter_files
 from edgert.errors import EdgertError, IntegrityError, ModelMissingError
 from edgert.gguf_file import GGUFInfo, check_matches_spec, sha256_file, validate_gguf
 from edgert.log import scrub_urls
@@ -139,6 +141,7 @@ def verify(
         typer.echo(_verify_summary(info, actual, spec, catalog))
         if spec is not None:
             _verify_projector(settings.models_dir, spec)
+            _verify_drafter(settings.models_dir, spec)
 
 
 @app.command("rm")
@@ -307,6 +310,24 @@ def _verify_projector(models_dir: Path, spec: ModelSpec) -> None:
         raise IntegrityError(f"{path}: sha256 mismatch: expected {pin}, actual {actual}")
     checked = "matches the catalog" if pin is not None else "not pinned by the catalog"
     typer.echo(f"ok: {info.path}; projector for {'+'.join(spec.projector.modalities)}; sha256 {actual} ({checked})")
+
+
+def _verify_drafter(models_dir: Path, spec: ModelSpec) -> None:
+    """The installed drafter's header (a gemma4-assistant GGUF that fits the model) and pin too."""
+    path = store.drafter_path(models_dir, spec)
+    if spec.drafter is None or path is None:
+        return
+    if not path.is_file():
+        typer.echo(f"no drafter: {spec.id} serves without speculation; edgert models pull {spec.id} fetches it")
+        return
+    check_drafter_files(store.model_path(models_dir, spec), path)
+    with _hash_bar(path) as advance:
+        actual = sha256_file(path, progress=advance)
+    pin = spec.drafter.sha256
+    if pin is not None and actual != pin:
+        raise IntegrityError(f"{path}: sha256 mismatch: expected {pin}, actual {actual}")
+    checked = "matches the catalog" if pin is not None else "not pinned by the catalog"
+    typer.echo(f"ok: {path}; MTP drafter; sha256 {actual} ({checked})")
 
 
 def _verify_target(settings: Settings, catalog: Catalog, target: str) -> tuple[ModelSpec | None, Path]:

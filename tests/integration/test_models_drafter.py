@@ -155,8 +155,15 @@ def test_cli_pull_fetches_the_drafter_serve_uses_it_rm_removes_it_with_the_last_
     finally:
         runtime.close()
 
-    (hub.models_dir / "tiny-mtp.q8_0.gguf").write_bytes(hub.tiny)  # the other quant, installed by hand
     runner = CliRunner()
+    verified = runner.invoke(app, ["verify", "tiny-mtp:f16"])
+    assert verified.exit_code == exitcodes.OK, verified.output
+    assert f"ok: {drafter}; MTP drafter; sha256 {_sha(hub.drafter)} (matches the catalog)" in verified.stdout
+    drafter.write_bytes(hub.drafter[:-1] + bytes([hub.drafter[-1] ^ 1]))  # one flipped bit
+    assert runner.invoke(app, ["verify", "tiny-mtp:f16"]).exit_code != exitcodes.OK
+    drafter.write_bytes(hub.drafter)
+
+    (hub.models_dir / "tiny-mtp.q8_0.gguf").write_bytes(hub.tiny)  # the other quant, installed by hand
     assert runner.invoke(app, ["rm", "tiny-mtp:f16"]).exit_code == exitcodes.OK
     assert drafter.is_file()  # the q8_0 still uses it
     removed = runner.invoke(app, ["rm", "tiny-mtp:q8_0"])
