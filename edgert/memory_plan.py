@@ -35,7 +35,7 @@ from edgert.memory_model import (
     shape_of,
 )
 from edgert.settings import EngineSettings, Settings
-from edgert.store import model_path, pair_model, resolve_projector, with_release_drafter
+from edgert.store import drafter_path, model_path, pair_model, resolve_projector, with_release_drafter
 
 log = logging.getLogger("edgert.memory_plan")
 
@@ -160,7 +160,8 @@ def projector_mib(spec: ModelSpec | None, projector: Path | None) -> int:
 def file_estimates(
     models_dir: Path, specs: Iterable[ModelSpec], installed: AbstractSet[str], engine: EngineSettings
 ) -> dict[str, int]:
-    """The memory model's MiB (without projector) for each installed catalog model whose file reads cleanly."""
+    """The memory model's MiB (without projector, with the drafter it would be served with) for each installed
+    catalog model whose file reads cleanly."""
     repack: dict[str, int] | None = None
     found: dict[str, int] = {}
     for spec in specs:
@@ -172,8 +173,18 @@ def file_estimates(
         except EdgertError:
             continue  # a broken file is reported elsewhere (doctor, the load); the catalog figure stands
         repack = machine_repack() if repack is None else repack
-        found[spec.id] = estimate(shape, engine, repack=repack).total_mib
+        found[spec.id] = estimate(
+            shape, engine, repack=repack, drafter=_catalog_drafter(models_dir, spec, engine)
+        ).total_mib
     return found
+
+
+def _catalog_drafter(models_dir: Path, spec: ModelSpec, engine: EngineSettings) -> ModelShape | None:
+    """The drafter ``spec`` would be served with: ``engine.drafter``, else its installed catalog drafter."""
+    if engine.drafter is not None or engine.speculative == "off":
+        return served_drafter(engine)
+    path = drafter_path(models_dir, spec)
+    return served_drafter(engine.model_copy(update={"drafter": path})) if path is not None and path.is_file() else None
 
 
 def beside_mib(settings: Settings, path: Path) -> int | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edgert.catalog import load_catalog
 from edgert.gguf_file import read_layout
 from edgert.memory_model import (
     BYTES_PER_MERGE,
@@ -19,9 +20,10 @@ from edgert.memory_model import (
     estimate_file,
     shape_of,
 )
-from edgert.memory_plan import STEPS, beside_mib, fit_settings, plan
+from edgert.memory_plan import STEPS, beside_mib, file_estimates, fit_settings, plan
 from edgert.serving.runtime import open_runtime
 from edgert.settings import EngineSettings, Settings
+from edgert.store import drafter_path, model_path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TINY_DRAFTER = FIXTURES / "tiny-gemma4-assistant.gguf"
@@ -139,3 +141,21 @@ def test_a_second_model_with_a_drafter_is_sized_with_it(tiny_gguf: Path, tmp_pat
             drafter=drafter_shape(TINY_DRAFTER),
         ).drafter_mib
     )
+
+
+def test_the_fit_counts_an_installed_catalog_drafter(tiny_gguf: Path, tmp_path: Path) -> None:
+    spec = load_catalog().get("gemma-4-e2b-it:q4_k_m")  # a catalog entry with a drafter; tiny files stand in
+    models = tmp_path / "models"
+    models.mkdir()
+    model_path(models, spec).write_bytes(tiny_gguf.read_bytes())
+    installed = {spec.id}
+    plain = file_estimates(models, [spec], installed, EngineSettings())[spec.id]
+    drafter = drafter_path(models, spec)
+    assert drafter is not None
+    drafter.write_bytes(TINY_DRAFTER.read_bytes())
+    served = file_estimates(models, [spec], installed, EngineSettings())[spec.id]
+    part = estimate(
+        shape_of(read_layout(tiny_gguf)), EngineSettings(), repack={}, drafter=drafter_shape(TINY_DRAFTER)
+    ).drafter_mib
+    assert served == plain + part
+    assert file_estimates(models, [spec], installed, EngineSettings(speculative="off"))[spec.id] == plain
