@@ -1,9 +1,11 @@
 """The rules of a rollout in waves, with no I/O: which devices a wave holds, what each reported, halt or go on.
 
 ``edgert fleet rollout`` (:mod:`edgert.fleet.rollout_controller`) promotes a release wave by wave and, between
-two promotions, asks :func:`judge` about the devices it sees on the broker. Everything here is a pure function
-of retained device state (:class:`~edgert.fleet.observe.DeviceView`) and numbers, so each rule is unit-tested
-on synthetic views, in the spirit of python-tuf's I/O-free trust rules.
+two promotions, asks :func:`decide` about the wave's :class:`WaveTally` (its members' reports and counts, kept
+current from the devices that changed; :func:`judge` is the same verdict over a whole set of views). Everything
+here is a pure function of retained device state (:class:`~edgert.fleet.observe.DeviceView`) and numbers, or
+bookkeeping with no I/O, so each rule is unit-tested on synthetic views, in the spirit of python-tuf's I/O-free
+trust rules.
 
 Which devices are in a wave is computable on the operator's side: a device takes a release promoted to
 ``P`` percent exactly when its :func:`~edgert.update.state.rollout_bucket` for that release is below ``P``
@@ -303,7 +305,7 @@ def judge(
     excused: Collection[str] = frozenset(),
 ) -> Judgement:
     """:func:`decide` for the wave whose devices are ``members``, each as ``views`` shows it (None: never seen)."""
-    tally = WaveTally(release, 100, "", excused=excused)
+    tally = WaveTally(release, 100, "", excused=excused)  # members given: put() directly, no membership test
     for device_id in members:
         tally.put(report_of(views.get(device_id), device_id, tally.key))
     return decide(tally, limits, time_up=time_up)

@@ -137,6 +137,32 @@ def test_group_limits_the_snapshot() -> None:
     assert set(observer.snapshot()) == {"d2"}
 
 
+def test_wait_until_times_out_while_messages_keep_coming(observer: FleetObserver) -> None:
+    # a busy fleet never goes quiet while a (big) fleet is judged: the timeout must hold all the same
+    stop, results = threading.Event(), []
+
+    def slow_no(_views: dict[str, DeviceView]) -> bool:
+        time.sleep(0.02)  # stands for judging 100,000 devices: messages arrive meanwhile
+        return False
+
+    def stream() -> None:
+        while not stop.is_set():
+            observer.handle("edgert/v1/d1/status", status("d1"))
+
+    feeder = threading.Thread(target=stream)
+    waiter = threading.Thread(target=lambda: results.append(observer.wait_until(slow_no, 0.2)))
+    feeder.start()
+    waiter.start()
+    try:
+        waiter.join(timeout=30)
+        assert not waiter.is_alive(), "wait_until outlived its timeout under a steady stream"
+        assert results == [False] and observer.messages > 1
+    finally:
+        stop.set()
+        feeder.join()
+        waiter.join(timeout=5)
+
+
 def test_changes_name_each_changed_device_once_as_it_is_now(observer: FleetObserver) -> None:
     observer.handle("edgert/v1/d1/status", status("d1"))
     observer.handle("edgert/v1/d2/status", status("d2"))
