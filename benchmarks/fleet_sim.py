@@ -227,8 +227,89 @@ def controller_scale(sizes: list[int], changes: tuple[int, ...] = (1, 100), wave
             judge(snapshot, wave, (MODEL_ID, "2.0.0"), limits, time_up=False)
             full.append(time.perf_counter() - began)
         row["full_ms"] = round(1000 * min(full), 2)
+        row["steady"] = controller_steady(size)
         out[str(size)] = row
     return out
+
+
+def controller_steady(size: int, seconds: float = 10.0, per_device_min: float = 2.02) -> dict[str, float]:
+    """The real watch loop (``RolloutController._watch``) on a 10 % wave of ``size`` synthetic devices for
+    ``seconds`` while a feeder thread delivers the fleet's steady message rate (``per_device_min`` per device
+    per minute, edgert's defaults; each a device's deploy state, so each is a change to re-read): the CPU of
+    the controller's own thread (``time.thread_time``) after the tally's fill at the wave's start (given apart)."""
+    import threading
+
+    from edgert.api.mqtt_schemas import DeployState, DeviceStatus
+    from edgert.fleet.observe import FleetObserver
+    from edgert.fleet.rollout_controller import RolloutController, RolloutRequest
+    from edgert.fleet.rollout_state import RolloutState
+    from edgert.registry.repository import Registry
+    from edgert.settings import MqttSettings
+
+    class Fed(FleetObserver):
+        @property
+        def connected(self) -> bool:  # fed through handle(), as the broker would: the wave's clock runs
+            return True
+
+    observer = Fed(MqttSettings(broker="127.0.0.1"))
+    ids = [f"dev-{i:06d}" for i in range(size)]
+    deploys = {}
+    for device_id in ids:
+        status = DeviceStatus(state="online", device_id=device_id, group="lobby", ts=time.time())
+        observer.handle(f"edgert/v1/{device_id}/status", status.model_dump_json().encode())
+        state = DeployState(device_id=device_id, phase="idle", current=f"{MODEL_ID}@1.0.0", ts=time.time())
+        deploys[device_id] = state.model_dump_json().encode()
+        observer.handle(f"edgert/v1/{device_id}/deploy", deploys[device_id])
+    rate = size * per_device_min / 60
+    stop = threading.Event()
+
+    def feed() -> None:
+        sent, began = 0, time.monotonic()
+        while not stop.is_set():
+            due = int(rate * (time.monotonic() - began))
+            for n in range(sent, due):
+                device_id = ids[n % size]
+                observer.handle(f"edgert/v1/{device_id}/deploy", deploys[device_id])
+            sent = due
+            time.sleep(0.01)  # a load generator's pacing: the messages due every 10 ms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        request = RolloutRequest(
+            model_id=MODEL_ID,
+            version="2.0.0",
+            channel="stable",
+            waves=(10,),
+            max_failure_rate=0.1,
+            min_devices=1,
+            wave_wait_s=seconds,
+            state_path=Path(tmp) / "stable.json",
+            nudge=False,
+        )
+        # the first progress line comes right after the fill (once per wave): what follows is the steady part
+        filled: list[tuple[float, float]] = []
+
+        def progress(_line: str) -> None:
+            if not filled:
+                filled.append((time.thread_time(), time.monotonic()))
+
+        registry = Registry.init(Path(tmp) / "reg")
+        controller = RolloutController(request, registry, observer, say=lambda _: None, progress=progress)
+        state = RolloutState(
+            model_id=MODEL_ID, version="2.0.0", channel="stable", waves=[10], promoted=10, wave_started=time.time()
+        )
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        began = time.thread_time()
+        controller._watch(state)  # the loop itself is what is measured
+        cpu, wall = time.thread_time() - filled[0][0], time.monotonic() - filled[0][1]
+        stop.set()
+        feeder.join()
+    return {
+        "messages_per_s": round(rate),
+        "fill_cpu_ms": round(1000 * (filled[0][0] - began), 1),
+        "watched_s": round(wall, 2),
+        "controller_thread_cpu_pct": round(100 * cpu / wall, 2),
+    }
 
 
 def say(text: str) -> None:
