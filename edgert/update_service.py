@@ -272,8 +272,11 @@ class UpdateService:
     ) -> DeployState:
         """The one place an update state becomes the retained deploy message (a new field goes here).
 
-        Between rounds (a phase change) ``last_round`` is the latest finished round's outcome.
+        Between rounds (a phase change) ``last_round`` is the latest finished round's outcome. While a rollback
+        runs, ``rolled_back`` / ``rollback_reason`` already name the release being undone and why (the blocklist
+        names it from that move on: a reader must not pair it with the previous rollback's reason).
         """
+        undoing = state.phase is Phase.ROLLING_BACK and state.pending is not None and state.rollback_reason
         return DeployState(
             device_id=device_id,
             phase=state.phase.value,
@@ -285,8 +288,8 @@ class UpdateService:
             last_check=state.last_check,
             last_error=error or state.last_error,
             last_round=last_round or self.record.last_round,
-            rolled_back=state.last_rollback,
-            rollback_reason=state.last_rollback_reason,
+            rolled_back=state.pending.key if undoing and state.pending else state.last_rollback,
+            rollback_reason=state.rollback_reason if undoing else state.last_rollback_reason,
             phase_since=state.phase_since,
             evaluation=_eval_score(state.evaluation),
             ts=time.time(),

@@ -200,7 +200,9 @@ def report_of(view: DeviceView | None, device_id: str, release: str) -> DeviceRe
     if deploy is not None:
         score = _score(deploy, release)
         if release in deploy.blocklist or deploy.rolled_back == release:
-            reason = deploy.rollback_reason or deploy.last_error or "rolled back"
+            # rollback_reason speaks of rolled_back: after an earlier rollback it may name another release
+            own = deploy.rollback_reason if deploy.rolled_back in (release, None) else None
+            reason = own or deploy.last_error or ("rolled back" if deploy.rolled_back == release else "blocklisted")
             return DeviceReport(device_id, Outcome.FAILED, reason, score)
         if deploy.current == release:
             return DeviceReport(device_id, Outcome.UPDATED, deploy.phase, score)

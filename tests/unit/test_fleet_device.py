@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from edgert.api.mqtt_schemas import TTFT_BUCKETS_S, Telemetry
 from edgert.api.schemas import CompletionRequest
@@ -21,11 +22,12 @@ from edgert.serving.release_counters import ReleaseCounters
 from edgert.serving.request import Finished
 from edgert.serving.runtime import Runtime, open_runtime
 from edgert.serving.service import InferenceService, Limits
-from edgert.settings import load_settings
+from edgert.settings import Settings, load_settings
 from edgert.transport.mqtt_telemetry import version_counters
 from edgert.update import state as st
 from edgert.update.state import Phase
-from tests.unit.test_update_transitions import NOW, V1, V2, in_phase
+from edgert.update_service import UpdateService
+from tests.unit.test_update_transitions import NOW, V1, V2, V3, in_phase
 
 
 def finished(reason: str = "stop", *, ttft: float | None = 0.2, total: float = 1.0, tokens: int = 5) -> Finished:
@@ -157,3 +159,21 @@ def test_undone_reasons_lose_credentials_like_last_error() -> None:
     assert state.last_rollback_reason is not None
     assert "secret" not in state.last_rollback_reason
     assert "token=abc" not in state.last_rollback_reason
+
+
+def test_a_rollback_under_way_names_its_own_release_and_reason(tmp_path: Path) -> None:
+    """From begin_rollback on, the blocklist names the release: the deploy message must not pair it with an
+    earlier rollback's reason (the fleet controller's halt line quoted 3.0.0's reason for 4.0.0)."""
+    updates = UpdateService(Settings(state_dir=tmp_path), CollectorRegistry())
+    try:
+        earlier = st.rolled_back(st.begin_rollback(in_phase(Phase.HEALTH_CHECK), "m@2 did not load"), now=NOW)
+        assert earlier.last_rollback is not None
+        again = earlier.model_copy(update={"phase": Phase.HEALTH_CHECK, "pending": V3})
+        undoing = st.begin_rollback(again, "m@3 failed its health check: camera driver rejects it")
+        deploy = updates.deploy_of(undoing, device_id="d")
+        assert (deploy.phase, deploy.rolled_back) == ("rolling_back", "m@3")
+        assert deploy.rollback_reason == "m@3 failed its health check: camera driver rejects it"
+        done = updates.deploy_of(st.rolled_back(undoing, now=NOW), device_id="d")
+        assert (done.phase, done.rolled_back, done.rollback_reason) == ("idle", "m@3", deploy.rollback_reason)
+    finally:
+        updates.stop()  # it holds the update lock file

@@ -154,6 +154,13 @@ def test_eligible_devices_follow_the_channel_and_group_and_take_updates() -> Non
         (view("d"), Outcome.WAITING, ""),
         (view("d", online=False), Outcome.OFFLINE, ""),
         (view("d", blocklist=(R2,)), Outcome.WAITING, ""),  # another release's failure is not this one's
+        # blocklisted now, while rolled_back/rollback_reason still tell of an earlier release's rollback
+        (
+            view("d", blocklist=(R2, R3), rolled_back=R2, reason="R2 did not load", last_error="hook: camera"),
+            Outcome.FAILED,
+            "hook: camera",
+        ),
+        (view("d", blocklist=(R2, R3), rolled_back=R2, reason="R2 did not load"), Outcome.FAILED, "blocklisted"),
     ],
 )
 def test_report_of_each_deploy_state(device: DeviceView, outcome: Outcome, detail: str) -> None:
