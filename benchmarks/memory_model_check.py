@@ -47,6 +47,7 @@ HELD_OUT: tuple[tuple[str, dict[str, object]], ...] = (
     ("held out: 1 slot, no prefix cache, ctx 8192", {"n_parallel": 1, "prefix_cache_entries": 0, "n_ctx": 8192}),
     ("held out: private KV per slot (kv_unified off)", {"kv_unified": False}),
     ("held out: no mmap", {"use_mmap": False}),
+    ("held out: lazy on, no mmap", {"lazy_embeddings": "on", "use_mmap": False}),
 )
 
 
