@@ -59,6 +59,26 @@ class PendingReply:
                 return
 
 
+def _reconnecting_client(settings: MqttSettings, client_id: str, *, persistent: bool) -> paho.Client:
+    """A paho client that reconnects on its own; paho's delays are whole seconds (no jitter): fine for one
+    operator's or technician's client."""
+    client = new_client(settings, client_id, persistent=persistent, reconnect=True)
+    client.reconnect_delay_set(max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s)))
+    return client
+
+
+def _start(client: paho.Client, settings: MqttSettings, *, persistent: bool) -> None:
+    """Connect (blocking; OSError when the broker cannot be reached) and start paho's network thread."""
+    client.connect(
+        settings.broker or "localhost",
+        settings.port,
+        keepalive=settings.keepalive_s,
+        clean_start=not persistent if settings.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=connect_properties(settings, persistent=persistent),
+    )
+    client.loop_start()
+
+
 class MqttRequester:
     """A small blocking client of edgert devices: ``edgert mqtt ask|status``, tests, benchmarks.
 
@@ -84,10 +104,7 @@ class MqttRequester:
         self.client_id = client_id or f"edgert-cli-{uuid.uuid4().hex[:12]}"
         self.persistent = persistent
         self.timeout_s = timeout_s
-        self._client = new_client(settings, self.client_id, persistent=persistent, reconnect=True)
-        # paho's delays are whole seconds (no jitter): fine for one interactive client
-        min_s, max_s = max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s))
-        self._client.reconnect_delay_set(min_s, max_s)
+        self._client = _reconnecting_client(settings, self.client_id, persistent=persistent)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
@@ -110,15 +127,7 @@ class MqttRequester:
 
     def connect(self) -> None:
         """Connect and subscribe (blocking); raises OSError/ConnectionError when that fails."""
-        v5 = self.settings.protocol == "5"
-        self._client.connect(
-            self.settings.broker or "localhost",
-            self.settings.port,
-            keepalive=self.settings.keepalive_s,
-            clean_start=not self.persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_properties(self.settings, persistent=self.persistent),
-        )
-        self._client.loop_start()
+        _start(self._client, self.settings, persistent=self.persistent)
         if not self._ready.wait(self.timeout_s) or self._refused:
             self.close()
             raise ConnectionError(self._refused or f"no answer from the broker within {self.timeout_s:g} s")
@@ -250,9 +259,7 @@ class TopicSubscriber:
         self.client_id = client_id or f"edgert-fleet-{uuid.uuid4().hex[:12]}"
         self.timeout_s = timeout_s
         self._handler = on_message
-        self._client = new_client(settings, self.client_id, persistent=False, reconnect=True)
-        min_s, max_s = max(1, round(settings.reconnect_min_s)), max(1, round(settings.reconnect_max_s))
-        self._client.reconnect_delay_set(min_s, max_s)
+        self._client = _reconnecting_client(settings, self.client_id, persistent=False)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -278,14 +285,7 @@ class TopicSubscriber:
 
     def connect(self) -> None:
         """Connect and subscribe (blocking until the SUBACK); OSError/ConnectionError when that fails."""
-        self._client.connect(
-            self.settings.broker or "localhost",
-            self.settings.port,
-            keepalive=self.settings.keepalive_s,
-            clean_start=True if self.settings.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_properties(self.settings, persistent=False),
-        )
-        self._client.loop_start()
+        _start(self._client, self.settings, persistent=False)
         if not self._subscribed.wait(self.timeout_s) or self._refused:
             self.close()
             raise ConnectionError(self._refused or f"no answer from the broker within {self.timeout_s:g} s")
