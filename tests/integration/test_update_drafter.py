@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
 from edgert.cli.registry import app as registry_app
@@ -24,9 +22,9 @@ from edgert.model_switch import RuntimeModelSwitch
 from edgert.registry import staging
 from edgert.serving.runtime import open_runtime
 from edgert.store import with_release_drafter
-from edgert.update.state import StateStore, UpdateState
+from tests.integration.test_update_mmproj import current_link, state_of
 from tests.integration.update_support import MODEL_ID, Fleet, device_settings, updater
-from tests.unit.test_speculation_engine import run_together
+from tests.unit.test_speculation_engine import run_together, wide_drafter
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_DRAFTER = FIXTURES / "tiny-gemma4-assistant.gguf"
@@ -46,36 +44,6 @@ def release_with_drafter(fleet: Fleet, version: str, drafter: Path = TINY_DRAFTE
     fleet.registry.add(fleet.model, model_id=MODEL_ID, version=version, drafter=drafter, **extra)
     fleet.registry.promote(MODEL_ID, version, channel="stable", rollout=100)
     fleet.registry.publish(out=fleet.site)
-
-
-def wide_drafter(tmp_path: Path) -> Path:
-    """The tiny drafter with a hidden-state width the tiny model does not have (llama.cpp would abort on it)."""
-    reader = GGUFReader(TINY_DRAFTER)
-    wrong = tmp_path / "wide-assistant.gguf"
-    writer = GGUFWriter(wrong, "gemma4-assistant")
-    for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", "general.architecture")):
-            continue
-        value = 128 if key == "gemma4-assistant.embedding_length_out" else field.contents()
-        if field.types[0] == GGUFValueType.ARRAY:
-            writer.add_key_value(key, value, field.types[0], field.types[-1])
-        else:
-            writer.add_key_value(key, value, field.types[0])
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return wrong
-
-
-def state_of(device_dir: Path) -> UpdateState:
-    return StateStore(device_dir / "update").load()
-
-
-def current_link(device_dir: Path) -> str:
-    return (device_dir / "models" / "current.gguf").readlink().as_posix()
 
 
 def test_a_release_with_its_drafter_installs_both_files_and_serves_with_it(

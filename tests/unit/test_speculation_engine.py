@@ -245,8 +245,8 @@ def test_private_kv_cells_with_a_drafter_keep_outputs(tmp_path: Path, tiny_gguf:
         rt.close()
 
 
-def test_a_drafter_made_for_another_model_is_refused_before_llama_cpp_sees_it(tmp_path: Path, tiny_gguf: Path) -> None:
-    # llama.cpp would abort the process on a drafter whose width does not match (a view out of bounds)
+def wide_drafter(tmp_path: Path) -> Path:
+    """The tiny drafter with a hidden-state width the tiny model does not have (llama.cpp would abort on it)."""
     reader = GGUFReader(TINY_DRAFTER)
     wrong = tmp_path / "wide-assistant.gguf"
     writer = GGUFWriter(wrong, "gemma4-assistant")
@@ -264,6 +264,12 @@ def test_a_drafter_made_for_another_model_is_refused_before_llama_cpp_sees_it(tm
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return wrong
+
+
+def test_a_drafter_made_for_another_model_is_refused_before_llama_cpp_sees_it(tmp_path: Path, tiny_gguf: Path) -> None:
+    # llama.cpp would abort the process on a drafter whose width does not match (a view out of bounds)
+    wrong = wide_drafter(tmp_path)
     with pytest.raises(ModelFileError, match=r"its embedding_length_out is 128, the model's embedding_length is 64"):
         open_tiny(tmp_path, tiny_gguf, speculative="on", drafter=str(wrong))
     with pytest.raises(ModelFileError, match="not a Gemma 4 MTP drafter"):
